@@ -1,0 +1,61 @@
+/*
+test.h: the few helpers every test program shares.
+
+A test program calls check(...) / check_close(...) for each assertion and ends with
+`return test_summary();`, which prints "N passed, N failed" (test/run_tests.sh adds
+these lines up) and exits non-zero if anything failed.
+*/
+#ifndef MEGATRON_TEST_H
+#define MEGATRON_TEST_H
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+static int tests_passed = 0, tests_failed = 0;
+
+// One assertion: prints "ok" or "FAIL" with the name and, on failure, the detail.
+static int check(int ok, const char* name, const char* detail_fmt, ...) {
+    if (ok) {
+        tests_passed++;
+        printf("ok   %s\n", name);
+    } else {
+        tests_failed++;
+        printf("FAIL %s: ", name);
+        va_list ap;
+        va_start(ap, detail_fmt);
+        vprintf(detail_fmt, ap);
+        va_end(ap);
+        printf("\n");
+    }
+    fflush(stdout);
+    return ok;
+}
+
+// ||got - want|| / ||want|| over n values (METHOD.md's measure); NaN never passes.
+template <typename A, typename B>
+static double rel_error(const A* got, const B* want, size_t n) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        double g = (double)got[i], w = (double)want[i];
+        if (g != g || w != w) return INFINITY;
+        num += (g - w) * (g - w);
+        den += w * w;
+    }
+    if (den == 0) return num == 0 ? 0 : INFINITY;
+    return sqrt(num / den);
+}
+
+template <typename A, typename B>
+static int check_close(const char* name, const A* got, const B* want, size_t n, double tol) {
+    double err = rel_error(got, want, n);
+    return check(err <= tol, name, "relative error %.3e > tolerance %.1e (n=%zu)", err, tol, n);
+}
+
+static int test_summary(void) {
+    printf("%d passed, %d failed\n", tests_passed, tests_failed);
+    return tests_failed ? 1 : 0;
+}
+
+#endif
