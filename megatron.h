@@ -367,9 +367,911 @@ static void dev_sync(const Device* d) {
 // <<< basics
 
 // >>> arguments
+// ----------------------------------------------------------------------------
+// 1. arguments: Megatron-LM's flag names (megatron/arguments.py), so a Megatron
+// user's script carries over. Unknown or invalid flags: one-line error, exit 2.
+
+typedef struct {
+    int n;
+    char** values;
+} ArgList;
+
+typedef enum { ARG_INT, ARG_INT64, ARG_FLOAT, ARG_STRING, ARG_FLAG, ARG_LIST } ArgKind;
+
+typedef struct {
+    const char* name;  // "--num-layers"
+    ArgKind kind;
+    void* dest;        // int*, int64_t*, double*, const char**, int* (flag), ArgList*
+    const char* help;
+} ArgSpec;
+
+static void arg_error(const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "error: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, " (see --help)\n");
+    va_end(ap);
+    exit(2);
+}
+
+static void args_usage(const char* program, const ArgSpec* specs, int n) {
+    printf("usage: %s [flags]\n", program);
+    for (int i = 0; i < n; i++) {
+        const char* meta = specs[i].kind == ARG_FLAG ? "" : specs[i].kind == ARG_LIST ? " V [V ...]" : " V";
+        char left[64];
+        snprintf(left, sizeof(left), "%s%s", specs[i].name, meta);
+        printf("  %-36s %s\n", left, specs[i].help);
+    }
+}
+
+static int parse_int64(const char* s, int64_t* out) {
+    char* end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (errno || end == s || *end) return 0;
+    *out = v;
+    return 1;
+}
+
+static void args_parse(int argc, char** argv, const ArgSpec* specs, int n) {
+    for (int i = 1; i < argc; i++) {
+        const char* flag = argv[i];
+        if (!strcmp(flag, "-h") || !strcmp(flag, "--help")) {
+            args_usage(argv[0], specs, n);
+            exit(0);
+        }
+        const ArgSpec* s = NULL;
+        for (int k = 0; k < n && !s; k++)
+            if (!strcmp(flag, specs[k].name)) s = &specs[k];
+        if (!s) arg_error("unknown flag '%s'", flag);
+        if (s->kind == ARG_FLAG) { *(int*)s->dest = 1; continue; }
+        if (s->kind == ARG_LIST) {
+            ArgList* list = (ArgList*)s->dest;
+            list->values = argv + i + 1;
+            list->n = 0;
+            while (i + 1 < argc && strncmp(argv[i + 1], "--", 2) != 0) { i++; list->n++; }
+            if (list->n == 0) arg_error("%s needs at least one value", flag);
+            continue;
+        }
+        if (i + 1 >= argc) arg_error("%s needs a value", flag);
+        const char* value = argv[++i];
+        int64_t iv;
+        char* end;
+        switch (s->kind) {
+            case ARG_INT:
+                if (!parse_int64(value, &iv) || iv < INT32_MIN || iv > INT32_MAX) arg_error("%s expects an integer, got '%s'", flag, value);
+                *(int*)s->dest = (int)iv;
+                break;
+            case ARG_INT64:
+                if (!parse_int64(value, &iv)) arg_error("%s expects an integer, got '%s'", flag, value);
+                *(int64_t*)s->dest = iv;
+                break;
+            case ARG_FLOAT:
+                errno = 0;
+                *(double*)s->dest = strtod(value, &end);
+                if (errno || end == value || *end || !isfinite(*(double*)s->dest)) arg_error("%s expects a number, got '%s'", flag, value);
+                break;
+            default:
+                *(const char**)s->dest = value;
+        }
+    }
+}
+
+// The training flags the three models share. Defaults are Megatron-LM's unless noted.
+typedef struct {
+    // model
+    int num_layers, hidden_size, ffn_hidden_size, num_attention_heads, seq_length, max_position_embeddings;
+    int make_vocab_size_divisible_by, tensor_model_parallel_size;
+    double hidden_dropout, attention_dropout, init_method_std;
+    // batch and schedule
+    int micro_batch_size, global_batch_size;
+    ArgList rampup_batch_size;
+    int64_t train_iters, train_samples;
+    double lr, min_lr;
+    const char* lr_decay_style;
+    int64_t lr_warmup_iters, lr_warmup_samples, lr_decay_iters, lr_decay_samples;
+    double lr_warmup_fraction;
+    // optimizer
+    double weight_decay, adam_beta1, adam_beta2, adam_eps, clip_grad;
+    // precision
+    int bf16, fp16, fp32;
+    double initial_loss_scale, min_loss_scale, loss_scale;
+    int loss_scale_window, hysteresis;
+    // data
+    ArgList data_path;
+    const char *split, *vocab_file, *merge_file, *tokenizer_type;
+    int eod_mask_loss;
+    // run
+    int seed, log_interval, eval_interval, eval_iters;
+    const char *log_file, *device;
+    double peak_tflops;
+    int sample_length;
+} Args;
+
+static void args_defaults(Args* a) {
+    memset(a, 0, sizeof(*a));
+    a->make_vocab_size_divisible_by = 128;
+    a->tensor_model_parallel_size = 1;
+    a->hidden_dropout = 0.1;
+    a->attention_dropout = 0.1;
+    a->init_method_std = 0.02;
+    a->min_lr = 0.0;
+    a->lr_decay_style = "linear";
+    a->weight_decay = 0.01;
+    a->adam_beta1 = 0.9;
+    a->adam_beta2 = 0.999;
+    a->adam_eps = 1e-8;
+    a->clip_grad = 1.0;
+    a->initial_loss_scale = 4294967296.0;
+    a->min_loss_scale = 1.0;
+    a->loss_scale_window = 1000;
+    a->hysteresis = 2;
+    a->split = "969, 30, 1";
+    a->tokenizer_type = "GPT2BPETokenizer";
+    a->seed = 1234;
+    a->log_interval = 100;
+    a->eval_interval = 1000;
+    a->eval_iters = 100;
+    a->device = "auto";
+    a->sample_length = 0;
+}
+
+// The flag table: name, kind, where the value goes, help text. Returns the count.
+static int args_table(Args* a, ArgSpec* t) {
+    int n = 0;
+#define ARG(name, kind, field, help) t[n++] = ArgSpec{name, kind, &a->field, help}
+    ARG("--num-layers", ARG_INT, num_layers, "transformer layers");
+    ARG("--hidden-size", ARG_INT, hidden_size, "hidden size h");
+    ARG("--ffn-hidden-size", ARG_INT, ffn_hidden_size, "MLP hidden size (default 4h)");
+    ARG("--num-attention-heads", ARG_INT, num_attention_heads, "attention heads");
+    ARG("--seq-length", ARG_INT, seq_length, "sequence length s");
+    ARG("--max-position-embeddings", ARG_INT, max_position_embeddings, "position table size (default s)");
+    ARG("--make-vocab-size-divisible-by", ARG_INT, make_vocab_size_divisible_by, "pad the vocabulary to a multiple of this x TP (128)");
+    ARG("--tensor-model-parallel-size", ARG_INT, tensor_model_parallel_size, "tensor-parallel ranks (1 for now)");
+    ARG("--hidden-dropout", ARG_FLOAT, hidden_dropout, "dropout after embedding, attention and MLP (0.1)");
+    ARG("--attention-dropout", ARG_FLOAT, attention_dropout, "dropout on attention probabilities (0.1)");
+    ARG("--init-method-std", ARG_FLOAT, init_method_std, "std of the normal initialisation (0.02)");
+    ARG("--micro-batch-size", ARG_INT, micro_batch_size, "sequences per micro-batch");
+    ARG("--global-batch-size", ARG_INT, global_batch_size, "sequences per iteration (default micro batch)");
+    ARG("--rampup-batch-size", ARG_LIST, rampup_batch_size, "START INCR SAMPLES: grow the global batch");
+    ARG("--train-iters", ARG_INT64, train_iters, "iterations to train");
+    ARG("--train-samples", ARG_INT64, train_samples, "samples to train (instead of --train-iters)");
+    ARG("--lr", ARG_FLOAT, lr, "peak learning rate");
+    ARG("--min-lr", ARG_FLOAT, min_lr, "final learning rate (0)");
+    ARG("--lr-decay-style", ARG_STRING, lr_decay_style, "constant|linear|cosine|inverse-square-root (linear)");
+    ARG("--lr-warmup-iters", ARG_INT64, lr_warmup_iters, "warmup iterations");
+    ARG("--lr-warmup-samples", ARG_INT64, lr_warmup_samples, "warmup samples");
+    ARG("--lr-warmup-fraction", ARG_FLOAT, lr_warmup_fraction, "warmup as a fraction of the decay");
+    ARG("--lr-decay-iters", ARG_INT64, lr_decay_iters, "iterations of decay (default: all)");
+    ARG("--lr-decay-samples", ARG_INT64, lr_decay_samples, "samples of decay (default: all)");
+    ARG("--weight-decay", ARG_FLOAT, weight_decay, "decoupled weight decay, not on biases and LayerNorm (0.01)");
+    ARG("--adam-beta1", ARG_FLOAT, adam_beta1, "(0.9)");
+    ARG("--adam-beta2", ARG_FLOAT, adam_beta2, "(0.999)");
+    ARG("--adam-eps", ARG_FLOAT, adam_eps, "(1e-8)");
+    ARG("--clip-grad", ARG_FLOAT, clip_grad, "clip the global gradient norm to this (1.0; 0 = off)");
+    ARG("--bf16", ARG_FLAG, bf16, "bf16 parameters and activations, fp32 master weights (GPU default)");
+    ARG("--fp16", ARG_FLAG, fp16, "fp16 with dynamic loss scaling");
+    ARG("--fp32", ARG_FLAG, fp32, "fp32 everywhere (the CPU always is)");
+    ARG("--initial-loss-scale", ARG_FLOAT, initial_loss_scale, "fp16: first loss scale (2^32)");
+    ARG("--min-loss-scale", ARG_FLOAT, min_loss_scale, "fp16: smallest loss scale (1)");
+    ARG("--loss-scale", ARG_FLOAT, loss_scale, "fp16: a constant loss scale instead of the dynamic one");
+    ARG("--loss-scale-window", ARG_INT, loss_scale_window, "fp16: clean steps before the scale doubles (1000)");
+    ARG("--hysteresis", ARG_INT, hysteresis, "fp16: overflows tolerated before the scale halves (2)");
+    ARG("--data-path", ARG_LIST, data_path, "PREFIX, or W1 PREFIX1 W2 PREFIX2 ... to blend");
+    ARG("--split", ARG_STRING, split, "train,valid,test proportions (969, 30, 1)");
+    ARG("--vocab-file", ARG_STRING, vocab_file, "GPT-2 encoder.json (to print samples)");
+    ARG("--merge-file", ARG_STRING, merge_file, "GPT-2 vocab.bpe (to print samples)");
+    ARG("--tokenizer-type", ARG_STRING, tokenizer_type, "GPT2BPETokenizer");
+    ARG("--eod-mask-loss", ARG_FLAG, eod_mask_loss, "no loss on end-of-document targets");
+    ARG("--seed", ARG_INT, seed, "random seed (1234)");
+    ARG("--log-interval", ARG_INT, log_interval, "iterations between log lines (100)");
+    ARG("--eval-interval", ARG_INT, eval_interval, "iterations between validations (1000)");
+    ARG("--eval-iters", ARG_INT, eval_iters, "validation iterations (100)");
+    ARG("--log-file", ARG_STRING, log_file, "also write the log as JSONL (.jsonl) or CSV (.csv)");
+    ARG("--device", ARG_STRING, device, "auto|cpu|cuda (auto: a GPU when one is found)");
+    ARG("--peak-tflops", ARG_FLOAT, peak_tflops, "device peak for MFU (default: from a table)");
+    ARG("--sample-length", ARG_INT, sample_length, "tokens of text to generate after training (0)");
+#undef ARG
+    return n;
+}
+
+
+#define MAX_ARGS 96
+
+static void require_flag(int ok, const char* flag) {
+    if (!ok) arg_error("%s is required", flag);
+}
+
+// Checks Megatron would make (megatron/arguments.py), each naming its flag.
+static void args_validate(Args* a) {
+    require_flag(a->num_layers > 0, "--num-layers (a positive integer)");
+    require_flag(a->hidden_size > 0, "--hidden-size (a positive integer)");
+    require_flag(a->num_attention_heads > 0, "--num-attention-heads (a positive integer)");
+    require_flag(a->seq_length > 0, "--seq-length (a positive integer)");
+    require_flag(a->micro_batch_size > 0, "--micro-batch-size (a positive integer)");
+    require_flag(a->lr > 0, "--lr (a positive number)");
+    if (a->hidden_size % a->num_attention_heads)
+        arg_error("--num-attention-heads %d does not divide --hidden-size %d", a->num_attention_heads, a->hidden_size);
+    if (a->ffn_hidden_size == 0) a->ffn_hidden_size = 4 * a->hidden_size;
+    if (a->ffn_hidden_size < 0) arg_error("--ffn-hidden-size must be positive");
+    if (a->max_position_embeddings == 0) a->max_position_embeddings = a->seq_length;
+    if (a->seq_length > a->max_position_embeddings)
+        arg_error("--seq-length %d is above --max-position-embeddings %d", a->seq_length, a->max_position_embeddings);
+    if (a->tensor_model_parallel_size != 1)
+        arg_error("--tensor-model-parallel-size %d: tensor parallelism is not implemented yet (use 1)", a->tensor_model_parallel_size);
+    if (a->make_vocab_size_divisible_by <= 0) arg_error("--make-vocab-size-divisible-by must be positive");
+    if (a->global_batch_size == 0) a->global_batch_size = a->micro_batch_size;
+    int dp = 1;  // data-parallel ranks
+    if (a->global_batch_size <= 0 || a->global_batch_size % (a->micro_batch_size * dp))
+        arg_error("--global-batch-size %d is not a multiple of --micro-batch-size %d x data-parallel size %d",
+                  a->global_batch_size, a->micro_batch_size, dp);
+    if ((a->train_iters > 0) == (a->train_samples > 0)) arg_error("give exactly one of --train-iters and --train-samples");
+    if (a->train_iters < 0 || a->train_samples < 0) arg_error("--train-iters/--train-samples must be positive");
+    if (a->rampup_batch_size.n) {
+        if (a->rampup_batch_size.n != 3) arg_error("--rampup-batch-size takes 3 values: START INCR SAMPLES");
+        if (!a->train_samples) arg_error("--rampup-batch-size needs --train-samples (Megatron: sample-based training only)");
+        for (int i = 0; i < 3; i++) {
+            int64_t v;
+            if (!parse_int64(a->rampup_batch_size.values[i], &v) || v <= 0)
+                arg_error("--rampup-batch-size: '%s' is not a positive integer", a->rampup_batch_size.values[i]);
+        }
+    }
+    if (a->hidden_dropout < 0 || a->hidden_dropout >= 1) arg_error("--hidden-dropout must be in [0, 1)");
+    if (a->attention_dropout < 0 || a->attention_dropout >= 1) arg_error("--attention-dropout must be in [0, 1)");
+    if (a->min_lr < 0 || a->min_lr > a->lr) arg_error("--min-lr must be in [0, --lr]");
+    const char* styles[] = {"constant", "linear", "cosine", "inverse-square-root"};
+    int style_ok = 0;
+    for (int i = 0; i < 4; i++) style_ok |= !strcmp(a->lr_decay_style, styles[i]);
+    if (!style_ok) arg_error("--lr-decay-style '%s' is not one of constant, linear, cosine, inverse-square-root", a->lr_decay_style);
+    if (a->lr_warmup_fraction < 0 || a->lr_warmup_fraction > 1) arg_error("--lr-warmup-fraction must be in [0, 1]");
+    if (a->lr_warmup_fraction > 0 && (a->lr_warmup_iters || a->lr_warmup_samples))
+        arg_error("--lr-warmup-fraction and --lr-warmup-iters/--lr-warmup-samples are exclusive");
+    if (a->bf16 + a->fp16 + a->fp32 > 1) arg_error("--bf16, --fp16 and --fp32 are exclusive");
+    if (a->adam_beta1 < 0 || a->adam_beta1 >= 1 || a->adam_beta2 < 0 || a->adam_beta2 >= 1) arg_error("--adam-beta1/2 must be in [0, 1)");
+    if (a->adam_eps <= 0) arg_error("--adam-eps must be positive");
+    if (a->clip_grad < 0) arg_error("--clip-grad must be >= 0");
+    if (a->weight_decay < 0) arg_error("--weight-decay must be >= 0");
+    if (a->log_interval <= 0) arg_error("--log-interval must be positive");
+    if (a->eval_interval <= 0) arg_error("--eval-interval must be positive");
+    if (a->eval_iters < 0) arg_error("--eval-iters must be >= 0");
+    if (a->loss_scale < 0 || a->initial_loss_scale <= 0 || a->min_loss_scale <= 0) arg_error("loss scales must be positive");
+    if (a->loss_scale_window <= 0 || a->hysteresis <= 0) arg_error("--loss-scale-window and --hysteresis must be positive");
+    if (strcmp(a->device, "auto") && strcmp(a->device, "cpu") && strcmp(a->device, "cuda"))
+        arg_error("--device '%s' is not one of auto, cpu, cuda", a->device);
+    if (a->data_path.n == 0) arg_error("--data-path is required");
+    if (a->data_path.n > 1 && a->data_path.n % 2) arg_error("--data-path takes one PREFIX or pairs W1 PREFIX1 W2 PREFIX2 ...");
+    if (a->sample_length < 0) arg_error("--sample-length must be >= 0");
+}
 // <<< arguments
 
 // >>> data
+// ----------------------------------------------------------------------------
+// 2. data: Megatron-LM's data pipeline (megatron/data/*, 2022)
+//
+// Bit-compatible with Megatron: its .bin/.idx files (writer and reader), the --split
+// boundaries, the GPT samples (the same tokens in the same order for the same seed:
+// numpy's legacy shuffle on MT19937) and dataset blending. Megatron caches its sample
+// index in .npy files; we rebuild it at start-up instead (a fraction of a second for
+// millions of samples).
+//
+// The mmap dataset of Megatron's preprocess_data.py, byte for byte. A pair of files:
+//   {prefix}.bin  every sequence's tokens, concatenated, uint16 or int32, no header
+//   {prefix}.idx  header and three arrays, little-endian, no alignment:
+//     0  "MMIDIDX\0\0"         9 bytes of magic
+//     9  uint64 version = 1
+//    17  uint8  dtype code      8 = uint16, 4 = int32 (Megatron's numpy dtype codes)
+//    18  uint64 N               number of sequences
+//    26  uint64 D               length of doc_idx (documents + 1)
+//    34  int32  sizes[N]        tokens in each sequence
+//        int64  pointers[N]     byte offset of each sequence in .bin
+//        int64  doc_idx[D]      first sequence of each document; doc_idx[D-1] = N
+// A sequence is one sentence (--split-sentences) or one whole document.
+
+#define IDX_MAGIC "MMIDIDX\x00\x00"
+#define IDX_MAGIC_LEN 9
+#define IDX_HEADER_LEN 34
+#define IDX_DTYPE_INT32 4
+#define IDX_DTYPE_UINT16 8
+
+static size_t idx_dtype_itemsize(int dtype_code) {
+    if (dtype_code == IDX_DTYPE_UINT16) return 2;
+    if (dtype_code == IDX_DTYPE_INT32) return 4;
+    return 0;  // a code Megatron knows but tokens never use (floats, int8, int64): not supported
+}
+
+// preprocess_data.py's __best_fitting_dtype: uint16 when every id fits (the unpadded vocabulary).
+static int idx_dtype_code_for_vocab(int vocab_size) {
+    return vocab_size < 65500 ? IDX_DTYPE_UINT16 : IDX_DTYPE_INT32;
+}
+
+// Writer (MMapIndexedDatasetBuilder). The files grow under temporary names and are
+// renamed into place by idx_builder_finish, .bin first: a reader never sees a
+// half-written pair under the final names.
+typedef struct {
+    char* bin_path;  // final names
+    char* idx_path;
+    char* bin_tmp;   // {path}.tmp-<pid> while writing
+    char* idx_tmp;
+    FILE* bin;
+    int dtype_code;
+    int32_t* sizes;  // tokens per sequence
+    size_t num_seqs, sizes_cap;
+    int64_t* doc_idx;  // first sequence of each document, starts with 0
+    size_t doc_idx_len, doc_idx_cap;
+    void* convert;  // add_item's buffer of tokens in the file's dtype
+    size_t convert_cap;
+} IndexedDatasetBuilder;
+
+static char* idx_path_join(const char* prefix, const char* suffix) {
+    size_t n = strlen(prefix) + strlen(suffix) + 1;
+    char* path = (char*)xmalloc(n);
+    snprintf(path, n, "%s%s", prefix, suffix);
+    return path;
+}
+
+static char* idx_tmp_name(const char* path) {
+    char suffix[32];
+    snprintf(suffix, sizeof(suffix), ".tmp-%d", (int)getpid());
+    return idx_path_join(path, suffix);
+}
+
+static void idx_builder_open(IndexedDatasetBuilder* b, const char* path_prefix, int dtype_code) {
+    memset(b, 0, sizeof(*b));
+    if (!idx_dtype_itemsize(dtype_code)) die("indexed dataset %s: dtype code %d is not 8 (uint16) or 4 (int32)", path_prefix, dtype_code);
+    b->dtype_code = dtype_code;
+    b->bin_path = idx_path_join(path_prefix, ".bin");
+    b->idx_path = idx_path_join(path_prefix, ".idx");
+    b->bin_tmp = idx_tmp_name(b->bin_path);
+    b->idx_tmp = idx_tmp_name(b->idx_path);
+    b->bin = fopen(b->bin_tmp, "wb");
+    if (!b->bin) die("cannot create %s: %s", b->bin_tmp, strerror(errno));
+    b->sizes_cap = 1024;
+    b->sizes = (int32_t*)xmalloc(b->sizes_cap * sizeof(int32_t));
+    b->doc_idx_cap = 1024;
+    b->doc_idx = (int64_t*)xmalloc(b->doc_idx_cap * sizeof(int64_t));
+    b->doc_idx[b->doc_idx_len++] = 0;
+}
+
+// Append one sequence (a sentence, or a whole document).
+static void idx_builder_add_item(IndexedDatasetBuilder* b, const int32_t* tokens, size_t n) {
+    if (n > INT32_MAX) die("%s: a sequence of %zu tokens does not fit Megatron's int32 sizes", b->bin_path, n);
+    size_t itemsize = idx_dtype_itemsize(b->dtype_code);
+    if (n > b->convert_cap) {
+        free(b->convert);
+        b->convert_cap = n;
+        b->convert = xmalloc(n * itemsize);
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (b->dtype_code == IDX_DTYPE_UINT16) {
+            if (tokens[i] < 0 || tokens[i] > 65535) die("%s: token id %d does not fit uint16 (dtype code 8)", b->bin_path, tokens[i]);
+            ((uint16_t*)b->convert)[i] = (uint16_t)tokens[i];
+        } else {
+            ((int32_t*)b->convert)[i] = tokens[i];
+        }
+    }
+    if (fwrite(b->convert, itemsize, n, b->bin) != n) die("cannot write %s: %s", b->bin_tmp, strerror(errno));
+    if (b->num_seqs == b->sizes_cap) {
+        b->sizes_cap *= 2;
+        b->sizes = (int32_t*)realloc(b->sizes, b->sizes_cap * sizeof(int32_t));
+        if (!b->sizes) die("out of host memory growing the sizes of %s", b->idx_path);
+    }
+    b->sizes[b->num_seqs++] = (int32_t)n;
+}
+
+// Close the current document: the sequences added since the last call form one document
+// (preprocess_data.py skips documents without tokens rather than closing an empty one).
+static void idx_builder_end_document(IndexedDatasetBuilder* b) {
+    if (b->doc_idx_len == b->doc_idx_cap) {
+        b->doc_idx_cap *= 2;
+        b->doc_idx = (int64_t*)realloc(b->doc_idx, b->doc_idx_cap * sizeof(int64_t));
+        if (!b->doc_idx) die("out of host memory growing the doc_idx of %s", b->idx_path);
+    }
+    b->doc_idx[b->doc_idx_len++] = (int64_t)b->num_seqs;
+}
+
+static void idx_write(FILE* f, const char* path, const void* data, size_t bytes) {
+    if (bytes && fwrite(data, 1, bytes, f) != bytes) die("cannot write %s: %s", path, strerror(errno));
+}
+
+// An integer of `bytes` bytes, little-endian whatever the host.
+static void idx_write_le(FILE* f, const char* path, uint64_t v, int bytes) {
+    uint8_t le[8];
+    for (int i = 0; i < bytes; i++) le[i] = (uint8_t)(v >> (8 * i));
+    idx_write(f, path, le, bytes);
+}
+
+// fflush + fsync + fclose, dying on any failure (a full disk shows up here).
+static void idx_close_synced(FILE* f, const char* path) {
+    if (fflush(f) != 0 || fsync(fileno(f)) != 0) die("cannot write %s: %s", path, strerror(errno));
+    if (fclose(f) != 0) die("cannot close %s: %s", path, strerror(errno));
+}
+
+static void idx_builder_free(IndexedDatasetBuilder* b) {
+    free(b->bin_path); free(b->idx_path); free(b->bin_tmp); free(b->idx_tmp);
+    free(b->sizes); free(b->doc_idx); free(b->convert);
+    memset(b, 0, sizeof(*b));
+}
+
+// Write the .idx (MMapIndexedDataset.Index.writer) and move both files into place.
+static void idx_builder_finish(IndexedDatasetBuilder* b) {
+    idx_close_synced(b->bin, b->bin_tmp);
+    b->bin = NULL;
+    FILE* f = fopen(b->idx_tmp, "wb");
+    if (!f) die("cannot create %s: %s", b->idx_tmp, strerror(errno));
+    uint8_t code = (uint8_t)b->dtype_code;
+    idx_write(f, b->idx_tmp, IDX_MAGIC, IDX_MAGIC_LEN);
+    idx_write_le(f, b->idx_tmp, 1, 8);  // version
+    idx_write(f, b->idx_tmp, &code, 1);
+    idx_write_le(f, b->idx_tmp, b->num_seqs, 8);
+    idx_write_le(f, b->idx_tmp, b->doc_idx_len, 8);
+    for (size_t i = 0; i < b->num_seqs; i++) idx_write_le(f, b->idx_tmp, (uint32_t)b->sizes[i], 4);
+    size_t itemsize = idx_dtype_itemsize(b->dtype_code);
+    uint64_t pointer = 0;
+    for (size_t i = 0; i < b->num_seqs; i++) {
+        idx_write_le(f, b->idx_tmp, pointer, 8);
+        pointer += (uint64_t)b->sizes[i] * itemsize;
+    }
+    for (size_t i = 0; i < b->doc_idx_len; i++) idx_write_le(f, b->idx_tmp, (uint64_t)b->doc_idx[i], 8);
+    idx_close_synced(f, b->idx_tmp);
+    if (rename(b->bin_tmp, b->bin_path) != 0) die("cannot rename %s to %s: %s", b->bin_tmp, b->bin_path, strerror(errno));
+    if (rename(b->idx_tmp, b->idx_path) != 0) die("cannot rename %s to %s: %s", b->idx_tmp, b->idx_path, strerror(errno));
+    idx_builder_free(b);
+}
+
+// Give up: close and remove the temporaries (the final names are never touched).
+static void idx_builder_abort(IndexedDatasetBuilder* b) {
+    if (b->bin) fclose(b->bin);
+    if (b->bin_tmp) unlink(b->bin_tmp);
+    if (b->idx_tmp) unlink(b->idx_tmp);
+    idx_builder_free(b);
+}
+
+// Reader (MMapIndexedDataset): both files mmap'ed and checked on open, so that a
+// truncated, mismatched or foreign file stops the run with one line, never a crash.
+typedef struct {
+    char* bin_path;
+    char* idx_path;
+    int dtype_code;       // 8 uint16 or 4 int32
+    size_t num_seqs;      // N
+    size_t num_docs;      // D - 1
+    int32_t* sizes;       // [num_seqs] tokens per sequence (an aligned copy)
+    int64_t* doc_idx;     // [num_docs + 1] first sequence of each document (an aligned copy)
+    const uint8_t* idx_map;  // the .idx file; pointers[] are read from it with memcpy
+    size_t idx_bytes;
+    const uint8_t* bin_map;  // the .bin file
+    size_t bin_bytes;
+    int refs;             // GPT sample sets sharing this dataset (gpt_build_datasets)
+} IndexedDataset;
+
+// mmap a whole file read-only (NULL for an empty file).
+static const uint8_t* idx_map_file(const char* path, size_t* bytes) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) die("cannot open %s: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0) die("cannot stat %s: %s", path, strerror(errno));
+    if (!S_ISREG(st.st_mode)) die("%s is not a regular file", path);
+    *bytes = (size_t)st.st_size;
+    void* map = NULL;
+    if (*bytes) {
+        map = mmap(NULL, *bytes, PROT_READ, MAP_SHARED, fd, 0);
+        if (map == MAP_FAILED) die("cannot mmap %s: %s", path, strerror(errno));
+    }
+    close(fd);
+    return (const uint8_t*)map;
+}
+
+static uint64_t idx_read_le(const uint8_t* p, int bytes) {
+    uint64_t v = 0;
+    for (int i = bytes - 1; i >= 0; i--) v = (v << 8) | p[i];
+    return v;
+}
+
+static void indexed_dataset_open(IndexedDataset* ds, const char* prefix) {
+    memset(ds, 0, sizeof(*ds));
+    ds->bin_path = idx_path_join(prefix, ".bin");
+    ds->idx_path = idx_path_join(prefix, ".idx");
+    const char* path = ds->idx_path;
+    ds->idx_map = idx_map_file(path, &ds->idx_bytes);
+    const uint8_t* m = ds->idx_map;
+    size_t bytes = ds->idx_bytes, magic_seen = bytes < IDX_MAGIC_LEN ? bytes : IDX_MAGIC_LEN;
+    if (bytes == 0) die("%s is empty (truncated, or never finished)", path);
+    if (memcmp(m, IDX_MAGIC, magic_seen) != 0) {
+        if (bytes >= 8 && memcmp(m, "TNTIDX\x00\x00", 8) == 0)
+            die("%s is a legacy (lazy/cached) Megatron index, not the mmap format: rebuild it with --dataset-impl mmap", path);
+        die("%s is not a Megatron mmap index (bad magic; a foreign file?)", path);
+    }
+    if (bytes < IDX_HEADER_LEN) die("%s is truncated: %zu bytes, shorter than the %d-byte header", path, bytes, IDX_HEADER_LEN);
+    uint64_t version = idx_read_le(m + 9, 8);
+    if (version != 1) die("%s has version %llu; only version 1 is supported", path, (unsigned long long)version);
+    ds->dtype_code = m[17];
+    if (!idx_dtype_itemsize(ds->dtype_code)) die("%s has dtype code %d; token files use 8 (uint16) or 4 (int32)", path, ds->dtype_code);
+    uint64_t N = idx_read_le(m + 18, 8), D = idx_read_le(m + 26, 8);
+    if (D == 0) die("%s has an empty doc_idx (it needs at least the leading 0)", path);
+    if (N > bytes / 12 || D > bytes / 8 || IDX_HEADER_LEN + 12 * N + 8 * D > bytes)
+        die("%s is truncated: %zu bytes, but it declares %llu sequences and %llu doc_idx entries", path, bytes,
+            (unsigned long long)N, (unsigned long long)D);
+    if (IDX_HEADER_LEN + 12 * N + 8 * D < bytes)
+        die("%s has %llu bytes after its arrays (a multimodal index or a corrupt file)", path,
+            (unsigned long long)(bytes - (IDX_HEADER_LEN + 12 * N + 8 * D)));
+    if (N > INT32_MAX) die("%s has %llu sequences; Megatron's int32 document ids stop at 2^31-1", path, (unsigned long long)N);
+    ds->num_seqs = N;
+    ds->num_docs = D - 1;
+    ds->sizes = (int32_t*)xmalloc(N * sizeof(int32_t));
+    ds->doc_idx = (int64_t*)xmalloc(D * sizeof(int64_t));
+    memcpy(ds->sizes, m + IDX_HEADER_LEN, N * sizeof(int32_t));
+    memcpy(ds->doc_idx, m + IDX_HEADER_LEN + 12 * N, D * sizeof(int64_t));
+    // pointers must be the running sum of sizes (the only layout Megatron writes)
+    uint64_t itemsize = idx_dtype_itemsize(ds->dtype_code), expected = 0;
+    for (size_t i = 0; i < N; i++) {
+        int64_t pointer;
+        memcpy(&pointer, m + IDX_HEADER_LEN + 4 * N + 8 * i, 8);
+        if (ds->sizes[i] < 0) die("%s: sequence %zu has negative size %d (corrupt index)", path, i, ds->sizes[i]);
+        if ((uint64_t)pointer != expected)
+            die("%s: sequence %zu starts at byte %lld of the .bin, expected %llu (corrupt index)", path, i, (long long)pointer,
+                (unsigned long long)expected);
+        expected += (uint64_t)ds->sizes[i] * itemsize;
+    }
+    if (ds->doc_idx[0] != 0 || (uint64_t)ds->doc_idx[D - 1] != N)
+        die("%s: doc_idx runs from %lld to %lld, expected 0 to %llu (corrupt index)", path, (long long)ds->doc_idx[0],
+            (long long)ds->doc_idx[D - 1], (unsigned long long)N);
+    for (size_t d = 1; d < D; d++)
+        if (ds->doc_idx[d] < ds->doc_idx[d - 1]) die("%s: doc_idx decreases at entry %zu (corrupt index)", path, d);
+    ds->bin_map = idx_map_file(ds->bin_path, &ds->bin_bytes);
+    if (ds->bin_bytes != expected)
+        die("%s has %zu bytes but %s describes %llu (truncated, or not the pair of this index)", ds->bin_path, ds->bin_bytes,
+            path, (unsigned long long)expected);
+}
+
+static void indexed_dataset_close(IndexedDataset* ds) {
+    if (ds->idx_map) munmap((void*)ds->idx_map, ds->idx_bytes);
+    if (ds->bin_map) munmap((void*)ds->bin_map, ds->bin_bytes);
+    free(ds->sizes); free(ds->doc_idx); free(ds->bin_path); free(ds->idx_path);
+    memset(ds, 0, sizeof(*ds));
+}
+
+// Tokens [offset, offset+n) of sequence `seq`, as int32 (MMapIndexedDataset.get).
+static void indexed_dataset_read(const IndexedDataset* ds, size_t seq, size_t offset, size_t n, int32_t* out) {
+    if (seq >= ds->num_seqs || offset > (size_t)ds->sizes[seq] || n > (size_t)ds->sizes[seq] - offset)
+        die("%s: read of tokens [%zu, %zu) of sequence %zu is out of range", ds->bin_path, offset, offset + n, seq);
+    int64_t pointer;
+    memcpy(&pointer, ds->idx_map + IDX_HEADER_LEN + 4 * ds->num_seqs + 8 * seq, 8);
+    const uint8_t* src = ds->bin_map + pointer;
+    if (ds->dtype_code == IDX_DTYPE_UINT16) {
+        for (size_t i = 0; i < n; i++) out[i] = (int32_t)idx_read_le(src + 2 * (offset + i), 2);
+    } else {
+        for (size_t i = 0; i < n; i++) out[i] = (int32_t)(uint32_t)idx_read_le(src + 4 * (offset + i), 4);
+    }
+}
+
+// --split "969,30,1" (or "969/30/1"): the first sequence of train, valid, test and the
+// end, for a dataset of `size` sequences (dataset_utils.get_train_valid_test_split_).
+static void split_boundaries(const char* split, size_t size, size_t idx[4]) {
+    double frac[3] = {0, 0, 0}, sum = 0;
+    char sep = strchr(split, ',') ? ',' : '/';
+    const char* p = split;
+    for (int k = 0;; k++) {  // like Megatron, fields after the third are parsed but ignored
+        char* end;
+        double value = strtod(p, &end);
+        while (*end == ' ' || *end == '\t') end++;
+        if (end == p || (*end != sep && *end != '\0') || !isfinite(value) || value < 0)
+            die("--split '%s': expected up to 3 non-negative numbers separated by ',' or '/'", split);
+        if (k < 3) { frac[k] = value; sum += value; }
+        if (*end == '\0') break;
+        p = end + 1;
+    }
+    if (!(sum > 0)) die("--split '%s': the parts add up to 0", split);
+    int64_t bound[4] = {0, 0, 0, 0};
+    for (int k = 0; k < 3; k++) bound[k + 1] = bound[k] + (int64_t)nearbyint(frac[k] / sum * (double)size);  // round half to even, as Python
+    int64_t diff = bound[3] - (int64_t)size;
+    for (int k = 1; k < 4; k++) bound[k] -= diff;
+    if (bound[1] < 0) die("--split '%s' leaves train a negative range of the %zu sequences (Megatron's rounding)", split, size);
+    for (int k = 0; k < 4; k++) idx[k] = (size_t)bound[k];
+}
+
+// numpy's legacy RandomState on MT19937: the two pieces Megatron's GPT index uses.
+// random_interval(max): a uniform integer in [0, max], by masked rejection.
+static uint64_t numpy_random_interval(MT19937* rng, uint64_t max) {
+    if (max == 0) return 0;
+    uint64_t mask = max, value;
+    for (int shift = 1; shift <= 32; shift *= 2) mask |= mask >> shift;  // smallest 2^k-1 >= max
+    if (max <= 0xffffffffu) {
+        do value = mt_u32(rng) & mask; while (value > max);
+    } else {
+        do {
+            uint64_t high = mt_u32(rng);
+            value = ((high << 32) | mt_u32(rng)) & mask;
+        } while (value > max);
+    }
+    return value;
+}
+
+// RandomState.shuffle of a 1-D array: Fisher-Yates from the back.
+template <typename T>
+static void numpy_shuffle(MT19937* rng, T* x, size_t n) {
+    if (n < 2) return;
+    for (size_t i = n - 1; i > 0; i--) {
+        size_t j = (size_t)numpy_random_interval(rng, i);
+        T tmp = x[i];
+        x[i] = x[j];
+        x[j] = tmp;
+    }
+}
+
+// One GPTDataset (gpt_dataset.py): the documents [doc_begin, doc_end) of an indexed dataset
+// (one per sequence, as preprocess_data.py writes GPT data), laid end to end over enough
+// shuffled epochs and cut into samples of seq_length+1 tokens that overlap by one token.
+typedef struct {
+    IndexedDataset* data;  // shared with the other splits (reference-counted)
+    int32_t* doc_idx;      // [doc_idx_len] the documents of every epoch, shuffled
+    size_t doc_idx_len;
+    int32_t* sample_idx;   // [num_samples+1][2] where sample j starts: (position in doc_idx, token offset)
+    uint32_t* shuffle_idx; // [num_samples] dataset sample i is sample shuffle_idx[i] of sample_idx
+    size_t num_samples;
+    int num_epochs;
+    int separate_last_epoch;  // the last epoch was shuffled on its own (a partial epoch)
+} GPTDataset;
+
+// Tile documents num_epochs times and shuffle them all (_build_doc_idx with separate_last_epoch false).
+static void gpt_fill_doc_idx(int32_t* doc_idx, size_t doc_begin, size_t doc_end, int num_epochs, MT19937* rng) {
+    size_t n_docs = doc_end - doc_begin;
+    for (int e = 0; e < num_epochs; e++)
+        for (size_t d = 0; d < n_docs; d++) doc_idx[e * n_docs + d] = (int32_t)(doc_begin + d);
+    numpy_shuffle(rng, doc_idx, (size_t)num_epochs * n_docs);
+}
+
+// helpers.cpp build_sample_idx: walk the shuffled documents, seq_length+1 tokens at a time; the
+// last token of a sample is the first of the next one.
+static void gpt_build_sample_idx(GPTDataset* g, int seq_length) {
+    const int32_t* sizes = g->data->sizes;
+    g->sample_idx = (int32_t*)xmalloc((g->num_samples + 1) * 2 * sizeof(int32_t));
+    int64_t doc_pos = 0;
+    int32_t offset = 0;
+    g->sample_idx[0] = 0;
+    g->sample_idx[1] = 0;
+    for (size_t j = 1; j <= g->num_samples; j++) {
+        int64_t remaining = seq_length + 1;
+        while (remaining != 0) {
+            int64_t doc_length = sizes[g->doc_idx[doc_pos]] - offset;
+            remaining -= doc_length;
+            if (remaining <= 0) {
+                offset += (int32_t)(remaining + doc_length - 1);
+                remaining = 0;
+            } else {
+                doc_pos++;
+                offset = 0;
+            }
+        }
+        g->sample_idx[2 * j] = (int32_t)doc_pos;
+        g->sample_idx[2 * j + 1] = offset;
+    }
+}
+
+// gpt_dataset.py _build_index_mappings, in the same order of draws from one RandomState(seed):
+// doc_idx first, then shuffle_idx. num_request = 0 still builds one epoch, as Megatron does.
+static void gpt_dataset_build(GPTDataset* g, IndexedDataset* data, size_t doc_begin, size_t doc_end,
+                              size_t num_request, int seq_length, uint32_t seed) {
+    memset(g, 0, sizeof(*g));
+    g->data = data;
+    data->refs++;
+    if (seq_length < 2) die("--seq-length %d: GPT samples need at least 2 tokens", seq_length);
+    int64_t tokens_per_epoch = 0;
+    for (size_t d = doc_begin; d < doc_end; d++) tokens_per_epoch += data->sizes[d];
+    if (tokens_per_epoch < 2)
+        die("%s: documents [%zu, %zu) of this split hold %lld tokens, too few for any GPT sample", data->bin_path, doc_begin,
+            doc_end, (long long)tokens_per_epoch);
+    int64_t s = seq_length, num_epochs = 1;
+    while ((num_epochs * tokens_per_epoch - 1) / s < (int64_t)num_request) num_epochs++;
+    int64_t samples_before_last = ((num_epochs - 1) * tokens_per_epoch - 1) / s;  // only used when num_epochs > 1
+    int64_t samples_per_epoch = (tokens_per_epoch - 1) / s;
+    g->num_epochs = (int)num_epochs;
+    g->separate_last_epoch = num_epochs > 1 && (int64_t)num_request - samples_before_last < (int64_t)(0.80 * samples_per_epoch);
+    g->num_samples = (size_t)((num_epochs * tokens_per_epoch - 1) / s);
+    size_t n_docs = doc_end - doc_begin;
+    g->doc_idx_len = (size_t)num_epochs * n_docs;
+    if (g->doc_idx_len > INT32_MAX || g->num_samples >= UINT32_MAX - 1)
+        die("%s: %lld epochs of %zu documents (%zu samples) overflow Megatron's int32/uint32 index arrays", data->bin_path,
+            (long long)num_epochs, n_docs, g->num_samples);
+    MT19937 rng;
+    mt_seed(&rng, seed);
+    g->doc_idx = (int32_t*)xmalloc(g->doc_idx_len * sizeof(int32_t));
+    if (g->separate_last_epoch) {
+        gpt_fill_doc_idx(g->doc_idx, doc_begin, doc_end, g->num_epochs - 1, &rng);
+        gpt_fill_doc_idx(g->doc_idx + (num_epochs - 1) * n_docs, doc_begin, doc_end, 1, &rng);
+    } else {
+        gpt_fill_doc_idx(g->doc_idx, doc_begin, doc_end, g->num_epochs, &rng);
+    }
+    gpt_build_sample_idx(g, seq_length);
+    size_t num_first = g->separate_last_epoch ? (size_t)samples_before_last : g->num_samples;
+    g->shuffle_idx = (uint32_t*)xmalloc((g->num_samples ? g->num_samples : 1) * sizeof(uint32_t));
+    for (size_t i = 0; i < g->num_samples; i++) g->shuffle_idx[i] = (uint32_t)i;
+    numpy_shuffle(&rng, g->shuffle_idx, num_first);
+    numpy_shuffle(&rng, g->shuffle_idx + num_first, g->num_samples - num_first);
+}
+
+// GPTDataset.__getitem__: seq_length+1 tokens from (doc_idx[first], offset) through
+// (doc_idx[last], offset) inclusive, crossing documents freely.
+static void gpt_dataset_get(const GPTDataset* g, size_t i, int32_t* tokens) {
+    size_t j = g->shuffle_idx[i];
+    size_t pos_first = (size_t)g->sample_idx[2 * j], pos_last = (size_t)g->sample_idx[2 * j + 2];
+    size_t offset_first = (size_t)g->sample_idx[2 * j + 1], offset_last = (size_t)g->sample_idx[2 * j + 3];
+    for (size_t pos = pos_first; pos <= pos_last; pos++) {
+        size_t doc = (size_t)g->doc_idx[pos];
+        size_t begin = pos == pos_first ? offset_first : 0;
+        size_t end = pos == pos_last ? offset_last + 1 : (size_t)g->data->sizes[doc];
+        indexed_dataset_read(g->data, doc, begin, end - begin, tokens);
+        tokens += end - begin;
+    }
+}
+
+static void indexed_dataset_release(IndexedDataset* ds) {
+    if (--ds->refs > 0) return;
+    indexed_dataset_close(ds);
+    free(ds);
+}
+
+static void gpt_dataset_free(GPTDataset* g) {
+    free(g->doc_idx); free(g->sample_idx); free(g->shuffle_idx);
+    indexed_dataset_release(g->data);
+    memset(g, 0, sizeof(*g));
+}
+
+// Dataset blending (blendable_dataset.py, helpers.cpp build_blending_indices): sample k of the
+// blend is the next unused sample of the dataset furthest behind its share,
+// argmax_d weight[d]*max(k,1) - taken[d] (the first on ties). No random numbers.
+static double blend_error(double weight, double x, int64_t taken) {
+    // Megatron rounds the product before subtracting; under -march=native the compiler would
+    // fuse the two into one FMA and pick other datasets on near-ties. volatile forbids that.
+    volatile double share = weight * x;
+    return share - (double)taken;
+}
+
+static void blend_build_indices(uint8_t* dataset_index, int64_t* dataset_sample_index, const double* weights,
+                                int num_datasets, size_t size) {
+    int64_t* taken = (int64_t*)xcalloc((size_t)num_datasets, sizeof(int64_t));
+    for (size_t k = 0; k < size; k++) {
+        double x = k > 1 ? (double)k : 1.0;
+        int best = 0;
+        double best_error = blend_error(weights[0], x, taken[0]);
+        for (int d = 1; d < num_datasets; d++) {
+            double error = blend_error(weights[d], x, taken[d]);
+            if (error > best_error) {
+                best_error = error;
+                best = d;
+            }
+        }
+        dataset_index[k] = (uint8_t)best;
+        dataset_sample_index[k] = taken[best]++;
+    }
+    free(taken);
+}
+
+// np.sum of float64: pairwise summation, 8 accumulators per block of up to 128 values.
+static double numpy_pairwise_sum(const double* a, size_t n) {
+    if (n < 8) {
+        double sum = 0.0;
+        for (size_t i = 0; i < n; i++) sum += a[i];
+        return sum;
+    }
+    if (n <= 128) {
+        double r[8];
+        for (int j = 0; j < 8; j++) r[j] = a[j];
+        size_t i;
+        for (i = 8; i < n - n % 8; i += 8)
+            for (int j = 0; j < 8; j++) r[j] += a[i + j];
+        double sum = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for (; i < n; i++) sum += a[i];
+        return sum;
+    }
+    size_t half = n / 2;
+    half -= half % 8;
+    return numpy_pairwise_sum(a, half) + numpy_pairwise_sum(a + half, n - half);
+}
+
+// One split of a GPT dataset, blended or not: what the trainer draws samples from.
+typedef struct {
+    int num_datasets;      // 0: empty set; 1: one dataset, not blended; blended otherwise
+    int blended;           // --data-path gave weights (a blend even of one dataset, as in Megatron)
+    GPTDataset* datasets;  // [num_datasets]
+    double* weights;       // [num_datasets] blended: normalised weights
+    uint8_t* dataset_index;         // blended: sample i is sample dataset_sample_index[i]
+    int64_t* dataset_sample_index;  //   of datasets[dataset_index[i]]
+    size_t num_samples;
+    int seq_length;
+} GPTSampleSet;
+
+// --data-path: one prefix, or "w1 p1 w2 p2 ..." (get_datasets_weights_and_num_samples).
+// Returns the number of datasets; weights are normalised, NULL weights for a single prefix.
+static int gpt_parse_data_path(int n_paths, char** paths, double* weights, const char** prefixes) {
+    if (n_paths == 1) {
+        prefixes[0] = paths[0];
+        return 1;
+    }
+    if (n_paths < 1 || n_paths % 2 != 0)
+        die("--data-path: expected one prefix or pairs 'weight prefix ...', got %d values", n_paths);
+    int n = n_paths / 2;
+    if (n >= 255) die("--data-path: %d datasets; Megatron blends at most 254", n);
+    double sum = 0.0;
+    for (int i = 0; i < n; i++) {
+        char* end;
+        weights[i] = strtod(paths[2 * i], &end);
+        if (end == paths[2 * i] || *end != '\0' || !isfinite(weights[i]) || weights[i] < 0)
+            die("--data-path: '%s' is not a weight (expected one prefix or pairs 'weight prefix ...')", paths[2 * i]);
+        prefixes[i] = paths[2 * i + 1];
+        sum += weights[i];
+    }
+    if (!(sum > 0)) die("--data-path: the weights add up to 0");
+    for (int i = 0; i < n; i++) weights[i] /= sum;
+    return n;
+}
+
+// Build train, valid and test (sets[0..2]) as Megatron's gpt_dataset.build_train_valid_test_datasets:
+// each prefix is split by --split, each split asks for num_samples[k] samples (a blend asks each
+// dataset for ceil(n * w * 1.005)). A request of 0 gives an empty set.
+static void gpt_build_datasets(GPTSampleSet sets[3], int n_paths, char** paths, const char* split,
+                               const size_t num_samples[3], int seq_length, uint32_t seed) {
+    double* weights = (double*)xmalloc((size_t)(n_paths + 1) * sizeof(double));
+    const char** prefixes = (const char**)xmalloc((size_t)(n_paths + 1) * sizeof(char*));
+    int n = gpt_parse_data_path(n_paths, paths, weights, prefixes);
+    IndexedDataset** data = (IndexedDataset**)xmalloc((size_t)n * sizeof(IndexedDataset*));
+    size_t(*bounds)[4] = (size_t(*)[4])xmalloc((size_t)n * sizeof(size_t[4]));
+    for (int i = 0; i < n; i++) {
+        data[i] = (IndexedDataset*)xmalloc(sizeof(IndexedDataset));
+        indexed_dataset_open(data[i], prefixes[i]);
+        data[i]->refs = 1;  // held here until the splits are built
+        split_boundaries(split, data[i]->num_seqs, bounds[i]);
+    }
+    static const char* split_names[3] = {"train", "valid", "test"};
+    for (int k = 0; k < 3; k++) {
+        GPTSampleSet* set = &sets[k];
+        memset(set, 0, sizeof(*set));
+        set->seq_length = seq_length;
+        if (num_samples[k] == 0) continue;
+        set->num_datasets = n;
+        set->blended = n_paths > 1;
+        set->datasets = (GPTDataset*)xmalloc((size_t)n * sizeof(GPTDataset));
+        for (int i = 0; i < n; i++) {
+            size_t begin = bounds[i][k], end = bounds[i][k + 1];
+            if (end <= begin)
+                die("%s: --split '%s' gives the %s split no documents (of %zu), but %zu %s samples are needed", data[i]->idx_path,
+                    split, split_names[k], data[i]->num_seqs, num_samples[k], split_names[k]);
+            size_t request = set->blended ? (size_t)ceil((double)num_samples[k] * weights[i] * 1.005) : num_samples[k];
+            gpt_dataset_build(&set->datasets[i], data[i], begin, end, request, seq_length, seed);
+            set->num_samples += set->datasets[i].num_samples;
+        }
+        if (!set->blended) continue;
+        // BlendableDataset normalises the (already normalised) weights once more, with np.sum
+        set->weights = (double*)xmalloc((size_t)n * sizeof(double));
+        double sum = numpy_pairwise_sum(weights, (size_t)n);
+        for (int i = 0; i < n; i++) set->weights[i] = weights[i] / sum;
+        set->dataset_index = (uint8_t*)xmalloc(set->num_samples);
+        set->dataset_sample_index = (int64_t*)xmalloc(set->num_samples * sizeof(int64_t));
+        blend_build_indices(set->dataset_index, set->dataset_sample_index, set->weights, n, set->num_samples);
+    }
+    for (int i = 0; i < n; i++) indexed_dataset_release(data[i]);
+    free(weights); free(prefixes); free(data); free(bounds);
+}
+
+// Sample i of the set: seq_length+1 tokens (tokens[:-1] the input, tokens[1:] the labels).
+static void gpt_sample_get(const GPTSampleSet* set, size_t i, int32_t* tokens) {
+    if (i >= set->num_samples) die("GPT sample %zu requested from a set of %zu samples", i, set->num_samples);
+    if (!set->blended) {
+        gpt_dataset_get(&set->datasets[0], i, tokens);
+        return;
+    }
+    const GPTDataset* g = &set->datasets[set->dataset_index[i]];
+    size_t j = (size_t)set->dataset_sample_index[i];
+    if (j >= g->num_samples)
+        die("blended sample %zu needs sample %zu of %s, which has %zu (the blend ran past its 0.5%% headroom)", i, j,
+            g->data->bin_path, g->num_samples);
+    gpt_dataset_get(g, j, tokens);
+}
+
+static void gpt_sampleset_free(GPTSampleSet* set) {
+    for (int i = 0; i < set->num_datasets; i++) gpt_dataset_free(&set->datasets[i]);
+    free(set->datasets); free(set->weights); free(set->dataset_index); free(set->dataset_sample_index);
+    memset(set, 0, sizeof(*set));
+}
 // <<< data
 
 // >>> layers-matmul
@@ -382,6 +1284,771 @@ static void dev_sync(const Device* d) {
 // <<< layers-layernorm
 
 // >>> layers-attention
+// ----------------------------------------------------------------------------
+// 3. layers: causal self-attention (Megatron-1 §3), computed flash-style
+//
+// qkv is the QKV projection's output, [N = T*B rows, 3C], in Megatron's per-head
+// interleaved order: for row r = t*B + b and head h, q = qkv[r*3C + h*3HS + 0*HS ..],
+// k = .. + 1*HS, v = .. + 2*HS (so a tensor-parallel rank's heads are a contiguous
+// column block). out is [N, C], head h in columns h*HS .. h*HS+HS. lse is fp32
+// [B, NH, T]: the logsumexp of each query row's scaled scores, which the backward
+// uses to rebuild the probabilities without storing them.
+//   out_i = sum_{j<=i} drop_ij * softmax_j(q_i . k_j / sqrt(HS)) * v_j
+// Attention dropout keeps prob (b,h,i,j) iff dropout_keep(seed, ((b*NH+h)*T+i)*T+j, p)
+// and scales kept ones by 1/(1-p); the backward regenerates the same mask.
+// Backward (FlashAttention-2): with P the probabilities, M the dropout mask times
+// 1/(1-p), delta_i = dout_i . out_i = sum_j P_ij M_ij (dout_i . v_j):
+//   dv_j = sum_i P_ij M_ij dout_i,   dS_ij = P_ij (M_ij (dout_i . v_j) - delta_i),
+//   dq_i = scale sum_j dS_ij k_j,    dk_j = scale sum_i dS_ij q_i.
+
+// delta_i = dout_i . out_i for each (b, h, i) is written to `delta` (fp32 [B, NH, T]):
+// the CUDA backward needs it between its two kernels, so the caller lends the space.
+
+// Row pointer helpers: the [s, b, h] layout puts time step t of batch b at row t*B + b.
+#define ATT_ROW(t, b, B) ((size_t)(t) * (B) + (b))
+
+static void attention_check(float p, int B, int T, int NH, int HS) {
+    if (B < 1 || T < 1 || NH < 1 || HS < 1) die("attention: bad shape B=%d T=%d NH=%d HS=%d", B, T, NH, HS);
+    if (!(p >= 0.0f && p < 1.0f)) die("attention: dropout probability %g is not in [0, 1)", p);
+}
+
+template <typename real>
+static void attention_forward_cpu(real* out, real* lse, const real* qkv, float p, uint64_t seed,
+                                  int B, int T, int NH, int HS) {
+    int C = NH * HS;
+    size_t ld = 3 * (size_t)C;
+    real scale = 1 / sqrt((real)HS), keep_scale = 1 / (1 - (real)p);
+#pragma omp parallel
+    {
+        real* att = (real*)xmalloc(T * sizeof(real));  // one query row's scores, then weights
+#pragma omp for collapse(2) schedule(dynamic, 1)
+        for (int b = 0; b < B; b++) {
+            for (int h = 0; h < NH; h++) {
+                const real* head = qkv + (size_t)b * ld + h * 3 * HS;  // q of (t=0, b, h)
+                size_t tstride = (size_t)B * ld;
+                for (int i = 0; i < T; i++) {
+                    const real* q = head + i * tstride;
+                    real mx = -INFINITY;
+                    for (int j = 0; j <= i; j++) {
+                        const real* k = head + j * tstride + HS;
+                        real s = 0;
+                        for (int d = 0; d < HS; d++) s += q[d] * k[d];
+                        att[j] = s * scale;
+                        if (att[j] > mx) mx = att[j];
+                    }
+                    real sum = 0;
+                    for (int j = 0; j <= i; j++) { att[j] = exp(att[j] - mx); sum += att[j]; }
+                    lse[((size_t)b * NH + h) * T + i] = mx + log(sum);
+                    real* o = out + ATT_ROW(i, b, B) * C + h * HS;
+                    for (int d = 0; d < HS; d++) o[d] = 0;
+                    uint64_t drop_row = ((uint64_t)(b * NH + h) * T + i) * T;
+                    for (int j = 0; j <= i; j++) {
+                        real w = att[j] / sum;
+                        if (p > 0) w = dropout_keep(seed, drop_row + j, p) ? w * keep_scale : 0;
+                        const real* v = head + j * tstride + 2 * HS;
+                        for (int d = 0; d < HS; d++) o[d] += w * v[d];
+                    }
+                }
+            }
+        }
+        free(att);
+    }
+}
+
+// dqkv (=, written fully) and delta (=) from dout, the forward's out and lse.
+template <typename real>
+static void attention_backward_cpu(real* dqkv, real* delta, const real* dout, const real* qkv, const real* out,
+                                   const real* lse, float p, uint64_t seed, int B, int T, int NH, int HS) {
+    int C = NH * HS;
+    size_t ld = 3 * (size_t)C, tstride = (size_t)B * ld;
+    real scale = 1 / sqrt((real)HS), keep_scale = 1 / (1 - (real)p);
+#pragma omp parallel for collapse(2) schedule(dynamic, 1)
+    for (int b = 0; b < B; b++) {
+        for (int h = 0; h < NH; h++) {
+            const real* head = qkv + (size_t)b * ld + h * 3 * HS;
+            real* dhead = dqkv + (size_t)b * ld + h * 3 * HS;
+            for (int t = 0; t < T; t++)
+                for (int d = 0; d < 3 * HS; d++) dhead[t * tstride + d] = 0;
+            for (int i = 0; i < T; i++) {
+                const real* q = head + i * tstride;
+                const real* g = dout + ATT_ROW(i, b, B) * C + h * HS;
+                const real* o = out + ATT_ROW(i, b, B) * C + h * HS;
+                real* dq = dhead + i * tstride;
+                size_t bhi = ((size_t)b * NH + h) * T + i;
+                real di = 0;
+                for (int d = 0; d < HS; d++) di += g[d] * o[d];
+                delta[bhi] = di;
+                uint64_t drop_row = (uint64_t)bhi * T;
+                for (int j = 0; j <= i; j++) {
+                    const real* k = head + j * tstride + HS;
+                    const real* v = k + HS;
+                    real* dk = dhead + j * tstride + HS;
+                    real* dv = dk + HS;
+                    real s = 0, gv = 0;
+                    for (int d = 0; d < HS; d++) { s += q[d] * k[d]; gv += g[d] * v[d]; }
+                    real prob = exp(s * scale - lse[bhi]);
+                    real m = p > 0 ? (dropout_keep(seed, drop_row + j, p) ? keep_scale : 0) : 1;
+                    real ds = prob * (m * gv - di) * scale;
+                    for (int d = 0; d < HS; d++) {
+                        dv[d] += prob * m * g[d];
+                        dq[d] += ds * k[d];
+                        dk[d] += ds * q[d];
+                    }
+                }
+            }
+        }
+    }
+}
+
+#ifdef __CUDACC__
+// ---- CUDA. Half types (bf16, fp16) run FlashAttention-2 kernels on the tensor cores
+// (mma.sync m16n8k16, fp32 accumulation); fp32 storage runs simple warp-per-row kernels.
+
+#include <type_traits>
+
+#define ATT_WARPS 4
+#define ATT_THREADS (ATT_WARPS * 32)
+#define ATT_BM 64  // query rows per block in the forward and dq kernels (16 per warp)
+#define ATT_BN 64  // keys per tile; the dk/dv kernel's block owns one tile (16 keys per warp)
+#define ATT_PAD 8  // shared-memory rows are HS+8 elements long: ldmatrix reads hit distinct banks
+#define ATT_LOG2E 1.4426950408889634f
+#define ATT_LN2 0.6931471805599453f
+
+// The dk/dv kernel's query tile: smaller for large heads, whose dk and dv accumulators
+// already fill most of the registers.
+__host__ __device__ constexpr int att_bwd_bm(int HS) { return HS > 64 ? 32 : 64; }
+
+__device__ __forceinline__ uint32_t att_smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+// 16 bytes global -> shared without passing through registers; zeros when !valid.
+__device__ __forceinline__ void att_cp_async16(void* smem, const void* gmem, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(att_smem_addr(smem)), "l"(gmem),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void att_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int PENDING>
+__device__ __forceinline__ void att_cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING)); }
+
+// Four 8x8 16-bit matrices from shared memory; lane l gives the address of row l%8 of matrix l/8.
+__device__ __forceinline__ void att_ldsm(uint32_t r[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(att_smem_addr(p)));
+}
+__device__ __forceinline__ void att_ldsm_trans(uint32_t r[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(att_smem_addr(p)));
+}
+
+// c[16x8] += a[16x16] b[16x8]. Fragments (g = lane/4, q = lane%4): a = rows g, g+8 of
+// columns 2q.. and 2q+8..; b = column g at rows 2q.., 2q+8..; c = {c0, c1} row g and
+// {c2, c3} row g+8, columns 2q, 2q+1.
+template <typename F> __device__ __forceinline__ void att_mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1);
+template <> __device__ __forceinline__ void att_mma<__nv_bfloat16>(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <> __device__ __forceinline__ void att_mma<__half>(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as a pair of F in one register, the first in the low half.
+template <typename F> __device__ __forceinline__ uint32_t att_pack(float lo, float hi) {
+    F pair[2] = {from_float<F>(lo), from_float<F>(hi)};
+    uint32_t u;
+    memcpy(&u, pair, 4);
+    return u;
+}
+
+// acc[16 x 8NT] += A[16 x K] B[8NT x K]^T, A and B rows in shared memory (row stride ld).
+template <typename F, int K, int NT>
+__device__ __forceinline__ void att_mma_abt(float acc[NT][4], const F* a, const F* b, int ld) {
+    int lane = threadIdx.x % 32;
+    const F* a_lane = a + (((lane >> 3) & 1) * 8 + (lane & 7)) * ld + (lane >> 4) * 8;
+    const F* b_lane = b + ((lane >> 4) * 8 + (lane & 7)) * ld + ((lane >> 3) & 1) * 8;
+#pragma unroll
+    for (int k = 0; k < K; k += 16) {
+        uint32_t af[4];
+        att_ldsm(af, a_lane + k);
+#pragma unroll
+        for (int n = 0; n < NT; n += 2) {
+            uint32_t bf[4];
+            att_ldsm(bf, b_lane + n * 8 * ld + k);
+            att_mma<F>(acc[n], af, bf[0], bf[1]);
+            att_mma<F>(acc[n + 1], af, bf[2], bf[3]);
+        }
+    }
+}
+
+// acc[16 x 8NT] += A[16 x 16KS] B[16KS x 8NT], A in registers (mma A fragments), B rows
+// in shared memory (row stride ld).
+template <typename F, int KS, int NT>
+__device__ __forceinline__ void att_mma_ab(float acc[NT][4], const uint32_t a[KS][4], const F* b, int ld) {
+    int lane = threadIdx.x % 32;
+    const F* b_lane = b + (((lane >> 3) & 1) * 8 + (lane & 7)) * ld + (lane >> 4) * 8;
+#pragma unroll
+    for (int ks = 0; ks < KS; ks++) {
+#pragma unroll
+        for (int n = 0; n < NT; n += 2) {
+            uint32_t bf[4];
+            att_ldsm_trans(bf, b_lane + ks * 16 * ld + n * 8);
+            att_mma<F>(acc[n], a[ks], bf[0], bf[1]);
+            att_mma<F>(acc[n + 1], a[ks], bf[2], bf[3]);
+        }
+    }
+}
+
+// An accumulator tile [16 x 16KS] (C fragments) becomes the A operand of the next product.
+template <typename F, int KS>
+__device__ __forceinline__ void att_c_to_a(uint32_t a[KS][4], const float c[2 * KS][4]) {
+#pragma unroll
+    for (int ks = 0; ks < KS; ks++) {
+        a[ks][0] = att_pack<F>(c[2 * ks][0], c[2 * ks][1]);
+        a[ks][1] = att_pack<F>(c[2 * ks][2], c[2 * ks][3]);
+        a[ks][2] = att_pack<F>(c[2 * ks + 1][0], c[2 * ks + 1][1]);
+        a[ks][3] = att_pack<F>(c[2 * ks + 1][2], c[2 * ks + 1][3]);
+    }
+}
+
+// Rows t0 .. t0+R-1 of one head's q, k or v (or of out/dout) into shared memory, async;
+// g points at time 0, consecutive times are tstride elements apart; rows >= T become zeros.
+template <typename F, int HS, int R>
+__device__ __forceinline__ void att_load_rows(F* s, const F* g, size_t tstride, int t0, int T) {
+    constexpr int CHUNKS = HS / 8;  // 16-byte pieces of a row
+    for (int idx = threadIdx.x; idx < R * CHUNKS; idx += ATT_THREADS) {
+        int r = idx / CHUNKS, c = idx % CHUNKS;
+        bool valid = t0 + r < T;
+        att_cp_async16(s + r * (HS + ATT_PAD) + c * 8, valid ? g + (t0 + r) * tstride + c * 8 : g, valid);
+    }
+}
+
+// A warp's accumulator tile [16 x HS] to global rows t0 .. t0+15 (rows >= T skipped),
+// staged through the warp's own 16 shared-memory rows s for 16-byte stores.
+template <typename F, int HS>
+__device__ __forceinline__ void att_store_rows(F* g, size_t tstride, int t0, int T, const float acc[HS / 8][4], F* s) {
+    constexpr int LD = HS + ATT_PAD, CHUNKS = HS / 8;
+    int lane = threadIdx.x % 32, gr = lane / 4, q = lane % 4;
+    __syncwarp();
+#pragma unroll
+    for (int n = 0; n < HS / 8; n++) {
+        *(uint32_t*)(s + gr * LD + n * 8 + 2 * q) = att_pack<F>(acc[n][0], acc[n][1]);
+        *(uint32_t*)(s + (gr + 8) * LD + n * 8 + 2 * q) = att_pack<F>(acc[n][2], acc[n][3]);
+    }
+    __syncwarp();
+    for (int idx = lane; idx < 16 * CHUNKS; idx += 32) {
+        int r = idx / CHUNKS, c = idx % CHUNKS;
+        if (t0 + r < T) *(int4*)(g + (t0 + r) * tstride + c * 8) = *(const int4*)(s + r * LD + c * 8);
+    }
+}
+
+// Forward: a block owns 64 query rows of one (b, h), 16 per warp, and walks the key
+// tiles up to the diagonal with an online softmax (FlashAttention-2, Dao 2023, alg. 1).
+template <typename F, int HS>
+__global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(F* out, float* lse, const F* qkv, float p,
+                                                                        uint64_t seed, int B, int T, int NH) {
+    constexpr int LD = HS + ATT_PAD, BM = ATT_BM, BN = ATT_BN;
+    extern __shared__ __align__(16) unsigned char att_smem[];
+    F* qs = (F*)att_smem;  // [BM][LD]
+    F* ks = qs + BM * LD;  // [2][BN][LD], double-buffered
+    F* vs = ks + 2 * BN * LD;
+
+    int qt = gridDim.x - 1 - blockIdx.x;  // the longest rows first
+    int bh = blockIdx.y, b = bh / NH, h = bh % NH;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, q4 = lane % 4;
+    int C = NH * HS;
+    size_t tstride = (size_t)B * 3 * C;
+    const F* qg = qkv + (size_t)b * 3 * C + h * 3 * HS;
+    int q0 = qt * BM, wq0 = q0 + warp * 16;
+    int rows[2] = {wq0 + gr, wq0 + gr + 8};
+    int n_kt = CEIL_DIV(min(T, q0 + BM), BN);
+    float scale_log2 = rsqrtf((float)HS) * ATT_LOG2E;
+
+    att_load_rows<F, HS, BM>(qs, qg, tstride, q0, T);
+    att_load_rows<F, HS, BN>(ks, qg + HS, tstride, 0, T);
+    att_load_rows<F, HS, BN>(vs, qg + 2 * HS, tstride, 0, T);
+    att_cp_async_commit();
+
+    float o[HS / 8][4] = {};
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0, 0};  // running max (log2 units) and this thread's part of the row sum
+    for (int kt = 0; kt < n_kt; kt++) {
+        int buf = kt & 1, k0 = kt * BN;
+        if (kt + 1 < n_kt) {
+            att_load_rows<F, HS, BN>(ks + (buf ^ 1) * BN * LD, qg + HS, tstride, k0 + BN, T);
+            att_load_rows<F, HS, BN>(vs + (buf ^ 1) * BN * LD, qg + 2 * HS, tstride, k0 + BN, T);
+            att_cp_async_commit();
+            att_cp_async_wait<1>();
+        } else {
+            att_cp_async_wait<0>();
+        }
+        __syncthreads();
+
+        float s[BN / 8][4] = {};
+        att_mma_abt<F, HS, BN / 8>(s, qs + warp * 16 * LD, ks + buf * BN * LD, LD);
+        bool masked = k0 + BN - 1 > wq0;  // some key of the tile lies past some row of this warp
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int n = 0; n < BN / 8; n++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                int key = k0 + n * 8 + 2 * q4 + (c & 1);
+                s[n][c] = masked && key > rows[c >> 1] ? -INFINITY : s[n][c] * scale_log2;
+                mx[c >> 1] = fmaxf(mx[c >> 1], s[n][c]);
+            }
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {  // key 0 is in every row's first tile, so m is finite from then on
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 2));
+            float m_new = fmaxf(m[r], mx[r]);
+            alpha[r] = exp2f(m[r] - m_new);
+            m[r] = m_new;
+            l[r] *= alpha[r];
+        }
+#pragma unroll
+        for (int n = 0; n < BN / 8; n++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                s[n][c] = exp2f(s[n][c] - m[c >> 1]);
+                l[c >> 1] += s[n][c];  // the normaliser counts dropped probabilities too
+                if (p > 0) {
+                    int key = k0 + n * 8 + 2 * q4 + (c & 1);
+                    if (!dropout_keep(seed, ((uint64_t)bh * T + rows[c >> 1]) * T + key, p)) s[n][c] = 0;
+                }
+            }
+#pragma unroll
+        for (int n = 0; n < HS / 8; n++) {
+            o[n][0] *= alpha[0]; o[n][1] *= alpha[0];
+            o[n][2] *= alpha[1]; o[n][3] *= alpha[1];
+        }
+        uint32_t pa[BN / 16][4];
+        att_c_to_a<F, BN / 16>(pa, s);
+        att_mma_ab<F, BN / 16, HS / 8>(o, pa, vs + buf * BN * LD, LD);
+        __syncthreads();  // the buffer is refilled next iteration
+    }
+
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(0xffffffff, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffff, l[r], 2);
+        inv[r] = 1.0f / ((1.0f - p) * l[r]);
+        if (q4 == 0 && rows[r] < T) lse[(size_t)bh * T + rows[r]] = (m[r] + log2f(l[r])) * ATT_LN2;
+    }
+#pragma unroll
+    for (int n = 0; n < HS / 8; n++) {
+        o[n][0] *= inv[0]; o[n][1] *= inv[0];
+        o[n][2] *= inv[1]; o[n][3] *= inv[1];
+    }
+    att_store_rows<F, HS>(out + (size_t)b * C + h * HS, (size_t)B * C, wq0, T, o, qs + warp * 16 * LD);
+}
+
+// Backward, dq: a block owns 64 query rows, walks the key tiles up to the diagonal and
+// accumulates dq in registers. It also computes delta (needed by the dk/dv kernel).
+template <typename F, int HS>
+__global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(F* dqkv, float* delta, const F* dout,
+                                                                            const F* qkv, const F* out, const float* lse,
+                                                                            float p, uint64_t seed, int B, int T, int NH) {
+    constexpr int LD = HS + ATT_PAD, BM = ATT_BM, BN = ATT_BN;
+    extern __shared__ __align__(16) unsigned char att_smem[];
+    F* qs = (F*)att_smem;    // [BM][LD]
+    F* gs = qs + BM * LD;    // [BM][LD] dout
+    F* ks = gs + BM * LD;    // [2][BN][LD]
+    F* vs = ks + 2 * BN * LD;  // [2][BN][LD]
+
+    int qt = gridDim.x - 1 - blockIdx.x;
+    int bh = blockIdx.y, b = bh / NH, h = bh % NH;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, q4 = lane % 4;
+    int C = NH * HS;
+    size_t tstride = (size_t)B * 3 * C, ostride = (size_t)B * C;
+    const F* qg = qkv + (size_t)b * 3 * C + h * 3 * HS;
+    const F* gg = dout + (size_t)b * C + h * HS;
+    const F* og = out + (size_t)b * C + h * HS;
+    int q0 = qt * BM, wq0 = q0 + warp * 16;
+    int rows[2] = {wq0 + gr, wq0 + gr + 8};
+    int n_kt = CEIL_DIV(min(T, q0 + BM), BN);
+    float scale = rsqrtf((float)HS), scale_log2 = scale * ATT_LOG2E, keep_scale = 1.0f / (1.0f - p);
+
+    att_load_rows<F, HS, BM>(qs, qg, tstride, q0, T);
+    att_load_rows<F, HS, BM>(gs, gg, ostride, q0, T);
+    att_load_rows<F, HS, BN>(ks, qg + HS, tstride, 0, T);
+    att_load_rows<F, HS, BN>(vs, qg + 2 * HS, tstride, 0, T);
+    att_cp_async_commit();
+
+    // delta of the warp's 16 rows: lanes 2r and 2r+1 each sum half of row r
+    float dsum = 0;
+    {
+        int t = wq0 + lane / 2;
+        if (t < T) {
+            const F* gr_ = gg + t * ostride + (lane & 1) * (HS / 2);
+            const F* or_ = og + t * ostride + (lane & 1) * (HS / 2);
+#pragma unroll
+            for (int c = 0; c < HS / 2; c += 8) {
+                int4 gv = *(const int4*)(gr_ + c), ov = *(const int4*)(or_ + c);
+                const F* ge = (const F*)&gv;
+                const F* oe = (const F*)&ov;
+#pragma unroll
+                for (int e = 0; e < 8; e++) dsum += to_float(ge[e]) * to_float(oe[e]);
+            }
+        }
+        dsum += __shfl_xor_sync(0xffffffff, dsum, 1);
+        if (t < T && (lane & 1) == 0) delta[(size_t)bh * T + t] = dsum;
+    }
+    float di[2] = {__shfl_sync(0xffffffff, dsum, 2 * gr), __shfl_sync(0xffffffff, dsum, 2 * gr + 16)};
+    float lse2[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) lse2[r] = rows[r] < T ? lse[(size_t)bh * T + rows[r]] * ATT_LOG2E : 0;
+
+    float dq[HS / 8][4] = {};
+    for (int kt = 0; kt < n_kt; kt++) {
+        int buf = kt & 1, k0 = kt * BN;
+        if (kt + 1 < n_kt) {
+            att_load_rows<F, HS, BN>(ks + (buf ^ 1) * BN * LD, qg + HS, tstride, k0 + BN, T);
+            att_load_rows<F, HS, BN>(vs + (buf ^ 1) * BN * LD, qg + 2 * HS, tstride, k0 + BN, T);
+            att_cp_async_commit();
+            att_cp_async_wait<1>();
+        } else {
+            att_cp_async_wait<0>();
+        }
+        __syncthreads();
+
+        float s[BN / 8][4] = {}, dp[BN / 8][4] = {};
+        att_mma_abt<F, HS, BN / 8>(s, qs + warp * 16 * LD, ks + buf * BN * LD, LD);
+        att_mma_abt<F, HS, BN / 8>(dp, gs + warp * 16 * LD, vs + buf * BN * LD, LD);
+        bool masked = k0 + BN - 1 > wq0;
+#pragma unroll
+        for (int n = 0; n < BN / 8; n++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                int r = c >> 1, key = k0 + n * 8 + 2 * q4 + (c & 1);
+                float prob = masked && key > rows[r] ? 0.0f : exp2f(s[n][c] * scale_log2 - lse2[r]);
+                float gv = dp[n][c];
+                if (p > 0) gv = dropout_keep(seed, ((uint64_t)bh * T + rows[r]) * T + key, p) ? gv * keep_scale : 0;
+                s[n][c] = prob * (gv - di[r]);  // dS
+            }
+        uint32_t da[BN / 16][4];
+        att_c_to_a<F, BN / 16>(da, s);
+        att_mma_ab<F, BN / 16, HS / 8>(dq, da, ks + buf * BN * LD, LD);
+        __syncthreads();
+    }
+#pragma unroll
+    for (int n = 0; n < HS / 8; n++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) dq[n][c] *= scale;
+    att_store_rows<F, HS>(dqkv + (size_t)b * 3 * C + h * 3 * HS, tstride, wq0, T, dq, qs + warp * 16 * LD);
+}
+
+// Backward, dk and dv: a block owns 64 keys, 16 per warp, and walks the query tiles from
+// the diagonal to the end, accumulating dk and dv in registers (no atomics anywhere).
+// It works on transposed tiles, S^T = K Q^T, so each warp's rows are its own keys.
+template <typename F, int HS>
+__global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkdv_kernel(F* dqkv, const float* delta, const F* dout,
+                                                                              const F* qkv, const float* lse, float p,
+                                                                              uint64_t seed, int B, int T, int NH) {
+    constexpr int LD = HS + ATT_PAD, BM = att_bwd_bm(HS), BN = ATT_BN;
+    extern __shared__ __align__(16) unsigned char att_smem[];
+    F* ks = (F*)att_smem;      // [BN][LD]
+    F* vs = ks + BN * LD;      // [BN][LD]
+    F* qs = vs + BN * LD;      // [2][BM][LD]
+    F* gs = qs + 2 * BM * LD;  // [2][BM][LD] dout
+    float* lse_s = (float*)(gs + 2 * BM * LD);  // [2][BM], in log2 units
+    float* delta_s = lse_s + 2 * BM;            // [2][BM]
+
+    int kt = blockIdx.x;  // the longest key columns first
+    int bh = blockIdx.y, b = bh / NH, h = bh % NH;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, q4 = lane % 4;
+    int C = NH * HS;
+    size_t tstride = (size_t)B * 3 * C, ostride = (size_t)B * C;
+    const F* qg = qkv + (size_t)b * 3 * C + h * 3 * HS;
+    const F* gg = dout + (size_t)b * C + h * HS;
+    int k0 = kt * BN, wk0 = k0 + warp * 16;
+    int keys[2] = {wk0 + gr, wk0 + gr + 8};
+    int qt0 = k0 / BM, n_qt = CEIL_DIV(T, BM);
+    float scale = rsqrtf((float)HS), scale_log2 = scale * ATT_LOG2E, keep_scale = 1.0f / (1.0f - p);
+
+    // per query tile: q and dout rows (async) and their lse and delta (plain loads)
+    auto load_query_tile = [&](int qt, int buf) {
+        att_load_rows<F, HS, BM>(qs + buf * BM * LD, qg, tstride, qt * BM, T);
+        att_load_rows<F, HS, BM>(gs + buf * BM * LD, gg, ostride, qt * BM, T);
+        att_cp_async_commit();
+        for (int r = threadIdx.x; r < BM; r += ATT_THREADS) {
+            int t = qt * BM + r;
+            lse_s[buf * BM + r] = t < T ? lse[(size_t)bh * T + t] * ATT_LOG2E : 0;
+            delta_s[buf * BM + r] = t < T ? delta[(size_t)bh * T + t] : 0;
+        }
+    };
+    att_load_rows<F, HS, BN>(ks, qg + HS, tstride, k0, T);
+    att_load_rows<F, HS, BN>(vs, qg + 2 * HS, tstride, k0, T);
+    load_query_tile(qt0, 0);
+
+    float dk[HS / 8][4] = {}, dv[HS / 8][4] = {};
+    for (int qt = qt0; qt < n_qt; qt++) {
+        int buf = (qt - qt0) & 1, i0 = qt * BM;
+        if (qt + 1 < n_qt) {
+            load_query_tile(qt + 1, buf ^ 1);
+            att_cp_async_wait<1>();
+        } else {
+            att_cp_async_wait<0>();
+        }
+        __syncthreads();
+
+        const F* qb = qs + buf * BM * LD;
+        const F* gb = gs + buf * BM * LD;
+        float s[BM / 8][4] = {}, dp[BM / 8][4] = {};  // transposed: rows are keys, columns queries
+        att_mma_abt<F, HS, BM / 8>(s, ks + warp * 16 * LD, qb, LD);
+        att_mma_abt<F, HS, BM / 8>(dp, vs + warp * 16 * LD, gb, LD);
+        bool masked = i0 < wk0 + 15 || i0 + BM > T;
+#pragma unroll
+        for (int n = 0; n < BM / 8; n++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                int col = n * 8 + 2 * q4 + (c & 1), query = i0 + col, key = keys[c >> 1];
+                float prob = masked && (query < key || query >= T) ? 0.0f
+                                                                     : exp2f(s[n][c] * scale_log2 - lse_s[buf * BM + col]);
+                float mk = 1.0f;
+                if (p > 0) mk = dropout_keep(seed, ((uint64_t)bh * T + query) * T + key, p) ? keep_scale : 0.0f;
+                s[n][c] = prob * mk;                                          // dropped probability, for dv
+                dp[n][c] = prob * (dp[n][c] * mk - delta_s[buf * BM + col]);  // dS
+            }
+        uint32_t a[BM / 16][4];
+        att_c_to_a<F, BM / 16>(a, s);
+        att_mma_ab<F, BM / 16, HS / 8>(dv, a, gb, LD);
+        att_c_to_a<F, BM / 16>(a, dp);
+        att_mma_ab<F, BM / 16, HS / 8>(dk, a, qb, LD);
+        __syncthreads();
+    }
+#pragma unroll
+    for (int n = 0; n < HS / 8; n++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) dk[n][c] *= scale;
+    F* dkg = dqkv + (size_t)b * 3 * C + h * 3 * HS + HS;
+    att_store_rows<F, HS>(dkg, tstride, wk0, T, dk, ks + warp * 16 * LD);
+    att_store_rows<F, HS>(dkg + HS, tstride, wk0, T, dv, vs + warp * 16 * LD);
+}
+
+// fp32 storage: one warp per query (or key) row, lane owning dimensions lane + 32k,
+// plain fp32 arithmetic in the same order of operations as the CPU reference.
+__device__ __forceinline__ float att_warp_sum(float x) {
+    for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffff, x, o);
+    return x;
+}
+
+#define ATT_F32_WARPS 8
+
+template <int HS>
+__global__ void attention_forward_f32_kernel(float* out, float* lse, const float* qkv, float p, uint64_t seed,
+                                             int B, int T, int NH) {
+    int row = blockIdx.x * ATT_F32_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= B * NH * T) return;
+    int bh = row / T, i = row % T, b = bh / NH, h = bh % NH, C = NH * HS;
+    size_t tstride = (size_t)B * 3 * C;
+    const float* head = qkv + (size_t)b * 3 * C + h * 3 * HS;
+    float scale = 1.0f / sqrtf((float)HS), q[HS / 32], o[HS / 32] = {};
+    for (int k = 0; k < HS / 32; k++) q[k] = head[i * tstride + lane + 32 * k];
+    float m = -INFINITY, l = 0;
+    uint64_t drop_row = ((uint64_t)bh * T + i) * T;
+    for (int j = 0; j <= i; j++) {
+        const float* kj = head + j * tstride + HS;
+        float s = 0;
+        for (int k = 0; k < HS / 32; k++) s += q[k] * kj[lane + 32 * k];
+        s = att_warp_sum(s) * scale;
+        float m_new = fmaxf(m, s), alpha = expf(m - m_new), e = expf(s - m_new);
+        l = l * alpha + e;
+        float w = p > 0 && !dropout_keep(seed, drop_row + j, p) ? 0.0f : e;
+        for (int k = 0; k < HS / 32; k++) o[k] = o[k] * alpha + w * kj[HS + lane + 32 * k];
+        m = m_new;
+    }
+    float* orow = out + ATT_ROW(i, b, B) * C + h * HS;
+    for (int k = 0; k < HS / 32; k++) orow[lane + 32 * k] = o[k] / ((1.0f - p) * l);
+    if (lane == 0) lse[row] = m + logf(l);
+}
+
+// dq of one query row, and its delta.
+template <int HS>
+__global__ void attention_backward_dq_f32_kernel(float* dqkv, float* delta, const float* dout, const float* qkv,
+                                                 const float* out, const float* lse, float p, uint64_t seed,
+                                                 int B, int T, int NH) {
+    int row = blockIdx.x * ATT_F32_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= B * NH * T) return;
+    int bh = row / T, i = row % T, b = bh / NH, h = bh % NH, C = NH * HS;
+    size_t tstride = (size_t)B * 3 * C;
+    const float* head = qkv + (size_t)b * 3 * C + h * 3 * HS;
+    const float* g = dout + ATT_ROW(i, b, B) * C + h * HS;
+    const float* orow = out + ATT_ROW(i, b, B) * C + h * HS;
+    float scale = 1.0f / sqrtf((float)HS), keep_scale = 1.0f / (1.0f - p);
+    float q[HS / 32], gq[HS / 32], dq[HS / 32] = {}, di = 0;
+    for (int k = 0; k < HS / 32; k++) {
+        q[k] = head[i * tstride + lane + 32 * k];
+        gq[k] = g[lane + 32 * k];
+        di += gq[k] * orow[lane + 32 * k];
+    }
+    di = att_warp_sum(di);
+    if (lane == 0) delta[row] = di;
+    float lse_i = lse[row];
+    uint64_t drop_row = (uint64_t)row * T;
+    for (int j = 0; j <= i; j++) {
+        const float* kj = head + j * tstride + HS;
+        float s = 0, gv = 0;
+        for (int k = 0; k < HS / 32; k++) {
+            s += q[k] * kj[lane + 32 * k];
+            gv += gq[k] * kj[HS + lane + 32 * k];
+        }
+        s = att_warp_sum(s);
+        gv = att_warp_sum(gv);
+        float prob = expf(s * scale - lse_i);
+        float mk = p > 0 ? (dropout_keep(seed, drop_row + j, p) ? keep_scale : 0.0f) : 1.0f;
+        float ds = prob * (mk * gv - di) * scale;
+        for (int k = 0; k < HS / 32; k++) dq[k] += ds * kj[lane + 32 * k];
+    }
+    float* dqrow = dqkv + ATT_ROW(i, b, B) * 3 * C + h * 3 * HS;
+    for (int k = 0; k < HS / 32; k++) dqrow[lane + 32 * k] = dq[k];
+}
+
+// dk and dv of one key row (after the dq kernel wrote delta).
+template <int HS>
+__global__ void attention_backward_dkdv_f32_kernel(float* dqkv, const float* delta, const float* dout, const float* qkv,
+                                                   const float* lse, float p, uint64_t seed, int B, int T, int NH) {
+    int row = blockIdx.x * ATT_F32_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= B * NH * T) return;
+    int bh = row / T, j = row % T, b = bh / NH, h = bh % NH, C = NH * HS;
+    size_t tstride = (size_t)B * 3 * C;
+    const float* head = qkv + (size_t)b * 3 * C + h * 3 * HS;
+    float scale = 1.0f / sqrtf((float)HS), keep_scale = 1.0f / (1.0f - p);
+    float kj[HS / 32], vj[HS / 32], dk[HS / 32] = {}, dv[HS / 32] = {};
+    for (int k = 0; k < HS / 32; k++) {
+        kj[k] = head[j * tstride + HS + lane + 32 * k];
+        vj[k] = head[j * tstride + 2 * HS + lane + 32 * k];
+    }
+    for (int i = j; i < T; i++) {
+        const float* qi = head + i * tstride;
+        const float* g = dout + ATT_ROW(i, b, B) * C + h * HS;
+        float s = 0, gv = 0;
+        for (int k = 0; k < HS / 32; k++) {
+            s += qi[lane + 32 * k] * kj[k];
+            gv += g[lane + 32 * k] * vj[k];
+        }
+        s = att_warp_sum(s);
+        gv = att_warp_sum(gv);
+        size_t bhi = (size_t)bh * T + i;
+        float prob = expf(s * scale - lse[bhi]);
+        float mk = p > 0 ? (dropout_keep(seed, (uint64_t)bhi * T + j, p) ? keep_scale : 0.0f) : 1.0f;
+        float ds = prob * (mk * gv - delta[bhi]) * scale;
+        for (int k = 0; k < HS / 32; k++) {
+            dv[k] += prob * mk * g[lane + 32 * k];
+            dk[k] += ds * qi[lane + 32 * k];
+        }
+    }
+    float* dkrow = dqkv + ATT_ROW(j, b, B) * 3 * C + h * 3 * HS + HS;
+    for (int k = 0; k < HS / 32; k++) {
+        dkrow[lane + 32 * k] = dk[k];
+        dkrow[HS + lane + 32 * k] = dv[k];
+    }
+}
+
+// Run a statement with the compile-time head size HSC bound to HS.
+#define ATT_HS_SWITCH(HS, HSC, ...)                                    \
+    switch (HS) {                                                     \
+        case 32: { constexpr int HSC = 32; __VA_ARGS__; } break;       \
+        case 64: { constexpr int HSC = 64; __VA_ARGS__; } break;       \
+        case 96: { constexpr int HSC = 96; __VA_ARGS__; } break;       \
+        case 128: { constexpr int HSC = 128; __VA_ARGS__; } break;     \
+        default: die("attention: head size %d is not supported on the GPU (32, 64, 96 or 128)", HS); \
+    }
+
+template <typename K>
+static void att_set_smem(K kernel, size_t bytes) {
+    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+}
+
+template <typename F, int HS>
+static void attention_forward_launch(const Device* d, F* out, float* lse, const F* qkv, float p, uint64_t seed,
+                                     int B, int T, int NH) {
+    if constexpr (std::is_same<F, float>::value) {
+        attention_forward_f32_kernel<HS><<<CEIL_DIV(B * NH * T, ATT_F32_WARPS), ATT_F32_WARPS * 32, 0, d->stream>>>(
+            out, lse, qkv, p, seed, B, T, NH);
+    } else {
+        size_t smem = (size_t)(ATT_BM + 4 * ATT_BN) * (HS + ATT_PAD) * sizeof(F);
+        att_set_smem(attention_forward_kernel<F, HS>, smem);
+        dim3 grid(CEIL_DIV(T, ATT_BM), B * NH);
+        attention_forward_kernel<F, HS><<<grid, ATT_THREADS, smem, d->stream>>>(out, lse, qkv, p, seed, B, T, NH);
+    }
+    cudaCheck(cudaGetLastError());
+}
+
+template <typename F, int HS>
+static void attention_backward_launch(const Device* d, F* dqkv, float* delta, const F* dout, const F* qkv, const F* out,
+                                      const float* lse, float p, uint64_t seed, int B, int T, int NH) {
+    if constexpr (std::is_same<F, float>::value) {
+        int blocks = CEIL_DIV(B * NH * T, ATT_F32_WARPS);
+        attention_backward_dq_f32_kernel<HS><<<blocks, ATT_F32_WARPS * 32, 0, d->stream>>>(
+            dqkv, delta, dout, qkv, out, lse, p, seed, B, T, NH);
+        cudaCheck(cudaGetLastError());
+        attention_backward_dkdv_f32_kernel<HS><<<blocks, ATT_F32_WARPS * 32, 0, d->stream>>>(
+            dqkv, delta, dout, qkv, lse, p, seed, B, T, NH);
+    } else {
+        constexpr int LD = HS + ATT_PAD, BMB = att_bwd_bm(HS);
+        size_t smem_dq = (size_t)(2 * ATT_BM + 4 * ATT_BN) * LD * sizeof(F);
+        att_set_smem(attention_backward_dq_kernel<F, HS>, smem_dq);
+        dim3 grid_dq(CEIL_DIV(T, ATT_BM), B * NH);
+        attention_backward_dq_kernel<F, HS><<<grid_dq, ATT_THREADS, smem_dq, d->stream>>>(
+            dqkv, delta, dout, qkv, out, lse, p, seed, B, T, NH);
+        cudaCheck(cudaGetLastError());
+        size_t smem_kv = (size_t)(2 * ATT_BN + 4 * BMB) * LD * sizeof(F) + 4 * BMB * sizeof(float);
+        att_set_smem(attention_backward_dkdv_kernel<F, HS>, smem_kv);
+        dim3 grid_kv(CEIL_DIV(T, ATT_BN), B * NH);
+        attention_backward_dkdv_kernel<F, HS><<<grid_kv, ATT_THREADS, smem_kv, d->stream>>>(
+            dqkv, delta, dout, qkv, lse, p, seed, B, T, NH);
+    }
+    cudaCheck(cudaGetLastError());
+}
+
+static void att_check_aligned(const void* ptr, const char* name) {
+    if ((uintptr_t)ptr % 16) die("attention: %s is not 16-byte aligned", name);
+}
+
+static void attention_forward_cuda(const Device* d, void* out, float* lse, const void* qkv, float p, uint64_t seed,
+                                   int B, int T, int NH, int HS) {
+    att_check_aligned(out, "out");
+    att_check_aligned(qkv, "qkv");
+    ATT_HS_SWITCH(HS, HSC, DTYPE_SWITCH(d->dtype, F,
+        attention_forward_launch<F, HSC>(d, (F*)out, lse, (const F*)qkv, p, seed, B, T, NH)));
+}
+
+static void attention_backward_cuda(const Device* d, void* dqkv, float* delta, const void* dout, const void* qkv,
+                                    const void* out, const float* lse, float p, uint64_t seed,
+                                    int B, int T, int NH, int HS) {
+    att_check_aligned(dqkv, "dqkv");
+    att_check_aligned(dout, "dout");
+    att_check_aligned(qkv, "qkv");
+    att_check_aligned(out, "out");
+    ATT_HS_SWITCH(HS, HSC, DTYPE_SWITCH(d->dtype, F,
+        attention_backward_launch<F, HSC>(d, (F*)dqkv, delta, (const F*)dout, (const F*)qkv, (const F*)out, lse,
+                                         p, seed, B, T, NH)));
+}
+#endif
+
+// out [N, C] and lse [B, NH, T] from qkv [N, 3C].
+static void attention_forward(const Device* d, void* out, float* lse, const void* qkv, float p, uint64_t seed,
+                              int B, int T, int NH, int HS) {
+    attention_check(p, B, T, NH, HS);
+#ifdef __CUDACC__
+    if (d->is_gpu) { attention_forward_cuda(d, out, lse, qkv, p, seed, B, T, NH, HS); return; }
+#endif
+    (void)d;
+    attention_forward_cpu<float>((float*)out, lse, (const float*)qkv, p, seed, B, T, NH, HS);
+}
+
+// dqkv (=, written fully) from dout and the forward's out and lse; delta is fp32 [B, NH, T]
+// scratch (written).
+static void attention_backward(const Device* d, void* dqkv, float* delta, const void* dout, const void* qkv,
+                               const void* out, const float* lse, float p, uint64_t seed, int B, int T, int NH, int HS) {
+    attention_check(p, B, T, NH, HS);
+#ifdef __CUDACC__
+    if (d->is_gpu) { attention_backward_cuda(d, dqkv, delta, dout, qkv, out, lse, p, seed, B, T, NH, HS); return; }
+#endif
+    (void)d;
+    attention_backward_cpu<float>((float*)dqkv, delta, (const float*)dout, (const float*)qkv, (const float*)out, lse,
+                                  p, seed, B, T, NH, HS);
+}
 // <<< layers-attention
 
 // >>> layers-gelu
@@ -397,9 +2064,769 @@ static void dev_sync(const Device* d) {
 // <<< optimizer
 
 // >>> checkpoint
+// ----------------------------------------------------------------------------
+// 5. checkpoint: safetensors checkpoints (Hugging Face's format); written under temporary names and renamed
+//
+// A safetensors file is an 8-byte little-endian header length, a JSON header
+//   {"__metadata__": {"key": "value", ...},
+//    "name": {"dtype": "F32", "shape": [3, 4], "data_offsets": [begin, end]}, ...}
+// and then the tensors' bytes; offsets count from the end of the header. Reading maps
+// the file and checks every offset once, so a bad file fails at open with one line.
+
+#define ST_MAX_DIMS 8
+
+typedef struct {
+    char name[256];
+    char dtype[8];  // "F32", "BF16", "F16", "I32", "I64", ...
+    int ndim;
+    int64_t shape[ST_MAX_DIMS];
+    size_t begin, end;  // byte range within the data region
+} STTensor;
+
+typedef struct {
+    char path[1024];
+    int n;
+    STTensor* tensors;
+    const uint8_t* data;  // start of the data region (inside the mapping)
+    size_t data_size;
+    void* map;
+    size_t map_size;
+    int n_meta;
+    char** meta_keys;
+    char** meta_values;
+} SafeTensors;
+
+// Bytes per element of a safetensors dtype; 0 for a name we don't know.
+static size_t st_dtype_size(const char* dtype) {
+    static const char* names[] = {"BOOL", "U8", "I8", "F8_E4M3", "F8_E5M2", "I16", "U16", "F16",
+                                  "BF16", "I32",  "U32", "F32", "I64", "U64", "F64"};
+    static const size_t sizes[] = {1, 1, 1, 1, 1, 2, 2, 2, 2, 4, 4, 4, 8, 8, 8};
+    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++)
+        if (strcmp(dtype, names[i]) == 0) return sizes[i];
+    return 0;
+}
+
+// The safetensors name of a run's storage type, to save parameters as they are.
+static const char* st_dtype_of(DType dt) { return dt == DT_F32 ? "F32" : dt == DT_BF16 ? "BF16" : "F16"; }
+
+static size_t st_numel(const STTensor* t) {
+    size_t n = 1;
+    for (int i = 0; i < t->ndim; i++) n *= (size_t)t->shape[i];
+    return n;
+}
+
+// "[3, 4]" for messages.
+static const char* st_shape_str(const STTensor* t, char* buf, size_t cap) {
+    size_t len = snprintf(buf, cap, "[");
+    for (int i = 0; i < t->ndim && len < cap; i++)
+        len += snprintf(buf + len, cap - len, "%s%lld", i ? ", " : "", (long long)t->shape[i]);
+    if (len < cap) snprintf(buf + len, cap - len, "]");
+    return buf;
+}
+
+// --- the header's JSON: a small parser for exactly this shape of document
+
+typedef struct {
+    const char* s;
+    size_t n, i;
+    const char* path;
+} StJson;
+
+static void st_json_fail(const StJson* j, const char* what) {
+    die("%s: malformed safetensors header JSON at byte %zu: %s", j->path, j->i, what);
+}
+
+static void st_json_ws(StJson* j) {
+    while (j->i < j->n && (j->s[j->i] == ' ' || j->s[j->i] == '\t' || j->s[j->i] == '\n' || j->s[j->i] == '\r')) j->i++;
+}
+
+static int st_json_peek(StJson* j) {
+    st_json_ws(j);
+    return j->i < j->n ? (unsigned char)j->s[j->i] : -1;
+}
+
+static void st_json_expect(StJson* j, char c) {
+    if (st_json_peek(j) != c) {
+        char what[32];
+        snprintf(what, sizeof(what), "expected '%c'", c);
+        st_json_fail(j, what);
+    }
+    j->i++;
+}
+
+static unsigned st_json_hex4(StJson* j) {
+    unsigned v = 0;
+    for (int k = 0; k < 4; k++, j->i++) {
+        char c = j->i < j->n ? j->s[j->i] : 0;
+        int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+        if (d < 0) st_json_fail(j, "bad \\u escape");
+        v = v * 16 + d;
+    }
+    return v;
+}
+
+// A JSON string, unescaped into a new NUL-terminated buffer (UTF-8).
+static char* st_json_string(StJson* j) {
+    st_json_expect(j, '"');
+    size_t end = j->i;
+    while (end < j->n && j->s[end] != '"') end += j->s[end] == '\\' ? 2 : 1;
+    char* out = (char*)xmalloc(end - j->i + 1);  // unescaping never grows a string
+    size_t len = 0;
+    for (;;) {
+        if (j->i >= j->n) st_json_fail(j, "unterminated string");
+        unsigned char c = j->s[j->i++];
+        if (c == '"') break;
+        if (c < 0x20) st_json_fail(j, "control character in string");
+        if (c != '\\') { out[len++] = c; continue; }
+        if (j->i >= j->n) st_json_fail(j, "unterminated string");
+        char e = j->s[j->i++];
+        const char* simple = strchr("\"\\/bfnrt", e);
+        if (e && simple) { out[len++] = "\"\\/\b\f\n\r\t"[simple - "\"\\/bfnrt"]; continue; }
+        if (e != 'u') st_json_fail(j, "bad escape in string");
+        unsigned cp = st_json_hex4(j);
+        if (cp >= 0xD800 && cp < 0xDC00) {  // a surrogate pair spells one code point
+            if (j->i + 2 > j->n || j->s[j->i] != '\\' || j->s[j->i + 1] != 'u') st_json_fail(j, "lone surrogate in string");
+            j->i += 2;
+            unsigned lo = st_json_hex4(j);
+            if (lo < 0xDC00 || lo >= 0xE000) st_json_fail(j, "bad surrogate pair in string");
+            cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+        }
+        if (cp < 0x80) out[len++] = cp;
+        else if (cp < 0x800) { out[len++] = 0xC0 | (cp >> 6); out[len++] = 0x80 | (cp & 0x3F); }
+        else if (cp < 0x10000) { out[len++] = 0xE0 | (cp >> 12); out[len++] = 0x80 | ((cp >> 6) & 0x3F); out[len++] = 0x80 | (cp & 0x3F); }
+        else { out[len++] = 0xF0 | (cp >> 18); out[len++] = 0x80 | ((cp >> 12) & 0x3F); out[len++] = 0x80 | ((cp >> 6) & 0x3F); out[len++] = 0x80 | (cp & 0x3F); }
+    }
+    out[len] = 0;
+    return out;
+}
+
+// A string that must fit in cap bytes: tensor names, field names, dtypes.
+static void st_json_short_string(StJson* j, char* buf, size_t cap, const char* what) {
+    char* s = st_json_string(j);
+    size_t len = strlen(s);
+    snprintf(buf, cap, "%s", s);
+    free(s);
+    if (len >= cap) die("%s: %s longer than %zu bytes in the header: '%.64s...'", j->path, what, cap - 1, buf);
+}
+
+static uint64_t st_json_uint(StJson* j) {
+    int c = st_json_peek(j);
+    if (c < '0' || c > '9') st_json_fail(j, "expected a non-negative integer");
+    uint64_t v = 0;
+    while (j->i < j->n && j->s[j->i] >= '0' && j->s[j->i] <= '9') {
+        unsigned d = j->s[j->i++] - '0';
+        if (v > (UINT64_MAX - d) / 10) st_json_fail(j, "integer too large");
+        v = v * 10 + d;
+    }
+    if (j->i < j->n && (j->s[j->i] == '.' || j->s[j->i] == 'e' || j->s[j->i] == 'E')) st_json_fail(j, "expected an integer");
+    return v;
+}
+
+// Reads "[a, b, ...]" into out (at most cap values); returns the count.
+static int st_json_uint_array(StJson* j, uint64_t* out, int cap, const char* what) {
+    st_json_expect(j, '[');
+    int count = 0;
+    if (st_json_peek(j) == ']') { j->i++; return 0; }
+    for (;;) {
+        uint64_t v = st_json_uint(j);
+        if (count == cap) {
+            char msg[96];
+            snprintf(msg, sizeof(msg), "%s has more than %d entries", what, cap);
+            st_json_fail(j, msg);
+        }
+        out[count++] = v;
+        if (st_json_peek(j) == ']') { j->i++; return count; }
+        st_json_expect(j, ',');
+    }
+}
+
+// One tensor entry: {"dtype": ..., "shape": [...], "data_offsets": [b, e]} in any order.
+static void st_json_tensor(StJson* j, STTensor* t) {
+    int have_dtype = 0, have_shape = 0, have_offsets = 0;
+    st_json_expect(j, '{');
+    if (st_json_peek(j) != '}') for (;;) {
+        char key[32];
+        st_json_short_string(j, key, sizeof(key), "field name");
+        st_json_expect(j, ':');
+        if (strcmp(key, "dtype") == 0) {
+            char dtype[32];
+            st_json_short_string(j, dtype, sizeof(dtype), "dtype");
+            if (!st_dtype_size(dtype)) die("%s: tensor '%s' has unknown dtype '%s'", j->path, t->name, dtype);
+            snprintf(t->dtype, sizeof(t->dtype), "%s", dtype);
+            have_dtype = 1;
+        } else if (strcmp(key, "shape") == 0) {
+            uint64_t dims[ST_MAX_DIMS];
+            t->ndim = st_json_uint_array(j, dims, ST_MAX_DIMS, "shape");
+            for (int d = 0; d < t->ndim; d++) {
+                if (dims[d] > ((uint64_t)1 << 48)) st_json_fail(j, "shape dimension too large");
+                t->shape[d] = (int64_t)dims[d];
+            }
+            have_shape = 1;
+        } else if (strcmp(key, "data_offsets") == 0) {
+            uint64_t offsets[2];
+            if (st_json_uint_array(j, offsets, 2, "data_offsets") != 2) st_json_fail(j, "data_offsets needs two entries");
+            t->begin = offsets[0];
+            t->end = offsets[1];
+            have_offsets = 1;
+        } else {
+            die("%s: tensor '%s' has unknown header field '%s'", j->path, t->name, key);
+        }
+        if (st_json_peek(j) == '}') break;
+        st_json_expect(j, ',');
+    }
+    j->i++;
+    if (!have_dtype || !have_shape || !have_offsets)
+        die("%s: tensor '%s' lacks %s in the header", j->path, t->name,
+            !have_dtype ? "\"dtype\"" : !have_shape ? "\"shape\"" : "\"data_offsets\"");
+}
+
+static void st_json_metadata(StJson* j, SafeTensors* st) {
+    if (st_json_peek(j) == 'n' && j->n - j->i >= 4 && memcmp(j->s + j->i, "null", 4) == 0) { j->i += 4; return; }
+    st_json_expect(j, '{');
+    if (st_json_peek(j) == '}') { j->i++; return; }
+    for (;;) {
+        char* key = st_json_string(j);
+        st_json_expect(j, ':');
+        if (st_json_peek(j) != '"') die("%s: metadata value of '%.64s' is not a string", j->path, key);
+        st->meta_keys = (char**)realloc(st->meta_keys, (st->n_meta + 1) * sizeof(char*));
+        st->meta_values = (char**)realloc(st->meta_values, (st->n_meta + 1) * sizeof(char*));
+        if (!st->meta_keys || !st->meta_values) die("out of host memory reading %s", j->path);
+        st->meta_keys[st->n_meta] = key;
+        st->meta_values[st->n_meta] = st_json_string(j);
+        st->n_meta++;
+        if (st_json_peek(j) == '}') { j->i++; return; }
+        st_json_expect(j, ',');
+    }
+}
+
+static void st_parse_header(SafeTensors* st, const char* header, size_t n) {
+    StJson j = {header, n, 0, st->path};
+    int cap = 0;
+    st_json_expect(&j, '{');
+    if (st_json_peek(&j) != '}') for (;;) {
+        char key[256];
+        st_json_short_string(&j, key, sizeof(key), "tensor name");
+        st_json_expect(&j, ':');
+        if (strcmp(key, "__metadata__") == 0) {
+            st_json_metadata(&j, st);
+        } else {
+            if (st->n == cap) {
+                cap = cap ? 2 * cap : 64;
+                st->tensors = (STTensor*)realloc(st->tensors, cap * sizeof(STTensor));
+                if (!st->tensors) die("out of host memory reading %s", st->path);
+            }
+            STTensor* t = &st->tensors[st->n++];
+            memset(t, 0, sizeof(*t));
+            snprintf(t->name, sizeof(t->name), "%s", key);
+            st_json_tensor(&j, t);
+        }
+        if (st_json_peek(&j) == '}') break;
+        st_json_expect(&j, ',');
+    }
+    j.i++;
+    if (st_json_peek(&j) != -1) st_json_fail(&j, "text after the closing '}'");
+}
+
+// --- reading
+
+static int st_by_begin(const void* a, const void* b) {
+    const STTensor *x = *(const STTensor* const*)a, *y = *(const STTensor* const*)b;
+    return x->begin < y->begin ? -1 : x->begin > y->begin ? 1 : (x->end > y->end) - (x->end < y->end);
+}
+
+// Every tensor's bytes lie inside the data region, match dtype x shape, and don't overlap.
+static void st_check_offsets(const SafeTensors* st) {
+    for (int i = 0; i < st->n; i++) {
+        const STTensor* t = &st->tensors[i];
+        char shape[128];
+        size_t numel = 1;
+        for (int d = 0; d < t->ndim; d++) {
+            if (t->shape[d] && numel > SIZE_MAX / 16 / (size_t)t->shape[d]) die("%s: tensor '%s' shape %s is too large", st->path, t->name, st_shape_str(t, shape, sizeof(shape)));
+            numel *= (size_t)t->shape[d];
+        }
+        if (t->begin > t->end || t->end > st->data_size)
+            die("%s: tensor '%s' data_offsets [%zu, %zu] out of range (data region is %zu bytes; file truncated?)",
+                st->path, t->name, t->begin, t->end, st->data_size);
+        if (t->end - t->begin != numel * st_dtype_size(t->dtype))
+            die("%s: tensor '%s' data_offsets [%zu, %zu] span %zu bytes but %s %s needs %zu",
+                st->path, t->name, t->begin, t->end, t->end - t->begin, t->dtype, st_shape_str(t, shape, sizeof(shape)),
+                numel * st_dtype_size(t->dtype));
+        for (int k = 0; k < i; k++)
+            if (strcmp(st->tensors[k].name, t->name) == 0) die("%s: tensor '%s' appears twice in the header", st->path, t->name);
+    }
+    const STTensor** order = (const STTensor**)xmalloc(st->n * sizeof(STTensor*));
+    for (int i = 0; i < st->n; i++) order[i] = &st->tensors[i];
+    qsort(order, st->n, sizeof(STTensor*), st_by_begin);
+    for (int i = 1; i < st->n; i++)
+        if (order[i]->begin < order[i - 1]->end)
+            die("%s: tensors '%s' and '%s' overlap in the data region", st->path, order[i - 1]->name, order[i]->name);
+    free(order);
+}
+
+static void safetensors_open(SafeTensors* st, const char* path) {
+    memset(st, 0, sizeof(*st));
+    if (strlen(path) >= sizeof(st->path)) die("safetensors path too long: %.64s...", path);
+    snprintf(st->path, sizeof(st->path), "%s", path);
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) die("cannot open safetensors file %s: %s", path, strerror(errno));
+    struct stat sb;
+    if (fstat(fd, &sb) != 0) die("cannot stat %s: %s", path, strerror(errno));
+    if (S_ISDIR(sb.st_mode)) die("%s is a directory, not a safetensors file", path);
+    if (sb.st_size < 8) die("%s: not a safetensors file (%lld bytes, shorter than the 8-byte header length)", path, (long long)sb.st_size);
+    st->map_size = (size_t)sb.st_size;
+    st->map = mmap(NULL, st->map_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (st->map == MAP_FAILED) die("cannot mmap %s: %s", path, strerror(errno));
+    const uint8_t* bytes = (const uint8_t*)st->map;
+    uint64_t header_len = 0;
+    for (int i = 7; i >= 0; i--) header_len = (header_len << 8) | bytes[i];
+    if (header_len > st->map_size - 8)
+        die("%s: header length %llu runs past the end of the file (%zu bytes)", path, (unsigned long long)header_len, st->map_size);
+    st_parse_header(st, (const char*)bytes + 8, header_len);
+    st->data = bytes + 8 + header_len;
+    st->data_size = st->map_size - 8 - header_len;
+    st_check_offsets(st);
+}
+
+static const STTensor* safetensors_find(const SafeTensors* st, const char* name) {
+    for (int i = 0; i < st->n; i++)
+        if (strcmp(st->tensors[i].name, name) == 0) return &st->tensors[i];
+    return NULL;
+}
+
+static const char* safetensors_meta(const SafeTensors* st, const char* key) {
+    for (int i = 0; i < st->n_meta; i++)
+        if (strcmp(st->meta_keys[i], key) == 0) return st->meta_values[i];
+    return NULL;
+}
+
+static const STTensor* st_need(const SafeTensors* st, const char* name) {
+    const STTensor* t = safetensors_find(st, name);
+    if (!t) die("tensor '%s' not found in %s", name, st->path);
+    return t;
+}
+
+// Copy a float tensor (F32, BF16 or F16) of exactly n elements into dst as fp32.
+static void safetensors_read_floats(const SafeTensors* st, const char* name, float* dst, size_t n) {
+    const STTensor* t = st_need(st, name);
+    char shape[128];
+    if (st_numel(t) != n)
+        die("tensor '%s' in %s has shape %s (%zu elements), expected %zu elements", name, st->path,
+            st_shape_str(t, shape, sizeof(shape)), st_numel(t), n);
+    const uint8_t* src = st->data + t->begin;
+    if (strcmp(t->dtype, "F32") == 0) { memcpy(dst, src, n * 4); return; }
+    int is_bf16 = strcmp(t->dtype, "BF16") == 0;
+    if (!is_bf16 && strcmp(t->dtype, "F16") != 0) die("tensor '%s' in %s has dtype %s, expected F32, BF16 or F16", name, st->path, t->dtype);
+    for (size_t i = 0; i < n; i++) {
+        uint16_t h;
+        memcpy(&h, src + 2 * i, 2);  // the data region need not be aligned
+        dst[i] = is_bf16 ? bf16_to_float(h) : f16_to_float(h);
+    }
+}
+
+// Copy a tensor's exact bytes, whatever its dtype.
+static void safetensors_read_raw(const SafeTensors* st, const char* name, void* dst, size_t nbytes) {
+    const STTensor* t = st_need(st, name);
+    char shape[128];
+    if (t->end - t->begin != nbytes)
+        die("tensor '%s' in %s is %s %s (%zu bytes), expected %zu bytes", name, st->path, t->dtype,
+            st_shape_str(t, shape, sizeof(shape)), t->end - t->begin, nbytes);
+    if (nbytes) memcpy(dst, st->data + t->begin, nbytes);
+}
+
+static void safetensors_close(SafeTensors* st) {
+    for (int i = 0; i < st->n_meta; i++) { free(st->meta_keys[i]); free(st->meta_values[i]); }
+    free(st->meta_keys);
+    free(st->meta_values);
+    free(st->tensors);
+    if (st->map) munmap(st->map, st->map_size);
+    memset(st, 0, sizeof(*st));
+}
+
+// --- writing: every file goes to path.tmp-<pid>, is fsynced, then renamed over path, so a
+// crash or a full disk leaves either the old file or the new one, never half of one.
+
+typedef struct {
+    int fd;
+    char path[1024];
+    char tmp[1100];
+} AtomicFile;
+
+static void atomic_file_fail(AtomicFile* f, const char* what) {
+    int err = errno;
+    if (f->fd >= 0) close(f->fd);
+    unlink(f->tmp);
+    die("cannot %s %s: %s", what, f->path, strerror(err));
+}
+
+static void atomic_file_open(AtomicFile* f, const char* path) {
+    if (strlen(path) >= sizeof(f->path)) die("path too long: %.64s...", path);
+    snprintf(f->path, sizeof(f->path), "%s", path);
+    snprintf(f->tmp, sizeof(f->tmp), "%s.tmp-%d", path, (int)getpid());
+    f->fd = open(f->tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (f->fd < 0) die("cannot write %s: %s (creating %s)", path, strerror(errno), f->tmp);
+}
+
+static void atomic_file_write(AtomicFile* f, const void* data, size_t n) {
+    const char* p = (const char*)data;
+    while (n > 0) {
+        ssize_t w = write(f->fd, p, n);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) {
+            if (w == 0) errno = EIO;
+            atomic_file_fail(f, "write");
+        }
+        p += w;
+        n -= (size_t)w;
+    }
+}
+
+static void atomic_file_commit(AtomicFile* f) {
+    if (fsync(f->fd) != 0) atomic_file_fail(f, "fsync");
+    int rc = close(f->fd);
+    f->fd = -1;
+    if (rc != 0) atomic_file_fail(f, "close");
+    if (rename(f->tmp, f->path) != 0) atomic_file_fail(f, "rename into place");
+    // make the rename itself durable: fsync the directory (best effort; some filesystems refuse)
+    char dir[1024];
+    snprintf(dir, sizeof(dir), "%s", f->path);
+    char* slash = strrchr(dir, '/');
+    if (slash) *(slash == dir ? slash + 1 : slash) = 0;
+    else snprintf(dir, sizeof(dir), ".");
+    int dfd = open(dir, O_RDONLY);
+    if (dfd >= 0) { fsync(dfd); close(dfd); }
+}
+
+static void write_file_atomic(const char* path, const void* data, size_t n) {
+    AtomicFile f;
+    atomic_file_open(&f, path);
+    atomic_file_write(&f, data, n);
+    atomic_file_commit(&f);
+}
+
+// mkdir -p: creates path and its missing parents.
+static void make_dirs(const char* path) {
+    char buf[1024];
+    if (!*path) die("make_dirs: empty directory path");
+    if (strlen(path) >= sizeof(buf)) die("directory path too long: %.64s...", path);
+    snprintf(buf, sizeof(buf), "%s", path);
+    for (char* p = buf + 1;; p++) {
+        if (*p != '/' && *p != 0) continue;
+        char saved = *p;
+        *p = 0;
+        struct stat sb;
+        if (mkdir(buf, 0755) != 0 && errno != EEXIST) die("cannot create directory %s: %s", buf, strerror(errno));
+        if (stat(buf, &sb) != 0 || !S_ISDIR(sb.st_mode)) die("cannot create directory %s: a file of that name exists", buf);
+        *p = saved;
+        if (!saved) break;
+    }
+}
+
+// Collects tensors and metadata, then writes the file in one go at finish. Tensor data
+// is COPIED by st_writer_add, so the caller may reuse its buffer at once.
+typedef struct {
+    char path[1024];
+    int n, cap;
+    STTensor* tensors;  // begin/end are the offsets the file will have
+    uint8_t** data;
+    size_t data_size;
+    int n_meta;
+    char** meta_keys;
+    char** meta_values;
+} SafeTensorsWriter;
+
+static void st_writer_begin(SafeTensorsWriter* w, const char* path) {
+    memset(w, 0, sizeof(*w));
+    if (strlen(path) >= sizeof(w->path)) die("safetensors path too long: %.64s...", path);
+    snprintf(w->path, sizeof(w->path), "%s", path);
+}
+
+static void st_writer_add(SafeTensorsWriter* w, const char* name, const char* dtype, int ndim, const int64_t* shape, const void* data) {
+    if (strlen(name) >= sizeof(w->tensors[0].name)) die("%s: tensor name longer than 255 bytes: %.64s...", w->path, name);
+    if (!st_dtype_size(dtype)) die("%s: tensor '%s' has unknown dtype '%s'", w->path, name, dtype);
+    if (ndim < 0 || ndim > ST_MAX_DIMS) die("%s: tensor '%s' has %d dimensions (at most %d)", w->path, name, ndim, ST_MAX_DIMS);
+    for (int i = 0; i < w->n; i++)
+        if (strcmp(w->tensors[i].name, name) == 0) die("%s: tensor '%s' added twice", w->path, name);
+    if (w->n == w->cap) {
+        w->cap = w->cap ? 2 * w->cap : 64;
+        w->tensors = (STTensor*)realloc(w->tensors, w->cap * sizeof(STTensor));
+        w->data = (uint8_t**)realloc(w->data, w->cap * sizeof(uint8_t*));
+        if (!w->tensors || !w->data) die("out of host memory writing %s", w->path);
+    }
+    STTensor* t = &w->tensors[w->n];
+    memset(t, 0, sizeof(*t));
+    snprintf(t->name, sizeof(t->name), "%s", name);
+    snprintf(t->dtype, sizeof(t->dtype), "%s", dtype);
+    t->ndim = ndim;
+    for (int d = 0; d < ndim; d++) {
+        if (shape[d] < 0) die("%s: tensor '%s' has negative dimension %lld", w->path, name, (long long)shape[d]);
+        t->shape[d] = shape[d];
+    }
+    size_t nbytes = st_numel(t) * st_dtype_size(dtype);
+    t->begin = w->data_size;
+    t->end = w->data_size + nbytes;
+    w->data_size = t->end;
+    w->data[w->n] = (uint8_t*)xmalloc(nbytes);
+    if (nbytes) memcpy(w->data[w->n], data, nbytes);
+    w->n++;
+}
+
+static void st_writer_meta(SafeTensorsWriter* w, const char* key, const char* value) {
+    w->meta_keys = (char**)realloc(w->meta_keys, (w->n_meta + 1) * sizeof(char*));
+    w->meta_values = (char**)realloc(w->meta_values, (w->n_meta + 1) * sizeof(char*));
+    if (!w->meta_keys || !w->meta_values) die("out of host memory writing %s", w->path);
+    w->meta_keys[w->n_meta] = strdup(key);
+    w->meta_values[w->n_meta] = strdup(value);
+    if (!w->meta_keys[w->n_meta] || !w->meta_values[w->n_meta]) die("out of host memory writing %s", w->path);
+    w->n_meta++;
+}
+
+// A growing text buffer for the header.
+typedef struct {
+    char* s;
+    size_t len, cap;
+} StText;
+
+static void st_text_put(StText* b, const char* s, size_t n) {
+    if (b->len + n + 1 > b->cap) {
+        b->cap = 2 * (b->len + n + 1);
+        b->s = (char*)realloc(b->s, b->cap);
+        if (!b->s) die("out of host memory building a safetensors header");
+    }
+    memcpy(b->s + b->len, s, n);
+    b->len += n;
+    b->s[b->len] = 0;
+}
+
+static void st_text_printf(StText* b, const char* fmt, ...) {
+    char buf[256];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, sizeof(buf), fmt, ap);
+    va_end(ap);
+    st_text_put(b, buf, (size_t)n < sizeof(buf) ? (size_t)n : sizeof(buf) - 1);
+}
+
+static void st_text_json_string(StText* b, const char* s) {
+    st_text_put(b, "\"", 1);
+    for (; *s; s++) {
+        unsigned char c = *s;
+        if (c == '"' || c == '\\') { char e[2] = {'\\', (char)c}; st_text_put(b, e, 2); }
+        else if (c < 0x20) st_text_printf(b, "\\u%04x", c);
+        else st_text_put(b, s, 1);
+    }
+    st_text_put(b, "\"", 1);
+}
+
+static void st_writer_free(SafeTensorsWriter* w) {
+    for (int i = 0; i < w->n; i++) free(w->data[i]);
+    for (int i = 0; i < w->n_meta; i++) { free(w->meta_keys[i]); free(w->meta_values[i]); }
+    free(w->tensors);
+    free(w->data);
+    free(w->meta_keys);
+    free(w->meta_values);
+    memset(w, 0, sizeof(*w));
+}
+
+// Writes the file (atomically, see above) and frees the writer.
+static void st_writer_finish(SafeTensorsWriter* w) {
+    StText h = {NULL, 0, 0};
+    st_text_put(&h, "{", 1);
+    if (w->n_meta) {
+        st_text_put(&h, "\"__metadata__\":{", 16);
+        for (int i = 0; i < w->n_meta; i++) {
+            if (i) st_text_put(&h, ",", 1);
+            st_text_json_string(&h, w->meta_keys[i]);
+            st_text_put(&h, ":", 1);
+            st_text_json_string(&h, w->meta_values[i]);
+        }
+        st_text_put(&h, "}", 1);
+    }
+    for (int i = 0; i < w->n; i++) {
+        const STTensor* t = &w->tensors[i];
+        if (i || w->n_meta) st_text_put(&h, ",", 1);
+        st_text_json_string(&h, t->name);
+        st_text_printf(&h, ":{\"dtype\":\"%s\",\"shape\":[", t->dtype);
+        for (int d = 0; d < t->ndim; d++) st_text_printf(&h, "%s%lld", d ? "," : "", (long long)t->shape[d]);
+        st_text_printf(&h, "],\"data_offsets\":[%zu,%zu]}", t->begin, t->end);
+    }
+    st_text_put(&h, "}", 1);
+    while ((8 + h.len) % 8) st_text_put(&h, " ", 1);  // the data starts 8-byte aligned
+    uint8_t len_le[8];
+    for (int i = 0; i < 8; i++) len_le[i] = (uint8_t)((uint64_t)h.len >> (8 * i));
+    AtomicFile f;
+    atomic_file_open(&f, w->path);
+    atomic_file_write(&f, len_le, 8);
+    atomic_file_write(&f, h.s, h.len);
+    for (int i = 0; i < w->n; i++) atomic_file_write(&f, w->data[i], w->tensors[i].end - w->tensors[i].begin);
+    atomic_file_commit(&f);
+    free(h.s);
+    st_writer_free(w);
+}
 // <<< checkpoint
 
 // >>> training
+// ----------------------------------------------------------------------------
+// 6. training support: the learning-rate schedule, batch ramp-up, fp16 loss scaling,
+// FLOPs and the log line, as Megatron-LM's training.py / optimizer_param_scheduler.py.
+
+// Megatron's OptimizerParamScheduler, counted in samples: iteration flags are
+// converted by x global batch. The update after `samples` consumed samples uses
+// lr_at(samples); the first update of a warmup therefore runs at lr 0.
+typedef struct {
+    double max_lr, min_lr;
+    int64_t warmup_samples, decay_samples;
+    const char* style;
+} LRSchedule;
+
+static LRSchedule lr_schedule_from_args(const Args* a, int64_t train_samples) {
+    LRSchedule s;
+    s.max_lr = a->lr;
+    s.min_lr = a->min_lr;
+    s.style = a->lr_decay_style;
+    int64_t gbs = a->global_batch_size;
+    s.decay_samples = a->lr_decay_samples ? a->lr_decay_samples : a->lr_decay_iters ? a->lr_decay_iters * gbs : train_samples;
+    if (a->lr_warmup_fraction > 0) s.warmup_samples = (int64_t)(a->lr_warmup_fraction * s.decay_samples);
+    else s.warmup_samples = a->lr_warmup_samples ? a->lr_warmup_samples : a->lr_warmup_iters * gbs;
+    return s;
+}
+
+static double lr_at(const LRSchedule* s, int64_t samples) {
+    if (s->warmup_samples > 0 && samples <= s->warmup_samples)
+        return s->max_lr * (double)samples / (double)s->warmup_samples;
+    if (!strcmp(s->style, "constant")) return s->max_lr;
+    if (!strcmp(s->style, "inverse-square-root")) {
+        int64_t warmup = s->warmup_samples > 1 ? s->warmup_samples : 1, step = samples > 1 ? samples : 1;
+        double lr = s->max_lr * sqrt((double)warmup) / sqrt((double)step);
+        return lr > s->min_lr ? lr : s->min_lr;
+    }
+    if (samples > s->decay_samples) return s->min_lr;
+    double ratio = (double)(samples - s->warmup_samples) / (double)(s->decay_samples - s->warmup_samples);
+    double coeff = !strcmp(s->style, "linear") ? 1.0 - ratio : 0.5 * (cos(M_PI * ratio) + 1.0);
+    return s->min_lr + coeff * (s->max_lr - s->min_lr);
+}
+
+// --rampup-batch-size START INCR SAMPLES: the global batch grows by INCR every
+// SAMPLES / ((global - START) / INCR) consumed samples (Megatron's num_microbatches_calculator).
+static int global_batch_at(const Args* a, int64_t consumed) {
+    if (a->rampup_batch_size.n != 3) return a->global_batch_size;
+    int start = atoi(a->rampup_batch_size.values[0]), incr = atoi(a->rampup_batch_size.values[1]);
+    int64_t ramp_samples = atoll(a->rampup_batch_size.values[2]);
+    int steps = (a->global_batch_size - start) / incr;
+    if (consumed >= ramp_samples || steps <= 0) return a->global_batch_size;
+    int64_t per_step = ramp_samples / steps;
+    int gbs = start + (int)(consumed / (per_step ? per_step : 1)) * incr;
+    return gbs < a->global_batch_size ? gbs : a->global_batch_size;
+}
+
+// Megatron's DynamicGradScaler (optimizer/grad_scaler.py). A constant scale never moves.
+typedef struct {
+    double scale, min_scale;
+    int window, hysteresis, growth_tracker, hysteresis_tracker, dynamic;
+} LossScaler;
+
+static LossScaler loss_scaler_from_args(const Args* a) {
+    LossScaler s;
+    memset(&s, 0, sizeof(s));
+    s.dynamic = a->fp16 && a->loss_scale == 0;
+    s.scale = !a->fp16 ? 1.0 : a->loss_scale > 0 ? a->loss_scale : a->initial_loss_scale;
+    s.min_scale = a->min_loss_scale;
+    s.window = a->loss_scale_window;
+    s.hysteresis = s.hysteresis_tracker = a->hysteresis;
+    return s;
+}
+
+static void loss_scaler_update(LossScaler* s, int found_inf) {
+    if (!s->dynamic) return;
+    if (found_inf) {
+        s->growth_tracker = 0;
+        s->hysteresis_tracker--;
+        if (s->hysteresis_tracker <= 0) s->scale = fmax(s->scale * 0.5, s->min_scale);
+    } else if (++s->growth_tracker == s->window) {
+        s->growth_tracker = 0;
+        s->hysteresis_tracker = s->hysteresis;
+        s->scale *= 2.0;
+    }
+}
+
+// Model FLOPs per token of a GPT step (forward + backward, no recomputation):
+// Megatron-2 §5.1's 72 B s l h^2 (1 + s/6h + V/12hl), per token, with an ffn of 4h.
+static double gpt_flops_per_token(int layers, int hidden, int seq, int vocab) {
+    double l = layers, h = hidden, s = seq, V = vocab;
+    return 72.0 * l * h * h + 12.0 * l * s * h + 6.0 * V * h;
+}
+
+// Dense bf16 peak TFLOP/s by device name; 0 when unknown (then no MFU is printed).
+static double peak_tflops_for(const char* name) {
+    static const struct { const char* key; double tflops; } table[] = {
+        {"H200", 989.0}, {"H100 NVL", 835.0}, {"H100 PCIe", 756.0}, {"H100", 989.0}, {"GH200", 989.0},
+        {"A100", 312.0}, {"A800", 312.0}, {"L40S", 362.0}, {"A10", 125.0}, {"RTX 4090", 165.2},
+    };
+    for (size_t i = 0; i < sizeof(table) / sizeof(table[0]); i++)
+        if (strstr(name, table[i].key)) return table[i].tflops;
+    return 0.0;
+}
+
+// The figures of one log interval; printed as Megatron's line and, with --log-file,
+// appended as a JSONL object or a CSV row.
+typedef struct {
+    int64_t iteration, train_iters, consumed_samples;
+    double ms_per_iter, lr, lm_loss, loss_scale, grad_norm, tokens_per_s, tflops, mfu;
+    int global_batch, skipped, nan_iters;
+} LogRow;
+
+static void log_print(const LogRow* r) {
+    printf(" iteration %8lld/%8lld | consumed samples: %12lld | elapsed time per iteration (ms): %.1f |"
+           " learning rate: %.3E | global batch size: %5d | lm loss: %.6E | loss scale: %.1f |"
+           " grad norm: %.3f | number of skipped iterations: %3d | number of nan iterations: %3d |"
+           " tokens/s: %.0f | TFLOP/s: %.1f",
+           (long long)r->iteration, (long long)r->train_iters, (long long)r->consumed_samples, r->ms_per_iter, r->lr,
+           r->global_batch, r->lm_loss, r->loss_scale, r->grad_norm, r->skipped, r->nan_iters, r->tokens_per_s, r->tflops);
+    if (r->mfu > 0) printf(" | MFU: %.1f%%", 100.0 * r->mfu);
+    printf(" |\n");
+    fflush(stdout);
+}
+
+typedef struct {
+    FILE* f;
+    int csv;
+} LogFile;
+
+static void log_file_open(LogFile* lf, const char* path) {
+    lf->f = NULL;
+    if (!path) return;
+    size_t n = strlen(path);
+    lf->csv = n > 4 && !strcmp(path + n - 4, ".csv");
+    lf->f = fopen(path, "w");
+    if (!lf->f) die("--log-file %s: cannot open for writing: %s", path, strerror(errno));
+    if (lf->csv) fprintf(lf->f, "kind,iteration,consumed_samples,ms_per_iter,lr,global_batch,lm_loss,loss_scale,grad_norm,skipped,nan_iters,tokens_per_s,tflops,mfu\n");
+}
+
+static void log_file_train(LogFile* lf, const LogRow* r) {
+    if (!lf->f) return;
+    if (lf->csv)
+        fprintf(lf->f, "train,%lld,%lld,%.3f,%.6e,%d,%.6e,%.1f,%.6f,%d,%d,%.1f,%.2f,%.4f\n", (long long)r->iteration,
+                (long long)r->consumed_samples, r->ms_per_iter, r->lr, r->global_batch, r->lm_loss, r->loss_scale, r->grad_norm,
+                r->skipped, r->nan_iters, r->tokens_per_s, r->tflops, r->mfu);
+    else
+        fprintf(lf->f, "{\"kind\": \"train\", \"iteration\": %lld, \"consumed_samples\": %lld, \"ms_per_iter\": %.3f, \"lr\": %.6e, "
+                "\"global_batch\": %d, \"lm_loss\": %.6e, \"loss_scale\": %.1f, \"grad_norm\": %.6f, \"skipped\": %d, "
+                "\"nan_iters\": %d, \"tokens_per_s\": %.1f, \"tflops\": %.2f, \"mfu\": %.4f}\n", (long long)r->iteration,
+                (long long)r->consumed_samples, r->ms_per_iter, r->lr, r->global_batch, r->lm_loss, r->loss_scale, r->grad_norm,
+                r->skipped, r->nan_iters, r->tokens_per_s, r->tflops, r->mfu);
+    fflush(lf->f);
+}
+
+// Megatron's validation line; perplexity is exp(min(20, loss)).
+static void log_validation(LogFile* lf, int64_t iteration, double loss) {
+    double ppl = exp(fmin(20.0, loss));
+    printf(" validation loss at iteration %lld | lm loss value: %.6E | lm loss PPL: %.6E |\n", (long long)iteration, loss, ppl);
+    fflush(stdout);
+    if (!lf->f) return;
+    if (lf->csv) fprintf(lf->f, "valid,%lld,,,,,%.6e,,,,,,,\n", (long long)iteration, loss);
+    else fprintf(lf->f, "{\"kind\": \"valid\", \"iteration\": %lld, \"lm_loss\": %.6e, \"ppl\": %.6e}\n", (long long)iteration, loss, ppl);
+    fflush(lf->f);
+}
 // <<< training
 
 #endif  // MEGATRON_H

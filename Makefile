@@ -1,0 +1,57 @@
+# megatron.c build. `make` builds the trainers and the preprocessing tool:
+# with nvcc on the PATH the trainers are CUDA binaries (that also run on the CPU),
+# without it they are CPU-only binaries from the host compiler.
+#   make                      portable GPU code (sm_80 machine code + PTX for newer GPUs)
+#   make GPU_ARCH=sm_90       Hopper (H100/H200) machine code
+#   make NO_CUDA=1            CPU-only even where nvcc exists
+#   make test                 build and run the tests (CPU; GPU parts run where a GPU is found)
+#   make quickstart           prepare tiny Shakespeare, train a small GPT, print a sample
+
+CXX ?= g++
+NVCC ?= nvcc
+GPU_ARCH ?= sm_80
+CXXFLAGS ?= -O3 -march=native
+BASE_FLAGS = -std=c++17 -Wall -Wno-unused-function
+HOST_FLAGS = $(CXXFLAGS) $(BASE_FLAGS) -fopenmp -pthread
+GPU_CODE = -gencode arch=compute_$(GPU_ARCH:sm_%=%),code=[$(GPU_ARCH),compute_$(GPU_ARCH:sm_%=%)]
+NVCC_FLAGS = -O3 -std=c++17 $(GPU_CODE) -Xcompiler "-fopenmp -march=native -Wall -Wno-unused-function" -Xcudafe --diag_suppress=177
+NVCC_LIBS = -lcublasLt -lcublas
+
+ifeq ($(NO_CUDA),)
+HAVE_NVCC := $(shell command -v $(NVCC) 2>/dev/null)
+endif
+
+ifneq ($(HAVE_NVCC),)
+COMPILE = $(NVCC) $(NVCC_FLAGS)
+LIBS = $(NVCC_LIBS)
+else
+COMPILE = $(CXX) $(HOST_FLAGS) -x c++
+LIBS = -lm
+endif
+
+HEADERS = megatron.h prepro/tokenizer.h prepro/unicode_tables.h
+TESTS = $(patsubst test/%.cu,build/%,$(wildcard test/test_*.cu))
+
+.PHONY: all test quickstart clean
+
+all: train_gpt prepro/preprocess_data
+
+train_gpt: train_gpt.cu $(HEADERS)
+	$(COMPILE) -o $@ $< $(LIBS)
+
+prepro/preprocess_data: prepro/preprocess_data.cpp $(HEADERS)
+	$(CXX) $(HOST_FLAGS) -o $@ $< -lm
+
+build/%: test/%.cu $(HEADERS) test/test.h train_gpt.cu
+	@mkdir -p build
+	$(COMPILE) -o $@ $< $(LIBS)
+
+test: all $(TESTS)
+	./test/run_tests.sh
+
+quickstart: all
+	./prepro/prepare_tinyshakespeare.sh data
+	./dev/quickstart.sh
+
+clean:
+	rm -rf build train_gpt prepro/preprocess_data

@@ -1,0 +1,352 @@
+/*
+test_attention: causal self-attention (section layers-attention of megatron.h).
+
+CPU: the flash-style reference against a naive formula that materialises the T x T
+probabilities, and its backward against central finite differences in double, with and
+without attention dropout. GPU (when one is found): CUDA against the CPU reference run
+in double on the same (dtype-rounded) inputs, fp32 / bf16 / fp16, forward (out, lse) and
+backward (dq, dk, dv checked apart), p = 0 and 0.1, plus bitwise determinism.
+`--bench` also times the bf16 kernels on GPT-2 124M's shape (and a 1.7B-like one).
+*/
+#include "../megatron.h"
+#include "test.h"
+
+static void fill_normal(double* x, size_t n, MT19937* mt, double scale) {
+    for (size_t i = 0; i < n; i++) x[i] = scale * mt_normal(mt);
+}
+
+// out = dropout(softmax(mask(Q K^T / sqrt(HS)))) V with the whole T x T matrix in memory.
+static void attention_naive(double* out, double* lse, const double* qkv, float p, uint64_t seed, int B, int T, int NH, int HS) {
+    int C = NH * HS;
+    double* att = (double*)xmalloc((size_t)T * T * sizeof(double));
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < NH; h++) {
+            for (int i = 0; i < T; i++)
+                for (int j = 0; j < T; j++) {
+                    double s = 0;
+                    for (int d = 0; d < HS; d++)
+                        s += qkv[((size_t)i * B + b) * 3 * C + h * 3 * HS + d] * qkv[((size_t)j * B + b) * 3 * C + h * 3 * HS + HS + d];
+                    att[i * T + j] = j <= i ? s / sqrt((double)HS) : -INFINITY;
+                }
+            for (int i = 0; i < T; i++) {
+                double mx = -INFINITY, sum = 0;
+                for (int j = 0; j < T; j++) mx = fmax(mx, att[i * T + j]);
+                for (int j = 0; j < T; j++) sum += exp(att[i * T + j] - mx);
+                lse[((size_t)b * NH + h) * T + i] = mx + log(sum);
+                for (int j = 0; j < T; j++) {
+                    double w = exp(att[i * T + j] - mx) / sum;
+                    uint64_t idx = (((uint64_t)b * NH + h) * T + i) * T + j;
+                    if (p > 0) w = dropout_keep(seed, idx, p) ? w / (1 - (double)p) : 0;
+                    att[i * T + j] = w;
+                }
+            }
+            for (int i = 0; i < T; i++)
+                for (int d = 0; d < HS; d++) {
+                    double o = 0;
+                    for (int j = 0; j < T; j++) o += att[i * T + j] * qkv[((size_t)j * B + b) * 3 * C + h * 3 * HS + 2 * HS + d];
+                    out[((size_t)i * B + b) * C + h * HS + d] = o;
+                }
+        }
+    free(att);
+}
+
+static void test_cpu_forward(int B, int T, int NH, int HS, float p) {
+    MT19937 mt;
+    mt_seed(&mt, 1234 + T);
+    size_t N = (size_t)B * T, C = (size_t)NH * HS;
+    double* qkv = (double*)xmalloc(N * 3 * C * sizeof(double));
+    double *out = (double*)xmalloc(N * C * sizeof(double)), *out_ref = (double*)xmalloc(N * C * sizeof(double));
+    double *lse = (double*)xmalloc(B * NH * T * sizeof(double)), *lse_ref = (double*)xmalloc(B * NH * T * sizeof(double));
+    fill_normal(qkv, N * 3 * C, &mt, 1.0);
+    attention_forward_cpu<double>(out, lse, qkv, p, 77, B, T, NH, HS);
+    attention_naive(out_ref, lse_ref, qkv, p, 77, B, T, NH, HS);
+    char name[128];
+    snprintf(name, sizeof(name), "cpu fwd vs naive out B=%d T=%d NH=%d HS=%d p=%g", B, T, NH, HS, p);
+    check_close(name, out, out_ref, N * C, 1e-12);
+    snprintf(name, sizeof(name), "cpu fwd vs naive lse B=%d T=%d NH=%d HS=%d p=%g", B, T, NH, HS, p);
+    check_close(name, lse, lse_ref, (size_t)B * NH * T, 1e-12);
+    free(qkv); free(out); free(out_ref); free(lse); free(lse_ref);
+}
+
+// loss = sum(out * G): its gradient by the backward against central differences.
+static void test_cpu_backward_fd(int B, int T, int NH, int HS, float p) {
+    MT19937 mt;
+    mt_seed(&mt, 99 + T);
+    size_t N = (size_t)B * T, C = (size_t)NH * HS, nqkv = N * 3 * C;
+    double* qkv = (double*)xmalloc(nqkv * sizeof(double));
+    double* G = (double*)xmalloc(N * C * sizeof(double));
+    double* out = (double*)xmalloc(N * C * sizeof(double));
+    double* lse = (double*)xmalloc(B * NH * T * sizeof(double));
+    double* delta = (double*)xmalloc(B * NH * T * sizeof(double));
+    double* dqkv = (double*)xmalloc(nqkv * sizeof(double));
+    double* numeric = (double*)xmalloc(nqkv * sizeof(double));
+    fill_normal(qkv, nqkv, &mt, 1.0);
+    fill_normal(G, N * C, &mt, 1.0);
+    uint64_t seed = 4242;
+    attention_forward_cpu<double>(out, lse, qkv, p, seed, B, T, NH, HS);
+    attention_backward_cpu<double>(dqkv, delta, G, qkv, out, lse, p, seed, B, T, NH, HS);
+    double* out2 = (double*)xmalloc(N * C * sizeof(double));
+    double* lse2 = (double*)xmalloc(B * NH * T * sizeof(double));
+    double eps = 1e-6;
+    for (size_t e = 0; e < nqkv; e++) {
+        double keep = qkv[e], loss[2];
+        for (int side = 0; side < 2; side++) {
+            qkv[e] = keep + (side ? -eps : eps);
+            attention_forward_cpu<double>(out2, lse2, qkv, p, seed, B, T, NH, HS);
+            loss[side] = 0;
+            for (size_t i = 0; i < N * C; i++) loss[side] += out2[i] * G[i];
+        }
+        qkv[e] = keep;
+        numeric[e] = (loss[0] - loss[1]) / (2 * eps);
+    }
+    char name[128];
+    snprintf(name, sizeof(name), "cpu bwd vs finite differences B=%d T=%d NH=%d HS=%d p=%g", B, T, NH, HS, p);
+    check_close(name, dqkv, numeric, nqkv, 1e-7);
+    free(qkv); free(G); free(out); free(lse); free(delta); free(dqkv); free(numeric); free(out2); free(lse2);
+}
+
+// The CPU dispatcher (fp32, what CPU training runs) against the reference in double.
+static void test_cpu_dispatch(int B, int T, int NH, int HS, float p) {
+    Device d;
+    device_init(&d, "cpu", DT_F32);
+    MT19937 mt;
+    mt_seed(&mt, 7 + T);
+    size_t N = (size_t)B * T, C = (size_t)NH * HS, nqkv = N * 3 * C, nlse = (size_t)B * NH * T;
+    double* x = (double*)xmalloc((nqkv + N * C) * sizeof(double));  // qkv then dout
+    fill_normal(x, nqkv + N * C, &mt, 1.0);
+    float* xf = (float*)xmalloc((nqkv + N * C) * sizeof(float));
+    for (size_t i = 0; i < nqkv + N * C; i++) xf[i] = (float)x[i], x[i] = xf[i];
+    double *out = (double*)xmalloc(N * C * sizeof(double)), *lse = (double*)xmalloc(nlse * sizeof(double));
+    double *delta = (double*)xmalloc(nlse * sizeof(double)), *dqkv = (double*)xmalloc(nqkv * sizeof(double));
+    attention_forward_cpu<double>(out, lse, x, p, 3, B, T, NH, HS);
+    attention_backward_cpu<double>(dqkv, delta, x + nqkv, x, out, lse, p, 3, B, T, NH, HS);
+    float *outf = (float*)xmalloc(N * C * sizeof(float)), *lsef = (float*)xmalloc(nlse * sizeof(float));
+    float *deltaf = (float*)xmalloc(nlse * sizeof(float)), *dqkvf = (float*)xmalloc(nqkv * sizeof(float));
+    attention_forward(&d, outf, lsef, xf, p, 3, B, T, NH, HS);
+    attention_backward(&d, dqkvf, deltaf, xf + nqkv, xf, outf, lsef, p, 3, B, T, NH, HS);
+    char name[128];
+    snprintf(name, sizeof(name), "cpu fp32 dispatch fwd B=%d T=%d NH=%d HS=%d p=%g", B, T, NH, HS, p);
+    check_close(name, outf, out, N * C, 1e-5);
+    snprintf(name, sizeof(name), "cpu fp32 dispatch bwd B=%d T=%d NH=%d HS=%d p=%g", B, T, NH, HS, p);
+    check_close(name, dqkvf, dqkv, nqkv, 1e-5);
+    free(x); free(xf); free(out); free(lse); free(delta); free(dqkv); free(outf); free(lsef); free(deltaf); free(dqkvf);
+    device_free(&d);
+}
+
+#ifdef __CUDACC__
+// Describes entry idx of a tensor as coordinates, for failure messages.
+typedef void (*Locate)(char* buf, size_t len, size_t idx, int B, int T, int NH, int HS);
+
+static void locate_out(char* buf, size_t len, size_t idx, int B, int T, int NH, int HS) {
+    (void)T;
+    size_t C = (size_t)NH * HS, r = idx / C, c = idx % C;
+    snprintf(buf, len, "t=%zu b=%zu head=%zu d=%zu", r / B, r % B, c / HS, c % HS);
+}
+static void locate_lse(char* buf, size_t len, size_t idx, int B, int T, int NH, int HS) {
+    (void)B; (void)HS;
+    snprintf(buf, len, "t=%zu b=%zu head=%zu", idx % T, idx / T / NH, idx / T % NH);
+}
+static void locate_qkv(char* buf, size_t len, size_t idx, int B, int T, int NH, int HS) {
+    (void)T;
+    size_t C3 = 3 * (size_t)NH * HS, r = idx / C3, c = idx % C3;
+    snprintf(buf, len, "t=%zu b=%zu head=%zu %c d=%zu", r / B, r % B, c / (3 * HS), "qkv"[c % (3 * HS) / HS], c % HS);
+}
+
+// ||got - want|| / ||want|| over the entries of part (0, 1, 2: the q, k, v columns of a
+// dqkv; -1: all), reporting the largest difference (or first NaN) by its location.
+static int compare(const char* name, const float* got, const double* want, size_t n, double tol, Locate where,
+                   int B, int T, int NH, int HS, int part) {
+    double num = 0, den = 0, worst = -1;
+    size_t worst_i = 0, count = 0;
+    int bad = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (part >= 0 && (int)(i % (3 * (size_t)NH * HS) % (3 * HS) / HS) != part) continue;
+        double g = got[i], w = want[i], e = fabs(g - w);
+        count++;
+        if (g != g) { if (!bad) worst_i = i; bad = 1; e = INFINITY; }
+        num += (g - w) * (g - w);
+        den += w * w;
+        if (!bad && e > worst) { worst = e; worst_i = i; }
+    }
+    double err = bad ? INFINITY : sqrt(num / (den > 0 ? den : 1));
+    char loc[128];
+    where(loc, sizeof(loc), worst_i, B, T, NH, HS);
+    return check(err <= tol, name, "relative error %.3e > %.1e over %zu values; %s at %s: got %.6g want %.6g", err, tol,
+                 count, bad ? "first NaN" : "largest difference", loc, (double)got[worst_i], want[worst_i]);
+}
+
+// x rounded to dtype dt in place; returns the dt storage for upload.
+static void* round_to_dtype(double* x, size_t n, DType dt) {
+    float* f = (float*)xmalloc(n * sizeof(float));
+    void* stored = xmalloc(n * dtype_size(dt));
+    for (size_t i = 0; i < n; i++) f[i] = (float)x[i];
+    floats_to_dtype(stored, f, n, dt);
+    dtype_to_floats(f, stored, n, dt);
+    for (size_t i = 0; i < n; i++) x[i] = f[i];
+    free(f);
+    return stored;
+}
+
+// GPU fwd and bwd for one shape, dtype and p against the CPU reference in double.
+static void test_gpu_case(Device* d, int B, int T, int NH, int HS, float p) {
+    DType dt = d->dtype;
+    MT19937 mt;
+    mt_seed(&mt, 1000 + B * 7 + T * 3 + HS + dt * 101 + (p > 0));
+    size_t N = (size_t)B * T, C = (size_t)NH * HS, nqkv = N * 3 * C, nout = N * C, nlse = (size_t)B * NH * T;
+    size_t es = dtype_size(dt);
+    uint64_t seed = 0xC0FFEEull + T;
+
+    // inputs, rounded to the dtype; the reference sees the rounded values
+    double* qkv_d = (double*)xmalloc(nqkv * sizeof(double));
+    double* dout_d = (double*)xmalloc(nout * sizeof(double));
+    fill_normal(qkv_d, nqkv, &mt, 1.0);
+    fill_normal(dout_d, nout, &mt, 1.0);
+    void* qkv_h = round_to_dtype(qkv_d, nqkv, dt);
+    void* dout_h = round_to_dtype(dout_d, nout, dt);
+
+    double* out_ref = (double*)xmalloc(nout * sizeof(double));
+    double* lse_ref = (double*)xmalloc(nlse * sizeof(double));
+    double* delta_ref = (double*)xmalloc(nlse * sizeof(double));
+    double* dqkv_ref = (double*)xmalloc(nqkv * sizeof(double));
+    attention_forward_cpu<double>(out_ref, lse_ref, qkv_d, p, seed, B, T, NH, HS);
+    attention_backward_cpu<double>(dqkv_ref, delta_ref, dout_d, qkv_d, out_ref, lse_ref, p, seed, B, T, NH, HS);
+
+    void *qkv_g = dev_malloc(d, nqkv * es), *dout_g = dev_malloc(d, nout * es), *out_g = dev_malloc(d, nout * es);
+    void* dqkv_g = dev_malloc(d, nqkv * es);
+    float *lse_g = (float*)dev_malloc(d, nlse * 4), *delta_g = (float*)dev_malloc(d, nlse * 4);
+    dev_upload(d, qkv_g, qkv_h, nqkv * es);
+    dev_upload(d, dout_g, dout_h, nout * es);
+    // NaN everywhere an output goes (0xff bytes are NaN in fp32, bf16 and fp16)
+    cudaCheck(cudaMemset(out_g, 0xff, nout * es));
+    cudaCheck(cudaMemset(lse_g, 0xff, nlse * 4));
+    cudaCheck(cudaMemset(dqkv_g, 0xff, nqkv * es));
+    cudaCheck(cudaMemset(delta_g, 0xff, nlse * 4));
+    attention_forward(d, out_g, lse_g, qkv_g, p, seed, B, T, NH, HS);
+    attention_backward(d, dqkv_g, delta_g, dout_g, qkv_g, out_g, lse_g, p, seed, B, T, NH, HS);
+    dev_sync(d);
+
+    void* buf = xmalloc(nqkv * es);
+    float* got = (float*)xmalloc(nqkv * sizeof(float));
+    double tol = dt == DT_F32 ? 1e-5 : 2e-2, tol_lse = dt == DT_F32 ? 1e-5 : 1e-4;
+    char tag[96], name[160];
+    snprintf(tag, sizeof(tag), "%s B=%d T=%d NH=%d HS=%d p=%g", dtype_name(dt), B, T, NH, HS, p);
+    dev_download(d, buf, out_g, nout * es);
+    dtype_to_floats(got, buf, nout, dt);
+    snprintf(name, sizeof(name), "gpu fwd out  %s", tag);
+    compare(name, got, out_ref, nout, tol, locate_out, B, T, NH, HS, -1);
+    dev_download(d, got, lse_g, nlse * 4);
+    snprintf(name, sizeof(name), "gpu fwd lse  %s", tag);
+    compare(name, got, lse_ref, nlse, tol_lse, locate_lse, B, T, NH, HS, -1);
+    dev_download(d, buf, dqkv_g, nqkv * es);
+    dtype_to_floats(got, buf, nqkv, dt);
+    for (int part = 0; part < 3; part++) {
+        snprintf(name, sizeof(name), "gpu bwd d%c   %s", "qkv"[part], tag);
+        compare(name, got, dqkv_ref, nqkv, tol, locate_qkv, B, T, NH, HS, part);
+    }
+
+    // the same inputs again: bitwise the same outputs
+    void *out_again = xmalloc(nout * es), *dqkv_again = xmalloc(nqkv * es), *out_first = xmalloc(nout * es);
+    dev_download(d, out_first, out_g, nout * es);
+    cudaCheck(cudaMemset(out_g, 0xff, nout * es));
+    cudaCheck(cudaMemset(dqkv_g, 0xff, nqkv * es));
+    attention_forward(d, out_g, lse_g, qkv_g, p, seed, B, T, NH, HS);
+    attention_backward(d, dqkv_g, delta_g, dout_g, qkv_g, out_g, lse_g, p, seed, B, T, NH, HS);
+    dev_download(d, out_again, out_g, nout * es);
+    dev_download(d, dqkv_again, dqkv_g, nqkv * es);
+    snprintf(name, sizeof(name), "gpu deterministic %s", tag);
+    check(!memcmp(out_again, out_first, nout * es) && !memcmp(dqkv_again, buf, nqkv * es), name,
+          "a second run gave different bits");
+
+    dev_free(d, qkv_g); dev_free(d, dout_g); dev_free(d, out_g); dev_free(d, dqkv_g);
+    dev_free(d, lse_g); dev_free(d, delta_g);
+    free(qkv_d); free(dout_d); free(qkv_h); free(dout_h); free(out_ref); free(lse_ref); free(delta_ref);
+    free(dqkv_ref); free(buf); free(got); free(out_again); free(dqkv_again); free(out_first);
+    device_free(d);
+}
+
+static int compare_floats(const void* a, const void* b) {
+    float x = *(const float*)a, y = *(const float*)b;
+    return (x > y) - (x < y);
+}
+
+// Median time of 20 runs (after warm-up) of fwd and bwd, in TFLOP/s of causal attention.
+static void bench(int B, int T, int NH, int HS, float p) {
+    Device d;
+    device_init(&d, "cuda", DT_BF16);
+    size_t N = (size_t)B * T, C = (size_t)NH * HS, nqkv = N * 3 * C, nout = N * C, nlse = (size_t)B * NH * T;
+    float* h = (float*)xmalloc(nqkv * sizeof(float));
+    MT19937 mt;
+    mt_seed(&mt, 5);
+    for (size_t i = 0; i < nqkv; i++) h[i] = (float)mt_normal(&mt);
+    void* hb = xmalloc(nqkv * 2);
+    floats_to_dtype(hb, h, nqkv, DT_BF16);
+    void *qkv = dev_malloc(&d, nqkv * 2), *out = dev_malloc(&d, nout * 2), *dout = dev_malloc(&d, nout * 2);
+    void* dqkv = dev_malloc(&d, nqkv * 2);
+    float *lse = (float*)dev_malloc(&d, nlse * 4), *delta = (float*)dev_malloc(&d, nlse * 4);
+    dev_upload(&d, qkv, hb, nqkv * 2);
+    dev_upload(&d, dout, hb, nout * 2);
+    cudaEvent_t t0, t1;
+    cudaCheck(cudaEventCreate(&t0));
+    cudaCheck(cudaEventCreate(&t1));
+    double flops_fwd = 4.0 * B * NH * (double)T * T * HS / 2;
+    float ms[2][20];
+    for (int it = -3; it < 20; it++) {
+        for (int pass = 0; pass < 2; pass++) {
+            cudaCheck(cudaEventRecord(t0, d.stream));
+            if (pass == 0) attention_forward(&d, out, lse, qkv, p, 1, B, T, NH, HS);
+            else attention_backward(&d, dqkv, delta, dout, qkv, out, lse, p, 1, B, T, NH, HS);
+            cudaCheck(cudaEventRecord(t1, d.stream));
+            cudaCheck(cudaEventSynchronize(t1));
+            if (it >= 0) cudaCheck(cudaEventElapsedTime(&ms[pass][it], t0, t1));
+        }
+    }
+    for (int pass = 0; pass < 2; pass++) {
+        qsort(ms[pass], 20, sizeof(float), compare_floats);
+        double med = 0.5 * (ms[pass][9] + ms[pass][10]), flops = flops_fwd * (pass ? 2.5 : 1.0);
+        printf("bench bf16 B=%d T=%d NH=%d HS=%d p=%g %s: %.3f ms, %.1f TFLOP/s\n", B, T, NH, HS, p,
+               pass ? "bwd" : "fwd", med, flops / (med * 1e-3) / 1e12);
+    }
+    dev_free(&d, qkv); dev_free(&d, out); dev_free(&d, dout); dev_free(&d, dqkv); dev_free(&d, lse); dev_free(&d, delta);
+    free(h); free(hb);
+    device_free(&d);
+}
+#endif
+
+int main(int argc, char** argv) {
+    int want_bench = argc > 1 && !strcmp(argv[1], "--bench");
+    test_cpu_forward(2, 5, 2, 4, 0.0f);
+    test_cpu_forward(2, 5, 2, 4, 0.3f);
+    test_cpu_forward(3, 17, 3, 8, 0.1f);
+    test_cpu_backward_fd(2, 5, 2, 4, 0.0f);
+    test_cpu_backward_fd(2, 5, 2, 4, 0.3f);
+    test_cpu_backward_fd(1, 9, 1, 8, 0.2f);
+    test_cpu_dispatch(2, 64, 4, 32, 0.0f);
+    test_cpu_dispatch(2, 100, 2, 48, 0.1f);
+#ifdef __CUDACC__
+    int gpus = 0;
+    if (cudaGetDeviceCount(&gpus) != cudaSuccess || gpus == 0) {
+        cudaGetLastError();
+        printf("skip gpu attention tests: no GPU\n");
+        return test_summary();
+    }
+    static const int shapes[][4] = {{2, 64, 4, 32}, {1, 200, 2, 64}, {2, 256, 3, 96}, {1, 128, 2, 128}, {4, 1024, 12, 64}};
+    static const DType dtypes[] = {DT_F32, DT_BF16, DT_F16};
+    for (int t = 0; t < 3; t++) {
+        Device d;
+        device_init(&d, "cuda", dtypes[t]);
+        for (int s = 0; s < 5; s++)
+            for (int q = 0; q < 2; q++)
+                test_gpu_case(&d, shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3], q ? 0.1f : 0.0f);
+        device_free(&d);
+    }
+    if (want_bench) {
+        bench(16, 1024, 12, 64, 0.0f);
+        bench(16, 1024, 12, 64, 0.1f);
+        bench(4, 2048, 24, 96, 0.0f);
+    }
+#else
+    if (want_bench) printf("skip bench: built without CUDA\n");
+    printf("skip gpu attention tests: built without CUDA\n");
+#endif
+    return test_summary();
+}

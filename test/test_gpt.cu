@@ -1,0 +1,195 @@
+/*
+test_gpt.cu: the whole GPT against Hugging Face transformers' GPT2LMHeadModel.
+
+test/hf_reference.py built a tiny GPT-2 (2 layers, hidden 64, 4 heads, vocab 200),
+ran a batch through it and wrote its weights, logits, loss, every gradient, and the
+losses and weights of 10 AdamW steps (clip 1.0, weight decay on weights only) into
+test/fixtures/gpt2_tiny_hf.safetensors. Here the same weights go through our model:
+on the CPU always, and on a GPU in fp32 and bf16 when one is found.
+*/
+#define TESTING
+#include "../train_gpt.cu"
+#include "test.h"
+
+static const char* FIXTURE = "test/fixtures/gpt2_tiny_hf.safetensors";
+
+static GPTConfig tiny_config(void) {
+    GPTConfig c;
+    c.L = 2; c.C = 64; c.NH = 4; c.HS = 16; c.F = 256; c.V = 200; c.Vp = 256; c.maxT = 32;
+    return c;
+}
+
+// Load the fixture's batch: tokens (B, T+1) -> inputs/targets in [s, b] order.
+static void upload_fixture_batch(GPT* m, const SafeTensors* st, int B, int T) {
+    int32_t* tokens = (int32_t*)xmalloc((size_t)B * (T + 1) * sizeof(int32_t));
+    int* x = (int*)xmalloc((size_t)B * T * sizeof(int));
+    int* y = (int*)xmalloc((size_t)B * T * sizeof(int));
+    safetensors_read_raw(st, "tokens", tokens, (size_t)B * (T + 1) * sizeof(int32_t));
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            x[t * B + b] = tokens[b * (T + 1) + t];
+            y[t * B + b] = tokens[b * (T + 1) + t + 1];
+        }
+    dev_upload(m->dev, m->acts.tokens, x, (size_t)B * T * sizeof(int));
+    dev_upload(m->dev, m->acts.targets, y, (size_t)B * T * sizeof(int));
+    free(tokens); free(x); free(y);
+}
+
+// Mean cross-entropy over all B*T tokens, with its gradient when `backward`.
+static double fixture_step(GPT* m, HostBatch* h, int B, int T, int backward) {
+    int N = B * T;
+    for (int i = 0; i < N; i++) h->mask[i] = 1.0f;
+    return gpt_micro_step(m, h, B, T, N, backward ? 1.0 : 0.0, 0.0f, 0.0f);
+}
+
+static void download_floats(const GPT* m, float* dst, const void* src, size_t n) {
+    size_t es = dtype_size(m->dev->dtype);
+    void* tmp = xmalloc(n * es);
+    dev_download(m->dev, tmp, src, n * es);
+    dtype_to_floats(dst, tmp, n, m->dev->dtype);
+    free(tmp);
+}
+
+static void test_against_hf(const Device* dev, const char* tag, double tol_logits, double tol_grads, double tol_adam) {
+    SafeTensors st;
+    safetensors_open(&st, FIXTURE);
+    GPTConfig cfg = tiny_config();
+    int B = 3, T = 16, N = B * T;
+    GPT m;
+    gpt_build(&m, &cfg, dev);
+    gpt_load_hf(&m, &st);
+    gpt_alloc_activations(&m, B, T);
+    HostBatch h;
+    h.mask = (float*)xmalloc(N * sizeof(float));
+    h.dloss = (float*)xmalloc(N * sizeof(float));
+    h.losses = (float*)xmalloc(N * sizeof(float));
+    upload_fixture_batch(&m, &st, B, T);
+    char name[128];
+
+    // logits (before the loss overwrites them with their gradient)
+    gpt_forward(&m, B, T, 0.0f, 0.0f);
+    float* logits = (float*)xmalloc((size_t)N * cfg.Vp * sizeof(float));
+    float* ours = (float*)xmalloc((size_t)N * cfg.V * sizeof(float));
+    float* want = (float*)xmalloc((size_t)N * cfg.V * sizeof(float));
+    download_floats(&m, logits, m.acts.logits, (size_t)N * cfg.Vp);
+    safetensors_read_floats(&st, "logits", want, (size_t)N * cfg.V);
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++)
+            memcpy(ours + ((size_t)b * T + t) * cfg.V, logits + ((size_t)t * B + b) * cfg.Vp, cfg.V * sizeof(float));
+    snprintf(name, sizeof(name), "%s logits equal HF's", tag);
+    check_close(name, ours, want, (size_t)N * cfg.V, tol_logits);
+
+    // loss and every gradient
+    dev_zero(dev, m.grads, m.num_params * sizeof(float));
+    float hf_loss;
+    safetensors_read_floats(&st, "loss", &hf_loss, 1);
+    double loss = fixture_step(&m, &h, B, T, 1);
+    snprintf(name, sizeof(name), "%s loss equals HF's", tag);
+    check(fabs(loss - hf_loss) <= tol_logits * fabs(hf_loss), name, "ours %.7f, HF %.7f", loss, hf_loss);
+    float* grads = (float*)xmalloc(m.num_params * sizeof(float));
+    float* hf = (float*)xmalloc(m.num_params * sizeof(float));
+    dev_download(dev, grads, m.grads, m.num_params * sizeof(float));
+    hf_read_params(&m, &st, "grad.", hf);
+    for (int i = 0; i < NUM_PARAMS; i++) {
+        snprintf(name, sizeof(name), "%s gradient of %s equals HF's", tag, param_names[i]);
+        check_close(name, grads + m.offsets[i], hf + m.offsets[i], m.sizes[i], tol_grads);
+    }
+
+    // 10 AdamW steps from the same start: lr 1e-3, betas (0.9, 0.95), eps 1e-8, wd 0.1, clip 1.0
+    Args args;
+    args_defaults(&args);
+    args.adam_beta1 = 0.9;
+    args.adam_beta2 = 0.95;
+    args.adam_eps = 1e-8;
+    gpt_load_hf(&m, &st);
+    dev_zero(dev, m.adam_m, m.num_params * sizeof(float));
+    dev_zero(dev, m.adam_v, m.num_params * sizeof(float));
+    float losses[10], hf_losses[10];
+    safetensors_read_floats(&st, "adamw_losses", hf_losses, 10);
+    for (int step = 0; step < 10; step++) {
+        dev_zero(dev, m.grads, m.num_params * sizeof(float));
+        losses[step] = (float)fixture_step(&m, &h, B, T, 1);
+        double norm = sqrt(grad_norm_squared(dev, m.grads, m.num_params));
+        double clip = norm > 1.0 ? 1.0 / (norm + 1e-6) : 1.0;
+        gpt_update(&m, 1e-3f, &args, 0.1f, (float)clip, step + 1);
+    }
+    snprintf(name, sizeof(name), "%s 10 AdamW steps: losses equal PyTorch's", tag);
+    check_close(name, losses, hf_losses, 10, tol_adam);
+    float* final_params = grads;
+    if (m.master) dev_download(dev, final_params, m.master, m.num_params * sizeof(float));
+    else dev_download(dev, final_params, m.params, m.num_params * sizeof(float));
+    hf_read_params(&m, &st, "adamw_final.", hf);
+    snprintf(name, sizeof(name), "%s 10 AdamW steps: weights equal PyTorch's", tag);
+    // padded vocabulary rows: HF has none, ours start at 0 and stay 0 (no gradient, decay of 0)
+    check_close(name, final_params, hf, m.num_params, tol_adam);
+
+    free(logits); free(ours); free(want); free(grads); free(hf);
+    free(h.mask); free(h.dloss); free(h.losses);
+    gpt_free(&m);
+    safetensors_close(&st);
+}
+
+// Two identical runs give bitwise identical losses and weights (dropout on).
+static void test_determinism(const Device* dev, const char* tag) {
+    GPTConfig cfg = tiny_config();
+    int B = 2, T = 16, N = B * T;
+    float loss[2][3];
+    float* weights[2];
+    size_t n = 0;
+    for (int run = 0; run < 2; run++) {
+        GPT m;
+        gpt_build(&m, &cfg, dev);
+        gpt_init(&m, 0.02, 7);
+        gpt_alloc_activations(&m, B, T);
+        HostBatch h;
+        h.mask = (float*)xmalloc(N * sizeof(float));
+        h.dloss = (float*)xmalloc(N * sizeof(float));
+        h.losses = (float*)xmalloc(N * sizeof(float));
+        int x[32], y[32];
+        for (int i = 0; i < N; i++) { x[i] = (i * 37 + 11) % cfg.V; y[i] = (i * 53 + 5) % cfg.V; h.mask[i] = 1; }
+        dev_upload(dev, m.acts.tokens, x, sizeof(x));
+        dev_upload(dev, m.acts.targets, y, sizeof(y));
+        Args args;
+        args_defaults(&args);
+        for (int step = 0; step < 3; step++) {
+            dev_zero(dev, m.grads, m.num_params * sizeof(float));
+            gpt_set_dropout_stream(&m, 1234, step, 0);
+            loss[run][step] = (float)gpt_micro_step(&m, &h, B, T, N, 1.0, 0.1f, 0.1f);
+            gpt_update(&m, 1e-3f, &args, 0.01f, 1.0f, step + 1);
+        }
+        n = m.num_params;
+        weights[run] = (float*)xmalloc(n * sizeof(float));
+        download_floats(&m, weights[run], m.params, m.num_params);
+        free(h.mask); free(h.dloss); free(h.losses);
+        gpt_free(&m);
+    }
+    char name[128];
+    snprintf(name, sizeof(name), "%s two runs with dropout: bitwise equal losses and weights", tag);
+    check(!memcmp(loss[0], loss[1], sizeof(loss[0])) && !memcmp(weights[0], weights[1], n * sizeof(float)), name,
+          "losses %.9g %.9g", loss[0][2], loss[1][2]);
+    check(loss[0][2] < loss[0][0], "training steps lower the loss", "%.5f -> %.5f", loss[0][0], loss[0][2]);
+    free(weights[0]); free(weights[1]);
+}
+
+int main(void) {
+    Device cpu;
+    device_init(&cpu, "cpu", DT_F32);
+    test_against_hf(&cpu, "cpu fp32", 1e-5, 1e-4, 1e-4);
+    test_determinism(&cpu, "cpu");
+#ifdef __CUDACC__
+    Device gpu;
+    int count = 0;
+    if (cudaGetDeviceCount(&count) == cudaSuccess && count > 0) {
+        device_init(&gpu, "cuda", DT_F32);
+        test_against_hf(&gpu, "gpu fp32", 1e-5, 1e-4, 1e-4);
+        test_determinism(&gpu, "gpu fp32");
+        gpu.dtype = DT_BF16;
+        test_against_hf(&gpu, "gpu bf16", 2e-2, 5e-2, 2e-2);
+        test_determinism(&gpu, "gpu bf16");
+        device_free(&gpu);
+    } else {
+        printf("skip gpu model tests: no GPU\n");
+    }
+#endif
+    return test_summary();
+}

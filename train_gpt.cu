@@ -1,0 +1,655 @@
+/*
+train_gpt.cu: pretrain a Megatron GPT on one GPU, or on the CPU with OpenMP.
+
+The model is Megatron-LM's GPT (Megatron-1 §2, the GPT-2 architecture): learned
+absolute positions, pre-LayerNorm transformer blocks, tanh-GELU MLP, final LayerNorm,
+and a language-model head tied to the word embedding. Data comes from Megatron's
+.bin/.idx datasets (prepro/preprocess_data) and the loop is Megatron's training.py:
+micro-batches accumulate gradients into a global batch, then one AdamW step.
+
+  make train_gpt
+  ./train_gpt --data-path data/tinyshakespeare_text_document \
+      --vocab-file encoder.json --merge-file vocab.bpe \
+      --num-layers 4 --hidden-size 128 --num-attention-heads 4 --seq-length 128 \
+      --micro-batch-size 8 --global-batch-size 16 --train-iters 200 --lr 1e-3
+
+Every flag: ./train_gpt --help (and README.md).
+*/
+#include "megatron.h"
+#include "prepro/tokenizer.h"
+
+// ----------------------------------------------------------------------------
+// The model's parameters: one allocation in the run's dtype, cut into the tensors
+// below. Per-layer tensors are stacked over the L layers, as (L, ...).
+
+typedef struct {
+    int L;     // layers
+    int C;     // hidden size
+    int NH;    // attention heads
+    int HS;    // head size, C / NH
+    int F;     // MLP hidden size (4C by default)
+    int V;     // vocabulary of the tokenizer
+    int Vp;    // vocabulary padded to a multiple of 128 (x tensor-parallel size)
+    int maxT;  // position embeddings
+} GPTConfig;
+
+enum { WTE, WPE, LN1W, LN1B, QKVW, QKVB, ATTPROJW, ATTPROJB, LN2W, LN2B, FCW, FCB, FCPROJW, FCPROJB, LNFW, LNFB, NUM_PARAMS };
+
+static const char* param_names[NUM_PARAMS] = {"wte", "wpe", "ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
+                                              "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb", "lnfw", "lnfb"};
+
+// Megatron decays weights only: no decay on biases and LayerNorm parameters.
+static const int param_decays[NUM_PARAMS] = {1, 1, 0, 0, 1, 0, 1, 0, 0, 0, 1, 0, 1, 0, 0, 0};
+
+static void param_sizes(const GPTConfig* c, size_t n[NUM_PARAMS]) {
+    size_t L = c->L, C = c->C, F = c->F;
+    n[WTE] = (size_t)c->Vp * C;   // (Vp, C), also the LM head
+    n[WPE] = (size_t)c->maxT * C; // (maxT, C)
+    n[LN1W] = n[LN1B] = L * C;
+    n[QKVW] = L * 3 * C * C;      // (L, 3C, C), rows per head [q k v] (Megatron's layout)
+    n[QKVB] = L * 3 * C;
+    n[ATTPROJW] = L * C * C;      // (L, C, C)
+    n[ATTPROJB] = L * C;
+    n[LN2W] = n[LN2B] = L * C;
+    n[FCW] = L * F * C;           // (L, F, C)
+    n[FCB] = L * F;
+    n[FCPROJW] = L * C * F;       // (L, C, F)
+    n[FCPROJB] = L * C;
+    n[LNFW] = n[LNFB] = C;
+}
+
+// Activations of one micro-batch: N = B*T rows in [s, b, h] order (row t*B + b).
+// Per-layer tensors are stacked (L, N, ...). Storage is the run's dtype unless noted.
+typedef struct {
+    void* encoded;        // (N, C) embedding output after dropout: the residual stream into layer 0
+    void* ln1;            // (L, N, C)
+    float* ln1_mean;      // (L, N) fp32
+    float* ln1_rstd;      // (L, N) fp32
+    void* qkv;            // (L, N, 3C)
+    void* atty;           // (L, N, C) attention output, heads side by side
+    float* att_lse;       // (L, B, NH, T) fp32 log-sum-exp of each attention row
+    void* residual2;      // (L, N, C) residual stream after attention
+    void* ln2;            // (L, N, C)
+    float* ln2_mean;      // (L, N) fp32
+    float* ln2_rstd;      // (L, N) fp32
+    void* fch;            // (L, N, F) MLP pre-activation
+    void* fch_gelu;       // (L, N, F)
+    void* residual3;      // (L, N, C) residual stream after the MLP: the layer's output
+    void* lnf;            // (N, C)
+    float* lnf_mean;      // (N) fp32
+    float* lnf_rstd;      // (N) fp32
+    void* logits;         // (N, Vp), overwritten by its gradient in training
+    float* losses;        // (N) fp32 per-token loss
+    int* tokens;          // (N) inputs
+    int* targets;         // (N) next tokens
+    float* dloss;         // (N) fp32 d(loss)/d(per-token loss): mask / tokens / micro-batches x loss scale
+    void* proj;           // (N, C) scratch: an output projection before bias-dropout-add
+    // backward scratch
+    void* dresidual;      // (N, C) gradient of the residual stream
+    void* dproj;          // (N, C)
+    void* dln;            // (N, C)
+    void* datty;          // (N, C)
+    void* dqkv;           // (N, 3C)
+    void* dfch;           // (N, F)
+    void* dfch_gelu;      // (N, F)
+} Activations;
+
+typedef struct {
+    GPTConfig cfg;
+    const Device* dev;
+    size_t sizes[NUM_PARAMS], offsets[NUM_PARAMS], num_params;
+    void* params;        // the run's dtype
+    float* grads;        // fp32, same layout
+    float* master;       // fp32 master weights (GPU with bf16/fp16 only; NULL otherwise)
+    float* adam_m;       // fp32
+    float* adam_v;       // fp32
+    Activations acts;
+    int B, T;            // the largest micro-batch the activations hold
+    size_t activation_bytes;
+    uint64_t dropout_stream;  // fixes this micro-batch's dropout masks (see gpt_set_dropout_stream)
+} GPT;
+
+// Address of element `index` of a dtype-storage buffer.
+static void* at(const GPT* m, void* base, size_t index) {
+    return (char*)base + index * dtype_size(m->dev->dtype);
+}
+
+static void* param(const GPT* m, int which, size_t index) { return at(m, m->params, m->offsets[which] + index); }
+static float* grad(const GPT* m, int which, size_t index) { return m->grads + m->offsets[which] + index; }
+
+static void gpt_build(GPT* m, const GPTConfig* cfg, const Device* dev) {
+    memset(m, 0, sizeof(*m));
+    m->cfg = *cfg;
+    m->dev = dev;
+    param_sizes(cfg, m->sizes);
+    for (int i = 0; i < NUM_PARAMS; i++) {
+        m->offsets[i] = m->num_params;
+        m->num_params += m->sizes[i];
+    }
+    size_t n = m->num_params;
+    m->params = dev_malloc(dev, n * dtype_size(dev->dtype));
+    m->grads = (float*)dev_malloc(dev, n * sizeof(float));
+    m->adam_m = (float*)dev_malloc(dev, n * sizeof(float));
+    m->adam_v = (float*)dev_malloc(dev, n * sizeof(float));
+    if (dev->dtype != DT_F32) m->master = (float*)dev_malloc(dev, n * sizeof(float));
+    dev_zero(dev, m->grads, n * sizeof(float));
+    dev_zero(dev, m->adam_m, n * sizeof(float));
+    dev_zero(dev, m->adam_v, n * sizeof(float));
+}
+
+// Set all parameters from full fp32 host values (the master copy too).
+static void gpt_set_params(GPT* m, const float* host) {
+    size_t n = m->num_params;
+    void* stored = xmalloc(n * dtype_size(m->dev->dtype));
+    floats_to_dtype(stored, host, n, m->dev->dtype);
+    dev_upload(m->dev, m->params, stored, n * dtype_size(m->dev->dtype));
+    if (m->master) dev_upload(m->dev, m->master, host, n * sizeof(float));
+    free(stored);
+}
+
+// Megatron's initialisation: weights N(0, std), the two output projections of each
+// layer N(0, std/sqrt(2L)), biases 0, LayerNorm 1 and 0. Drawn on the host in a
+// fixed order, so every device and every later parallel layout starts alike.
+static void gpt_init(GPT* m, double std, uint32_t seed) {
+    float* host = (float*)xmalloc(m->num_params * sizeof(float));
+    MT19937 rng;
+    mt_seed(&rng, seed);
+    double scaled_std = std / sqrt(2.0 * m->cfg.L);
+    for (int i = 0; i < NUM_PARAMS; i++) {
+        float* p = host + m->offsets[i];
+        int is_ln_weight = i == LN1W || i == LN2W || i == LNFW;
+        int is_weight = i == WTE || i == WPE || i == QKVW || i == ATTPROJW || i == FCW || i == FCPROJW;
+        double s = (i == ATTPROJW || i == FCPROJW) ? scaled_std : std;
+        for (size_t k = 0; k < m->sizes[i]; k++)
+            p[k] = is_weight ? (float)(s * mt_normal(&rng)) : is_ln_weight ? 1.0f : 0.0f;
+    }
+    gpt_set_params(m, host);
+    free(host);
+}
+
+// Carve the activation buffers for micro-batches of up to B x T tokens.
+static void gpt_alloc_activations(GPT* m, int B, int T) {
+    const GPTConfig* c = &m->cfg;
+    size_t N = (size_t)B * T, L = c->L, C = c->C, F = c->F, es = dtype_size(m->dev->dtype);
+    Activations* a = &m->acts;
+    struct { void** ptr; size_t bytes; } table[] = {
+        {&a->encoded, N * C * es}, {&a->ln1, L * N * C * es}, {(void**)&a->ln1_mean, L * N * 4}, {(void**)&a->ln1_rstd, L * N * 4},
+        {&a->qkv, L * N * 3 * C * es}, {&a->atty, L * N * C * es}, {(void**)&a->att_lse, L * N * c->NH * 4},
+        {&a->residual2, L * N * C * es}, {&a->ln2, L * N * C * es}, {(void**)&a->ln2_mean, L * N * 4},
+        {(void**)&a->ln2_rstd, L * N * 4}, {&a->fch, L * N * F * es}, {&a->fch_gelu, L * N * F * es},
+        {&a->residual3, L * N * C * es}, {&a->lnf, N * C * es}, {(void**)&a->lnf_mean, N * 4}, {(void**)&a->lnf_rstd, N * 4},
+        {&a->logits, N * c->Vp * es}, {(void**)&a->losses, N * 4}, {(void**)&a->tokens, N * 4}, {(void**)&a->targets, N * 4},
+        {(void**)&a->dloss, N * 4}, {&a->proj, N * C * es}, {&a->dresidual, N * C * es}, {&a->dproj, N * C * es},
+        {&a->dln, N * C * es}, {&a->datty, N * C * es}, {&a->dqkv, N * 3 * C * es}, {&a->dfch, N * F * es},
+        {&a->dfch_gelu, N * F * es},
+    };
+    size_t count = sizeof(table) / sizeof(table[0]), total = 0;
+    for (size_t i = 0; i < count; i++) total += (table[i].bytes + 255) / 256 * 256;
+    char* base = (char*)dev_malloc(m->dev, total);
+    for (size_t i = 0; i < count; i++) {
+        *table[i].ptr = base;
+        base += (table[i].bytes + 255) / 256 * 256;
+    }
+    m->B = B;
+    m->T = T;
+    m->activation_bytes = total;
+}
+
+// Dropout masks are a pure function of (stream, layer, site, element), so a
+// backward pass and a resumed run regenerate exactly the forward's masks.
+static void gpt_set_dropout_stream(GPT* m, uint32_t seed, int64_t iteration, int micro_batch) {
+    m->dropout_stream = ((uint64_t)seed << 40) ^ ((uint64_t)iteration << 12) ^ (uint64_t)micro_batch;
+}
+
+static uint64_t dropout_seed(const GPT* m, int layer, int site) {
+    uint64_t key = (uint64_t)layer * 4 + site;
+    return ((uint64_t)hash_u32(m->dropout_stream, key) << 32) | hash_u32(~m->dropout_stream, key);
+}
+
+enum { SITE_EMBEDDING, SITE_ATTENTION_PROBS, SITE_ATTENTION_OUT, SITE_MLP_OUT };
+
+// Forward through the transformer to the logits, for B x T tokens already in acts.tokens.
+static void gpt_forward(GPT* m, int B, int T, float p_hidden, float p_attn) {
+    const GPTConfig* c = &m->cfg;
+    const Device* d = m->dev;
+    Activations* a = &m->acts;
+    int N = B * T, C = c->C, F = c->F;
+    size_t NC = (size_t)N * C;
+    embedding_forward(d, a->encoded, a->tokens, param(m, WTE, 0), param(m, WPE, 0), B, T, C);
+    dropout_forward(d, a->encoded, p_hidden, dropout_seed(m, 0, SITE_EMBEDDING), NC);
+    for (int l = 0; l < c->L; l++) {
+        void* residual = l == 0 ? a->encoded : at(m, a->residual3, (l - 1) * NC);
+        void* ln1 = at(m, a->ln1, l * NC);
+        void* qkv = at(m, a->qkv, l * NC * 3);
+        void* atty = at(m, a->atty, l * NC);
+        void* residual2 = at(m, a->residual2, l * NC);
+        void* ln2 = at(m, a->ln2, l * NC);
+        void* fch = at(m, a->fch, l * (size_t)N * F);
+        void* fch_gelu = at(m, a->fch_gelu, l * (size_t)N * F);
+        void* residual3 = at(m, a->residual3, l * NC);
+        layernorm_forward(d, ln1, a->ln1_mean + l * N, a->ln1_rstd + l * N, residual, param(m, LN1W, l * C), param(m, LN1B, l * C), N, C);
+        matmul_forward(d, qkv, ln1, param(m, QKVW, (size_t)l * 3 * C * C), param(m, QKVB, l * 3 * C), NULL, N, C, 3 * C);
+        attention_forward(d, atty, a->att_lse + (size_t)l * N * c->NH, qkv, p_attn, dropout_seed(m, l, SITE_ATTENTION_PROBS), B, T, c->NH, c->HS);
+        matmul_forward(d, a->proj, atty, param(m, ATTPROJW, (size_t)l * C * C), NULL, NULL, N, C, C);
+        residual_dropout_forward(d, residual2, residual, a->proj, param(m, ATTPROJB, l * C), p_hidden, dropout_seed(m, l, SITE_ATTENTION_OUT), N, C);
+        layernorm_forward(d, ln2, a->ln2_mean + l * N, a->ln2_rstd + l * N, residual2, param(m, LN2W, l * C), param(m, LN2B, l * C), N, C);
+        matmul_forward(d, fch, ln2, param(m, FCW, (size_t)l * F * C), param(m, FCB, l * F), fch_gelu, N, C, F);
+        matmul_forward(d, a->proj, fch_gelu, param(m, FCPROJW, (size_t)l * C * F), NULL, NULL, N, F, C);
+        residual_dropout_forward(d, residual3, residual2, a->proj, param(m, FCPROJB, l * C), p_hidden, dropout_seed(m, l, SITE_MLP_OUT), N, C);
+    }
+    void* last = c->L ? at(m, a->residual3, (c->L - 1) * NC) : a->encoded;
+    layernorm_forward(d, a->lnf, a->lnf_mean, a->lnf_rstd, last, param(m, LNFW, 0), param(m, LNFB, 0), N, C);
+    matmul_forward(d, a->logits, a->lnf, param(m, WTE, 0), NULL, NULL, N, C, c->Vp);
+}
+
+// Backward from d(logits) (left in acts.logits by the fused cross-entropy) to
+// every parameter gradient, accumulating (+=) into m->grads.
+static void gpt_backward(GPT* m, int B, int T, float p_hidden, float p_attn) {
+    const GPTConfig* c = &m->cfg;
+    const Device* d = m->dev;
+    Activations* a = &m->acts;
+    int N = B * T, C = c->C, F = c->F;
+    size_t NC = (size_t)N * C;
+    void* last = c->L ? at(m, a->residual3, (c->L - 1) * NC) : a->encoded;
+    matmul_backward(d, a->dln, grad(m, WTE, 0), NULL, a->logits, a->lnf, param(m, WTE, 0), N, C, c->Vp);
+    dev_zero(d, a->dresidual, NC * dtype_size(d->dtype));
+    layernorm_backward(d, a->dresidual, grad(m, LNFW, 0), grad(m, LNFB, 0), a->dln, last, param(m, LNFW, 0), a->lnf_mean, a->lnf_rstd, N, C);
+    for (int l = c->L - 1; l >= 0; l--) {
+        void* residual = l == 0 ? a->encoded : at(m, a->residual3, (l - 1) * NC);
+        void* ln1 = at(m, a->ln1, l * NC);
+        void* qkv = at(m, a->qkv, l * NC * 3);
+        void* atty = at(m, a->atty, l * NC);
+        void* residual2 = at(m, a->residual2, l * NC);
+        void* ln2 = at(m, a->ln2, l * NC);
+        void* fch = at(m, a->fch, l * (size_t)N * F);
+        void* fch_gelu = at(m, a->fch_gelu, l * (size_t)N * F);
+        // MLP: residual3 = residual2 + dropout(fch_gelu @ fcprojw^T + fcprojb)
+        residual_dropout_backward(d, a->dproj, grad(m, FCPROJB, l * C), a->dresidual, p_hidden, dropout_seed(m, l, SITE_MLP_OUT), N, C);
+        matmul_backward(d, a->dfch_gelu, grad(m, FCPROJW, (size_t)l * C * F), NULL, a->dproj, fch_gelu, param(m, FCPROJW, (size_t)l * C * F), N, F, C);
+        gelu_backward(d, a->dfch, fch, a->dfch_gelu, (size_t)N * F);
+        matmul_backward(d, a->dln, grad(m, FCW, (size_t)l * F * C), grad(m, FCB, l * F), a->dfch, ln2, param(m, FCW, (size_t)l * F * C), N, C, F);
+        layernorm_backward(d, a->dresidual, grad(m, LN2W, l * C), grad(m, LN2B, l * C), a->dln, residual2, param(m, LN2W, l * C), a->ln2_mean + l * N, a->ln2_rstd + l * N, N, C);
+        // attention: residual2 = residual + dropout(atty @ attprojw^T + attprojb)
+        residual_dropout_backward(d, a->dproj, grad(m, ATTPROJB, l * C), a->dresidual, p_hidden, dropout_seed(m, l, SITE_ATTENTION_OUT), N, C);
+        matmul_backward(d, a->datty, grad(m, ATTPROJW, (size_t)l * C * C), NULL, a->dproj, atty, param(m, ATTPROJW, (size_t)l * C * C), N, C, C);
+        attention_backward(d, a->dqkv, a->datty, qkv, atty, a->att_lse + (size_t)l * N * c->NH, p_attn, dropout_seed(m, l, SITE_ATTENTION_PROBS), B, T, c->NH, c->HS);
+        matmul_backward(d, a->dln, grad(m, QKVW, (size_t)l * 3 * C * C), grad(m, QKVB, l * 3 * C), a->dqkv, ln1, param(m, QKVW, (size_t)l * 3 * C * C), N, C, 3 * C);
+        layernorm_backward(d, a->dresidual, grad(m, LN1W, l * C), grad(m, LN1B, l * C), a->dln, residual, param(m, LN1W, l * C), a->ln1_mean + l * N, a->ln1_rstd + l * N, N, C);
+    }
+    dropout_backward(d, a->dresidual, p_hidden, dropout_seed(m, 0, SITE_EMBEDDING), NC);
+    embedding_backward(d, grad(m, WTE, 0), grad(m, WPE, 0), a->dresidual, a->tokens, B, T, C);
+}
+
+// ----------------------------------------------------------------------------
+// One micro-batch: host samples -> device tokens, forward, loss, backward.
+
+typedef struct {
+    int* tokens;    // (N) host, [s, b] order
+    int* targets;   // (N)
+    float* mask;    // (N) loss mask
+    float* dloss;   // (N)
+    float* losses;  // (N)
+    int32_t* sample;  // (T + 1) one sample from the dataset
+} HostBatch;
+
+// Lay B samples of T+1 tokens out as inputs/targets in [s, b] order and upload them.
+// Returns the number of tokens that count in the loss.
+static double load_batch(GPT* m, HostBatch* h, const GPTSampleSet* set, int64_t first, int B, int T, int eod, int eod_mask_loss) {
+    for (int b = 0; b < B; b++) {
+        size_t index = (size_t)((first + b) % (int64_t)set->num_samples);
+        gpt_sample_get(set, index, h->sample);
+        for (int t = 0; t < T; t++) {
+            int x = h->sample[t], y = h->sample[t + 1];
+            if (x < 0 || x >= m->cfg.V || y < 0 || y >= m->cfg.V)
+                die("sample %zu holds token id %d, outside the vocabulary of %d: wrong --data-path or tokenizer?", index, x < 0 || x >= m->cfg.V ? x : y, m->cfg.V);
+            h->tokens[t * B + b] = x;
+            h->targets[t * B + b] = y;
+            h->mask[t * B + b] = (eod_mask_loss && x == eod) ? 0.0f : 1.0f;
+        }
+    }
+    double count = 0;
+    for (int i = 0; i < B * T; i++) count += h->mask[i];
+    dev_upload(m->dev, m->acts.tokens, h->tokens, B * T * sizeof(int));
+    dev_upload(m->dev, m->acts.targets, h->targets, B * T * sizeof(int));
+    return count;
+}
+
+// Masked mean of the per-token losses of the micro-batch just computed.
+static double batch_loss(GPT* m, HostBatch* h, int N, double count) {
+    dev_download(m->dev, h->losses, m->acts.losses, N * sizeof(float));
+    double sum = 0;
+    for (int i = 0; i < N; i++) sum += (double)h->losses[i] * h->mask[i];
+    return count > 0 ? sum / count : 0.0;
+}
+
+// Forward + loss, and backward when `scale` > 0 (gradient of loss x scale / micro-batches).
+static double gpt_micro_step(GPT* m, HostBatch* h, int B, int T, double count, double grad_scale, float p_hidden, float p_attn) {
+    int N = B * T;
+    gpt_forward(m, B, T, p_hidden, p_attn);
+    const float* dloss = NULL;
+    if (grad_scale > 0) {
+        for (int i = 0; i < N; i++) h->dloss[i] = count > 0 ? (float)(h->mask[i] / count * grad_scale) : 0.0f;
+        dev_upload(m->dev, m->acts.dloss, h->dloss, N * sizeof(float));
+        dloss = m->acts.dloss;
+    }
+    crossentropy_forward_backward(m->dev, m->acts.losses, m->acts.logits, m->acts.targets, dloss, N, m->cfg.V, m->cfg.Vp);
+    if (grad_scale > 0) gpt_backward(m, B, T, p_hidden, p_attn);
+    return batch_loss(m, h, N, count);
+}
+
+// One AdamW step on every tensor; weight decay only where Megatron applies it.
+static void gpt_update(GPT* m, float lr, const Args* args, float weight_decay, float grad_scale, int step) {
+    for (int i = 0; i < NUM_PARAMS; i++) {
+        size_t off = m->offsets[i];
+        adamw_update(m->dev, param(m, i, 0), m->master ? m->master + off : NULL, m->grads + off, m->adam_m + off, m->adam_v + off,
+                     m->sizes[i], lr, (float)args->adam_beta1, (float)args->adam_beta2, (float)args->adam_eps,
+                     param_decays[i] ? weight_decay : 0.0f, grad_scale, step);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Hugging Face GPT-2 weights (config.json-free: the caller gives the config).
+// HF's Conv1D stores weights [in, out]; its c_attn columns are [q | k | v] over all
+// heads, where Megatron interleaves per head: [h0: q k v, h1: q k v, ...].
+
+// Read HF-named tensors (each name preceded by `prefix`) into host floats in our
+// layout; the padded vocabulary rows stay 0.
+static void hf_read_params(const GPT* m, const SafeTensors* st, const char* prefix, float* host) {
+    const GPTConfig* c = &m->cfg;
+    int C = c->C, F = c->F, HS = c->HS;
+    float* tmp = (float*)xmalloc(((size_t)C * (3 * C > F ? 3 * C : F) + 3 * C) * sizeof(float));
+    char name[256];
+    memset(host, 0, m->num_params * sizeof(float));
+    #define HF(fmt, ...) (snprintf(name, sizeof(name), "%s" fmt, prefix, ##__VA_ARGS__), name)
+    safetensors_read_floats(st, HF("transformer.wte.weight"), host + m->offsets[WTE], (size_t)c->V * C);
+    safetensors_read_floats(st, HF("transformer.wpe.weight"), host + m->offsets[WPE], (size_t)c->maxT * C);
+    safetensors_read_floats(st, HF("transformer.ln_f.weight"), host + m->offsets[LNFW], C);
+    safetensors_read_floats(st, HF("transformer.ln_f.bias"), host + m->offsets[LNFB], C);
+    for (int l = 0; l < c->L; l++) {
+        safetensors_read_floats(st, HF("transformer.h.%d.ln_1.weight", l), host + m->offsets[LN1W] + l * C, C);
+        safetensors_read_floats(st, HF("transformer.h.%d.ln_1.bias", l), host + m->offsets[LN1B] + l * C, C);
+        safetensors_read_floats(st, HF("transformer.h.%d.ln_2.weight", l), host + m->offsets[LN2W] + l * C, C);
+        safetensors_read_floats(st, HF("transformer.h.%d.ln_2.bias", l), host + m->offsets[LN2B] + l * C, C);
+        // c_attn: weight [C, 3C] (in, out), bias [3C]; output column j = part*C + head*HS + k
+        safetensors_read_floats(st, HF("transformer.h.%d.attn.c_attn.weight", l), tmp, (size_t)C * 3 * C);
+        float* qkvw = host + m->offsets[QKVW] + (size_t)l * 3 * C * C;
+        float* bias_in = tmp + (size_t)C * 3 * C;
+        safetensors_read_floats(st, HF("transformer.h.%d.attn.c_attn.bias", l), bias_in, 3 * C);
+        float* qkvb = host + m->offsets[QKVB] + (size_t)l * 3 * C;
+        for (int part = 0; part < 3; part++)
+            for (int h = 0; h < c->NH; h++)
+                for (int k = 0; k < HS; k++) {
+                    int hf_col = part * C + h * HS + k, row = h * 3 * HS + part * HS + k;
+                    for (int i = 0; i < C; i++) qkvw[(size_t)row * C + i] = tmp[(size_t)i * 3 * C + hf_col];
+                    qkvb[row] = bias_in[hf_col];
+                }
+        struct { const char* w; const char* b; int which_w, which_b, in, out; } linears[] = {
+            {"attn.c_proj.weight", "attn.c_proj.bias", ATTPROJW, ATTPROJB, C, C},
+            {"mlp.c_fc.weight", "mlp.c_fc.bias", FCW, FCB, C, F},
+            {"mlp.c_proj.weight", "mlp.c_proj.bias", FCPROJW, FCPROJB, F, C},
+        };
+        for (int k = 0; k < 3; k++) {
+            int in = linears[k].in, out = linears[k].out;
+            safetensors_read_floats(st, HF("transformer.h.%d.%s", l, linears[k].w), tmp, (size_t)in * out);
+            float* w = host + m->offsets[linears[k].which_w] + (size_t)l * in * out;
+            for (int o = 0; o < out; o++)
+                for (int i = 0; i < in; i++) w[(size_t)o * in + i] = tmp[(size_t)i * out + o];
+            safetensors_read_floats(st, HF("transformer.h.%d.%s", l, linears[k].b), host + m->offsets[linears[k].which_b] + (size_t)l * out, out);
+        }
+    }
+    #undef HF
+    free(tmp);
+}
+
+static void gpt_load_hf(GPT* m, const SafeTensors* st) {
+    float* host = (float*)xmalloc(m->num_params * sizeof(float));
+    hf_read_params(m, st, "", host);
+    gpt_set_params(m, host);
+    free(host);
+}
+
+// ----------------------------------------------------------------------------
+// Text generation for the sample printed after training: the model reads the
+// last T tokens and draws the next one from softmax(logits / temperature).
+
+static int sample_next(const float* logits, int V, double temperature, MT19937* rng) {
+    double max = -INFINITY, sum = 0;
+    for (int i = 0; i < V; i++) max = fmax(max, logits[i]);
+    for (int i = 0; i < V; i++) sum += exp((logits[i] - max) / temperature);
+    double u = mt_uniform(rng) * sum, acc = 0;
+    for (int i = 0; i < V; i++) {
+        acc += exp((logits[i] - max) / temperature);
+        if (acc >= u) return i;
+    }
+    return V - 1;
+}
+
+static void gpt_generate(GPT* m, int* out, int prompt_len, int total_len, uint32_t seed) {
+    const GPTConfig* c = &m->cfg;
+    size_t es = dtype_size(m->dev->dtype);
+    void* row = xmalloc((size_t)c->Vp * es);
+    float* logits = (float*)xmalloc((size_t)c->Vp * sizeof(float));
+    MT19937 rng;
+    mt_seed(&rng, seed);
+    for (int n = prompt_len; n < total_len; n++) {
+        int T = n < m->T ? n : m->T;
+        dev_upload(m->dev, m->acts.tokens, out + n - T, T * sizeof(int));
+        gpt_forward(m, 1, T, 0.0f, 0.0f);
+        dev_download(m->dev, row, at(m, m->acts.logits, (size_t)(T - 1) * c->Vp), (size_t)c->Vp * es);
+        dtype_to_floats(logits, row, c->Vp, m->dev->dtype);
+        out[n] = sample_next(logits, c->V, 1.0, &rng);
+    }
+    free(logits);
+    free(row);
+}
+
+static void gpt_free(GPT* m) {
+    const Device* d = m->dev;
+    dev_free(d, m->params);
+    dev_free(d, m->grads);
+    dev_free(d, m->adam_m);
+    dev_free(d, m->adam_v);
+    if (m->master) dev_free(d, m->master);
+    if (m->acts.encoded) dev_free(d, m->acts.encoded);
+}
+
+#ifndef TESTING
+// ----------------------------------------------------------------------------
+// The training loop (megatron/training.py: pretrain -> train -> train_step).
+
+static void print_memory_report(const GPT* m) {
+    double mib = 1048576.0;
+    size_t n = m->num_params, es = dtype_size(m->dev->dtype);
+    printf("[memory] parameters %.1f MiB | gradients %.1f MiB | optimizer %.1f MiB | activations %.1f MiB",
+           n * es / mib, n * 4 / mib, n * (m->master ? 12 : 8) / mib, m->activation_bytes / mib);
+#ifdef __CUDACC__
+    if (m->dev->is_gpu) {
+        size_t free_b, total_b;
+        cudaCheck(cudaMemGetInfo(&free_b, &total_b));
+        printf(" | GPU in use %.1f MiB of %.1f MiB", (total_b - free_b) / mib, total_b / mib);
+    }
+#endif
+    printf("\n");
+}
+
+static double evaluate(GPT* m, HostBatch* h, const GPTSampleSet* valid, int64_t* consumed, const Args* a, int eod) {
+    double total = 0;
+    int B = a->micro_batch_size, T = a->seq_length, micro = a->global_batch_size / B;
+    for (int it = 0; it < a->eval_iters; it++)
+        for (int k = 0; k < micro; k++) {
+            double count = load_batch(m, h, valid, *consumed, B, T, eod, a->eod_mask_loss);
+            total += gpt_micro_step(m, h, B, T, count, 0.0, 0.0f, 0.0f);
+            *consumed += B;
+        }
+    return total / ((double)a->eval_iters * micro);
+}
+
+int main(int argc, char** argv) {
+    Args args;
+    ArgSpec specs[MAX_ARGS];
+    args_defaults(&args);
+    int n_specs = args_table(&args, specs);
+    int vocab_size = 0;
+    specs[n_specs++] = ArgSpec{"--vocab-size", ARG_INT, &vocab_size, "vocabulary size when no tokenizer files are given"};
+    args_parse(argc, argv, specs, n_specs);
+    args_validate(&args);
+
+    Device dev;
+    device_init(&dev, args.device, args.fp16 ? DT_F16 : args.fp32 ? DT_F32 : DT_BF16);
+#ifdef _OPENMP
+    int threads = omp_get_max_threads();
+#else
+    int threads = 1;
+#endif
+    printf("device: %s (%s%s, %d CPU threads)\n", dev.name, dtype_name(dev.dtype), dev.is_gpu ? "" : ", the CPU path", threads);
+
+    Tokenizer* tokenizer = NULL;
+    if (args.vocab_file || args.merge_file) {
+        int type = tokenizer_type_from_name(args.tokenizer_type);
+        if (type != TOK_GPT2BPE) arg_error("--tokenizer-type %s: train_gpt uses GPT2BPETokenizer", args.tokenizer_type);
+        if (!args.vocab_file || !args.merge_file) arg_error("GPT2BPETokenizer needs both --vocab-file and --merge-file");
+        tokenizer = tokenizer_load(type, args.vocab_file, args.merge_file);
+        vocab_size = tokenizer_vocab_size(tokenizer);
+    }
+    if (vocab_size <= 0) arg_error("give --vocab-file/--merge-file or --vocab-size");
+    int eod = tokenizer ? tokenizer_eod(tokenizer) : vocab_size - 1;
+
+    GPTConfig cfg;
+    cfg.L = args.num_layers;
+    cfg.C = args.hidden_size;
+    cfg.NH = args.num_attention_heads;
+    cfg.HS = cfg.C / cfg.NH;
+    cfg.F = args.ffn_hidden_size;
+    cfg.V = vocab_size;
+    int multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size;
+    cfg.Vp = CEIL_DIV(vocab_size, multiple) * multiple;
+    cfg.maxT = args.max_position_embeddings;
+    int B = args.micro_batch_size, T = args.seq_length;
+
+    // Megatron's sample counts: train, then enough validation for every evaluation, then test.
+    int64_t train_samples = args.train_samples ? args.train_samples : args.train_iters * args.global_batch_size;
+    int64_t train_iters = args.train_iters;
+    if (!train_iters) {  // sample-based: iterate until the samples are consumed
+        for (int64_t s = 0; s < train_samples; train_iters++) s += global_batch_at(&args, s);
+    }
+    size_t requested[3] = {(size_t)train_samples,
+                           (size_t)((train_iters / args.eval_interval + 1) * args.eval_iters * args.global_batch_size),
+                           (size_t)(args.eval_iters * args.global_batch_size)};
+    GPTSampleSet sets[3];
+    gpt_build_datasets(sets, args.data_path.n, args.data_path.values, args.split, requested, T, (uint32_t)args.seed);
+    printf("data: %zu train, %zu validation, %zu test samples of %d tokens\n", sets[0].num_samples, sets[1].num_samples, sets[2].num_samples, T);
+
+    GPT model;
+    gpt_build(&model, &cfg, &dev);
+    gpt_init(&model, args.init_method_std, (uint32_t)args.seed);
+    gpt_alloc_activations(&model, B, T);
+    printf("model: %d layers, hidden %d, %d heads, ffn %d, vocab %d (padded %d), %zu parameters\n", cfg.L, cfg.C, cfg.NH, cfg.F,
+           cfg.V, cfg.Vp, model.num_params);
+
+    HostBatch h;
+    h.tokens = (int*)xmalloc(B * T * sizeof(int));
+    h.targets = (int*)xmalloc(B * T * sizeof(int));
+    h.mask = (float*)xmalloc(B * T * sizeof(float));
+    h.dloss = (float*)xmalloc(B * T * sizeof(float));
+    h.losses = (float*)xmalloc(B * T * sizeof(float));
+    h.sample = (int32_t*)xmalloc((T + 1) * sizeof(int32_t));
+
+    LRSchedule schedule = lr_schedule_from_args(&args, train_samples);
+    LossScaler scaler = loss_scaler_from_args(&args);
+    LogFile log_file;
+    log_file_open(&log_file, args.log_file);
+    double peak = args.peak_tflops > 0 ? args.peak_tflops : dev.is_gpu ? peak_tflops_for(dev.name) : 0.0;
+    double flops_per_token = gpt_flops_per_token(cfg.L, cfg.C, T, cfg.Vp);
+
+    int64_t consumed = 0, consumed_valid = 0, lr_samples = 0;
+    int updates = 0, skipped = 0, nan_iters = 0, interval_iters = 0;
+    double interval_loss = 0, interval_start = now_seconds(), interval_tokens = 0, last_norm = 0;
+    float p_hidden = (float)args.hidden_dropout, p_attn = (float)args.attention_dropout;
+    for (int64_t iteration = 1; iteration <= train_iters; iteration++) {
+        int gbs = global_batch_at(&args, consumed), micro = gbs / B;
+        dev_zero(&dev, model.grads, model.num_params * sizeof(float));
+        double loss = 0;
+        for (int k = 0; k < micro; k++) {
+            double count = load_batch(&model, &h, &sets[0], consumed + (int64_t)k * B, B, T, eod, args.eod_mask_loss);
+            gpt_set_dropout_stream(&model, (uint32_t)args.seed, iteration, k);
+            loss += gpt_micro_step(&model, &h, B, T, count, scaler.scale / micro, p_hidden, p_attn) / micro;
+        }
+        consumed += gbs;
+        double norm = sqrt(grad_norm_squared(&dev, model.grads, model.num_params)) / scaler.scale;
+        int found_inf = !isfinite(norm);
+        if (found_inf && !args.fp16) die("iteration %lld: the gradient norm is %f (loss %f): training diverged", (long long)iteration, norm, loss);
+        if (!isfinite(loss) && !args.fp16) die("iteration %lld: the loss is %f: training diverged", (long long)iteration, loss);
+        if (found_inf) {
+            skipped++;
+            nan_iters += norm != norm;
+        } else {
+            double clip = args.clip_grad > 0 && norm > args.clip_grad ? args.clip_grad / (norm + 1e-6) : 1.0;
+            float lr = (float)lr_at(&schedule, lr_samples);
+            gpt_update(&model, lr, &args, (float)args.weight_decay, (float)(clip / scaler.scale), ++updates);
+            lr_samples += gbs;
+            last_norm = norm;
+        }
+        loss_scaler_update(&scaler, found_inf);
+        interval_loss += loss;
+        interval_iters++;
+        interval_tokens += (double)gbs * T;
+
+        if (iteration % args.log_interval == 0 || iteration == train_iters) {
+            dev_sync(&dev);
+            double seconds = now_seconds() - interval_start;
+            LogRow row;
+            row.iteration = iteration;
+            row.train_iters = train_iters;
+            row.consumed_samples = consumed;
+            row.ms_per_iter = 1000.0 * seconds / interval_iters;
+            row.lr = lr_at(&schedule, lr_samples);
+            row.global_batch = gbs;
+            row.lm_loss = interval_loss / interval_iters;
+            row.loss_scale = scaler.scale;
+            row.grad_norm = last_norm;
+            row.skipped = skipped;
+            row.nan_iters = nan_iters;
+            row.tokens_per_s = interval_tokens / seconds;
+            row.tflops = row.tokens_per_s * flops_per_token / 1e12;
+            row.mfu = peak > 0 ? row.tflops / peak : 0.0;
+            log_print(&row);
+            log_file_train(&log_file, &row);
+            if (iteration == args.log_interval || (iteration == train_iters && iteration < args.log_interval)) print_memory_report(&model);
+            interval_loss = interval_tokens = 0;
+            interval_iters = skipped = nan_iters = 0;
+            interval_start = now_seconds();
+        }
+        int last = iteration == train_iters;
+        if (args.eval_iters > 0 && sets[1].num_samples > 0 && (iteration % args.eval_interval == 0 || last)) {
+            log_validation(&log_file, iteration, evaluate(&model, &h, &sets[1], &consumed_valid, &args, eod));
+            interval_start = now_seconds();
+        }
+    }
+
+    if (args.sample_length > 0) {
+        int total = 1 + args.sample_length;
+        int* text = (int*)xmalloc(total * sizeof(int));
+        text[0] = eod;  // start from a document boundary
+        gpt_generate(&model, text, 1, total, (uint32_t)args.seed);
+        printf("---- sample (%d tokens) ----\n", args.sample_length);
+        if (tokenizer) {
+            char* s = tokenizer_decode(tokenizer, text + 1, args.sample_length);
+            printf("%s\n", s);
+            free(s);
+        } else {
+            for (int i = 1; i < total; i++) printf("%d ", text[i]);
+            printf("\n");
+        }
+        printf("----\n");
+        free(text);
+    }
+
+    if (log_file.f) fclose(log_file.f);
+    for (int i = 0; i < 3; i++) gpt_sampleset_free(&sets[i]);
+    free(h.tokens); free(h.targets); free(h.mask); free(h.dloss); free(h.losses); free(h.sample);
+    gpt_free(&model);
+    if (tokenizer) tokenizer_free(tokenizer);
+    device_free(&dev);
+    return 0;
+}
+#endif
