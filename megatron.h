@@ -1275,12 +1275,824 @@ static void gpt_sampleset_free(GPTSampleSet* set) {
 // <<< data
 
 // >>> layers-matmul
+// ----------------------------------------------------------------------------
+// 3a. matmul: the linear layer of PyTorch and Megatron, out[N, OC] = inp[N, C] @ weight[OC, C]^T + bias
+// (the building block of Megatron-1 §3's column- and row-parallel MLP and attention projections).
+// Backward: dinp (=) = dout @ weight; dweight (+=) dout^T @ inp; dbias (+=) column sums of dout.
+
+// CPU: one cache-blocked GEMM computes all three products,
+//   c[i, j] (= or +=) sum_k A(i, k) B(k, j) (+ bias[j]),  A(i, k) = a[i*a_rs + k*a_ks],  B(k, j) = b[k*b_ks + j*b_cs],
+// for row-major c[M, N]; the strides read inp, weight and dout transposed or not without copies.
+// A tile of GEMM_MR x GEMM_NR outputs lives in vector registers: the compiler turns its j loop into
+// FMAs on whole registers (with -O3 -march=native: 16 zmm accumulators under AVX-512). B is copied
+// ("packed") into panels of GEMM_KC x GEMM_NR contiguous values, rows of A are read in place. Each
+// output sums k in the same order whatever the thread count, so results are reproducible.
+#if defined(__AVX512F__)
+#define GEMM_MR 8
+#define GEMM_NR 32
+#elif defined(__AVX__)
+#define GEMM_MR 6
+#define GEMM_NR 16
+#else
+#define GEMM_MR 4
+#define GEMM_NR 8
+#endif
+#define GEMM_KC 256   // k per packed block: a B panel (KC x NR) stays in L1/L2 while the A rows stream
+#define GEMM_MC 256   // rows of A per pass over a B panel (MC x KC of A stays in L2)
+#define GEMM_NC 4096  // columns of B packed at a time
+
+// One MR x NR tile from mr valid rows of A and a packed B panel. `overwrite`: c = [bias +] sum, else c += sum.
+template <typename real>
+static inline void gemm_tile_cpu(real* c, long ldc, int mr, int nr, const real* a, long a_rs, long a_ks,
+                                 const real* b_panel, int kc, int overwrite, const real* bias) {
+    const real* a_row[GEMM_MR];
+    for (int i = 0; i < GEMM_MR; i++) a_row[i] = a + (i < mr ? i : mr - 1) * a_rs;  // past the edge: recompute the last row
+    real acc[GEMM_MR][GEMM_NR] = {};
+    for (int k = 0; k < kc; k++, b_panel += GEMM_NR) {
+        // A read down its columns (dweight's dout^T) takes a new page per k: no hardware prefetcher follows that
+        if (a_ks != 1) __builtin_prefetch(a_row[0] + (k + 16) * a_ks);
+#pragma GCC unroll 16
+        for (int i = 0; i < GEMM_MR; i++) {
+            real a_ik = a_row[i][k * a_ks];
+#pragma omp simd
+            for (int j = 0; j < GEMM_NR; j++) acc[i][j] += a_ik * b_panel[j];
+        }
+    }
+    for (int i = 0; i < mr; i++) {
+        real* c_row = c + i * ldc;
+        if (!overwrite)
+            for (int j = 0; j < nr; j++) c_row[j] += acc[i][j];
+        else if (bias)
+            for (int j = 0; j < nr; j++) c_row[j] = bias[j] + acc[i][j];
+        else
+            for (int j = 0; j < nr; j++) c_row[j] = acc[i][j];
+    }
+}
+
+// Packs B(k, j0 .. j0+NR) for k < kc into panel[k*NR + jj], zero past column n.
+template <typename real>
+static void gemm_pack_cpu(real* panel, const real* b, long b_ks, long b_cs, int n, int kc) {
+    if (b_ks == 1) {  // B's columns are contiguous: read along k
+        for (int jj = 0; jj < GEMM_NR; jj++)
+            for (int k = 0; k < kc; k++) panel[k * GEMM_NR + jj] = jj < n ? b[jj * b_cs + k] : 0;
+    } else {
+        for (int k = 0; k < kc; k++)
+            for (int jj = 0; jj < GEMM_NR; jj++) panel[k * GEMM_NR + jj] = jj < n ? b[k * b_ks + jj * b_cs] : 0;
+    }
+}
+
+template <typename real>
+static void gemm_cpu(real* c, const real* a, long a_rs, long a_ks, const real* b, long b_ks, long b_cs,
+                     const real* bias, int accumulate, int M, int N, int K) {
+    real* packed = (real*)xmalloc(sizeof(real) * GEMM_KC * CEIL_DIV(N < GEMM_NC ? N : GEMM_NC, GEMM_NR) * GEMM_NR);
+#pragma omp parallel
+    for (int jc = 0; jc < N; jc += GEMM_NC) {
+        int nc = N - jc < GEMM_NC ? N - jc : GEMM_NC;
+        for (int pc = 0; pc < K; pc += GEMM_KC) {
+            int kc = K - pc < GEMM_KC ? K - pc : GEMM_KC;
+#pragma omp for
+            for (int jr = 0; jr < nc; jr += GEMM_NR)
+                gemm_pack_cpu(packed + (long)jr * kc, b + pc * b_ks + (jc + jr) * b_cs, b_ks, b_cs, nc - jr, kc);
+            for (int ic = 0; ic < M; ic += GEMM_MC) {
+                int mc = M - ic < GEMM_MC ? M - ic : GEMM_MC;
+#pragma omp for collapse(2)
+                for (int jr = 0; jr < nc; jr += GEMM_NR)
+                    for (int ir = 0; ir < mc; ir += GEMM_MR) {
+                        int mr = mc - ir < GEMM_MR ? mc - ir : GEMM_MR, nr = nc - jr < GEMM_NR ? nc - jr : GEMM_NR;
+                        gemm_tile_cpu(c + (ic + ir) * (long)N + jc + jr, N, mr, nr, a + (ic + ir) * a_rs + pc * a_ks, a_rs, a_ks,
+                                      packed + (long)jr * kc, kc, pc == 0 && !accumulate, bias ? bias + jc + jr : (const real*)NULL);
+                    }
+            }
+        }
+    }
+    free(packed);
+}
+
+// The tanh approximation of GELU that GPT-2 and Megatron use (and cuBLASLt's GELU epilogue computes).
+template <typename real>
+static inline real matmul_gelu_tanh(real x) {
+    return (real)0.5 * x * (1 + tanh((real)0.7978845608028654 * (x + (real)0.044715 * x * x * x)));
+}
+
+// gelu_out (may be NULL): also gelu_out = gelu_tanh(out), the MLP's first linear; out keeps the pre-activation.
+template <typename real>
+static void matmul_forward_cpu(real* out, const real* inp, const real* weight, const real* bias, int N, int C, int OC, real* gelu_out) {
+    gemm_cpu(out, inp, C, 1, weight, 1, C, bias, 0, N, OC, C);
+    if (!gelu_out) return;
+#pragma omp parallel for
+    for (long i = 0; i < (long)N * OC; i++) gelu_out[i] = matmul_gelu_tanh(out[i]);
+}
+
+// dinp (=, skipped when NULL) = dout @ weight; dweight += dout^T @ inp; dbias (may be NULL) += column sums of dout.
+template <typename real>
+static void matmul_backward_cpu(real* dinp, real* dweight, real* dbias, const real* dout, const real* inp, const real* weight,
+                                int N, int C, int OC) {
+    if (dinp) gemm_cpu(dinp, dout, OC, 1, weight, C, 1, (const real*)NULL, 0, N, C, OC);
+    gemm_cpu(dweight, dout, 1, OC, inp, C, 1, (const real*)NULL, 1, OC, C, N);
+    if (!dbias) return;
+#pragma omp parallel for
+    for (int j0 = 0; j0 < OC; j0 += 64) {
+        int nj = OC - j0 < 64 ? OC - j0 : 64;
+        real sum[64] = {};
+        for (int n = 0; n < N; n++)
+            for (int j = 0; j < nj; j++) sum[j] += dout[(long)n * OC + j0 + j];
+        for (int j = 0; j < nj; j++) dbias[j0 + j] += sum[j];
+    }
+}
+
+#ifdef __CUDACC__
+// GPU: cuBLASLt, fp32 accumulation (CUBLAS_COMPUTE_32F: no TF32 in fp32 runs). A row-major [R, S]
+// matrix is a column-major [S, R] one to cuBLAS, so out^T = weight @ inp^T etc. Algorithms found
+// by the heuristic are remembered per problem (shape, types, epilogue, pointer alignments).
+typedef struct {
+    int64_t key[14];
+    cublasLtMatmulAlgo_t algo;
+} MatmulAlgo;
+static MatmulAlgo matmul_algos[64];
+static int matmul_algo_count = 0;
+
+static uint32_t matmul_alignment(const void* p) {
+    uint32_t align = 256;
+    while (align > 1 && (uintptr_t)p % align) align /= 2;
+    return align;
+}
+
+static cudaDataType_t matmul_cuda_type(DType dt) {
+    return dt == DT_F32 ? CUDA_R_32F : dt == DT_BF16 ? CUDA_R_16BF : CUDA_R_16F;
+}
+
+// Column-major D[m, n] (ldd) = op(A)[m, k] @ op(B)[k, n] + beta * D; A (B) is stored [k, m] ([n, k]) when
+// trans_a (trans_b). A and B have the run's dtype, D d_type. bias: length m, for the BIAS epilogues;
+// aux: the GELU_AUX epilogue's pre-activation output (ld = ldd, run's dtype).
+static void matmul_cublaslt(const Device* d, void* D, cudaDataType_t d_type, int ldd, const void* A, int trans_a, int lda,
+                            const void* B, int trans_b, int ldb, int m, int n, int k, float beta,
+                            cublasLtEpilogue_t epilogue, const void* bias, void* aux) {
+    cudaDataType_t ab_type = matmul_cuda_type(d->dtype);
+    cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    cublasLtMatmulDesc_t desc;
+    cublasLtMatrixLayout_t layout_a, layout_b, layout_d;
+    cublasCheck(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)));
+    cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
+    cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
+    if (bias) cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+    if (aux) {
+        int64_t aux_ld = ldd;
+        cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof(aux)));
+        cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld, sizeof(aux_ld)));
+    }
+    cublasCheck(cublasLtMatrixLayoutCreate(&layout_a, ab_type, trans_a ? k : m, trans_a ? m : k, lda));
+    cublasCheck(cublasLtMatrixLayoutCreate(&layout_b, ab_type, trans_b ? n : k, trans_b ? k : n, ldb));
+    cublasCheck(cublasLtMatrixLayoutCreate(&layout_d, d_type, m, n, ldd));
+
+    int64_t key[14] = {m, n, k, trans_a, trans_b, lda, ldb, ldd, ab_type, d_type, epilogue, beta != 0,
+                       (int64_t)matmul_alignment(A) << 32 | matmul_alignment(B),
+                       (int64_t)matmul_alignment(D) << 32 | matmul_alignment(bias ? bias : aux ? aux : D) << 16 | matmul_alignment(aux ? aux : D)};
+    int found = -1;
+    for (int i = 0; i < matmul_algo_count && found < 0; i++)
+        if (!memcmp(matmul_algos[i].key, key, sizeof(key))) found = i;
+    cublasLtMatmulAlgo_t algo;
+    if (found >= 0) algo = matmul_algos[found].algo;
+    else {
+        cublasLtMatmulPreference_t pref;
+        uint32_t align_a = matmul_alignment(A), align_b = matmul_alignment(B), align_d = matmul_alignment(D);
+        uint64_t workspace = d->cublaslt_workspace_size;
+        cublasCheck(cublasLtMatmulPreferenceCreate(&pref));
+        cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace, sizeof(workspace)));
+        cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a, sizeof(align_a)));
+        cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b, sizeof(align_b)));
+        cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d, sizeof(align_d)));
+        cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d, sizeof(align_d)));
+        cublasLtMatmulHeuristicResult_t heuristic;
+        int returned = 0;
+        cublasCheck(cublasLtMatmulAlgoGetHeuristic(d->cublaslt, desc, layout_a, layout_b, layout_d, layout_d, pref, 1, &heuristic, &returned));
+        cublasCheck(cublasLtMatmulPreferenceDestroy(pref));
+        if (returned == 0)
+            die("cuBLASLt has no algorithm for a %s matmul m=%d n=%d k=%d (epilogue %d)", dtype_name(d->dtype), m, n, k, (int)epilogue);
+        algo = heuristic.algo;
+        if (matmul_algo_count < (int)(sizeof(matmul_algos) / sizeof(matmul_algos[0]))) {
+            memcpy(matmul_algos[matmul_algo_count].key, key, sizeof(key));
+            matmul_algos[matmul_algo_count++].algo = algo;
+        }
+    }
+    float alpha = 1.0f;
+    cublasCheck(cublasLtMatmul(d->cublaslt, desc, &alpha, A, layout_a, B, layout_b, &beta, D, layout_d, D, layout_d, &algo,
+                               d->cublaslt_workspace, d->cublaslt_workspace_size, d->stream));
+    cublasCheck(cublasLtMatmulDescDestroy(desc));
+    cublasCheck(cublasLtMatrixLayoutDestroy(layout_a));
+    cublasCheck(cublasLtMatrixLayoutDestroy(layout_b));
+    cublasCheck(cublasLtMatrixLayoutDestroy(layout_d));
+}
+
+static void matmul_forward_cuda(const Device* d, void* out, const void* inp, const void* weight, const void* bias, int N, int C, int OC, void* gelu_out) {
+    cudaDataType_t type = matmul_cuda_type(d->dtype);
+    if (!gelu_out) {
+        matmul_cublaslt(d, out, type, OC, weight, 1, C, inp, 0, C, OC, N, C, 0.0f, bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT, bias, NULL);
+        return;
+    }
+    if (OC % 8) die("matmul_forward: the fused GELU needs OC (%d) to be a multiple of 8 on a GPU", OC);
+    matmul_cublaslt(d, gelu_out, type, OC, weight, 1, C, inp, 0, C, OC, N, C, 0.0f,
+                    bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX, bias, out);
+}
+
+// dbias += column sums of dout in a fixed order (no atomics): blocks of 32 columns x MATMUL_DBIAS_ROWS rows
+// write partial sums into scratch, then one thread per column adds its partials in order.
+#define MATMUL_DBIAS_ROWS 256
+template <typename T>
+__global__ void matmul_dbias_partial_kernel(float* partial, const T* dout, int N, int OC, int rows_per_block) {
+    __shared__ float sums[8][33];
+    int col = blockIdx.x * 32 + threadIdx.x, row0 = blockIdx.y * rows_per_block;
+    int row_end = min(N, row0 + rows_per_block);
+    float sum = 0.0f;
+    if (col < OC)
+        for (int r = row0 + threadIdx.y; r < row_end; r += 8) sum += to_float(dout[(size_t)r * OC + col]);
+    sums[threadIdx.y][threadIdx.x] = sum;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < OC) {
+        for (int y = 1; y < 8; y++) sum += sums[y][threadIdx.x];
+        partial[(size_t)blockIdx.y * OC + col] = sum;
+    }
+}
+
+__global__ void matmul_dbias_sum_kernel(float* dbias, const float* partial, int parts, int OC) {
+    int col = blockIdx.x * blockDim.x + threadIdx.x;
+    if (col >= OC) return;
+    float sum = 0.0f;
+    for (int p = 0; p < parts; p++) sum += partial[(size_t)p * OC + col];
+    dbias[col] += sum;
+}
+
+static void matmul_backward_cuda(const Device* d, void* dinp, float* dweight, float* dbias, const void* dout, const void* inp,
+                                 const void* weight, int N, int C, int OC) {
+    cudaDataType_t type = matmul_cuda_type(d->dtype);
+    if (dinp) matmul_cublaslt(d, dinp, type, C, weight, 0, C, dout, 0, OC, C, N, OC, 0.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL, NULL);
+    matmul_cublaslt(d, dweight, CUDA_R_32F, C, inp, 0, C, dout, 1, OC, C, OC, N, 1.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL, NULL);
+    if (!dbias) return;
+    // the cuBLASLt workspace holds the partial sums: same stream, so cuBLASLt is not using it meanwhile
+    int rows_per_block = MATMUL_DBIAS_ROWS, parts = CEIL_DIV(N, rows_per_block);
+    while ((size_t)parts * OC * sizeof(float) > d->cublaslt_workspace_size && parts > 1) {
+        rows_per_block *= 2;
+        parts = CEIL_DIV(N, rows_per_block);
+    }
+    if ((size_t)parts * OC * sizeof(float) > d->cublaslt_workspace_size) die("matmul_backward: OC %d too large for the bias gradient scratch", OC);
+    float* partial = (float*)d->cublaslt_workspace;
+    DTYPE_SWITCH(d->dtype, T,
+        matmul_dbias_partial_kernel<T><<<dim3(CEIL_DIV(OC, 32), parts), dim3(32, 8), 0, d->stream>>>(partial, (const T*)dout, N, OC, rows_per_block));
+    cudaCheck(cudaGetLastError());
+    matmul_dbias_sum_kernel<<<CEIL_DIV(OC, 256), 256, 0, d->stream>>>(dbias, partial, parts, OC);
+    cudaCheck(cudaGetLastError());
+}
+#endif
+
+// What the model calls. Tensors in the run's dtype are void*; dweight and dbias are fp32 and accumulate.
+static void matmul_forward(const Device* d, void* out, const void* inp, const void* weight, const void* bias, int N, int C, int OC,
+                           void* gelu_out) {
+#ifdef __CUDACC__
+    if (d->is_gpu) { matmul_forward_cuda(d, out, inp, weight, bias, N, C, OC, gelu_out); return; }
+#endif
+    (void)d;
+    matmul_forward_cpu<float>((float*)out, (const float*)inp, (const float*)weight, (const float*)bias, N, C, OC, (float*)gelu_out);
+}
+
+static void matmul_backward(const Device* d, void* dinp, float* dweight, float* dbias, const void* dout, const void* inp,
+                            const void* weight, int N, int C, int OC) {
+#ifdef __CUDACC__
+    if (d->is_gpu) { matmul_backward_cuda(d, dinp, dweight, dbias, dout, inp, weight, N, C, OC); return; }
+#endif
+    (void)d;
+    matmul_backward_cpu<float>((float*)dinp, dweight, dbias, (const float*)dout, (const float*)inp, (const float*)weight, N, C, OC);
+}
 // <<< layers-matmul
 
 // >>> layers-embedding
+// ----------------------------------------------------------------------------
+// Helpers the elementwise and row-wise layer kernels below share (CUDA only)
+
+#ifdef __CUDACC__
+// W consecutive elements moved with 16-byte accesses (two of them for W floats when T is 2 bytes).
+template <typename T, int W>
+struct alignas(sizeof(T) * W < 16 ? sizeof(T) * W : 16) Vec {
+    T v[W];
+};
+
+template <int W, typename T> __device__ __forceinline__ Vec<T, W> load_vec(const T* p) { return *(const Vec<T, W>*)p; }
+template <int W, typename T> __device__ __forceinline__ void store_vec(T* p, const Vec<T, W>& x) { *(Vec<T, W>*)p = x; }
+
+static int aligned16(const void* p) { return ((uintptr_t)p & 15) == 0; }
+
+// Run a statement with W = 16 / sizeof(T) elements per access when `vectorize` (every pointer
+// 16-byte aligned, row lengths multiples of W), else with W = 1: the general fallback.
+#define VEC_SWITCH(vectorize, T, W, ...)                        \
+    if (vectorize) { constexpr int W = 16 / sizeof(T); __VA_ARGS__; } \
+    else { constexpr int W = 1; __VA_ARGS__; }
+
+// Threads for a block that walks a row of `vectors` vector groups: whole warps, at most `most`.
+static int row_threads(int vectors, int most) {
+    int threads = CEIL_DIV(vectors, 32) * 32;
+    return threads < most ? threads : most;
+}
+
+// Every lane gets the sum over the warp, added in the same order every time.
+template <typename V> __device__ __forceinline__ V warp_sum(V v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+// Scratch memory ordered on the run's stream. The device's pool keeps what is freed (release
+// threshold raised to the maximum), so scratch taken every step costs no cudaMalloc.
+static void* pool_alloc(const Device* d, size_t bytes) {
+    cudaMemPool_t pool;
+    uint64_t keep_all = UINT64_MAX;
+    cudaCheck(cudaDeviceGetDefaultMemPool(&pool, d->device_id));
+    cudaCheck(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep_all));
+    void* p = NULL;
+    cudaCheck(cudaMallocAsync(&p, bytes ? bytes : 1, d->stream));
+    return p;
+}
+
+static void pool_free(const Device* d, void* p) { cudaCheck(cudaFreeAsync(p, d->stream)); }
+#endif
+
+// ----------------------------------------------------------------------------
+// Token and position embedding (Megatron-1 §2, GPT-2's input layer: learned absolute
+// positions; the word embedding is tied to the output layer, so dwte also receives the
+// logits' gradient). Token ids must lie in [0, V): the data loader checks them.
+
+// out[t*B+b, :] = wte[tokens[t*B+b], :] + wpe[t, :]
+template <typename real>
+static void embedding_forward_cpu(real* out, const int* tokens, const real* wte, const real* wpe, int B, int T, int C) {
+    #pragma omp parallel for
+    for (int r = 0; r < B * T; r++) {
+        const real* w = wte + (size_t)tokens[r] * C;
+        const real* p = wpe + (size_t)(r / B) * C;
+        real* o = out + (size_t)r * C;
+        for (int c = 0; c < C; c++) o[c] = w[c] + p[c];
+    }
+}
+
+// dwte[v, :] += dout rows whose token is v; dwpe[t, :] += dout[t*B+b, :] over b (both +=).
+template <typename real>
+static void embedding_backward_cpu(real* dwte, real* dwpe, const real* dout, const int* tokens, int B, int T, int C) {
+    #pragma omp parallel for
+    for (int t = 0; t < T; t++)
+        for (int b = 0; b < B; b++)
+            for (int c = 0; c < C; c++) dwpe[(size_t)t * C + c] += dout[((size_t)t * B + b) * C + c];
+    // Threads own slices of channels, so each row of dwte sums its rows in order, deterministically.
+    #pragma omp parallel for
+    for (int c0 = 0; c0 < C; c0 += 64)
+        for (int r = 0; r < B * T; r++)
+            for (int c = c0; c < c0 + 64 && c < C; c++) dwte[(size_t)tokens[r] * C + c] += dout[(size_t)r * C + c];
+}
+
+#ifdef __CUDACC__
+// Blocks are (row, chunk of channels); each thread moves W channels.
+template <typename T, int W>
+__global__ void embedding_forward_kernel(T* out, const int* tokens, const T* wte, const T* wpe, int B, int C) {
+    int r = blockIdx.x, c = (blockIdx.y * blockDim.x + threadIdx.x) * W;
+    if (c >= C) return;
+    Vec<T, W> w = load_vec<W>(wte + (size_t)tokens[r] * C + c), p = load_vec<W>(wpe + (size_t)(r / B) * C + c), o;
+    for (int k = 0; k < W; k++) o.v[k] = from_float<T>(to_float(w.v[k]) + to_float(p.v[k]));
+    store_vec<W>(out + (size_t)r * C + c, o);
+}
+
+static void embedding_forward_cuda(const Device* d, void* out, const int* tokens, const void* wte, const void* wpe, int B, int T, int C) {
+    DTYPE_SWITCH(d->dtype, T_, {
+        int vec = C % (16 / sizeof(T_)) == 0 && aligned16(out) && aligned16(wte) && aligned16(wpe);
+        VEC_SWITCH(vec, T_, W, {
+            int threads = row_threads(C / W, 256);
+            dim3 grid(B * T, CEIL_DIV(C / W, threads));
+            embedding_forward_kernel<T_, W><<<grid, threads, 0, d->stream>>>((T_*)out, tokens, (const T_*)wte, (const T_*)wpe, B, C);
+        });
+    });
+    cudaCheck(cudaGetLastError());
+}
+
+// The backward groups rows by token without float atomics: sort the unique keys
+// (token << 32 | row), so each token's rows come out together and in increasing order, then
+// sum each token's run in a fixed order. Any correct sort of unique keys gives the same order, so a
+// plain bitonic sort does: tiles of BITONIC_TILE keys sort in shared memory, longer strides
+// take one global pass each.
+#define BITONIC_TILE 2048
+
+__global__ void embedding_sort_keys_kernel(uint64_t* keys, const int* tokens, int N, unsigned P) {
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < P) keys[i] = i < (unsigned)N ? ((uint64_t)(uint32_t)tokens[i] << 32) | i : UINT64_MAX;  // padding sorts last
+}
+
+// Compare-exchange pair `pair` at distance j within sequences sorted in direction set by bit k.
+__device__ __forceinline__ void bitonic_exchange(uint64_t* keys, unsigned base, unsigned pair, unsigned j, unsigned k) {
+    unsigned i = (pair / j) * 2 * j + pair % j;
+    uint64_t a = keys[i], b = keys[i + j];
+    int ascending = ((base + i) & k) == 0;
+    if ((a > b) == ascending) { keys[i] = b; keys[i + j] = a; }
+}
+
+// All steps with stride j < tile for merge sizes k_first .. k_last, in shared memory.
+__global__ void bitonic_tile_kernel(uint64_t* keys, unsigned k_first, unsigned k_last) {
+    __shared__ uint64_t tile[BITONIC_TILE];
+    unsigned n = 2 * blockDim.x, base = blockIdx.x * n;
+    for (unsigned i = threadIdx.x; i < n; i += blockDim.x) tile[i] = keys[base + i];
+    __syncthreads();
+    for (unsigned k = k_first; k <= k_last; k *= 2)
+        for (unsigned j = (k < n ? k : n) / 2; j > 0; j /= 2) {
+            bitonic_exchange(tile, base, threadIdx.x, j, k);
+            __syncthreads();
+        }
+    for (unsigned i = threadIdx.x; i < n; i += blockDim.x) keys[base + i] = tile[i];
+}
+
+__global__ void bitonic_global_kernel(uint64_t* keys, unsigned j, unsigned k) {
+    bitonic_exchange(keys, 0, blockIdx.x * blockDim.x + threadIdx.x, j, k);
+}
+
+// Sort keys[0 .. P), P a power of two.
+static void bitonic_sort(const Device* d, uint64_t* keys, unsigned P) {
+    unsigned tile = P < BITONIC_TILE ? P : BITONIC_TILE;
+    bitonic_tile_kernel<<<P / tile, tile / 2, 0, d->stream>>>(keys, 2, tile);
+    for (unsigned k = 2 * tile; k <= P; k *= 2) {
+        for (unsigned j = k / 2; j >= tile; j /= 2) bitonic_global_kernel<<<P / 2 / 256, 256, 0, d->stream>>>(keys, j, k);
+        bitonic_tile_kernel<<<P / tile, tile / 2, 0, d->stream>>>(keys, k, k);
+    }
+}
+
+// The sorted keys are cut into segments of EMBEDDING_SEGMENT positions, so a frequent token's
+// long run is shared by many blocks. Block (s, chunk) sums the pieces of runs inside segment
+// s: a run that lies inside adds its sum to dwte; a piece of a run that began in an earlier
+// segment (its token equals the one before the segment) goes to head[s]; the first piece of
+// a run that goes on past the segment goes to tail[s]. Rows are loaded EMBEDDING_BATCH at a
+// time, with the dwte rows they will add to, so the loads overlap.
+#define EMBEDDING_SEGMENT 32
+#define EMBEDDING_BATCH 8
+#define NO_TOKEN 0xffffffffu  // token ids are below 2^31
+
+__device__ __forceinline__ uint32_t token_at(const uint64_t* keys, int i, int N) { return i >= 0 && i < N ? (uint32_t)(keys[i] >> 32) : NO_TOKEN; }
+
+template <typename T, int W>
+__global__ void embedding_backward_wte_kernel(float* dwte, float* head, float* tail, const T* dout, const uint64_t* keys, int N, int C) {
+    int s = blockIdx.x, c = (blockIdx.y * blockDim.x + threadIdx.x) * W;
+    int begin = s * EMBEDDING_SEGMENT, end = min(N, begin + EMBEDDING_SEGMENT);
+    if (c >= C) return;
+    uint32_t before = token_at(keys, begin - 1, N), after = token_at(keys, end, N);
+    float acc[W] = {0};
+    for (int i0 = begin; i0 < end; i0 += EMBEDDING_BATCH) {
+        Vec<T, W> g[EMBEDDING_BATCH];
+        Vec<float, W> sum[EMBEDDING_BATCH];
+        #pragma unroll
+        for (int u = 0; u < EMBEDDING_BATCH && i0 + u < end; u++) {
+            int i = i0 + u;
+            uint32_t token = token_at(keys, i, N);
+            g[u] = load_vec<W>(dout + (size_t)(uint32_t)keys[i] * C + c);
+            int run_ends = i == end - 1 || token_at(keys, i + 1, N) != token;
+            if (run_ends && token != before && token != after) sum[u] = load_vec<W>(dwte + (size_t)token * C + c);
+        }
+        #pragma unroll
+        for (int u = 0; u < EMBEDDING_BATCH && i0 + u < end; u++) {
+            int i = i0 + u;
+            uint32_t token = token_at(keys, i, N);
+            for (int k = 0; k < W; k++) acc[k] += to_float(g[u].v[k]);
+            if (i < end - 1 && token_at(keys, i + 1, N) == token) continue;
+            int to_dwte = token != before && token != after;
+            for (int k = 0; k < W; k++) {
+                sum[u].v[k] = (to_dwte ? sum[u].v[k] : 0.0f) + acc[k];
+                acc[k] = 0.0f;
+            }
+            store_vec<W>(to_dwte ? dwte + (size_t)token * C + c : token == before ? head + (size_t)s * C + c : tail + (size_t)s * C + c, sum[u]);
+        }
+    }
+}
+
+// Block (s, chunk) finishes the run that begins in segment s and goes on past it, if there is
+// one: its tail piece plus the head pieces of the following segments, in order.
+template <int W>
+__global__ void embedding_backward_runs_kernel(float* dwte, const float* head, const float* tail, const uint64_t* keys, int N, int C) {
+    int s = blockIdx.x, c = (blockIdx.y * blockDim.x + threadIdx.x) * W;
+    int begin = s * EMBEDDING_SEGMENT, last = min(N, begin + EMBEDDING_SEGMENT) - 1;
+    uint32_t token = token_at(keys, last, N);
+    if (c >= C || token_at(keys, last + 1, N) != token || token_at(keys, begin - 1, N) == token) return;
+    Vec<float, W> sum = load_vec<W>(tail + (size_t)s * C + c), total = load_vec<W>(dwte + (size_t)token * C + c);
+    for (int next = s + 1; token_at(keys, next * EMBEDDING_SEGMENT, N) == token; next++) {
+        Vec<float, W> piece = load_vec<W>(head + (size_t)next * C + c);
+        for (int k = 0; k < W; k++) sum.v[k] += piece.v[k];
+    }
+    for (int k = 0; k < W; k++) total.v[k] += sum.v[k];
+    store_vec<W>(dwte + (size_t)token * C + c, total);
+}
+
+// Block x = position t: sums the B rows of position t in order.
+template <typename T, int W>
+__global__ void embedding_backward_wpe_kernel(float* dwpe, const T* dout, int B, int C) {
+    int t = blockIdx.x, c = (blockIdx.y * blockDim.x + threadIdx.x) * W;
+    if (c >= C) return;
+    float acc[W] = {0};
+    for (int b = 0; b < B; b++) {
+        Vec<T, W> g = load_vec<W>(dout + ((size_t)t * B + b) * C + c);
+        for (int k = 0; k < W; k++) acc[k] += to_float(g.v[k]);
+    }
+    float* dst = dwpe + (size_t)t * C + c;
+    Vec<float, W> sum = load_vec<W>(dst);
+    for (int k = 0; k < W; k++) sum.v[k] += acc[k];
+    store_vec<W>(dst, sum);
+}
+
+static void embedding_backward_cuda(const Device* d, float* dwte, float* dwpe, const void* dout, const int* tokens, int B, int T, int C) {
+    int N = B * T, segments = CEIL_DIV(N, EMBEDDING_SEGMENT);
+    unsigned P = 2;
+    while (P < (unsigned)N) P *= 2;
+    uint64_t* keys = (uint64_t*)pool_alloc(d, P * sizeof(uint64_t));
+    float* pieces = (float*)pool_alloc(d, 2 * (size_t)segments * C * sizeof(float));  // head, then tail
+    embedding_sort_keys_kernel<<<CEIL_DIV(P, 256), 256, 0, d->stream>>>(keys, tokens, N, P);
+    bitonic_sort(d, keys, P);
+    DTYPE_SWITCH(d->dtype, T_, {
+        int vec = C % (16 / sizeof(T_)) == 0 && aligned16(dout) && aligned16(dwte) && aligned16(dwpe);
+        VEC_SWITCH(vec, T_, W, {
+            int threads = row_threads(C / W, 256), chunks = CEIL_DIV(C / W, threads);
+            float *head = pieces, *tail = pieces + (size_t)segments * C;
+            embedding_backward_wte_kernel<T_, W><<<dim3(segments, chunks), threads, 0, d->stream>>>(dwte, head, tail, (const T_*)dout, keys, N, C);
+            embedding_backward_runs_kernel<W><<<dim3(segments, chunks), threads, 0, d->stream>>>(dwte, head, tail, keys, N, C);
+            embedding_backward_wpe_kernel<T_, W><<<dim3(T, chunks), threads, 0, d->stream>>>(dwpe, (const T_*)dout, B, C);
+        });
+    });
+    cudaCheck(cudaGetLastError());
+    pool_free(d, pieces);
+    pool_free(d, keys);
+}
+#endif
+
+static void embedding_forward(const Device* d, void* out, const int* tokens, const void* wte, const void* wpe, int B, int T, int C) {
+    if (B <= 0 || T <= 0 || C <= 0) die("embedding_forward: bad shape B=%d T=%d C=%d", B, T, C);
+#ifdef __CUDACC__
+    if (d->is_gpu) { embedding_forward_cuda(d, out, tokens, wte, wpe, B, T, C); return; }
+#endif
+    (void)d;
+    embedding_forward_cpu<float>((float*)out, tokens, (const float*)wte, (const float*)wpe, B, T, C);
+}
+
+// dwte, dwpe: fp32, += (deterministic on the GPU too).
+static void embedding_backward(const Device* d, float* dwte, float* dwpe, const void* dout, const int* tokens, int B, int T, int C) {
+    if (B <= 0 || T <= 0 || C <= 0) die("embedding_backward: bad shape B=%d T=%d C=%d", B, T, C);
+#ifdef __CUDACC__
+    if (d->is_gpu) { embedding_backward_cuda(d, dwte, dwpe, dout, tokens, B, T, C); return; }
+#endif
+    (void)d;
+    embedding_backward_cpu<float>(dwte, dwpe, (const float*)dout, tokens, B, T, C);
+}
 // <<< layers-embedding
 
 // >>> layers-layernorm
+// ----------------------------------------------------------------------------
+// LayerNorm (Megatron-1 §2, Figure 2: pre-LN transformer layers and a final LayerNorm;
+// eps 1e-5 and fp32 statistics, as apex's fused LayerNorm that Megatron uses)
+
+#define LAYERNORM_EPS 1e-5
+
+// out = (x - mean) * rstd * weight + bias per row; mean and rstd saved for the backward
+// (either may be NULL when no backward follows).
+template <typename real>
+static void layernorm_forward_cpu(real* out, real* mean, real* rstd, const real* inp, const real* weight, const real* bias, int N, int C) {
+    #pragma omp parallel for
+    for (int r = 0; r < N; r++) {
+        const real* x = inp + (size_t)r * C;
+        real sum = 0, sq = 0;
+        for (int c = 0; c < C; c++) sum += x[c];
+        real m = sum / C;
+        for (int c = 0; c < C; c++) sq += (x[c] - m) * (x[c] - m);
+        real s = 1 / sqrt(sq / C + (real)LAYERNORM_EPS);
+        real* o = out + (size_t)r * C;
+        for (int c = 0; c < C; c++) o[c] = (x[c] - m) * s * weight[c] + bias[c];
+        if (mean) mean[r] = m;
+        if (rstd) rstd[r] = s;
+    }
+}
+
+// With xhat = (x - mean) * rstd and g = dout * weight (the gradient of xhat):
+// dinp += rstd * (g - mean_c(g) - xhat * mean_c(g * xhat)); dweight += sum_r dout * xhat;
+// dbias += sum_r dout. All three accumulate.
+template <typename real>
+static void layernorm_backward_cpu(real* dinp, real* dweight, real* dbias, const real* dout, const real* inp, const real* weight,
+                                   const real* mean, const real* rstd, int N, int C) {
+    #pragma omp parallel for
+    for (int r = 0; r < N; r++) {
+        const real *x = inp + (size_t)r * C, *dy = dout + (size_t)r * C;
+        real m = mean[r], s = rstd[r], sum_g = 0, sum_gx = 0;
+        for (int c = 0; c < C; c++) {
+            real g = dy[c] * weight[c];
+            sum_g += g;
+            sum_gx += g * (x[c] - m) * s;
+        }
+        real* dx = dinp + (size_t)r * C;
+        for (int c = 0; c < C; c++) dx[c] += s * (dy[c] * weight[c] - sum_g / C - (x[c] - m) * s * sum_gx / C);
+    }
+    // Threads own slices of channels and add the rows in order: deterministic.
+    #pragma omp parallel for
+    for (int c0 = 0; c0 < C; c0 += 64)
+        for (int r = 0; r < N; r++)
+            for (int c = c0; c < c0 + 64 && c < C; c++) {
+                real dy = dout[(size_t)r * C + c];
+                dweight[c] += dy * (inp[(size_t)r * C + c] - mean[r]) * rstd[r];
+                dbias[c] += dy;
+            }
+}
+
+#ifdef __CUDACC__
+// A warp per row. The second and third reads of the row mostly hit L1.
+template <typename T, int W>
+__global__ void layernorm_forward_kernel(T* out, float* mean, float* rstd, const T* inp, const T* weight, const T* bias, int N, int C) {
+    int r = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (r >= N) return;
+    const T* x = inp + (size_t)r * C;
+    float sum = 0, sq = 0;
+    for (int c = lane * W; c < C; c += 32 * W) {
+        Vec<T, W> xv = load_vec<W>(x + c);
+        for (int k = 0; k < W; k++) sum += to_float(xv.v[k]);
+    }
+    float m = warp_sum(sum) / C;
+    for (int c = lane * W; c < C; c += 32 * W) {
+        Vec<T, W> xv = load_vec<W>(x + c);
+        for (int k = 0; k < W; k++) sq += (to_float(xv.v[k]) - m) * (to_float(xv.v[k]) - m);
+    }
+    float s = 1.0f / sqrtf(warp_sum(sq) / C + (float)LAYERNORM_EPS);
+    T* o = out + (size_t)r * C;
+    for (int c = lane * W; c < C; c += 32 * W) {
+        Vec<T, W> xv = load_vec<W>(x + c), wv = load_vec<W>(weight + c), bv = load_vec<W>(bias + c), ov;
+        for (int k = 0; k < W; k++) ov.v[k] = from_float<T>((to_float(xv.v[k]) - m) * s * to_float(wv.v[k]) + to_float(bv.v[k]));
+        store_vec<W>(o + c, ov);
+    }
+    if (lane == 0 && mean) mean[r] = m;
+    if (lane == 0 && rstd) rstd[r] = s;
+}
+
+static void layernorm_forward_cuda(const Device* d, void* out, float* mean, float* rstd, const void* inp, const void* weight, const void* bias, int N, int C) {
+    DTYPE_SWITCH(d->dtype, T, {
+        int vec = C % (16 / sizeof(T)) == 0 && aligned16(out) && aligned16(inp) && aligned16(weight) && aligned16(bias);
+        VEC_SWITCH(vec, T, W, {
+            layernorm_forward_kernel<T, W><<<CEIL_DIV(N, 8), 256, 0, d->stream>>>((T*)out, mean, rstd, (const T*)inp, (const T*)weight, (const T*)bias, N, C);
+        });
+    });
+    cudaCheck(cudaGetLastError());
+}
+
+// Deterministic column sums over many rows, in two stages: a fixed number of blocks
+// (ROW_CHUNKS, whatever the GPU) each sum a contiguous chunk of rows into a partial row, then
+// column_sum_kernel adds the partial rows in order. Same bits on every run and every GPU.
+#define ROW_CHUNKS 512
+
+static int row_chunks(int N) { return N < ROW_CHUNKS ? N : ROW_CHUNKS; }
+
+// out[c] += sum over i of partials[i * C + c], i = 0 .. rows-1 in a fixed order. Blocks of
+// 32 x 32 threads: x picks the column, y a strided subset of rows; the 32 subtotals are then
+// added by y = 0 in order.
+__global__ void column_sum_kernel(float* out, const float* partials, int rows, int C) {
+    __shared__ float subtotal[32][33];
+    int c = blockIdx.x * 32 + threadIdx.x;
+    float acc = 0;
+    if (c < C)
+        for (int i = threadIdx.y; i < rows; i += 32) acc += partials[(size_t)i * C + c];
+    subtotal[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < C) {
+        float sum = 0;
+        for (int y = 0; y < 32; y++) sum += subtotal[y][threadIdx.x];
+        out[c] += sum;
+    }
+}
+
+static void column_sum(const Device* d, float* out, const float* partials, int rows, int C) {
+    column_sum_kernel<<<CEIL_DIV(C, 32), dim3(32, 32), 0, d->stream>>>(out, partials, rows, C);
+    cudaCheck(cudaGetLastError());
+}
+
+// Replaces v[0..K) in every thread by its sum over the block, added in a fixed order.
+template <int K>
+__device__ void block_sum(float* v, float (*scratch)[K] /* shared, [32][K] */) {
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int q = 0; q < K; q++) v[q] = warp_sum(v[q]);
+    if (lane == 0)
+        for (int q = 0; q < K; q++) scratch[warp][q] = v[q];
+    __syncthreads();
+    for (int q = 0; q < K; q++) {
+        v[q] = 0.0f;
+        for (int w = 0; w < blockDim.x / 32; w++) v[q] += scratch[w][q];
+    }
+    __syncthreads();  // the next call reuses scratch
+}
+
+// Block i takes a contiguous chunk of rows, LAYERNORM_ROWS rows at a time with all its threads
+// (more loads in flight per block-wide sum); each thread owns W-wide channel groups and keeps
+// their dweight/dbias sums in shared memory (stored k-major, so neighbouring threads hit
+// neighbouring banks). The chunk's sums go to partial rows i (dweight) and gridDim.x + i
+// (dbias) for column_sum.
+#define LAYERNORM_ROWS 4
+
+template <typename T, int W>
+__global__ void layernorm_backward_kernel(T* dinp, float* partials, const T* dout, const T* inp, const T* weight,
+                                          const float* mean, const float* rstd, int N, int C) {
+    extern __shared__ float channel_sums[];  // dweight [W][C/W], then dbias [W][C/W]
+    __shared__ float scratch[32][2 * LAYERNORM_ROWS];
+    int groups = C / W;
+    float *dweight_sum = channel_sums, *dbias_sum = channel_sums + C;
+    for (int j = threadIdx.x; j < groups; j += blockDim.x)
+        for (int k = 0; k < W; k++) dweight_sum[k * groups + j] = dbias_sum[k * groups + j] = 0.0f;
+    int r_begin = (int)((long)blockIdx.x * N / gridDim.x), r_end = (int)((long)(blockIdx.x + 1) * N / gridDim.x);
+    for (int r0 = r_begin; r0 < r_end; r0 += LAYERNORM_ROWS) {
+        int rows = min(LAYERNORM_ROWS, r_end - r0);
+        float m[LAYERNORM_ROWS], s[LAYERNORM_ROWS], sums[2 * LAYERNORM_ROWS] = {0};  // sums: g, g * xhat per row
+        for (int q = 0; q < rows; q++) m[q] = mean[r0 + q], s[q] = rstd[r0 + q];
+        for (int j = threadIdx.x; j < groups; j += blockDim.x) {
+            Vec<T, W> wv = load_vec<W>(weight + j * W);
+            #pragma unroll
+            for (int q = 0; q < LAYERNORM_ROWS; q++) {
+                if (q >= rows) break;
+                size_t at = (size_t)(r0 + q) * C + j * W;
+                Vec<T, W> xv = load_vec<W>(inp + at), dyv = load_vec<W>(dout + at);
+                for (int k = 0; k < W; k++) {
+                    float g = to_float(dyv.v[k]) * to_float(wv.v[k]);
+                    sums[2 * q] += g;
+                    sums[2 * q + 1] += g * (to_float(xv.v[k]) - m[q]) * s[q];
+                }
+            }
+        }
+        block_sum<2 * LAYERNORM_ROWS>(sums, scratch);
+        for (int j = threadIdx.x; j < groups; j += blockDim.x) {
+            Vec<T, W> wv = load_vec<W>(weight + j * W);
+            float dweight_acc[W] = {0}, dbias_acc[W] = {0};
+            Vec<T, W> xv[LAYERNORM_ROWS], dyv[LAYERNORM_ROWS], dxv[LAYERNORM_ROWS];
+            #pragma unroll
+            for (int q = 0; q < LAYERNORM_ROWS; q++) {  // all loads before the stores, so they overlap
+                if (q >= rows) break;
+                size_t at = (size_t)(r0 + q) * C + j * W;
+                xv[q] = load_vec<W>(inp + at);
+                dyv[q] = load_vec<W>(dout + at);
+                dxv[q] = load_vec<W>(dinp + at);
+            }
+            #pragma unroll
+            for (int q = 0; q < LAYERNORM_ROWS; q++) {
+                if (q >= rows) break;
+                float mean_g = sums[2 * q] / C, mean_gx = sums[2 * q + 1] / C;
+                for (int k = 0; k < W; k++) {
+                    float xhat = (to_float(xv[q].v[k]) - m[q]) * s[q], dy = to_float(dyv[q].v[k]);
+                    dxv[q].v[k] = from_float<T>(to_float(dxv[q].v[k]) + s[q] * (dy * to_float(wv.v[k]) - mean_g - xhat * mean_gx));
+                    dweight_acc[k] += dy * xhat;
+                    dbias_acc[k] += dy;
+                }
+                store_vec<W>(dinp + (size_t)(r0 + q) * C + j * W, dxv[q]);
+            }
+            for (int k = 0; k < W; k++) {
+                dweight_sum[k * groups + j] += dweight_acc[k];
+                dbias_sum[k * groups + j] += dbias_acc[k];
+            }
+        }
+    }
+    float *dweight_part = partials + (size_t)blockIdx.x * C, *dbias_part = partials + ((size_t)gridDim.x + blockIdx.x) * C;
+    for (int j = threadIdx.x; j < groups; j += blockDim.x)
+        for (int k = 0; k < W; k++) {
+            dweight_part[j * W + k] = dweight_sum[k * groups + j];
+            dbias_part[j * W + k] = dbias_sum[k * groups + j];
+        }
+}
+
+static void layernorm_backward_cuda(const Device* d, void* dinp, float* dweight, float* dbias, const void* dout, const void* inp, const void* weight,
+                                    const float* mean, const float* rstd, int N, int C) {
+    int chunks = row_chunks(N), smem_limit = 0;
+    size_t smem = 2 * (size_t)C * sizeof(float);
+    cudaCheck(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, d->device_id));
+    if (smem + 32 * 2 * LAYERNORM_ROWS * sizeof(float) > (size_t)smem_limit) die("layernorm_backward: hidden size %d needs more shared memory than this GPU has", C);
+    float* partials = (float*)pool_alloc(d, 2 * (size_t)chunks * C * sizeof(float));
+    DTYPE_SWITCH(d->dtype, T, {
+        int vec = C % (16 / sizeof(T)) == 0 && aligned16(dinp) && aligned16(dout) && aligned16(inp) && aligned16(weight);
+        VEC_SWITCH(vec, T, W, {
+            cudaCheck(cudaFuncSetAttribute(layernorm_backward_kernel<T, W>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+            layernorm_backward_kernel<T, W><<<chunks, row_threads(C / W, 1024), smem, d->stream>>>(
+                (T*)dinp, partials, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
+        });
+    });
+    cudaCheck(cudaGetLastError());
+    column_sum(d, dweight, partials, chunks, C);
+    column_sum(d, dbias, partials + (size_t)chunks * C, chunks, C);
+    pool_free(d, partials);
+}
+#endif
+
+static void layernorm_forward(const Device* d, void* out, float* mean, float* rstd, const void* inp, const void* weight, const void* bias, int N, int C) {
+    if (N < 0 || C <= 0) die("layernorm_forward: bad shape N=%d C=%d", N, C);
+    if (N == 0) return;
+#ifdef __CUDACC__
+    if (d->is_gpu) { layernorm_forward_cuda(d, out, mean, rstd, inp, weight, bias, N, C); return; }
+#endif
+    (void)d;
+    layernorm_forward_cpu<float>((float*)out, mean, rstd, (const float*)inp, (const float*)weight, (const float*)bias, N, C);
+}
+
+// dinp (dtype) +=, dweight and dbias (fp32) +=; deterministic on the GPU.
+static void layernorm_backward(const Device* d, void* dinp, float* dweight, float* dbias, const void* dout, const void* inp, const void* weight,
+                               const float* mean, const float* rstd, int N, int C) {
+    if (N < 0 || C <= 0) die("layernorm_backward: bad shape N=%d C=%d", N, C);
+    if (N == 0) return;
+#ifdef __CUDACC__
+    if (d->is_gpu) { layernorm_backward_cuda(d, dinp, dweight, dbias, dout, inp, weight, mean, rstd, N, C); return; }
+#endif
+    (void)d;
+    layernorm_backward_cpu<float>((float*)dinp, dweight, dbias, (const float*)dout, (const float*)inp, (const float*)weight, mean, rstd, N, C);
+}
 // <<< layers-layernorm
 
 // >>> layers-attention
@@ -1406,17 +2218,19 @@ static void attention_backward_cpu(real* dqkv, real* delta, const real* dout, co
 
 #include <type_traits>
 
+#ifndef ATT_WARPS
 #define ATT_WARPS 4
+#endif
 #define ATT_THREADS (ATT_WARPS * 32)
-#define ATT_BM 64  // query rows per block in the forward and dq kernels (16 per warp)
-#define ATT_BN 64  // keys per tile; the dk/dv kernel's block owns one tile (16 keys per warp)
+#define ATT_ROWS (16 * ATT_WARPS)  // rows a block owns, 16 per warp: query rows (forward, dq) or keys (dk/dv)
+#define ATT_KTILE 64               // keys per step of the forward and dq loops
 #define ATT_PAD 8  // shared-memory rows are HS+8 elements long: ldmatrix reads hit distinct banks
 #define ATT_LOG2E 1.4426950408889634f
 #define ATT_LN2 0.6931471805599453f
 
-// The dk/dv kernel's query tile: smaller for large heads, whose dk and dv accumulators
-// already fill most of the registers.
-__host__ __device__ constexpr int att_bwd_bm(int HS) { return HS > 64 ? 32 : 64; }
+// Query rows per step of the dk/dv loop: fewer for large heads, whose dk and dv
+// accumulators already fill most of the registers.
+__host__ __device__ constexpr int att_qtile(int HS) { return HS > 64 ? 32 : 64; }
 
 __device__ __forceinline__ uint32_t att_smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 
@@ -1541,12 +2355,12 @@ __device__ __forceinline__ void att_store_rows(F* g, size_t tstride, int t0, int
     }
 }
 
-// Forward: a block owns 64 query rows of one (b, h), 16 per warp, and walks the key
+// Forward: a block owns ATT_ROWS query rows of one (b, h), 16 per warp, and walks the key
 // tiles up to the diagonal with an online softmax (FlashAttention-2, Dao 2023, alg. 1).
 template <typename F, int HS>
 __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(F* out, float* lse, const F* qkv, float p,
-                                                                        uint64_t seed, int B, int T, int NH) {
-    constexpr int LD = HS + ATT_PAD, BM = ATT_BM, BN = ATT_BN;
+                                                                        uint32_t keep_min, uint64_t seed, int B, int T, int NH) {
+    constexpr int LD = HS + ATT_PAD, BM = ATT_ROWS, BN = ATT_KTILE;
     extern __shared__ __align__(16) unsigned char att_smem[];
     F* qs = (F*)att_smem;  // [BM][LD]
     F* ks = qs + BM * LD;  // [2][BN][LD], double-buffered
@@ -1612,7 +2426,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(F* out, 
                 l[c >> 1] += s[n][c];  // the normaliser counts dropped probabilities too
                 if (p > 0) {
                     int key = k0 + n * 8 + 2 * q4 + (c & 1);
-                    if (!dropout_keep(seed, ((uint64_t)bh * T + rows[c >> 1]) * T + key, p)) s[n][c] = 0;
+                    if (hash_u32(seed, ((uint64_t)bh * T + rows[c >> 1]) * T + key) < keep_min) s[n][c] = 0;
                 }
             }
 #pragma unroll
@@ -1642,13 +2456,14 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(F* out, 
     att_store_rows<F, HS>(out + (size_t)b * C + h * HS, (size_t)B * C, wq0, T, o, qs + warp * 16 * LD);
 }
 
-// Backward, dq: a block owns 64 query rows, walks the key tiles up to the diagonal and
+// Backward, dq: a block owns ATT_ROWS query rows, walks the key tiles up to the diagonal and
 // accumulates dq in registers. It also computes delta (needed by the dk/dv kernel).
 template <typename F, int HS>
 __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(F* dqkv, float* delta, const F* dout,
                                                                             const F* qkv, const F* out, const float* lse,
-                                                                            float p, uint64_t seed, int B, int T, int NH) {
-    constexpr int LD = HS + ATT_PAD, BM = ATT_BM, BN = ATT_BN;
+                                                                            float p, uint32_t keep_min, uint64_t seed,
+                                                                            int B, int T, int NH) {
+    constexpr int LD = HS + ATT_PAD, BM = ATT_ROWS, BN = ATT_KTILE;
     extern __shared__ __align__(16) unsigned char att_smem[];
     F* qs = (F*)att_smem;    // [BM][LD]
     F* gs = qs + BM * LD;    // [BM][LD] dout
@@ -1722,7 +2537,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(F* d
                 int r = c >> 1, key = k0 + n * 8 + 2 * q4 + (c & 1);
                 float prob = masked && key > rows[r] ? 0.0f : exp2f(s[n][c] * scale_log2 - lse2[r]);
                 float gv = dp[n][c];
-                if (p > 0) gv = dropout_keep(seed, ((uint64_t)bh * T + rows[r]) * T + key, p) ? gv * keep_scale : 0;
+                if (p > 0) gv = hash_u32(seed, ((uint64_t)bh * T + rows[r]) * T + key) >= keep_min ? gv * keep_scale : 0;
                 s[n][c] = prob * (gv - di[r]);  // dS
             }
         uint32_t da[BN / 16][4];
@@ -1737,14 +2552,14 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(F* d
     att_store_rows<F, HS>(dqkv + (size_t)b * 3 * C + h * 3 * HS, tstride, wq0, T, dq, qs + warp * 16 * LD);
 }
 
-// Backward, dk and dv: a block owns 64 keys, 16 per warp, and walks the query tiles from
+// Backward, dk and dv: a block owns ATT_ROWS keys, 16 per warp, and walks the query tiles from
 // the diagonal to the end, accumulating dk and dv in registers (no atomics anywhere).
 // It works on transposed tiles, S^T = K Q^T, so each warp's rows are its own keys.
 template <typename F, int HS>
 __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkdv_kernel(F* dqkv, const float* delta, const F* dout,
                                                                               const F* qkv, const float* lse, float p,
-                                                                              uint64_t seed, int B, int T, int NH) {
-    constexpr int LD = HS + ATT_PAD, BM = att_bwd_bm(HS), BN = ATT_BN;
+                                                                              uint32_t keep_min, uint64_t seed, int B, int T, int NH) {
+    constexpr int LD = HS + ATT_PAD, BM = att_qtile(HS), BN = ATT_ROWS;
     extern __shared__ __align__(16) unsigned char att_smem[];
     F* ks = (F*)att_smem;      // [BN][LD]
     F* vs = ks + BN * LD;      // [BN][LD]
@@ -1805,7 +2620,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkdv_kernel(F*
                 float prob = masked && (query < key || query >= T) ? 0.0f
                                                                      : exp2f(s[n][c] * scale_log2 - lse_s[buf * BM + col]);
                 float mk = 1.0f;
-                if (p > 0) mk = dropout_keep(seed, ((uint64_t)bh * T + query) * T + key, p) ? keep_scale : 0.0f;
+                if (p > 0) mk = hash_u32(seed, ((uint64_t)bh * T + query) * T + key) >= keep_min ? keep_scale : 0.0f;
                 s[n][c] = prob * mk;                                          // dropped probability, for dv
                 dp[n][c] = prob * (dp[n][c] * mk - delta_s[buf * BM + col]);  // dS
             }
@@ -1944,6 +2759,19 @@ __global__ void attention_backward_dkdv_f32_kernel(float* dqkv, const float* del
     }
 }
 
+// dropout_keep(seed, i, p) tests (float)hash_u32(seed, i) * 2^-32 >= p. The conversion
+// to float is monotonic, so this is hash_u32(seed, i) >= the smallest hash that passes:
+// the same mask without a conversion per probability.
+static uint32_t att_keep_threshold(float p) {
+    uint64_t lo = 0, hi = 0xffffffffull;  // 2^32-1 rounds to 2^32, which passes any p < 1
+    while (lo < hi) {
+        uint64_t mid = (lo + hi) / 2;
+        if ((float)(uint32_t)mid * 2.3283064365386963e-10f >= p) hi = mid;
+        else lo = mid + 1;
+    }
+    return (uint32_t)lo;
+}
+
 // Run a statement with the compile-time head size HSC bound to HS.
 #define ATT_HS_SWITCH(HS, HSC, ...)                                    \
     switch (HS) {                                                     \
@@ -1966,10 +2794,11 @@ static void attention_forward_launch(const Device* d, F* out, float* lse, const 
         attention_forward_f32_kernel<HS><<<CEIL_DIV(B * NH * T, ATT_F32_WARPS), ATT_F32_WARPS * 32, 0, d->stream>>>(
             out, lse, qkv, p, seed, B, T, NH);
     } else {
-        size_t smem = (size_t)(ATT_BM + 4 * ATT_BN) * (HS + ATT_PAD) * sizeof(F);
+        size_t smem = (size_t)(ATT_ROWS + 4 * ATT_KTILE) * (HS + ATT_PAD) * sizeof(F);
         att_set_smem(attention_forward_kernel<F, HS>, smem);
-        dim3 grid(CEIL_DIV(T, ATT_BM), B * NH);
-        attention_forward_kernel<F, HS><<<grid, ATT_THREADS, smem, d->stream>>>(out, lse, qkv, p, seed, B, T, NH);
+        dim3 grid(CEIL_DIV(T, ATT_ROWS), B * NH);
+        attention_forward_kernel<F, HS><<<grid, ATT_THREADS, smem, d->stream>>>(out, lse, qkv, p, att_keep_threshold(p),
+                                                                                 seed, B, T, NH);
     }
     cudaCheck(cudaGetLastError());
 }
@@ -1985,18 +2814,18 @@ static void attention_backward_launch(const Device* d, F* dqkv, float* delta, co
         attention_backward_dkdv_f32_kernel<HS><<<blocks, ATT_F32_WARPS * 32, 0, d->stream>>>(
             dqkv, delta, dout, qkv, lse, p, seed, B, T, NH);
     } else {
-        constexpr int LD = HS + ATT_PAD, BMB = att_bwd_bm(HS);
-        size_t smem_dq = (size_t)(2 * ATT_BM + 4 * ATT_BN) * LD * sizeof(F);
+        constexpr int LD = HS + ATT_PAD, QT = att_qtile(HS);
+        size_t smem_dq = (size_t)(2 * ATT_ROWS + 4 * ATT_KTILE) * LD * sizeof(F);
         att_set_smem(attention_backward_dq_kernel<F, HS>, smem_dq);
-        dim3 grid_dq(CEIL_DIV(T, ATT_BM), B * NH);
+        dim3 grid_dq(CEIL_DIV(T, ATT_ROWS), B * NH);
         attention_backward_dq_kernel<F, HS><<<grid_dq, ATT_THREADS, smem_dq, d->stream>>>(
-            dqkv, delta, dout, qkv, out, lse, p, seed, B, T, NH);
+            dqkv, delta, dout, qkv, out, lse, p, att_keep_threshold(p), seed, B, T, NH);
         cudaCheck(cudaGetLastError());
-        size_t smem_kv = (size_t)(2 * ATT_BN + 4 * BMB) * LD * sizeof(F) + 4 * BMB * sizeof(float);
+        size_t smem_kv = (size_t)(2 * ATT_ROWS + 4 * QT) * LD * sizeof(F) + 4 * QT * sizeof(float);
         att_set_smem(attention_backward_dkdv_kernel<F, HS>, smem_kv);
-        dim3 grid_kv(CEIL_DIV(T, ATT_BN), B * NH);
+        dim3 grid_kv(CEIL_DIV(T, ATT_ROWS), B * NH);
         attention_backward_dkdv_kernel<F, HS><<<grid_kv, ATT_THREADS, smem_kv, d->stream>>>(
-            dqkv, delta, dout, qkv, lse, p, seed, B, T, NH);
+            dqkv, delta, dout, qkv, lse, p, att_keep_threshold(p), seed, B, T, NH);
     }
     cudaCheck(cudaGetLastError());
 }
@@ -2052,15 +2881,517 @@ static void attention_backward(const Device* d, void* dqkv, float* delta, const 
 // <<< layers-attention
 
 // >>> layers-gelu
+// ----------------------------------------------------------------------------
+// GELU, tanh approximation (Megatron-1 §2's MLP activation; Megatron's fused bias-GELU)
+
+#define GELU_SQRT_2_OVER_PI 0.7978845608028654
+
+// 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+template <typename real> HD static inline real gelu_value(real x) {
+    real u = (real)GELU_SQRT_2_OVER_PI * x * (1 + (real)0.044715 * x * x);
+    return (real)0.5 * x * (1 + tanh(u));
+}
+
+// d gelu / dx
+template <typename real> HD static inline real gelu_derivative(real x) {
+    real th = tanh((real)GELU_SQRT_2_OVER_PI * x * (1 + (real)0.044715 * x * x));
+    return (real)0.5 * (1 + th) + (real)0.5 * x * (1 - th * th) * (real)GELU_SQRT_2_OVER_PI * (1 + 3 * (real)0.044715 * x * x);
+}
+
+template <typename real>
+static void gelu_forward_cpu(real* out, const real* inp, size_t n) {
+    #pragma omp parallel for
+    for (size_t i = 0; i < n; i++) out[i] = gelu_value(inp[i]);
+}
+
+// dinp = dout * gelu'(inp)  (=)
+template <typename real>
+static void gelu_backward_cpu(real* dinp, const real* inp, const real* dout, size_t n) {
+    #pragma omp parallel for
+    for (size_t i = 0; i < n; i++) dinp[i] = dout[i] * gelu_derivative(inp[i]);
+}
+
+#ifdef __CUDACC__
+// One kernel for both directions: out = f(a) (forward, b NULL) or b * f'(a) (backward).
+template <typename T, int W>
+__global__ void gelu_kernel(T* out, const T* a, const T* b, size_t n) {
+    size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * W;
+    if (i >= n) return;
+    Vec<T, W> av = load_vec<W>(a + i), bv, ov;
+    if (b) bv = load_vec<W>(b + i);
+    for (int k = 0; k < W; k++) {
+        float x = to_float(av.v[k]);
+        ov.v[k] = from_float<T>(b ? to_float(bv.v[k]) * gelu_derivative(x) : gelu_value(x));
+    }
+    store_vec<W>(out + i, ov);
+}
+
+static void gelu_cuda(const Device* d, void* out, const void* a, const void* b, size_t n) {
+    DTYPE_SWITCH(d->dtype, T, {
+        int vec = n % (16 / sizeof(T)) == 0 && aligned16(out) && aligned16(a) && aligned16(b);
+        VEC_SWITCH(vec, T, W, {
+            gelu_kernel<T, W><<<CEIL_DIV(n / W, 256), 256, 0, d->stream>>>((T*)out, (const T*)a, (const T*)b, n);
+        });
+    });
+    cudaCheck(cudaGetLastError());
+}
+#endif
+
+// out may be inp.
+static void gelu_forward(const Device* d, void* out, const void* inp, size_t n) {
+    if (n == 0) return;
+#ifdef __CUDACC__
+    if (d->is_gpu) { gelu_cuda(d, out, inp, NULL, n); return; }
+#endif
+    (void)d;
+    gelu_forward_cpu<float>((float*)out, (const float*)inp, n);
+}
+
+// dinp = dout * gelu'(inp) (=); dinp may be dout.
+static void gelu_backward(const Device* d, void* dinp, const void* inp, const void* dout, size_t n) {
+    if (n == 0) return;
+#ifdef __CUDACC__
+    if (d->is_gpu) { gelu_cuda(d, dinp, inp, dout, n); return; }
+#endif
+    (void)d;
+    gelu_backward_cpu<float>((float*)dinp, (const float*)inp, (const float*)dout, n);
+}
 // <<< layers-gelu
 
 // >>> layers-residual
+// ----------------------------------------------------------------------------
+// Bias-dropout-add and dropout (Megatron-1 §2: dropout on each sublayer's output before
+// the residual add, and on the embedding output; Megatron's fused bias_dropout_add).
+// Element i of a tensor (i = r*C + c) is kept iff dropout_keep(seed, i, p), on CPU and GPU
+// alike, and kept values are scaled by 1/(1-p); the backward regenerates the mask from seed.
+
+// The factor element i is multiplied by: 0 or 1/(1-p).
+HD static inline float dropout_factor(uint64_t seed, uint64_t i, float p) {
+    return p == 0.0f ? 1.0f : dropout_keep(seed, i, p) ? 1.0f / (1.0f - p) : 0.0f;
+}
+
+static void check_dropout_p(const char* who, float p) {
+    if (!(p >= 0.0f && p < 1.0f)) die("%s: dropout probability %g is outside [0, 1)", who, p);
+}
+
+// out = residual + dropout(x + bias) over n = N*C elements; residual and bias may be NULL
+// (read as zero), out may be x or residual.
+template <typename real>
+static void residual_dropout_forward_cpu(real* out, const real* residual, const real* x, const real* bias, float p, uint64_t seed, size_t n, int C) {
+    #pragma omp parallel for
+    for (size_t i = 0; i < n; i++) {
+        real y = (x[i] + (bias ? bias[i % C] : 0)) * (real)dropout_factor(seed, i, p);
+        out[i] = (residual ? residual[i] : 0) + y;
+    }
+}
+
+// dx = dout * mask / (1-p) (=); dresidual += dout unless NULL; dbias += column sums of dx
+// unless NULL. dx may be dout.
+template <typename real>
+static void residual_dropout_backward_cpu(real* dresidual, real* dx, real* dbias, const real* dout, float p, uint64_t seed, int N, int C) {
+    if (dbias) {  // threads own slices of channels and add the rows in order: deterministic
+        #pragma omp parallel for
+        for (int c0 = 0; c0 < C; c0 += 64)
+            for (int r = 0; r < N; r++)
+                for (int c = c0; c < c0 + 64 && c < C; c++) {
+                    size_t i = (size_t)r * C + c;
+                    dbias[c] += dout[i] * (real)dropout_factor(seed, i, p);
+                }
+    }
+    #pragma omp parallel for
+    for (size_t i = 0; i < (size_t)N * C; i++) {
+        real g = dout[i];
+        if (dresidual) dresidual[i] += g;
+        dx[i] = g * (real)dropout_factor(seed, i, p);
+    }
+}
+
+#ifdef __CUDACC__
+template <typename T, int W>
+__global__ void residual_dropout_forward_kernel(T* out, const T* residual, const T* x, const T* bias, float p, uint64_t seed, size_t n, int C) {
+    size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * W;
+    if (i >= n) return;
+    Vec<T, W> xv = load_vec<W>(x + i), bv, rv, ov;
+    if (bias) bv = load_vec<W>(bias + i % C);
+    if (residual) rv = load_vec<W>(residual + i);
+    for (int k = 0; k < W; k++) {
+        float y = (to_float(xv.v[k]) + (bias ? to_float(bv.v[k]) : 0.0f)) * dropout_factor(seed, i + k, p);
+        ov.v[k] = from_float<T>((residual ? to_float(rv.v[k]) : 0.0f) + y);
+    }
+    store_vec<W>(out + i, ov);
+}
+
+static void residual_dropout_forward_cuda(const Device* d, void* out, const void* residual, const void* x, const void* bias, float p, uint64_t seed, size_t n, int C) {
+    DTYPE_SWITCH(d->dtype, T, {
+        int vec = n % (16 / sizeof(T)) == 0 && (!bias || C % (16 / sizeof(T)) == 0) && aligned16(out) && aligned16(residual) && aligned16(x) && aligned16(bias);
+        VEC_SWITCH(vec, T, W, {
+            residual_dropout_forward_kernel<T, W><<<CEIL_DIV(n / W, 256), 256, 0, d->stream>>>((T*)out, (const T*)residual, (const T*)x, (const T*)bias, p, seed, n, C);
+        });
+    });
+    cudaCheck(cudaGetLastError());
+}
+
+// Block i takes a contiguous chunk of rows (see ROW_CHUNKS); each thread owns W channels and
+// walks down the chunk, RESIDUAL_ROWS rows at a time (loads before stores, so they overlap),
+// keeping its dbias sums in registers, and writes them to partial row i.
+#define RESIDUAL_ROWS 4
+
+template <typename T, int W>
+__global__ void residual_dropout_backward_kernel(T* dresidual, T* dx, float* partials, const T* dout, float p, uint64_t seed, int N, int C) {
+    int r_begin = (int)((long)blockIdx.x * N / gridDim.x), r_end = (int)((long)(blockIdx.x + 1) * N / gridDim.x);
+    for (int c = threadIdx.x * W; c < C; c += blockDim.x * W) {
+        float acc[W] = {0};
+        for (int r0 = r_begin; r0 < r_end; r0 += RESIDUAL_ROWS) {
+            int rows = min(RESIDUAL_ROWS, r_end - r0);
+            Vec<T, W> g[RESIDUAL_ROWS], res[RESIDUAL_ROWS];
+            #pragma unroll
+            for (int q = 0; q < RESIDUAL_ROWS; q++) {
+                if (q >= rows) break;
+                g[q] = load_vec<W>(dout + (size_t)(r0 + q) * C + c);
+                if (dresidual) res[q] = load_vec<W>(dresidual + (size_t)(r0 + q) * C + c);
+            }
+            #pragma unroll
+            for (int q = 0; q < RESIDUAL_ROWS; q++) {
+                if (q >= rows) break;
+                size_t i = (size_t)(r0 + q) * C + c;
+                Vec<T, W> dxv;
+                for (int k = 0; k < W; k++) {
+                    float gx = to_float(g[q].v[k]) * dropout_factor(seed, i + k, p);
+                    acc[k] += gx;
+                    dxv.v[k] = from_float<T>(gx);
+                    if (dresidual) res[q].v[k] = from_float<T>(to_float(res[q].v[k]) + to_float(g[q].v[k]));
+                }
+                if (dresidual) store_vec<W>(dresidual + i, res[q]);
+                store_vec<W>(dx + i, dxv);
+            }
+        }
+        if (partials)
+            for (int k = 0; k < W; k++) partials[(size_t)blockIdx.x * C + c + k] = acc[k];
+    }
+}
+
+static void residual_dropout_backward_cuda(const Device* d, void* dresidual, void* dx, float* dbias, const void* dout, float p, uint64_t seed, int N, int C) {
+    int chunks = row_chunks(N);
+    float* partials = dbias ? (float*)pool_alloc(d, (size_t)chunks * C * sizeof(float)) : NULL;
+    DTYPE_SWITCH(d->dtype, T, {
+        int vec = C % (16 / sizeof(T)) == 0 && aligned16(dresidual) && aligned16(dx) && aligned16(dout);
+        VEC_SWITCH(vec, T, W, {
+            residual_dropout_backward_kernel<T, W><<<chunks, row_threads(C / W, 1024), 0, d->stream>>>(
+                (T*)dresidual, (T*)dx, partials, (const T*)dout, p, seed, N, C);
+        });
+    });
+    cudaCheck(cudaGetLastError());
+    if (dbias) {
+        column_sum(d, dbias, partials, chunks, C);
+        pool_free(d, partials);
+    }
+}
+#endif
+
+// out = residual + dropout(x + bias, p); bias may be NULL, p may be 0; out may be residual or x.
+static void residual_dropout_forward(const Device* d, void* out, const void* residual, const void* x, const void* bias, float p, uint64_t seed, int N, int C) {
+    check_dropout_p("residual_dropout_forward", p);
+    if (N < 0 || C <= 0) die("residual_dropout_forward: bad shape N=%d C=%d", N, C);
+    if (N == 0) return;
+#ifdef __CUDACC__
+    if (d->is_gpu) { residual_dropout_forward_cuda(d, out, residual, x, bias, p, seed, (size_t)N * C, C); return; }
+#endif
+    (void)d;
+    residual_dropout_forward_cpu<float>((float*)out, (const float*)residual, (const float*)x, (const float*)bias, p, seed, (size_t)N * C, C);
+}
+
+// dresidual += dout (skipped when dresidual is NULL or is dout: the gradient is already there);
+// dx = dout * mask / (1-p) (=, may be dout); dbias (fp32) += column sums of dx unless NULL.
+// Deterministic on the GPU.
+static void residual_dropout_backward(const Device* d, void* dresidual, void* dx, float* dbias, const void* dout, float p, uint64_t seed, int N, int C) {
+    check_dropout_p("residual_dropout_backward", p);
+    if (N < 0 || C <= 0) die("residual_dropout_backward: bad shape N=%d C=%d", N, C);
+    if (N == 0) return;
+    if (dresidual == dout) dresidual = NULL;
+#ifdef __CUDACC__
+    if (d->is_gpu) { residual_dropout_backward_cuda(d, dresidual, dx, dbias, dout, p, seed, N, C); return; }
+#endif
+    (void)d;
+    residual_dropout_backward_cpu<float>((float*)dresidual, (float*)dx, dbias, (const float*)dout, p, seed, N, C);
+}
+
+// Plain dropout in place over n elements (the embedding output's hidden dropout).
+static void dropout_forward(const Device* d, void* x, float p, uint64_t seed, size_t n) {
+    check_dropout_p("dropout_forward", p);
+    if (n == 0 || p == 0.0f) return;
+#ifdef __CUDACC__
+    if (d->is_gpu) { residual_dropout_forward_cuda(d, x, NULL, x, NULL, p, seed, n, 1); return; }
+#endif
+    (void)d;
+    residual_dropout_forward_cpu<float>((float*)x, NULL, (const float*)x, NULL, p, seed, n, 1);
+}
+
+// Its backward in place: the gradient is masked and scaled exactly as the forward's values.
+static void dropout_backward(const Device* d, void* dx, float p, uint64_t seed, size_t n) { dropout_forward(d, dx, p, seed, n); }
 // <<< layers-residual
 
 // >>> layers-crossentropy
+// ----------------------------------------------------------------------------
+// 3g. cross-entropy: the language-model loss, softmax and cross-entropy fused over the vocabulary
+// (Megatron-1 §3 fuses the output GEMM with the loss so only b x s losses leave the logits).
+// No probability tensor is kept: the gradient overwrites the logits in place.
+// logits [N, Vp]: only the first V columns are real; the padded ones take no part and get gradient 0.
+// losses[n] (=) = logsumexp(logits[n, :V]) - logits[n, targets[n]]; targets in [0, V).
+// dloss (may be NULL: loss only): per-row weight of the loss (mask / tokens x loss scale); then
+// logits (=) d(sum_n dloss[n] losses[n]) / d(logits) = (softmax - onehot(target)) * dloss[n].
+
+template <typename real>
+static void crossentropy_forward_backward_cpu(real* losses, real* logits, const int* targets, const real* dloss, int N, int V, int Vp) {
+    for (int n = 0; n < N; n++)
+        if (targets[n] < 0 || targets[n] >= V) die("cross-entropy: target %d of row %d is outside the vocabulary [0, %d)", targets[n], n, V);
+#pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        real* x = logits + (size_t)n * Vp;
+        real x_target = x[targets[n]], max_x = x[0];
+        for (int i = 1; i < V; i++) max_x = x[i] > max_x ? x[i] : max_x;
+        double sum = 0;
+        for (int i = 0; i < V; i++) {
+            real e = exp(x[i] - max_x);
+            sum += e;
+            if (dloss) x[i] = e;  // kept for the gradient: one exp per logit
+        }
+        losses[n] = (real)(log(sum) + max_x - x_target);
+        if (!dloss) continue;
+        real scale = (real)(dloss[n] / sum);
+        for (int i = 0; i < V; i++) x[i] *= scale;
+        x[targets[n]] -= dloss[n];
+        for (int i = V; i < Vp; i++) x[i] = 0;
+    }
+}
+
+#ifdef __CUDACC__
+// GPU: one block per row (llm.c's fused classifier). Pass 1 reads the row once keeping each thread's
+// running max and sum of exp (online softmax), then the block combines them in a fixed order;
+// pass 2 rereads the row (from L2) and writes the gradient. VEC values per 16-byte load when the
+// rows are 16-byte aligned.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) CrossentropyPack { T v[VEC]; };
+
+// (max, sum) of exp: merge two partial results of the online softmax.
+__device__ __forceinline__ void crossentropy_merge(float& m, float& s, float m2, float s2) {
+    float m_new = fmaxf(m, m2);
+    s = s * expf(m - m_new) + s2 * expf(m2 - m_new);
+    m = m_new;
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(1024) crossentropy_kernel(float* losses, T* logits, const int* targets, const float* dloss, int V, int Vp) {
+    typedef CrossentropyPack<T, VEC> Pack;
+    __shared__ float warp_m[32], warp_s[32];
+    int n = blockIdx.x, target = targets[n];
+    T* x = logits + (size_t)n * Vp;
+    float x_target = threadIdx.x == 0 ? (target >= 0 && target < V ? to_float(x[target]) : NAN) : 0.0f;  // before pass 2 overwrites it
+
+    float m = -FLT_MAX, s = 0.0f;  // -FLT_MAX, not -inf: merging two empty partials stays 0
+    for (int i = threadIdx.x * VEC; i < V; i += blockDim.x * VEC) {
+        Pack p = *(const Pack*)(x + i);
+        float chunk_m = -FLT_MAX, chunk_s = 0.0f;
+        for (int j = 0; j < VEC; j++)
+            if (i + j < V) chunk_m = fmaxf(chunk_m, to_float(p.v[j]));
+        for (int j = 0; j < VEC; j++)
+            if (i + j < V) chunk_s += expf(to_float(p.v[j]) - chunk_m);
+        crossentropy_merge(m, s, chunk_m, chunk_s);
+    }
+    for (int offset = 16; offset > 0; offset /= 2)
+        crossentropy_merge(m, s, __shfl_xor_sync(0xffffffff, m, offset), __shfl_xor_sync(0xffffffff, s, offset));
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    if (lane == 0) { warp_m[warp] = m; warp_s[warp] = s; }
+    __syncthreads();
+    m = warp_m[0];
+    s = warp_s[0];
+    for (int w = 1; w < warps; w++) crossentropy_merge(m, s, warp_m[w], warp_s[w]);  // every thread, same order
+    if (threadIdx.x == 0) losses[n] = logf(s) + m - x_target;
+    if (!dloss) return;
+
+    float scale = dloss[n] / s, d_target = dloss[n];
+    for (int i = threadIdx.x * VEC; i < Vp; i += blockDim.x * VEC) {
+        Pack p = *(const Pack*)(x + i);
+        for (int j = 0; j < VEC; j++) {
+            int col = i + j;
+            float grad = col < V ? expf(to_float(p.v[j]) - m) * scale - (col == target ? d_target : 0.0f) : 0.0f;
+            p.v[j] = from_float<T>(grad);
+        }
+        *(Pack*)(x + i) = p;
+    }
+}
+
+static void crossentropy_forward_backward_cuda(const Device* d, float* losses, void* logits, const int* targets, const float* dloss,
+                                               int N, int V, int Vp) {
+    if (N == 0) return;
+    DTYPE_SWITCH(d->dtype, T, {
+        const int vec = 16 / sizeof(T);
+        if (Vp % vec == 0 && (uintptr_t)logits % 16 == 0)
+            crossentropy_kernel<T, vec><<<N, 1024, 0, d->stream>>>(losses, (T*)logits, targets, dloss, V, Vp);
+        else
+            crossentropy_kernel<T, 1><<<N, 1024, 0, d->stream>>>(losses, (T*)logits, targets, dloss, V, Vp);
+    });
+    cudaCheck(cudaGetLastError());
+}
+#endif
+
+static void crossentropy_forward_backward(const Device* d, float* losses, void* logits, const int* targets, const float* dloss,
+                                          int N, int V, int Vp) {
+    if (V < 1 || V > Vp) die("cross-entropy: vocabulary %d must be in [1, padded vocabulary %d]", V, Vp);
+#ifdef __CUDACC__
+    if (d->is_gpu) { crossentropy_forward_backward_cuda(d, losses, logits, targets, dloss, N, V, Vp); return; }
+#endif
+    (void)d;
+    crossentropy_forward_backward_cpu<float>(losses, (float*)logits, targets, dloss, N, V, Vp);
+}
 // <<< layers-crossentropy
 
 // >>> optimizer
+// ----------------------------------------------------------------------------
+// 4. optimizer: AdamW (decoupled weight decay, as apex FusedAdam with adam_w_mode in
+// Megatron) and the global gradient norm for clipping. No paper section: Megatron-LM's
+// optimizer/ code.
+
+// ---- global gradient norm: returns sum(g^2) over n fp32 gradients (the caller takes the
+// square root, clips with coeff = clip / (norm + 1e-6), and skips a step whose result is not
+// finite). Accumulated in double in a fixed order (contiguous chunks on the CPU, a fixed
+// grid on the GPU): the same bits on every run.
+
+#define GRAD_NORM_CHUNKS 1024
+
+static float grad_norm_squared_cpu(const float* grads, size_t n) {
+    double partial[GRAD_NORM_CHUNKS];
+    #pragma omp parallel for
+    for (int k = 0; k < GRAD_NORM_CHUNKS; k++) {
+        double sum = 0;
+        for (size_t i = n * k / GRAD_NORM_CHUNKS; i < n * (k + 1) / GRAD_NORM_CHUNKS; i++) sum += (double)grads[i] * grads[i];
+        partial[k] = sum;
+    }
+    double total = 0;
+    for (int k = 0; k < GRAD_NORM_CHUNKS; k++) total += partial[k];
+    return (float)total;
+}
+
+#ifdef __CUDACC__
+// GRAD_NORM_CHUNKS blocks of 256 threads stride over the gradients (a fixed assignment, on
+// any GPU); block k writes its sum to partials[k].
+template <int W>
+__global__ void grad_norm_squared_kernel(double* partials, const float* grads, size_t n) {
+    __shared__ double warp_sums[32];
+    double sum = 0;
+    for (size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * W; i < n; i += (size_t)gridDim.x * blockDim.x * W) {
+        Vec<float, W> g = load_vec<W>(grads + i);
+        for (int k = 0; k < W; k++) sum += (double)g.v[k] * g.v[k];
+    }
+    sum = warp_sum(sum);
+    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sum;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double total = 0;
+        for (int w = 0; w < blockDim.x / 32; w++) total += warp_sums[w];
+        partials[blockIdx.x] = total;
+    }
+}
+
+static float grad_norm_squared_cuda(const Device* d, const float* grads, size_t n) {
+    double* partials = (double*)pool_alloc(d, GRAD_NORM_CHUNKS * sizeof(double));
+    if (n % 4 == 0 && aligned16(grads)) grad_norm_squared_kernel<4><<<GRAD_NORM_CHUNKS, 256, 0, d->stream>>>(partials, grads, n);
+    else grad_norm_squared_kernel<1><<<GRAD_NORM_CHUNKS, 256, 0, d->stream>>>(partials, grads, n);
+    cudaCheck(cudaGetLastError());
+    double host[GRAD_NORM_CHUNKS], total = 0;
+    cudaCheck(cudaMemcpyAsync(host, partials, sizeof(host), cudaMemcpyDeviceToHost, d->stream));
+    pool_free(d, partials);
+    cudaCheck(cudaStreamSynchronize(d->stream));
+    for (int k = 0; k < GRAD_NORM_CHUNKS; k++) total += host[k];
+    return (float)total;
+}
+#endif
+
+// Synchronises with the GPU (the result comes back to the host).
+static float grad_norm_squared(const Device* d, const float* grads, size_t n) {
+    if (n == 0) return 0.0f;
+#ifdef __CUDACC__
+    if (d->is_gpu) return grad_norm_squared_cuda(d, grads, n);
+#endif
+    (void)d;
+    return grad_norm_squared_cpu(grads, n);
+}
+
+// ---- AdamW
+
+typedef struct {
+    float lr, beta1, beta2, eps, weight_decay, grad_scale;
+    float bias_correction1, bias_correction2;  // 1 - beta^step
+} AdamWStep;
+
+// One parameter's update, apex FusedAdam (adam_w_mode=1): the moments see g = grad * grad_scale,
+// p -= lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p).
+HD static inline float adamw_param(float p, float grad, float* m, float* v, const AdamWStep* h) {
+    float g = grad * h->grad_scale;
+    *m = h->beta1 * *m + (1.0f - h->beta1) * g;
+    *v = h->beta2 * *v + (1.0f - h->beta2) * g * g;
+    float update = (*m / h->bias_correction1) / (sqrtf(*v / h->bias_correction2) + h->eps) + h->weight_decay * p;
+    return p - h->lr * update;
+}
+
+// The CPU path is fp32: params are floats; master, if given, is updated too and params copied from it.
+static void adamw_update_cpu(float* params, float* master, const float* grads, float* m, float* v, size_t n, AdamWStep h) {
+    #pragma omp parallel for
+    for (size_t i = 0; i < n; i++) {
+        float p = adamw_param(master ? master[i] : params[i], grads[i], &m[i], &v[i], &h);
+        if (master) master[i] = p;
+        params[i] = p;
+    }
+}
+
+#ifdef __CUDACC__
+template <typename T, int W>
+__global__ void adamw_kernel(T* params, float* master, const float* grads, float* m, float* v, size_t n, AdamWStep h) {
+    size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * W;
+    if (i >= n) return;
+    Vec<float, W> g = load_vec<W>(grads + i), mv = load_vec<W>(m + i), vv = load_vec<W>(v + i), p;
+    Vec<T, W> pt;
+    if (master) p = load_vec<W>(master + i);
+    else {
+        pt = load_vec<W>(params + i);
+        for (int k = 0; k < W; k++) p.v[k] = to_float(pt.v[k]);
+    }
+    for (int k = 0; k < W; k++) {
+        p.v[k] = adamw_param(p.v[k], g.v[k], &mv.v[k], &vv.v[k], &h);
+        pt.v[k] = from_float<T>(p.v[k]);  // round to nearest, as Megatron copies master to model params
+    }
+    store_vec<W>(m + i, mv);
+    store_vec<W>(v + i, vv);
+    if (master) store_vec<W>(master + i, p);
+    store_vec<W>(params + i, pt);
+}
+
+static void adamw_update_cuda(const Device* d, void* params, float* master, const float* grads, float* m, float* v, size_t n, AdamWStep h) {
+    DTYPE_SWITCH(d->dtype, T, {
+        int vec = n % (16 / sizeof(T)) == 0 && aligned16(params) && aligned16(master) && aligned16(grads) && aligned16(m) && aligned16(v);
+        VEC_SWITCH(vec, T, W, {
+            adamw_kernel<T, W><<<CEIL_DIV(n / W, 256), 256, 0, d->stream>>>((T*)params, master, grads, m, v, n, h);
+        });
+    });
+    cudaCheck(cudaGetLastError());
+}
+#endif
+
+// One AdamW step over n parameters (one group: the caller passes weight_decay 0 for biases and
+// LayerNorm parameters). params: the run's dtype. master: fp32 master weights, or NULL when
+// params are their own master (fp32 runs, the CPU) -- then the update reads params. grads: fp32,
+// multiplied by grad_scale first (loss-scale unscaling and clipping in one factor). m, v: fp32
+// moments. step counts from 1 (bias correction).
+static void adamw_update(const Device* d, void* params, float* master, const float* grads, float* m, float* v, size_t n,
+                         float lr, float beta1, float beta2, float eps, float weight_decay, float grad_scale, int step) {
+    if (step < 1) die("adamw_update: step %d, but steps count from 1", step);
+    if (n == 0) return;
+    AdamWStep h = {lr, beta1, beta2, eps, weight_decay, grad_scale, (float)(1.0 - pow(beta1, step)), (float)(1.0 - pow(beta2, step))};
+#ifdef __CUDACC__
+    if (d->is_gpu) { adamw_update_cuda(d, params, master, grads, m, v, n, h); return; }
+#endif
+    (void)d;
+    adamw_update_cpu((float*)params, master, grads, m, v, n, h);
+}
 // <<< optimizer
 
 // >>> checkpoint
@@ -2252,7 +3583,7 @@ static void st_json_tensor(StJson* j, STTensor* t) {
             char dtype[32];
             st_json_short_string(j, dtype, sizeof(dtype), "dtype");
             if (!st_dtype_size(dtype)) die("%s: tensor '%s' has unknown dtype '%s'", j->path, t->name, dtype);
-            snprintf(t->dtype, sizeof(t->dtype), "%s", dtype);
+            snprintf(t->dtype, sizeof(t->dtype), "%.7s", dtype);  // known dtypes fit
             have_dtype = 1;
         } else if (strcmp(key, "shape") == 0) {
             uint64_t dims[ST_MAX_DIMS];

@@ -67,20 +67,20 @@ def ranges(pred):
     return out
 
 
-def final_sigma(s):
-    return s.lower()[-1] == "\u03c2" if s.endswith("\u03a3") else s.lower()[1] == "\u03c2"
+def final_sigma(s, i):  # does str.lower() turn the capital sigma s[i] into a final sigma?
+    return s.lower()[i] == "\u03c2"
 
 
 # Y: 'A'+c+'Σ' gets final sigma iff c is case-ignorable or cased; W: 'AΣ'+c iff c is
 # case-ignorable or not cased. So ignorable = Y and W; cased (when not ignorable) = Y.
 def case_ignorable(cp):
     c = chr(cp)
-    return final_sigma("A" + c + "\u03a3") and final_sigma("A\u03a3" + c)
+    return final_sigma("A" + c + "\u03a3", -1) and final_sigma("A\u03a3" + c, 1)
 
 
 def cased(cp):
     c = chr(cp)
-    return not case_ignorable(cp) and final_sigma("A" + c + "\u03a3")
+    return not case_ignorable(cp) and final_sigma("A" + c + "\u03a3", -1)
 
 
 def c_array(name, ctype, rows, per_line, inner_dims=""):

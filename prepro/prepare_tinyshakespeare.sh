@@ -10,7 +10,11 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${1:-data}"
 
 BIN="$ROOT/prepro/preprocess_data"
-if [ ! -x "$BIN" ] || [ "$ROOT/prepro/preprocess_data.cpp" -nt "$BIN" ]; then
+stale=0
+for src in prepro/preprocess_data.cpp prepro/tokenizer.h prepro/unicode_tables.h megatron.h; do
+    [ "$ROOT/$src" -nt "$BIN" ] && stale=1
+done
+if [ ! -x "$BIN" ] || [ $stale = 1 ]; then
     echo "building $BIN" >&2
     g++ -O3 -std=c++17 -pthread -fopenmp -o "$BIN" "$ROOT/prepro/preprocess_data.cpp"
 fi

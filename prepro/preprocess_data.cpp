@@ -11,7 +11,7 @@ Megatron writes for the same input and tokenizer:
     sequence left is skipped entirely (no entry in doc_idx), as Megatron 2022 did;
   - tokens are uint16 when the unpadded vocabulary has fewer than 65500 ids, else int32.
 
-InputFile formats (--input-format; by default jsonl when the file name ends in .json, .jsonl
+Input formats (--input-format; by default jsonl when the file name ends in .json, .jsonl
 or .ndjson, text otherwise, with a note on stderr when a "text" file starts with '{'):
   jsonl  Megatron's loose JSON: one object per line; each --json-keys key must hold a
          string. Lines end at \n, \r\n or \r (Python's universal newlines). Lines that
@@ -28,6 +28,12 @@ invalid UTF-8 sequence becomes U+FFFD exactly as Python's bytes.decode('utf-8',
 errors='replace') does (one U+FFFD per maximal invalid subpart); Megatron itself would
 stop with a UnicodeDecodeError. Lone UTF-16 surrogates from JSON \u escapes become
 U+FFFD too (Megatron's tokenizer would crash on them). The count is in the summary.
+
+Errors: a JSON line that is not an object holding a string under every --json-keys key
+stops the run with "error: FILE:LINE: reason" (exit 1); --skip-bad-lines skips such lines
+instead, names the first five and counts them all. Command-line mistakes exit with 2.
+Progress goes to stderr every --log-interval documents (at most once a second): documents/s,
+MB/s, percent of the input and ETA; then one summary line.
 
 Threads: --workers threads parse and tokenize batches of whole lines (or whole text
 documents); one writer (the main thread) writes them in input order, so the output
@@ -258,8 +264,7 @@ static int64_t utf8_copy_replacing(ByteBuf* out, const char* s, size_t n) {
 // strings are not.
 
 typedef struct {
-    const char* start;  // the line
-    const char* p;
+    const char* p;      // the next byte of the line
     const char* end;
     const char* error;  // first problem found, NULL while fine
     const char* error_at;
@@ -357,6 +362,65 @@ static void jsonl_number(JsonLine* j) {
 
 #define JSONL_MAX_DEPTH 512
 
+// Where each requested key's value was found in one line.
+typedef struct {
+    int found;           // 0: absent, 1: a string, -1: another type
+    const char* type;    // the other type's name
+    size_t offset, len;  // the decoded string inside the worker's buffer
+} JsonlField;
+
+// What the top-level object's members are matched against (NULL for nested values).
+typedef struct {
+    const char* const* keys;
+    int num_keys;
+    JsonlField* fields;
+    ByteBuf* text;  // decoded strings of the requested keys
+    ByteBuf* key;   // the member name being matched
+} JsonlCapture;
+
+static const char* jsonl_skip_value(JsonLine* j, int depth);
+
+static int jsonl_key_index(const JsonlCapture* c) {
+    for (int k = 0; k < c->num_keys; k++)
+        if (strlen(c->keys[k]) == c->key->len && memcmp(c->keys[k], c->key->data, c->key->len) == 0) return k;
+    return -1;
+}
+
+// An object at j->p (at its '{'). With a capture, members named by the requested keys are
+// recorded; a key given twice keeps its last value, as in Python's dict.
+static void jsonl_object(JsonLine* j, int depth, JsonlCapture* c) {
+    j->p++;
+    jsonl_ws(j);
+    if (j->p < j->end && *j->p == '}') { j->p++; return; }
+    for (;;) {
+        jsonl_ws(j);
+        if (j->p == j->end || *j->p != '"') { jsonl_fail(j, "expecting a property name in double quotes"); return; }
+        if (c) c->key->len = 0;
+        jsonl_string(j, c ? c->key : NULL);
+        if (j->error) return;
+        int k = c ? jsonl_key_index(c) : -1;
+        jsonl_ws(j);
+        if (j->p == j->end || *j->p != ':') { jsonl_fail(j, "expecting ':' delimiter"); return; }
+        j->p++;
+        jsonl_ws(j);
+        if (k >= 0 && j->p < j->end && *j->p == '"') {
+            c->fields[k].found = 1;
+            c->fields[k].offset = c->text->len;
+            jsonl_string(j, c->text);
+            c->fields[k].len = c->text->len - c->fields[k].offset;
+        } else {
+            const char* type = jsonl_skip_value(j, depth + 1);
+            if (k >= 0) { c->fields[k].found = -1; c->fields[k].type = type; }
+        }
+        if (j->error) return;
+        jsonl_ws(j);
+        if (j->p < j->end && *j->p == ',') { j->p++; continue; }
+        if (j->p < j->end && *j->p == '}') { j->p++; return; }
+        jsonl_fail(j, "expecting ',' or '}'");
+        return;
+    }
+}
+
 // Skip one value of any type; returns its type name for error messages.
 static const char* jsonl_skip_value(JsonLine* j, int depth) {
     jsonl_ws(j);
@@ -364,29 +428,21 @@ static const char* jsonl_skip_value(JsonLine* j, int depth) {
     if (depth > JSONL_MAX_DEPTH) { jsonl_fail(j, "nested too deeply"); return "nothing"; }
     char c = *j->p;
     if (c == '"') { jsonl_string(j, NULL); return "a string"; }
-    if (c == '{' || c == '[') {
-        char close = c == '{' ? '}' : ']';
+    if (c == '{') { jsonl_object(j, depth, NULL); return "an object"; }
+    if (c == '[') {
         j->p++;
         jsonl_ws(j);
-        if (j->p < j->end && *j->p == close) { j->p++; return c == '{' ? "an object" : "an array"; }
+        if (j->p < j->end && *j->p == ']') { j->p++; return "an array"; }
         for (;;) {
-            if (c == '{') {
-                jsonl_ws(j);
-                if (j->p == j->end || *j->p != '"') { jsonl_fail(j, "expecting a property name in double quotes"); break; }
-                jsonl_string(j, NULL);
-                jsonl_ws(j);
-                if (j->p == j->end || *j->p != ':') { jsonl_fail(j, "expecting ':' delimiter"); break; }
-                j->p++;
-            }
             jsonl_skip_value(j, depth + 1);
             if (j->error) break;
             jsonl_ws(j);
             if (j->p < j->end && *j->p == ',') { j->p++; continue; }
-            if (j->p < j->end && *j->p == close) { j->p++; break; }
-            jsonl_fail(j, c == '{' ? "expecting ',' or '}'" : "expecting ',' or ']'");
+            if (j->p < j->end && *j->p == ']') { j->p++; break; }
+            jsonl_fail(j, "expecting ',' or ']'");
             break;
         }
-        return c == '{' ? "an object" : "an array";
+        return "an array";
     }
     if (jsonl_literal(j, "null")) return "null";
     if (jsonl_literal(j, "true") || jsonl_literal(j, "false")) return "a boolean";
@@ -395,57 +451,19 @@ static const char* jsonl_skip_value(JsonLine* j, int depth) {
     return "a number";
 }
 
-// Where each requested key's value was found in one line.
-typedef struct {
-    int found;             // 0: absent, 1: a string, -1: another type
-    const char* type;      // the other type's name
-    size_t offset, len;    // the decoded string inside the worker's buffer
-} JsonlField;
-
 // Parse one line holding an object; fill fields[k] for keys[k]. On error returns a
 // message (with the column) written into `message`.
 static const char* jsonl_parse_line(const char* line, size_t n, const char* const* keys, int num_keys,
-                                   JsonlField* fields, ByteBuf* text, ByteBuf* key, int64_t* replaced,
-                                   char* message, size_t message_cap) {
-    JsonLine j = {line, line, line + n, NULL, NULL, 0};
+                                    JsonlField* fields, ByteBuf* text, ByteBuf* key, int64_t* replaced,
+                                    char* message, size_t message_cap) {
+    JsonLine j = {line, line + n, NULL, NULL, 0};
+    JsonlCapture capture = {keys, num_keys, fields, text, key};
     memset(fields, 0, num_keys * sizeof(JsonlField));
     jsonl_ws(&j);
     if (j.p == j.end || *j.p != '{') jsonl_fail(&j, "expecting a JSON object '{'");
-    else {
-        j.p++;
-        jsonl_ws(&j);
-        if (j.p < j.end && *j.p == '}') j.p++;
-        else for (;;) {
-            jsonl_ws(&j);
-            if (j.p == j.end || *j.p != '"') { jsonl_fail(&j, "expecting a property name in double quotes"); break; }
-            key->len = 0;
-            jsonl_string(&j, key);
-            if (j.error) break;
-            jsonl_ws(&j);
-            if (j.p == j.end || *j.p != ':') { jsonl_fail(&j, "expecting ':' delimiter"); break; }
-            j.p++;
-            jsonl_ws(&j);
-            int k = 0;
-            while (k < num_keys && !(strlen(keys[k]) == key->len && memcmp(keys[k], key->data, key->len) == 0)) k++;
-            if (k < num_keys && j.p < j.end && *j.p == '"') {  // a later duplicate key overrides
-                fields[k].found = 1;
-                fields[k].offset = text->len;
-                jsonl_string(&j, text);
-                fields[k].len = text->len - fields[k].offset;
-            } else {
-                const char* type = jsonl_skip_value(&j, 1);
-                if (k < num_keys) { fields[k].found = -1; fields[k].type = type; }
-            }
-            if (j.error) break;
-            jsonl_ws(&j);
-            if (j.p < j.end && *j.p == ',') { j.p++; continue; }
-            if (j.p < j.end && *j.p == '}') { j.p++; break; }
-            jsonl_fail(&j, "expecting ',' or '}'");
-            break;
-        }
-        jsonl_ws(&j);
-        if (!j.error && j.p != j.end) jsonl_fail(&j, "extra data after the object");
-    }
+    else jsonl_object(&j, 1, &capture);
+    jsonl_ws(&j);
+    if (!j.error && j.p != j.end) jsonl_fail(&j, "extra data after the object");
     *replaced += j.replaced;
     if (j.error) {
         snprintf(message, message_cap, "%s at column %d", j.error, (int)(j.error_at - line) + 1);
@@ -485,8 +503,8 @@ static int is_blank_line(const char* p, const char* e) {
 
 typedef struct {
     TokenList tokens;  // every sequence of the batch, back to back
-    IntBuf seq_lens;     // tokens per sequence
-    IntBuf doc_seqs;     // sequences per written document (documents left empty are not here)
+    IntBuf seq_lens;   // tokens per sequence
+    IntBuf doc_seqs;   // sequences per written document (documents left empty are not here)
     int64_t empty_docs;
 } KeyOutput;
 
@@ -757,14 +775,22 @@ typedef struct {
     int64_t last_log_docs;
 } PreproTotals;
 
+static void format_duration(char* out, size_t cap, double seconds) {
+    long s = (long)(seconds + 0.5);
+    if (s >= 3600) snprintf(out, cap, "%ldh%02ldm", s / 3600, s / 60 % 60);
+    else if (s >= 60) snprintf(out, cap, "%ldm%02lds", s / 60, s % 60);
+    else snprintf(out, cap, "%lds", s);
+}
+
 static void log_progress(const PreproTotals* t, size_t done, size_t total) {
     double elapsed = now_seconds() - t->start;
     double mbs = done / 1048576.0 / (elapsed > 0 ? elapsed : 1e-9);
     fprintf(stderr, "Processed %lld documents (%.1f docs/s, %.2f MB/s)", (long long)t->docs,
             t->docs / (elapsed > 0 ? elapsed : 1e-9), mbs);
     if (total) {
-        double eta = done ? elapsed * (double)(total - done) / done : 0;
-        fprintf(stderr, ", %.1f%% of %.1f MB, ETA %.0f s", 100.0 * done / total, total / 1048576.0, eta);
+        char eta[32];
+        format_duration(eta, sizeof(eta), done ? elapsed * (double)(total - done) / done : 0);
+        fprintf(stderr, ", %.1f%% of %.1f MB, ETA %s", 100.0 * done / total, total / 1048576.0, eta);
     }
     fprintf(stderr, ".\n");
 }

@@ -213,6 +213,31 @@ SMALL_TEXT = ("\ufeff\n\n  \nFirst Citizen:\nBefore we proceed any further, hear
               " \t \nAll:\rResolved. resolved.\r\rlast paragraph\n  indented line\nno newline at the end")
 
 
+# --split-sentences: NLTK punkt on text where every sentence ends in . ! or ? followed by
+# whitespace and a capital letter (no abbreviations, no quotes), so any sane splitter agrees.
+SPLIT_JSONL = [
+    {"text": "Hello there. General Kenobi! You are a bold one? Yes."},
+    {"text": "One sentence without an end"},
+    {"text": "First line.\nSecond line.\n\nThird paragraph.\n"},
+    {"text": ""},
+    {"text": "   "},
+    {"text": "Numbers like 3.14 stay. Unicode too: caf\u00e9 na\u00efve. The end."},
+]
+
+
+def punkt_like(text, keep_newlines):
+    """Sentences as punkt returns them on such text: whitespace between sentences dropped, or
+    with --keep-newlines (Megatron's CustomLanguageVars) kept at the end of the sentence before."""
+    if not text.strip():
+        return []
+    sentences, start = [], 0
+    for m in re.finditer(r"[.!?]\s+(?=[A-Z])", text):
+        sentences.append(text[start:m.end() if keep_newlines else m.start() + 1])
+        start = m.end()
+    sentences.append(text[start:].rstrip())
+    return sentences
+
+
 def write_input(name, data):
     path = os.path.join(OUT, name)
     with open(path, "wb") as f:
@@ -241,11 +266,17 @@ def main():
         print("text document: %r" % d["text"])
     write_outputs("small_txt", preprocess(text_documents(text), ["text"], gpt2, append_eod=True))
 
+    split = write_input("split.jsonl", "".join(json.dumps(d) + "\n" for d in SPLIT_JSONL).encode())
+    write_outputs("split_newlines", preprocess(jsonl_documents(split, ["text"]), ["text"], gpt2, append_eod=True,
+                                               splitter=lambda t: punkt_like(t, True)), level="sentence")
+
     bert = bert_encoder(lower=True)
     if bert:
         write_outputs("small_bert", preprocess(jsonl_documents(small, ["text"]), ["text"], bert))
+        write_outputs("split_bert", preprocess(jsonl_documents(split, ["text"]), ["text"], bert,
+                                               splitter=lambda t: punkt_like(t, False)), level="sentence")
     else:
-        print("skip BERT fixture: pip install tokenizers")
+        print("skip BERT fixtures: pip install tokenizers")
 
     # real data: only digests (the outputs are hundreds of KB)
     digests = []

@@ -54,7 +54,7 @@ CASES = [
     "<|endoftext|> [CLS] [SEP] <unk> @-@ @,@ @.@".encode(),
     b"\x00nul \x0bvt \x1fus \x7fdel \xc2\x80c1",
     b"invalid: \xff\xfe \xc3( \xe2\x82 \xf0\x80abc \xed\xa0\x80 \xf4\x90\x80\x80 \xc0\xaf \xe2\x82\xac ok",
-    b"\xe2\x82", b"\xf0\x9f\x98", b"abc\xf0\x9f",
+    b"\xe2\x82", b"\xf0\x9f\x98", b"abc\xf0\x9f", "中".encode(), "ǅ".encode(),
     b"!" * 300, b"a" * 150, b"b" * 201 + b" c", b"x" * 1000,
     "math ∑ x² ≤ ½ — “quotes” ‘single’ «guillemets» …".encode(),
     "Zalgo t\u0337\u0322e\u0334\u0301x\u0335t".encode(),

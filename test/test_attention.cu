@@ -261,7 +261,6 @@ static void test_gpu_case(Device* d, int B, int T, int NH, int HS, float p) {
     dev_free(d, lse_g); dev_free(d, delta_g);
     free(qkv_d); free(dout_d); free(qkv_h); free(dout_h); free(out_ref); free(lse_ref); free(delta_ref);
     free(dqkv_ref); free(buf); free(got); free(out_again); free(dqkv_again); free(out_first);
-    device_free(d);
 }
 
 static int compare_floats(const void* a, const void* b) {

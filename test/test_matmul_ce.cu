@@ -1,0 +1,454 @@
+/*
+test_matmul_ce.cu: the linear layer (matmul) and the fused softmax cross-entropy.
+CPU: the blocked GEMM against plain loops, backward against central finite differences in
+double, padded vocabulary columns taking no part, results independent of the thread count.
+GPU (when one is found): cuBLASLt and the cross-entropy kernel against the CPU reference in
+fp32, bf16 and fp16, gradient accumulation, bitwise determinism.
+*/
+#include "../megatron.h"
+#include "test.h"
+
+template <typename real>
+static void fill_normal(real* x, size_t n, MT19937* mt, double scale) {
+    for (size_t i = 0; i < n; i++) x[i] = (real)(scale * mt_normal(mt));
+}
+
+// The three products with plain loops in double.
+static void naive_forward(double* out, const double* inp, const double* weight, const double* bias, int N, int C, int OC) {
+    for (int n = 0; n < N; n++)
+        for (int o = 0; o < OC; o++) {
+            double sum = bias ? bias[o] : 0;
+            for (int c = 0; c < C; c++) sum += inp[n * C + c] * weight[o * C + c];
+            out[n * OC + o] = sum;
+        }
+}
+
+static void naive_backward(double* dinp, double* dweight, double* dbias, const double* dout, const double* inp, const double* weight,
+                           int N, int C, int OC) {
+    for (int n = 0; n < N; n++)
+        for (int c = 0; c < C; c++) {
+            double sum = 0;
+            for (int o = 0; o < OC; o++) sum += dout[n * OC + o] * weight[o * C + c];
+            dinp[n * C + c] = sum;
+        }
+    for (int o = 0; o < OC; o++) {
+        for (int c = 0; c < C; c++) {
+            double sum = 0;
+            for (int n = 0; n < N; n++) sum += dout[n * OC + o] * inp[n * C + c];
+            dweight[o * C + c] = sum;
+        }
+        double sum = 0;
+        for (int n = 0; n < N; n++) sum += dout[n * OC + o];
+        dbias[o] = sum;
+    }
+}
+
+// The blocked GEMM (float and double) against plain loops, on shapes that cross every block edge.
+template <typename real>
+static void test_gemm_shape(int N, int C, int OC, double tol) {
+    MT19937 mt;
+    mt_seed(&mt, 1000 + N + C + OC);
+    size_t n_in = (size_t)N * C, n_w = (size_t)OC * C, n_out = (size_t)N * OC;
+    double *inp = (double*)xmalloc(8 * n_in), *w = (double*)xmalloc(8 * n_w), *b = (double*)xmalloc(8 * OC), *dout = (double*)xmalloc(8 * n_out);
+    fill_normal(inp, n_in, &mt, 1.0);
+    fill_normal(w, n_w, &mt, 1.0);
+    fill_normal(b, OC, &mt, 1.0);
+    fill_normal(dout, n_out, &mt, 1.0);
+    double *out_ref = (double*)xmalloc(8 * n_out), *dinp_ref = (double*)xmalloc(8 * n_in), *dw_ref = (double*)xmalloc(8 * n_w), *db_ref = (double*)xmalloc(8 * OC);
+    naive_forward(out_ref, inp, w, b, N, C, OC);
+    naive_backward(dinp_ref, dw_ref, db_ref, dout, inp, w, N, C, OC);
+
+    real *inp_r = (real*)xmalloc(sizeof(real) * n_in), *w_r = (real*)xmalloc(sizeof(real) * n_w), *b_r = (real*)xmalloc(sizeof(real) * OC);
+    real *dout_r = (real*)xmalloc(sizeof(real) * n_out), *out = (real*)xmalloc(sizeof(real) * n_out), *dinp = (real*)xmalloc(sizeof(real) * n_in);
+    real *dw = (real*)xcalloc(n_w, sizeof(real)), *db = (real*)xcalloc(OC, sizeof(real));
+    for (size_t i = 0; i < n_in; i++) inp_r[i] = (real)inp[i];
+    for (size_t i = 0; i < n_w; i++) w_r[i] = (real)w[i];
+    for (int i = 0; i < OC; i++) b_r[i] = (real)b[i];
+    for (size_t i = 0; i < n_out; i++) dout_r[i] = (real)dout[i];
+    for (size_t i = 0; i < n_out; i++) out[i] = NAN;
+    for (size_t i = 0; i < n_in; i++) dinp[i] = NAN;
+    matmul_forward_cpu<real>(out, inp_r, w_r, b_r, N, C, OC, (real*)NULL);
+    matmul_backward_cpu<real>(dinp, dw, db, dout_r, inp_r, w_r, N, C, OC);
+    char name[128];
+    const char* type = sizeof(real) == 8 ? "double" : "float";
+    snprintf(name, sizeof(name), "cpu gemm %s N=%d C=%d OC=%d forward", type, N, C, OC);
+    check_close(name, out, out_ref, n_out, tol);
+    snprintf(name, sizeof(name), "cpu gemm %s N=%d C=%d OC=%d dinp", type, N, C, OC);
+    check_close(name, dinp, dinp_ref, n_in, tol);
+    snprintf(name, sizeof(name), "cpu gemm %s N=%d C=%d OC=%d dweight", type, N, C, OC);
+    check_close(name, dw, dw_ref, n_w, tol);
+    snprintf(name, sizeof(name), "cpu gemm %s N=%d C=%d OC=%d dbias", type, N, C, OC);
+    check_close(name, db, db_ref, OC, tol);
+    free(inp); free(w); free(b); free(dout); free(out_ref); free(dinp_ref); free(dw_ref); free(db_ref);
+    free(inp_r); free(w_r); free(b_r); free(dout_r); free(out); free(dinp); free(dw); free(db);
+}
+
+// Backward against central differences of L = sum(R * out) + sum(out^2) / 2, so dout = R + out.
+static void test_matmul_finite_differences(void) {
+    const int N = 6, C = 10, OC = 13;
+    MT19937 mt;
+    mt_seed(&mt, 7);
+    double inp[N * C], w[OC * C], b[OC], R[N * OC], out[N * OC], dout[N * OC];
+    double dinp[N * C], dw[OC * C] = {0}, db[OC] = {0}, fd_inp[N * C], fd_w[OC * C], fd_b[OC];
+    fill_normal(inp, N * C, &mt, 1.0);
+    fill_normal(w, OC * C, &mt, 1.0);
+    fill_normal(b, OC, &mt, 1.0);
+    fill_normal(R, N * OC, &mt, 1.0);
+    auto loss = [&]() {
+        matmul_forward_cpu<double>(out, inp, w, b, N, C, OC, (double*)NULL);
+        double L = 0;
+        for (int i = 0; i < N * OC; i++) L += R[i] * out[i] + 0.5 * out[i] * out[i];
+        return L;
+    };
+    loss();
+    for (int i = 0; i < N * OC; i++) dout[i] = R[i] + out[i];
+    matmul_backward_cpu<double>(dinp, dw, db, dout, inp, w, N, C, OC);
+    const double eps = 1e-5;
+    auto central = [&](double* x, double* fd, int n) {
+        for (int i = 0; i < n; i++) {
+            double keep = x[i];
+            x[i] = keep + eps;
+            double plus = loss();
+            x[i] = keep - eps;
+            double minus = loss();
+            x[i] = keep;
+            fd[i] = (plus - minus) / (2 * eps);
+        }
+    };
+    central(inp, fd_inp, N * C);
+    central(w, fd_w, OC * C);
+    central(b, fd_b, OC);
+    check_close("cpu matmul dinp vs finite differences", dinp, fd_inp, N * C, 1e-7);
+    check_close("cpu matmul dweight vs finite differences", dw, fd_w, OC * C, 1e-7);
+    check_close("cpu matmul dbias vs finite differences", db, fd_b, OC, 1e-7);
+
+    // gelu_out is gelu_tanh(out), and out keeps the pre-activation
+    double gelu_out[N * OC], out_plain[N * OC], want[N * OC];
+    loss();
+    memcpy(out_plain, out, sizeof(out));
+    matmul_forward_cpu<double>(out, inp, w, b, N, C, OC, gelu_out);
+    for (int i = 0; i < N * OC; i++) want[i] = 0.5 * out_plain[i] * (1 + tanh(sqrt(2 / M_PI) * (out_plain[i] + 0.044715 * pow(out_plain[i], 3))));
+    check(!memcmp(out, out_plain, sizeof(out)), "cpu matmul gelu_out keeps the pre-activation in out", "out changed");
+    check_close("cpu matmul gelu_out = gelu_tanh(out)", gelu_out, want, N * OC, 1e-15);
+
+    // accumulation: a second backward adds the same parameter gradients again
+    double dw2[OC * C], db2[OC];
+    memcpy(dw2, dw, sizeof(dw));
+    memcpy(db2, db, sizeof(db));
+    matmul_backward_cpu<double>((double*)NULL, dw2, db2, dout, inp, w, N, C, OC);
+    for (int i = 0; i < OC * C; i++) dw[i] *= 2;
+    for (int i = 0; i < OC; i++) db[i] *= 2;
+    check_close("cpu matmul backward accumulates dweight", dw2, dw, OC * C, 1e-15);
+    check_close("cpu matmul backward accumulates dbias", db2, db, OC, 1e-15);
+}
+
+// Same bits with 1 and 2 threads: every output sums k in the same order.
+static void test_matmul_thread_independence(void) {
+#ifdef _OPENMP
+    const int N = 300, C = 600, OC = 700;
+    MT19937 mt;
+    mt_seed(&mt, 11);
+    float *inp = (float*)xmalloc(4L * N * C), *w = (float*)xmalloc(4L * OC * C), *dout = (float*)xmalloc(4L * N * OC);
+    float *out1 = (float*)xmalloc(4L * N * OC), *out2 = (float*)xmalloc(4L * N * OC);
+    float *dw1 = (float*)xcalloc((size_t)OC * C, 4), *dw2 = (float*)xcalloc((size_t)OC * C, 4);
+    fill_normal(inp, (size_t)N * C, &mt, 1.0);
+    fill_normal(w, (size_t)OC * C, &mt, 1.0);
+    fill_normal(dout, (size_t)N * OC, &mt, 1.0);
+    int threads = omp_get_max_threads();
+    omp_set_num_threads(1);
+    matmul_forward_cpu<float>(out1, inp, w, (const float*)NULL, N, C, OC, (float*)NULL);
+    matmul_backward_cpu<float>((float*)NULL, dw1, (float*)NULL, dout, inp, w, N, C, OC);
+    omp_set_num_threads(threads > 1 ? threads : 2);
+    matmul_forward_cpu<float>(out2, inp, w, (const float*)NULL, N, C, OC, (float*)NULL);
+    matmul_backward_cpu<float>((float*)NULL, dw2, (float*)NULL, dout, inp, w, N, C, OC);
+    omp_set_num_threads(threads);
+    check(!memcmp(out1, out2, 4L * N * OC) && !memcmp(dw1, dw2, 4L * OC * C), "cpu matmul same bits with 1 and 2 threads", "results differ");
+    free(inp); free(w); free(dout); free(out1); free(out2); free(dw1); free(dw2);
+#endif
+}
+
+// Cross-entropy backward against central differences of L = sum_n dloss[n] * losses[n], with padding.
+static void test_crossentropy_cpu(void) {
+    const int N = 3, V = 7, Vp = 8;
+    MT19937 mt;
+    mt_seed(&mt, 5);
+    double logits[N * Vp], grad[N * Vp], fd[N * Vp], losses[N], dloss[N];
+    int targets[N] = {0, 6, 3};
+    fill_normal(logits, N * Vp, &mt, 2.0);
+    for (int n = 0; n < N; n++) dloss[n] = 0.5 + mt_uniform(&mt);
+    auto loss = [&]() {
+        double copy[N * Vp], L = 0;
+        memcpy(copy, logits, sizeof(copy));
+        crossentropy_forward_backward_cpu<double>(losses, copy, targets, (const double*)NULL, N, V, Vp);
+        for (int n = 0; n < N; n++) L += dloss[n] * losses[n];
+        return L;
+    };
+    memcpy(grad, logits, sizeof(grad));
+    crossentropy_forward_backward_cpu<double>(losses, grad, targets, dloss, N, V, Vp);
+    const double eps = 1e-5;
+    for (int i = 0; i < N * Vp; i++) {
+        double keep = logits[i];
+        logits[i] = keep + eps;
+        double plus = loss();
+        logits[i] = keep - eps;
+        double minus = loss();
+        logits[i] = keep;
+        fd[i] = (plus - minus) / (2 * eps);
+    }
+    check_close("cpu cross-entropy gradient vs finite differences", grad, fd, N * Vp, 1e-8);
+    int pad_zero = 1;
+    for (int n = 0; n < N; n++) pad_zero &= grad[n * Vp + V] == 0.0;
+    check(pad_zero, "cpu cross-entropy gradient is 0 on padded columns", "nonzero");
+
+    // the loss itself, written out
+    double want[N];
+    for (int n = 0; n < N; n++) {
+        double sum = 0;
+        for (int i = 0; i < V; i++) sum += exp(logits[n * Vp + i]);
+        want[n] = log(sum) - logits[n * Vp + targets[n]];
+    }
+    loss();
+    check_close("cpu cross-entropy loss = logsumexp - logit[target]", losses, want, N, 1e-14);
+
+    // padded logits take no part, whatever their values
+    double before[N];
+    memcpy(before, losses, sizeof(before));
+    for (int n = 0; n < N; n++) logits[n * Vp + V] = n == 0 ? NAN : 1e30;
+    loss();
+    check(!memcmp(before, losses, sizeof(before)), "cpu cross-entropy loss independent of padded logits", "loss changed");
+}
+
+#ifdef __CUDACC__
+static void round_to_dtype(float* x, size_t n, DType dt) {
+    void* tmp = xmalloc(n * dtype_size(dt));
+    floats_to_dtype(tmp, x, n, dt);
+    dtype_to_floats(x, tmp, n, dt);
+    free(tmp);
+}
+
+// Host floats -> a new device buffer in dtype.
+static void* upload_as(const Device* d, const float* x, size_t n, DType dt) {
+    void* tmp = xmalloc(n * dtype_size(dt));
+    floats_to_dtype(tmp, x, n, dt);
+    void* p = dev_malloc(d, n * dtype_size(dt));
+    dev_upload(d, p, tmp, n * dtype_size(dt));
+    free(tmp);
+    return p;
+}
+
+static void download_as(const Device* d, float* x, const void* p, size_t n, DType dt) {
+    void* tmp = xmalloc(n * dtype_size(dt));
+    dev_download(d, tmp, p, n * dtype_size(dt));
+    dtype_to_floats(x, tmp, n, dt);
+    free(tmp);
+}
+
+static void poison(const Device* d, void* p, size_t n, DType dt) {
+    float* nans = (float*)xmalloc(n * 4);
+    for (size_t i = 0; i < n; i++) nans[i] = NAN;
+    void* tmp = xmalloc(n * dtype_size(dt));
+    floats_to_dtype(tmp, nans, n, dt);
+    dev_upload(d, p, tmp, n * dtype_size(dt));
+    free(tmp);
+    free(nans);
+}
+
+static int same_bytes(const Device* d, const void* p, const void* q, size_t bytes) {
+    char *a = (char*)xmalloc(bytes), *b = (char*)xmalloc(bytes);
+    dev_download(d, a, p, bytes);
+    dev_download(d, b, q, bytes);
+    int same = !memcmp(a, b, bytes);
+    free(a);
+    free(b);
+    return same;
+}
+
+static double tolerance(DType dt) { return dt == DT_F32 ? 1e-5 : 2e-2; }
+
+// GPU forward (with/without bias and gelu_out) and backward (twice: accumulation) vs the CPU on dtype-rounded inputs.
+static void test_matmul_gpu(const Device* d, int N, int C, int OC, int use_bias, int use_gelu) {
+    DType dt = d->dtype;
+    size_t n_in = (size_t)N * C, n_w = (size_t)OC * C, n_out = (size_t)N * OC, es = dtype_size(dt);
+    MT19937 mt;
+    mt_seed(&mt, 100 + N + C + OC + use_bias + 2 * use_gelu);
+    float *inp = (float*)xmalloc(4 * n_in), *w = (float*)xmalloc(4 * n_w), *b = (float*)xmalloc(4 * OC), *dout = (float*)xmalloc(4 * n_out);
+    float *dw0 = (float*)xmalloc(4 * n_w), *db0 = (float*)xmalloc(4 * OC);
+    fill_normal(inp, n_in, &mt, 1.0);
+    fill_normal(w, n_w, &mt, 0.2);
+    fill_normal(b, OC, &mt, 1.0);
+    fill_normal(dout, n_out, &mt, 1.0);
+    fill_normal(dw0, n_w, &mt, 1.0);
+    fill_normal(db0, OC, &mt, 1.0);
+    round_to_dtype(inp, n_in, dt);
+    round_to_dtype(w, n_w, dt);
+    round_to_dtype(b, OC, dt);
+    round_to_dtype(dout, n_out, dt);
+
+    // CPU reference
+    float *out_ref = (float*)xmalloc(4 * n_out), *gelu_ref = (float*)xmalloc(4 * n_out), *dinp_ref = (float*)xmalloc(4 * n_in);
+    float *dw_ref = (float*)xmalloc(4 * n_w), *db_ref = (float*)xmalloc(4 * OC);
+    memcpy(dw_ref, dw0, 4 * n_w);
+    memcpy(db_ref, db0, 4 * OC);
+    matmul_forward_cpu<float>(out_ref, inp, w, use_bias ? b : NULL, N, C, OC, use_gelu ? gelu_ref : NULL);
+    matmul_backward_cpu<float>(dinp_ref, dw_ref, use_bias ? db_ref : NULL, dout, inp, w, N, C, OC);
+    matmul_backward_cpu<float>((float*)NULL, dw_ref, use_bias ? db_ref : NULL, dout, inp, w, N, C, OC);
+
+    // GPU
+    void *d_inp = upload_as(d, inp, n_in, dt), *d_w = upload_as(d, w, n_w, dt), *d_b = upload_as(d, b, OC, dt), *d_dout = upload_as(d, dout, n_out, dt);
+    void *d_out = dev_malloc(d, n_out * es), *d_gelu = dev_malloc(d, n_out * es), *d_dinp = dev_malloc(d, n_in * es);
+    void *d_out2 = dev_malloc(d, n_out * es), *d_gelu2 = dev_malloc(d, n_out * es);
+    float *d_dw = (float*)dev_malloc(d, 4 * n_w), *d_db = (float*)dev_malloc(d, 4 * OC), *d_dw2 = (float*)dev_malloc(d, 4 * n_w), *d_db2 = (float*)dev_malloc(d, 4 * OC);
+    void* d_dinp2 = dev_malloc(d, n_in * es);
+    poison(d, d_out, n_out, dt);
+    poison(d, d_gelu, n_out, dt);
+    poison(d, d_dinp, n_in, dt);
+    dev_upload(d, d_dw, dw0, 4 * n_w);
+    dev_upload(d, d_db, db0, 4 * OC);
+    matmul_forward(d, d_out, d_inp, d_w, use_bias ? d_b : NULL, N, C, OC, use_gelu ? d_gelu : NULL);
+    matmul_backward(d, d_dinp, d_dw, use_bias ? d_db : NULL, d_dout, d_inp, d_w, N, C, OC);
+    matmul_backward(d, NULL, d_dw, use_bias ? d_db : NULL, d_dout, d_inp, d_w, N, C, OC);
+    dev_sync(d);
+
+    float *got = (float*)xmalloc(4 * (n_out > n_w ? n_out : n_w));
+    double tol = tolerance(dt);
+    char name[160], shape[96];
+    snprintf(shape, sizeof(shape), "%s N=%d C=%d OC=%d%s%s", dtype_name(dt), N, C, OC, use_bias ? " bias" : "", use_gelu ? " gelu" : "");
+    download_as(d, got, d_out, n_out, dt);
+    snprintf(name, sizeof(name), "gpu matmul forward %s", shape);
+    check_close(name, got, out_ref, n_out, tol);
+    if (use_gelu) {
+        download_as(d, got, d_gelu, n_out, dt);
+        snprintf(name, sizeof(name), "gpu matmul gelu_out %s", shape);
+        check_close(name, got, gelu_ref, n_out, tol);
+    }
+    download_as(d, got, d_dinp, n_in, dt);
+    snprintf(name, sizeof(name), "gpu matmul dinp %s", shape);
+    check_close(name, got, dinp_ref, n_in, tol);
+    dev_download(d, got, d_dw, 4 * n_w);
+    snprintf(name, sizeof(name), "gpu matmul dweight (+= twice) %s", shape);
+    check_close(name, got, dw_ref, n_w, dt == DT_F32 ? 1e-5 : 1e-3);
+    if (use_bias) {
+        dev_download(d, got, d_db, 4 * OC);
+        snprintf(name, sizeof(name), "gpu matmul dbias (+= twice) %s", shape);
+        check_close(name, got, db_ref, OC, dt == DT_F32 ? 1e-5 : 1e-3);
+    }
+
+    // determinism: the same calls again give the same bits
+    poison(d, d_out2, n_out, dt);
+    poison(d, d_gelu2, n_out, dt);
+    poison(d, d_dinp2, n_in, dt);
+    dev_upload(d, d_dw2, dw0, 4 * n_w);
+    dev_upload(d, d_db2, db0, 4 * OC);
+    matmul_forward(d, d_out2, d_inp, d_w, use_bias ? d_b : NULL, N, C, OC, use_gelu ? d_gelu2 : NULL);
+    matmul_backward(d, d_dinp2, d_dw2, use_bias ? d_db2 : NULL, d_dout, d_inp, d_w, N, C, OC);
+    matmul_backward(d, NULL, d_dw2, use_bias ? d_db2 : NULL, d_dout, d_inp, d_w, N, C, OC);
+    dev_sync(d);
+    int same = same_bytes(d, d_out, d_out2, n_out * es) && same_bytes(d, d_dinp, d_dinp2, n_in * es) && same_bytes(d, d_dw, d_dw2, 4 * n_w);
+    if (use_gelu) same = same && same_bytes(d, d_gelu, d_gelu2, n_out * es);
+    if (use_bias) same = same && same_bytes(d, d_db, d_db2, 4 * OC);
+    snprintf(name, sizeof(name), "gpu matmul bitwise deterministic %s", shape);
+    check(same, name, "two runs differ");
+
+    dev_free(d, d_inp); dev_free(d, d_w); dev_free(d, d_b); dev_free(d, d_dout); dev_free(d, d_out); dev_free(d, d_gelu);
+    dev_free(d, d_dinp); dev_free(d, d_out2); dev_free(d, d_gelu2); dev_free(d, d_dw); dev_free(d, d_db); dev_free(d, d_dw2);
+    dev_free(d, d_db2); dev_free(d, d_dinp2);
+    free(inp); free(w); free(b); free(dout); free(dw0); free(db0); free(out_ref); free(gelu_ref); free(dinp_ref);
+    free(dw_ref); free(db_ref); free(got);
+}
+
+// GPU cross-entropy vs the CPU on dtype-rounded logits; padded logits are NaN and must take no part.
+static void test_crossentropy_gpu(const Device* d, int N, int V, int Vp, int with_grad) {
+    DType dt = d->dtype;
+    size_t n_logits = (size_t)N * Vp, es = dtype_size(dt);
+    MT19937 mt;
+    mt_seed(&mt, 200 + N + V + Vp + with_grad);
+    float *logits = (float*)xmalloc(4 * n_logits), *ref = (float*)xmalloc(4 * n_logits), *got = (float*)xmalloc(4 * n_logits);
+    float *dloss = (float*)xmalloc(4 * N), *losses_ref = (float*)xmalloc(4 * N), *losses = (float*)xmalloc(4 * N);
+    int* targets = (int*)xmalloc(4 * N);
+    fill_normal(logits, n_logits, &mt, 3.0);
+    round_to_dtype(logits, n_logits, dt);
+    for (int n = 0; n < N; n++) {
+        for (int i = V; i < Vp; i++) logits[(size_t)n * Vp + i] = NAN;
+        targets[n] = mt_u32(&mt) % V;
+        dloss[n] = (float)((0.5 + mt_uniform(&mt)) / N);
+    }
+    memcpy(ref, logits, 4 * n_logits);
+    crossentropy_forward_backward_cpu<float>(losses_ref, ref, targets, with_grad ? dloss : NULL, N, V, Vp);
+
+    void* d_logits = upload_as(d, logits, n_logits, dt);
+    void* d_logits2 = upload_as(d, logits, n_logits, dt);
+    float *d_losses = (float*)dev_malloc(d, 4 * N), *d_losses2 = (float*)dev_malloc(d, 4 * N), *d_dloss = (float*)dev_malloc(d, 4 * N);
+    int* d_targets = (int*)dev_malloc(d, 4 * N);
+    dev_upload(d, d_targets, targets, 4 * N);
+    dev_upload(d, d_dloss, dloss, 4 * N);
+    poison(d, d_losses, N, DT_F32);
+    poison(d, d_losses2, N, DT_F32);
+    crossentropy_forward_backward(d, d_losses, d_logits, d_targets, with_grad ? d_dloss : NULL, N, V, Vp);
+    crossentropy_forward_backward(d, d_losses2, d_logits2, d_targets, with_grad ? d_dloss : NULL, N, V, Vp);
+    dev_sync(d);
+
+    char name[160], shape[96];
+    snprintf(shape, sizeof(shape), "%s N=%d V=%d Vp=%d%s", dtype_name(dt), N, V, Vp, with_grad ? "" : " (loss only)");
+    dev_download(d, losses, d_losses, 4 * N);
+    snprintf(name, sizeof(name), "gpu cross-entropy losses %s", shape);
+    check_close(name, losses, losses_ref, N, 1e-5);
+    download_as(d, got, d_logits, n_logits, dt);
+    if (with_grad) {
+        snprintf(name, sizeof(name), "gpu cross-entropy gradient %s", shape);
+        check_close(name, got, ref, n_logits, tolerance(dt));
+        int pad_zero = 1;
+        for (int n = 0; n < N; n++)
+            for (int i = V; i < Vp; i++) pad_zero &= got[(size_t)n * Vp + i] == 0.0f;
+        snprintf(name, sizeof(name), "gpu cross-entropy gradient 0 on padded columns %s", shape);
+        check(pad_zero, name, "nonzero");
+    } else {
+        snprintf(name, sizeof(name), "gpu cross-entropy leaves logits alone without dloss %s", shape);
+        check(!memcmp(got, logits, 4 * n_logits), name, "logits changed");
+    }
+    snprintf(name, sizeof(name), "gpu cross-entropy bitwise deterministic %s", shape);
+    check(same_bytes(d, d_losses, d_losses2, 4 * N) && same_bytes(d, d_logits, d_logits2, n_logits * es), name, "two runs differ");
+
+    dev_free(d, d_logits); dev_free(d, d_logits2); dev_free(d, d_losses); dev_free(d, d_losses2); dev_free(d, d_dloss); dev_free(d, d_targets);
+    free(logits); free(ref); free(got); free(dloss); free(losses_ref); free(losses); free(targets);
+}
+
+static void test_gpu(void) {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+        cudaGetLastError();
+        printf("skip gpu matmul and cross-entropy: no GPU\n");
+        return;
+    }
+    const DType dtypes[3] = {DT_F32, DT_BF16, DT_F16};
+    for (int t = 0; t < 3; t++) {
+        Device d;
+        device_init(&d, "cuda", dtypes[t]);
+        const int shapes[][3] = {{64, 192, 768}, {256, 768, 3072}, {37, 24, 40}};
+        for (int s = 0; s < 3; s++)
+            for (int variant = 0; variant < 4; variant++)  // without/with bias, without/with gelu_out
+                test_matmul_gpu(&d, shapes[s][0], shapes[s][1], shapes[s][2], variant & 1, variant >> 1);
+        test_matmul_gpu(&d, 1024, 192, 50304, 0, 0);  // the LM head
+        test_matmul_gpu(&d, 5, 13, 7, 1, 0);          // odd sizes: no 16-byte alignment anywhere
+        const int ce[][3] = {{64, 50257, 50304}, {4096, 50257, 50304}, {100, 37, 40}, {33, 50, 50}, {7, 1, 1}};
+        for (int s = 0; s < 5; s++) test_crossentropy_gpu(&d, ce[s][0], ce[s][1], ce[s][2], 1);
+        test_crossentropy_gpu(&d, 64, 50257, 50304, 0);
+        device_free(&d);
+    }
+}
+#endif
+
+int main(void) {
+    test_gemm_shape<double>(1, 1, 1, 1e-14);
+    test_gemm_shape<double>(5, 7, 9, 1e-14);
+    test_gemm_shape<double>(37, 300, 45, 1e-14);
+    test_gemm_shape<float>(300, 600, 70, 1e-6);
+    test_gemm_shape<float>(70, 33, 4200, 1e-6);
+    test_gemm_shape<float>(64, 192, 768, 1e-6);
+    test_matmul_finite_differences();
+    test_matmul_thread_independence();
+    test_crossentropy_cpu();
+#ifdef __CUDACC__
+    test_gpu();
+#endif
+    return test_summary();
+}
