@@ -1598,13 +1598,17 @@ template <typename V> __device__ __forceinline__ V warp_sum(V v) {
     return v;
 }
 
-// Scratch memory ordered on the run's stream. The device's pool keeps what is freed (release
-// threshold raised to the maximum), so scratch taken every step costs no cudaMalloc.
+// Scratch memory ordered on the run's stream. The device's pool is told once to keep what is
+// freed (release threshold raised to the maximum), so scratch taken every step costs no cudaMalloc.
 static void* pool_alloc(const Device* d, size_t bytes) {
-    cudaMemPool_t pool;
-    uint64_t keep_all = UINT64_MAX;
-    cudaCheck(cudaDeviceGetDefaultMemPool(&pool, d->device_id));
-    cudaCheck(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep_all));
+    static int pool_kept[64];  // by device id
+    if (d->device_id < 64 && !pool_kept[d->device_id]) {
+        cudaMemPool_t pool;
+        uint64_t keep_all = UINT64_MAX;
+        cudaCheck(cudaDeviceGetDefaultMemPool(&pool, d->device_id));
+        cudaCheck(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep_all));
+        pool_kept[d->device_id] = 1;
+    }
     void* p = NULL;
     cudaCheck(cudaMallocAsync(&p, bytes ? bytes : 1, d->stream));
     return p;
@@ -1961,85 +1965,59 @@ static void column_sum(const Device* d, float* out, const float* partials, int r
     cudaCheck(cudaGetLastError());
 }
 
-// Replaces v[0..K) in every thread by its sum over the block, added in a fixed order.
-template <int K>
-__device__ void block_sum(float* v, float (*scratch)[K] /* shared, [32][K] */) {
+// Every thread of the block gets (sum of a, sum of b) over the block, added in a fixed order.
+__device__ float2 block_sum2(float a, float b, float2* scratch /* shared, 32 */) {
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    for (int q = 0; q < K; q++) v[q] = warp_sum(v[q]);
-    if (lane == 0)
-        for (int q = 0; q < K; q++) scratch[warp][q] = v[q];
+    a = warp_sum(a);
+    b = warp_sum(b);
+    if (lane == 0) scratch[warp] = make_float2(a, b);
     __syncthreads();
-    for (int q = 0; q < K; q++) {
-        v[q] = 0.0f;
-        for (int w = 0; w < blockDim.x / 32; w++) v[q] += scratch[w][q];
+    float2 total = make_float2(0.0f, 0.0f);
+    for (int w = 0; w < blockDim.x / 32; w++) {
+        total.x += scratch[w].x;
+        total.y += scratch[w].y;
     }
     __syncthreads();  // the next call reuses scratch
+    return total;
 }
 
-// Block i takes a contiguous chunk of rows, LAYERNORM_ROWS rows at a time with all its threads
-// (more loads in flight per block-wide sum); each thread owns W-wide channel groups and keeps
-// their dweight/dbias sums in shared memory (stored k-major, so neighbouring threads hit
-// neighbouring banks). The chunk's sums go to partial rows i (dweight) and gridDim.x + i
-// (dbias) for column_sum.
-#define LAYERNORM_ROWS 4
-
+// Block i takes a contiguous chunk of rows, one row at a time with all its threads; each
+// thread owns W-wide channel groups and keeps their dweight/dbias sums in shared memory
+// (stored k-major, so neighbouring threads hit neighbouring banks). The chunk's sums go to
+// partial rows i (dweight) and gridDim.x + i (dbias) for column_sum.
 template <typename T, int W>
-__global__ void layernorm_backward_kernel(T* dinp, float* partials, const T* dout, const T* inp, const T* weight,
-                                          const float* mean, const float* rstd, int N, int C) {
+__global__ void __launch_bounds__(1024) layernorm_backward_kernel(T* dinp, float* partials, const T* dout, const T* inp, const T* weight,
+                                                                  const float* mean, const float* rstd, int N, int C) {
     extern __shared__ float channel_sums[];  // dweight [W][C/W], then dbias [W][C/W]
-    __shared__ float scratch[32][2 * LAYERNORM_ROWS];
+    __shared__ float2 scratch[32];
     int groups = C / W;
     float *dweight_sum = channel_sums, *dbias_sum = channel_sums + C;
     for (int j = threadIdx.x; j < groups; j += blockDim.x)
         for (int k = 0; k < W; k++) dweight_sum[k * groups + j] = dbias_sum[k * groups + j] = 0.0f;
     int r_begin = (int)((long)blockIdx.x * N / gridDim.x), r_end = (int)((long)(blockIdx.x + 1) * N / gridDim.x);
-    for (int r0 = r_begin; r0 < r_end; r0 += LAYERNORM_ROWS) {
-        int rows = min(LAYERNORM_ROWS, r_end - r0);
-        float m[LAYERNORM_ROWS], s[LAYERNORM_ROWS], sums[2 * LAYERNORM_ROWS] = {0};  // sums: g, g * xhat per row
-        for (int q = 0; q < rows; q++) m[q] = mean[r0 + q], s[q] = rstd[r0 + q];
+    for (int r = r_begin; r < r_end; r++) {
+        const T *x = inp + (size_t)r * C, *dy = dout + (size_t)r * C;
+        float m = mean[r], s = rstd[r], sum_g = 0, sum_gx = 0;  // g = dout * weight, the gradient of xhat
         for (int j = threadIdx.x; j < groups; j += blockDim.x) {
-            Vec<T, W> wv = load_vec<W>(weight + j * W);
-            #pragma unroll
-            for (int q = 0; q < LAYERNORM_ROWS; q++) {
-                if (q >= rows) break;
-                size_t at = (size_t)(r0 + q) * C + j * W;
-                Vec<T, W> xv = load_vec<W>(inp + at), dyv = load_vec<W>(dout + at);
-                for (int k = 0; k < W; k++) {
-                    float g = to_float(dyv.v[k]) * to_float(wv.v[k]);
-                    sums[2 * q] += g;
-                    sums[2 * q + 1] += g * (to_float(xv.v[k]) - m[q]) * s[q];
-                }
+            Vec<T, W> xv = load_vec<W>(x + j * W), dyv = load_vec<W>(dy + j * W), wv = load_vec<W>(weight + j * W);
+            for (int k = 0; k < W; k++) {
+                float g = to_float(dyv.v[k]) * to_float(wv.v[k]);
+                sum_g += g;
+                sum_gx += g * (to_float(xv.v[k]) - m) * s;
             }
         }
-        block_sum<2 * LAYERNORM_ROWS>(sums, scratch);
+        float2 sums = block_sum2(sum_g, sum_gx, scratch);
+        float mean_g = sums.x / C, mean_gx = sums.y / C;
+        T* dx = dinp + (size_t)r * C;
         for (int j = threadIdx.x; j < groups; j += blockDim.x) {
-            Vec<T, W> wv = load_vec<W>(weight + j * W);
-            float dweight_acc[W] = {0}, dbias_acc[W] = {0};
-            Vec<T, W> xv[LAYERNORM_ROWS], dyv[LAYERNORM_ROWS], dxv[LAYERNORM_ROWS];
-            #pragma unroll
-            for (int q = 0; q < LAYERNORM_ROWS; q++) {  // all loads before the stores, so they overlap
-                if (q >= rows) break;
-                size_t at = (size_t)(r0 + q) * C + j * W;
-                xv[q] = load_vec<W>(inp + at);
-                dyv[q] = load_vec<W>(dout + at);
-                dxv[q] = load_vec<W>(dinp + at);
-            }
-            #pragma unroll
-            for (int q = 0; q < LAYERNORM_ROWS; q++) {
-                if (q >= rows) break;
-                float mean_g = sums[2 * q] / C, mean_gx = sums[2 * q + 1] / C;
-                for (int k = 0; k < W; k++) {
-                    float xhat = (to_float(xv[q].v[k]) - m[q]) * s[q], dy = to_float(dyv[q].v[k]);
-                    dxv[q].v[k] = from_float<T>(to_float(dxv[q].v[k]) + s[q] * (dy * to_float(wv.v[k]) - mean_g - xhat * mean_gx));
-                    dweight_acc[k] += dy * xhat;
-                    dbias_acc[k] += dy;
-                }
-                store_vec<W>(dinp + (size_t)(r0 + q) * C + j * W, dxv[q]);
-            }
+            Vec<T, W> xv = load_vec<W>(x + j * W), dyv = load_vec<W>(dy + j * W), wv = load_vec<W>(weight + j * W), dxv = load_vec<W>(dx + j * W);
             for (int k = 0; k < W; k++) {
-                dweight_sum[k * groups + j] += dweight_acc[k];
-                dbias_sum[k * groups + j] += dbias_acc[k];
+                float xhat = (to_float(xv.v[k]) - m) * s, dyk = to_float(dyv.v[k]);
+                dxv.v[k] = from_float<T>(to_float(dxv.v[k]) + s * (dyk * to_float(wv.v[k]) - mean_g - xhat * mean_gx));
+                dweight_sum[k * groups + j] += dyk * xhat;
+                dbias_sum[k * groups + j] += dyk;
             }
+            store_vec<W>(dx + j * W, dxv);
         }
     }
     float *dweight_part = partials + (size_t)blockIdx.x * C, *dbias_part = partials + ((size_t)gridDim.x + blockIdx.x) * C;
@@ -2052,15 +2030,18 @@ __global__ void layernorm_backward_kernel(T* dinp, float* partials, const T* dou
 
 static void layernorm_backward_cuda(const Device* d, void* dinp, float* dweight, float* dbias, const void* dout, const void* inp, const void* weight,
                                     const float* mean, const float* rstd, int N, int C) {
-    int chunks = row_chunks(N), smem_limit = 0;
+    int chunks = row_chunks(N);
     size_t smem = 2 * (size_t)C * sizeof(float);
-    cudaCheck(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, d->device_id));
-    if (smem + 32 * 2 * LAYERNORM_ROWS * sizeof(float) > (size_t)smem_limit) die("layernorm_backward: hidden size %d needs more shared memory than this GPU has", C);
+    if (smem > 48 * 1024) {  // above the default limit a kernel must opt in
+        int smem_limit = 0;
+        cudaCheck(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, d->device_id));
+        if (smem + 32 * sizeof(float2) > (size_t)smem_limit) die("layernorm_backward: hidden size %d needs more shared memory than this GPU has", C);
+    }
     float* partials = (float*)pool_alloc(d, 2 * (size_t)chunks * C * sizeof(float));
     DTYPE_SWITCH(d->dtype, T, {
         int vec = C % (16 / sizeof(T)) == 0 && aligned16(dinp) && aligned16(dout) && aligned16(inp) && aligned16(weight);
         VEC_SWITCH(vec, T, W, {
-            cudaCheck(cudaFuncSetAttribute(layernorm_backward_kernel<T, W>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+            if (smem > 48 * 1024) cudaCheck(cudaFuncSetAttribute(layernorm_backward_kernel<T, W>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
             layernorm_backward_kernel<T, W><<<chunks, row_threads(C / W, 1024), smem, d->stream>>>(
                 (T*)dinp, partials, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
         });
@@ -2218,9 +2199,7 @@ static void attention_backward_cpu(real* dqkv, real* delta, const real* dout, co
 
 #include <type_traits>
 
-#ifndef ATT_WARPS
 #define ATT_WARPS 4
-#endif
 #define ATT_THREADS (ATT_WARPS * 32)
 #define ATT_ROWS (16 * ATT_WARPS)  // rows a block owns, 16 per warp: query rows (forward, dq) or keys (dk/dv)
 #define ATT_KTILE 64               // keys per step of the forward and dq loops
@@ -2231,6 +2210,13 @@ static void attention_backward_cpu(real* dqkv, real* delta, const real* dout, co
 // Query rows per step of the dk/dv loop: fewer for large heads, whose dk and dv
 // accumulators already fill most of the registers.
 __host__ __device__ constexpr int att_qtile(int HS) { return HS > 64 ? 32 : 64; }
+
+// 2^x, flushing results below 2^-126 to zero (one MUFU instruction)
+__device__ __forceinline__ float att_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 
 __device__ __forceinline__ uint32_t att_smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 
@@ -2266,12 +2252,15 @@ template <> __device__ __forceinline__ void att_mma<__half>(float c[4], const ui
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Two floats as a pair of F in one register, the first in the low half.
-template <typename F> __device__ __forceinline__ uint32_t att_pack(float lo, float hi) {
-    F pair[2] = {from_float<F>(lo), from_float<F>(hi)};
-    uint32_t u;
-    memcpy(&u, pair, 4);
-    return u;
+// Two floats as a pair of F in one register, the first in the low half (one cvt).
+template <typename F> __device__ __forceinline__ uint32_t att_pack(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t att_pack<__nv_bfloat16>(float lo, float hi) {
+    __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
+    return *(uint32_t*)&pair;
+}
+template <> __device__ __forceinline__ uint32_t att_pack<__half>(float lo, float hi) {
+    __half2 pair = __floats2half2_rn(lo, hi);
+    return *(uint32_t*)&pair;
 }
 
 // acc[16 x 8NT] += A[16 x K] B[8NT x K]^T, A and B rows in shared memory (row stride ld).
@@ -2329,8 +2318,10 @@ __device__ __forceinline__ void att_c_to_a(uint32_t a[KS][4], const float c[2 * 
 template <typename F, int HS, int R>
 __device__ __forceinline__ void att_load_rows(F* s, const F* g, size_t tstride, int t0, int T) {
     constexpr int CHUNKS = HS / 8;  // 16-byte pieces of a row
-    for (int idx = threadIdx.x; idx < R * CHUNKS; idx += ATT_THREADS) {
-        int r = idx / CHUNKS, c = idx % CHUNKS;
+    static_assert(R * CHUNKS % ATT_THREADS == 0, "tile rows must split evenly over the threads");
+#pragma unroll
+    for (int k = 0; k < R * CHUNKS / ATT_THREADS; k++) {
+        int idx = threadIdx.x + k * ATT_THREADS, r = idx / CHUNKS, c = idx % CHUNKS;
         bool valid = t0 + r < T;
         att_cp_async16(s + r * (HS + ATT_PAD) + c * 8, valid ? g + (t0 + r) * tstride + c * 8 : g, valid);
     }
@@ -2398,23 +2389,25 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(F* out, 
 
         float s[BN / 8][4] = {};
         att_mma_abt<F, HS, BN / 8>(s, qs + warp * 16 * LD, ks + buf * BN * LD, LD);
-        bool masked = k0 + BN - 1 > wq0;  // some key of the tile lies past some row of this warp
+        if (k0 + BN - 1 > wq0) {  // some key of the tile lies past some row of this warp
+#pragma unroll
+            for (int n = 0; n < BN / 8; n++)
+#pragma unroll
+                for (int c = 0; c < 4; c++)
+                    if (k0 + n * 8 + 2 * q4 + (c & 1) > rows[c >> 1]) s[n][c] = -INFINITY;
+        }
         float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int n = 0; n < BN / 8; n++)
 #pragma unroll
-            for (int c = 0; c < 4; c++) {
-                int key = k0 + n * 8 + 2 * q4 + (c & 1);
-                s[n][c] = masked && key > rows[c >> 1] ? -INFINITY : s[n][c] * scale_log2;
-                mx[c >> 1] = fmaxf(mx[c >> 1], s[n][c]);
-            }
+            for (int c = 0; c < 4; c++) mx[c >> 1] = fmaxf(mx[c >> 1], s[n][c]);
         float alpha[2];
 #pragma unroll
         for (int r = 0; r < 2; r++) {  // key 0 is in every row's first tile, so m is finite from then on
             mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 1));
             mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 2));
-            float m_new = fmaxf(m[r], mx[r]);
-            alpha[r] = exp2f(m[r] - m_new);
+            float m_new = fmaxf(m[r], mx[r] * scale_log2);
+            alpha[r] = att_exp2(m[r] - m_new);
             m[r] = m_new;
             l[r] *= alpha[r];
         }
@@ -2422,7 +2415,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(F* out, 
         for (int n = 0; n < BN / 8; n++)
 #pragma unroll
             for (int c = 0; c < 4; c++) {
-                s[n][c] = exp2f(s[n][c] - m[c >> 1]);
+                s[n][c] = att_exp2(s[n][c] * scale_log2 - m[c >> 1]);
                 l[c >> 1] += s[n][c];  // the normaliser counts dropped probabilities too
                 if (p > 0) {
                     int key = k0 + n * 8 + 2 * q4 + (c & 1);
@@ -2535,7 +2528,8 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(F* d
 #pragma unroll
             for (int c = 0; c < 4; c++) {
                 int r = c >> 1, key = k0 + n * 8 + 2 * q4 + (c & 1);
-                float prob = masked && key > rows[r] ? 0.0f : exp2f(s[n][c] * scale_log2 - lse2[r]);
+                float prob = att_exp2(s[n][c] * scale_log2 - lse2[r]);
+                if (masked && key > rows[r]) prob = 0;
                 float gv = dp[n][c];
                 if (p > 0) gv = hash_u32(seed, ((uint64_t)bh * T + rows[r]) * T + key) >= keep_min ? gv * keep_scale : 0;
                 s[n][c] = prob * (gv - di[r]);  // dS
@@ -2617,8 +2611,8 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkdv_kernel(F*
 #pragma unroll
             for (int c = 0; c < 4; c++) {
                 int col = n * 8 + 2 * q4 + (c & 1), query = i0 + col, key = keys[c >> 1];
-                float prob = masked && (query < key || query >= T) ? 0.0f
-                                                                     : exp2f(s[n][c] * scale_log2 - lse_s[buf * BM + col]);
+                float prob = att_exp2(s[n][c] * scale_log2 - lse_s[buf * BM + col]);
+                if (masked && (query < key || query >= T)) prob = 0;
                 float mk = 1.0f;
                 if (p > 0) mk = hash_u32(seed, ((uint64_t)bh * T + query) * T + key) >= keep_min ? keep_scale : 0.0f;
                 s[n][c] = prob * mk;                                          // dropped probability, for dv
@@ -3032,38 +3026,26 @@ static void residual_dropout_forward_cuda(const Device* d, void* out, const void
 }
 
 // Block i takes a contiguous chunk of rows (see ROW_CHUNKS); each thread owns W channels and
-// walks down the chunk, RESIDUAL_ROWS rows at a time (loads before stores, so they overlap),
-// keeping its dbias sums in registers, and writes them to partial row i.
-#define RESIDUAL_ROWS 4
-
+// walks down the chunk, so its dbias sums stay in registers, and writes them to partial row i.
 template <typename T, int W>
-__global__ void residual_dropout_backward_kernel(T* dresidual, T* dx, float* partials, const T* dout, float p, uint64_t seed, int N, int C) {
+__global__ void __launch_bounds__(1024) residual_dropout_backward_kernel(T* dresidual, T* dx, float* partials, const T* dout, float p, uint64_t seed, int N, int C) {
     int r_begin = (int)((long)blockIdx.x * N / gridDim.x), r_end = (int)((long)(blockIdx.x + 1) * N / gridDim.x);
     for (int c = threadIdx.x * W; c < C; c += blockDim.x * W) {
         float acc[W] = {0};
-        for (int r0 = r_begin; r0 < r_end; r0 += RESIDUAL_ROWS) {
-            int rows = min(RESIDUAL_ROWS, r_end - r0);
-            Vec<T, W> g[RESIDUAL_ROWS], res[RESIDUAL_ROWS];
-            #pragma unroll
-            for (int q = 0; q < RESIDUAL_ROWS; q++) {
-                if (q >= rows) break;
-                g[q] = load_vec<W>(dout + (size_t)(r0 + q) * C + c);
-                if (dresidual) res[q] = load_vec<W>(dresidual + (size_t)(r0 + q) * C + c);
+        for (int r = r_begin; r < r_end; r++) {
+            size_t i = (size_t)r * C + c;
+            Vec<T, W> g = load_vec<W>(dout + i), dxv;
+            if (dresidual) {
+                Vec<T, W> res = load_vec<W>(dresidual + i);
+                for (int k = 0; k < W; k++) res.v[k] = from_float<T>(to_float(res.v[k]) + to_float(g.v[k]));
+                store_vec<W>(dresidual + i, res);
             }
-            #pragma unroll
-            for (int q = 0; q < RESIDUAL_ROWS; q++) {
-                if (q >= rows) break;
-                size_t i = (size_t)(r0 + q) * C + c;
-                Vec<T, W> dxv;
-                for (int k = 0; k < W; k++) {
-                    float gx = to_float(g[q].v[k]) * dropout_factor(seed, i + k, p);
-                    acc[k] += gx;
-                    dxv.v[k] = from_float<T>(gx);
-                    if (dresidual) res[q].v[k] = from_float<T>(to_float(res[q].v[k]) + to_float(g[q].v[k]));
-                }
-                if (dresidual) store_vec<W>(dresidual + i, res[q]);
-                store_vec<W>(dx + i, dxv);
+            for (int k = 0; k < W; k++) {
+                float gx = to_float(g.v[k]) * dropout_factor(seed, i + k, p);
+                acc[k] += gx;
+                dxv.v[k] = from_float<T>(gx);
             }
+            store_vec<W>(dx + i, dxv);
         }
         if (partials)
             for (int k = 0; k < W; k++) partials[(size_t)blockIdx.x * C + c + k] = acc[k];
@@ -4125,6 +4107,7 @@ typedef struct {
 
 static void log_file_open(LogFile* lf, const char* path) {
     lf->f = NULL;
+    lf->csv = 0;
     if (!path) return;
     size_t n = strlen(path);
     lf->csv = n > 4 && !strcmp(path + n - 4, ".csv");

@@ -35,7 +35,7 @@ typedef struct {
 
 enum { WTE, WPE, LN1W, LN1B, QKVW, QKVB, ATTPROJW, ATTPROJB, LN2W, LN2B, FCW, FCB, FCPROJW, FCPROJB, LNFW, LNFB, NUM_PARAMS };
 
-static const char* param_names[NUM_PARAMS] = {"wte", "wpe", "ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
+static const char* const param_names[NUM_PARAMS] = {"wte", "wpe", "ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
                                               "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb", "lnfw", "lnfb"};
 
 // Megatron decays weights only: no decay on biases and LayerNorm parameters.
@@ -68,6 +68,7 @@ typedef struct {
     void* qkv;            // (L, N, 3C)
     void* atty;           // (L, N, C) attention output, heads side by side
     float* att_lse;       // (L, B, NH, T) fp32 log-sum-exp of each attention row
+    float* att_delta;     // (B, NH, T) fp32 scratch of the attention backward
     void* residual2;      // (L, N, C) residual stream after attention
     void* ln2;            // (L, N, C)
     float* ln2_mean;      // (L, N) fp32
@@ -175,6 +176,7 @@ static void gpt_alloc_activations(GPT* m, int B, int T) {
     struct { void** ptr; size_t bytes; } table[] = {
         {&a->encoded, N * C * es}, {&a->ln1, L * N * C * es}, {(void**)&a->ln1_mean, L * N * 4}, {(void**)&a->ln1_rstd, L * N * 4},
         {&a->qkv, L * N * 3 * C * es}, {&a->atty, L * N * C * es}, {(void**)&a->att_lse, L * N * c->NH * 4},
+        {(void**)&a->att_delta, N * c->NH * 4},
         {&a->residual2, L * N * C * es}, {&a->ln2, L * N * C * es}, {(void**)&a->ln2_mean, L * N * 4},
         {(void**)&a->ln2_rstd, L * N * 4}, {&a->fch, L * N * F * es}, {&a->fch_gelu, L * N * F * es},
         {&a->residual3, L * N * C * es}, {&a->lnf, N * C * es}, {(void**)&a->lnf_mean, N * 4}, {(void**)&a->lnf_rstd, N * 4},
@@ -228,18 +230,18 @@ static void gpt_forward(GPT* m, int B, int T, float p_hidden, float p_attn) {
         void* fch_gelu = at(m, a->fch_gelu, l * (size_t)N * F);
         void* residual3 = at(m, a->residual3, l * NC);
         layernorm_forward(d, ln1, a->ln1_mean + l * N, a->ln1_rstd + l * N, residual, param(m, LN1W, l * C), param(m, LN1B, l * C), N, C);
-        matmul_forward(d, qkv, ln1, param(m, QKVW, (size_t)l * 3 * C * C), param(m, QKVB, l * 3 * C), NULL, N, C, 3 * C);
+        matmul_forward(d, qkv, ln1, param(m, QKVW, (size_t)l * 3 * C * C), param(m, QKVB, l * 3 * C), N, C, 3 * C, NULL);
         attention_forward(d, atty, a->att_lse + (size_t)l * N * c->NH, qkv, p_attn, dropout_seed(m, l, SITE_ATTENTION_PROBS), B, T, c->NH, c->HS);
-        matmul_forward(d, a->proj, atty, param(m, ATTPROJW, (size_t)l * C * C), NULL, NULL, N, C, C);
+        matmul_forward(d, a->proj, atty, param(m, ATTPROJW, (size_t)l * C * C), NULL, N, C, C, NULL);
         residual_dropout_forward(d, residual2, residual, a->proj, param(m, ATTPROJB, l * C), p_hidden, dropout_seed(m, l, SITE_ATTENTION_OUT), N, C);
         layernorm_forward(d, ln2, a->ln2_mean + l * N, a->ln2_rstd + l * N, residual2, param(m, LN2W, l * C), param(m, LN2B, l * C), N, C);
-        matmul_forward(d, fch, ln2, param(m, FCW, (size_t)l * F * C), param(m, FCB, l * F), fch_gelu, N, C, F);
-        matmul_forward(d, a->proj, fch_gelu, param(m, FCPROJW, (size_t)l * C * F), NULL, NULL, N, F, C);
+        matmul_forward(d, fch, ln2, param(m, FCW, (size_t)l * F * C), param(m, FCB, l * F), N, C, F, fch_gelu);
+        matmul_forward(d, a->proj, fch_gelu, param(m, FCPROJW, (size_t)l * C * F), NULL, N, F, C, NULL);
         residual_dropout_forward(d, residual3, residual2, a->proj, param(m, FCPROJB, l * C), p_hidden, dropout_seed(m, l, SITE_MLP_OUT), N, C);
     }
     void* last = c->L ? at(m, a->residual3, (c->L - 1) * NC) : a->encoded;
     layernorm_forward(d, a->lnf, a->lnf_mean, a->lnf_rstd, last, param(m, LNFW, 0), param(m, LNFB, 0), N, C);
-    matmul_forward(d, a->logits, a->lnf, param(m, WTE, 0), NULL, NULL, N, C, c->Vp);
+    matmul_forward(d, a->logits, a->lnf, param(m, WTE, 0), NULL, N, C, c->Vp, NULL);
 }
 
 // Backward from d(logits) (left in acts.logits by the fused cross-entropy) to
@@ -264,15 +266,15 @@ static void gpt_backward(GPT* m, int B, int T, float p_hidden, float p_attn) {
         void* fch = at(m, a->fch, l * (size_t)N * F);
         void* fch_gelu = at(m, a->fch_gelu, l * (size_t)N * F);
         // MLP: residual3 = residual2 + dropout(fch_gelu @ fcprojw^T + fcprojb)
-        residual_dropout_backward(d, a->dproj, grad(m, FCPROJB, l * C), a->dresidual, p_hidden, dropout_seed(m, l, SITE_MLP_OUT), N, C);
+        residual_dropout_backward(d, a->dresidual, a->dproj, grad(m, FCPROJB, l * C), a->dresidual, p_hidden, dropout_seed(m, l, SITE_MLP_OUT), N, C);
         matmul_backward(d, a->dfch_gelu, grad(m, FCPROJW, (size_t)l * C * F), NULL, a->dproj, fch_gelu, param(m, FCPROJW, (size_t)l * C * F), N, F, C);
         gelu_backward(d, a->dfch, fch, a->dfch_gelu, (size_t)N * F);
         matmul_backward(d, a->dln, grad(m, FCW, (size_t)l * F * C), grad(m, FCB, l * F), a->dfch, ln2, param(m, FCW, (size_t)l * F * C), N, C, F);
         layernorm_backward(d, a->dresidual, grad(m, LN2W, l * C), grad(m, LN2B, l * C), a->dln, residual2, param(m, LN2W, l * C), a->ln2_mean + l * N, a->ln2_rstd + l * N, N, C);
         // attention: residual2 = residual + dropout(atty @ attprojw^T + attprojb)
-        residual_dropout_backward(d, a->dproj, grad(m, ATTPROJB, l * C), a->dresidual, p_hidden, dropout_seed(m, l, SITE_ATTENTION_OUT), N, C);
+        residual_dropout_backward(d, a->dresidual, a->dproj, grad(m, ATTPROJB, l * C), a->dresidual, p_hidden, dropout_seed(m, l, SITE_ATTENTION_OUT), N, C);
         matmul_backward(d, a->datty, grad(m, ATTPROJW, (size_t)l * C * C), NULL, a->dproj, atty, param(m, ATTPROJW, (size_t)l * C * C), N, C, C);
-        attention_backward(d, a->dqkv, a->datty, qkv, atty, a->att_lse + (size_t)l * N * c->NH, p_attn, dropout_seed(m, l, SITE_ATTENTION_PROBS), B, T, c->NH, c->HS);
+        attention_backward(d, a->dqkv, a->att_delta, a->datty, qkv, atty, a->att_lse + (size_t)l * N * c->NH, p_attn, dropout_seed(m, l, SITE_ATTENTION_PROBS), B, T, c->NH, c->HS);
         matmul_backward(d, a->dln, grad(m, QKVW, (size_t)l * 3 * C * C), grad(m, QKVB, l * 3 * C), a->dqkv, ln1, param(m, QKVW, (size_t)l * 3 * C * C), N, C, 3 * C);
         layernorm_backward(d, a->dresidual, grad(m, LN1W, l * C), grad(m, LN1B, l * C), a->dln, residual, param(m, LN1W, l * C), a->ln1_mean + l * N, a->ln1_rstd + l * N, N, C);
     }

@@ -50,7 +50,9 @@ static double rel_error(const A* got, const B* want, size_t n) {
 template <typename A, typename B>
 static int check_close(const char* name, const A* got, const B* want, size_t n, double tol) {
     double err = rel_error(got, want, n);
-    return check(err <= tol, name, "relative error %.3e > tolerance %.1e (n=%zu)", err, tol, n);
+    char label[512];
+    snprintf(label, sizeof(label), "%s (relative error %.2e)", name, err);
+    return check(err <= tol, label, "above the tolerance %.1e (n=%zu)", tol, n);
 }
 
 static int test_summary(void) {
