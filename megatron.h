@@ -146,6 +146,7 @@ static uint16_t float_to_f16(float f) {
 
 // Convert n host floats to dtype storage (and back).
 static void floats_to_dtype(void* dst, const float* src, size_t n, DType dt) {
+    #pragma omp parallel for
     for (size_t i = 0; i < n; i++) {
         if (dt == DT_F32) ((float*)dst)[i] = src[i];
         else if (dt == DT_BF16) ((uint16_t*)dst)[i] = float_to_bf16(src[i]);
@@ -154,6 +155,7 @@ static void floats_to_dtype(void* dst, const float* src, size_t n, DType dt) {
 }
 
 static void dtype_to_floats(float* dst, const void* src, size_t n, DType dt) {
+    #pragma omp parallel for
     for (size_t i = 0; i < n; i++) {
         if (dt == DT_F32) dst[i] = ((const float*)src)[i];
         else if (dt == DT_BF16) dst[i] = bf16_to_float(((const uint16_t*)src)[i]);
@@ -1297,8 +1299,11 @@ static void gpt_sampleset_free(GPTSampleSet* set) {
 #define GEMM_MR 4
 #define GEMM_NR 8
 #endif
+#ifdef __CUDACC__
+#pragma nv_diag_suppress 1675  // "unrecognized GCC pragma": nvcc hands `GCC unroll` to the host compiler all the same
+#endif
 #define GEMM_KC 256   // k per packed block: a B panel (KC x NR) stays in L1/L2 while the A rows stream
-#define GEMM_MC 256   // rows of A per pass over a B panel (MC x KC of A stays in L2)
+#define GEMM_MC (32 * GEMM_MR)  // rows of A per pass over a B panel (MC x KC of A stays in L2)
 #define GEMM_NC 4096  // columns of B packed at a time
 
 // One MR x NR tile from mr valid rows of A and a packed B panel. `overwrite`: c = [bias +] sum, else c += sum.
@@ -1353,16 +1358,16 @@ static void gemm_cpu(real* c, const real* a, long a_rs, long a_ks, const real* b
 #pragma omp for
             for (int jr = 0; jr < nc; jr += GEMM_NR)
                 gemm_pack_cpu(packed + (long)jr * kc, b + pc * b_ks + (jc + jr) * b_cs, b_ks, b_cs, nc - jr, kc);
-            for (int ic = 0; ic < M; ic += GEMM_MC) {
-                int mc = M - ic < GEMM_MC ? M - ic : GEMM_MC;
-#pragma omp for collapse(2)
+#pragma omp for collapse(3)
+            for (int ic = 0; ic < M; ic += GEMM_MC)
                 for (int jr = 0; jr < nc; jr += GEMM_NR)
-                    for (int ir = 0; ir < mc; ir += GEMM_MR) {
-                        int mr = mc - ir < GEMM_MR ? mc - ir : GEMM_MR, nr = nc - jr < GEMM_NR ? nc - jr : GEMM_NR;
-                        gemm_tile_cpu(c + (ic + ir) * (long)N + jc + jr, N, mr, nr, a + (ic + ir) * a_rs + pc * a_ks, a_rs, a_ks,
+                    for (int i = 0; i < GEMM_MC; i += GEMM_MR) {
+                        int ir = ic + i;
+                        if (ir >= M) continue;
+                        int mr = M - ir < GEMM_MR ? M - ir : GEMM_MR, nr = nc - jr < GEMM_NR ? nc - jr : GEMM_NR;
+                        gemm_tile_cpu(c + ir * (long)N + jc + jr, N, mr, nr, a + ir * a_rs + pc * a_ks, a_rs, a_ks,
                                       packed + (long)jr * kc, kc, pc == 0 && !accumulate, bias ? bias + jc + jr : (const real*)NULL);
                     }
-            }
         }
     }
     free(packed);
@@ -2093,11 +2098,10 @@ static void layernorm_backward(const Device* d, void* dinp, float* dweight, floa
 // 1/(1-p), delta_i = dout_i . out_i = sum_j P_ij M_ij (dout_i . v_j):
 //   dv_j = sum_i P_ij M_ij dout_i,   dS_ij = P_ij (M_ij (dout_i . v_j) - delta_i),
 //   dq_i = scale sum_j dS_ij k_j,    dk_j = scale sum_i dS_ij q_i.
+// The backward also writes delta (fp32 [B, NH, T]): the CUDA backward passes it from
+// its dq kernel to its dk/dv kernel, and the caller lends the space.
 
-// delta_i = dout_i . out_i for each (b, h, i) is written to `delta` (fp32 [B, NH, T]):
-// the CUDA backward needs it between its two kernels, so the caller lends the space.
-
-// Row pointer helpers: the [s, b, h] layout puts time step t of batch b at row t*B + b.
+// The row of time step t, batch b in the [s, b, h] layout.
 #define ATT_ROW(t, b, B) ((size_t)(t) * (B) + (b))
 
 static void attention_check(float p, int B, int T, int NH, int HS) {
@@ -2487,11 +2491,11 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(F* d
     {
         int t = wq0 + lane / 2;
         if (t < T) {
-            const F* gr_ = gg + t * ostride + (lane & 1) * (HS / 2);
-            const F* or_ = og + t * ostride + (lane & 1) * (HS / 2);
+            const F* grow = gg + t * ostride + (lane & 1) * (HS / 2);
+            const F* orow = og + t * ostride + (lane & 1) * (HS / 2);
 #pragma unroll
             for (int c = 0; c < HS / 2; c += 8) {
-                int4 gv = *(const int4*)(gr_ + c), ov = *(const int4*)(or_ + c);
+                int4 gv = *(const int4*)(grow + c), ov = *(const int4*)(orow + c);
                 const F* ge = (const F*)&gv;
                 const F* oe = (const F*)&ov;
 #pragma unroll
@@ -4038,11 +4042,12 @@ typedef struct {
     int window, hysteresis, growth_tracker, hysteresis_tracker, dynamic;
 } LossScaler;
 
-static LossScaler loss_scaler_from_args(const Args* a) {
+// fp16: whether the run really computes in fp16 (the CPU path ignores --fp16).
+static LossScaler loss_scaler_from_args(const Args* a, int fp16) {
     LossScaler s;
     memset(&s, 0, sizeof(s));
-    s.dynamic = a->fp16 && a->loss_scale == 0;
-    s.scale = !a->fp16 ? 1.0 : a->loss_scale > 0 ? a->loss_scale : a->initial_loss_scale;
+    s.dynamic = fp16 && a->loss_scale == 0;
+    s.scale = !fp16 ? 1.0 : a->loss_scale > 0 ? a->loss_scale : a->initial_loss_scale;
     s.min_scale = a->min_loss_scale;
     s.window = a->loss_scale_window;
     s.hysteresis = s.hysteresis_tracker = a->hysteresis;

@@ -149,20 +149,27 @@ static void gpt_set_params(GPT* m, const float* host) {
 }
 
 // Megatron's initialisation: weights N(0, std), the two output projections of each
-// layer N(0, std/sqrt(2L)), biases 0, LayerNorm 1 and 0. Drawn on the host in a
-// fixed order, so every device and every later parallel layout starts alike.
+// layer N(0, std/sqrt(2L)), biases 0, LayerNorm 1 and 0. Drawn on the host in chunks
+// of 2^20 values, each chunk from its own MT19937 seeded by (seed, chunk): the same
+// weights on any device, any thread count, and for any later parallel layout.
 static void gpt_init(GPT* m, double std, uint32_t seed) {
+    const size_t CHUNK = 1 << 20;
     float* host = (float*)xmalloc(m->num_params * sizeof(float));
-    MT19937 rng;
-    mt_seed(&rng, seed);
     double scaled_std = std / sqrt(2.0 * m->cfg.L);
-    for (int i = 0; i < NUM_PARAMS; i++) {
-        float* p = host + m->offsets[i];
-        int is_ln_weight = i == LN1W || i == LN2W || i == LNFW;
-        int is_weight = i == WTE || i == WPE || i == QKVW || i == ATTPROJW || i == FCW || i == FCPROJW;
-        double s = (i == ATTPROJW || i == FCPROJW) ? scaled_std : std;
-        for (size_t k = 0; k < m->sizes[i]; k++)
-            p[k] = is_weight ? (float)(s * mt_normal(&rng)) : is_ln_weight ? 1.0f : 0.0f;
+    size_t chunks = CEIL_DIV(m->num_params, CHUNK);
+    #pragma omp parallel for schedule(dynamic)
+    for (size_t k = 0; k < chunks; k++) {
+        MT19937 rng;
+        mt_seed(&rng, hash_u32(seed, k));
+        size_t end = (k + 1) * CHUNK < m->num_params ? (k + 1) * CHUNK : m->num_params;
+        for (size_t j = k * CHUNK; j < end; j++) {
+            int i = NUM_PARAMS - 1;
+            while (m->offsets[i] > j) i--;
+            int is_ln_weight = i == LN1W || i == LN2W || i == LNFW;
+            int is_weight = i == WTE || i == WPE || i == QKVW || i == ATTPROJW || i == FCW || i == FCPROJW;
+            double s = (i == ATTPROJW || i == FCPROJW) ? scaled_std : std;
+            host[j] = is_weight ? (float)(s * mt_normal(&rng)) : is_ln_weight ? 1.0f : 0.0f;
+        }
     }
     gpt_set_params(m, host);
     free(host);
@@ -504,6 +511,7 @@ int main(int argc, char** argv) {
     int threads = 1;
 #endif
     printf("device: %s (%s%s, %d CPU threads)\n", dev.name, dtype_name(dev.dtype), dev.is_gpu ? "" : ", the CPU path", threads);
+    if (!dev.is_gpu && (args.bf16 || args.fp16)) printf("note: the CPU path computes in fp32; --bf16/--fp16 apply on GPUs\n");
 
     Tokenizer* tokenizer = NULL;
     if (args.vocab_file || args.merge_file) {
@@ -557,7 +565,7 @@ int main(int argc, char** argv) {
     h.sample = (int32_t*)xmalloc((T + 1) * sizeof(int32_t));
 
     LRSchedule schedule = lr_schedule_from_args(&args, train_samples);
-    LossScaler scaler = loss_scaler_from_args(&args);
+    LossScaler scaler = loss_scaler_from_args(&args, dev.dtype == DT_F16);
     LogFile log_file;
     log_file_open(&log_file, args.log_file);
     double peak = args.peak_tflops > 0 ? args.peak_tflops : dev.is_gpu ? peak_tflops_for(dev.name) : 0.0;
@@ -579,8 +587,8 @@ int main(int argc, char** argv) {
         consumed += gbs;
         double norm = sqrt(grad_norm_squared(&dev, model.grads, model.num_params)) / scaler.scale;
         int found_inf = !isfinite(norm);
-        if (found_inf && !args.fp16) die("iteration %lld: the gradient norm is %f (loss %f): training diverged", (long long)iteration, norm, loss);
-        if (!isfinite(loss) && !args.fp16) die("iteration %lld: the loss is %f: training diverged", (long long)iteration, loss);
+        if (found_inf && dev.dtype != DT_F16) die("iteration %lld: the gradient norm is %f (loss %f): training diverged", (long long)iteration, norm, loss);
+        if (!isfinite(loss) && dev.dtype != DT_F16) die("iteration %lld: the loss is %f: training diverged", (long long)iteration, loss);
         if (found_inf) {
             skipped++;
             nan_iters += norm != norm;

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Runs every test program (build/test_*, made by `make test`) and test script
+# Runs every test program (build/test_X for each test/test_X.cu, made by `make test`) and test script
 # (test/test_*.sh), and adds up their "N passed, N failed" lines. A program that
 # dies before its summary counts as one failure. Ends with the total line.
 cd "$(dirname "$0")/.."
 export MEGATRON_DATA="${MEGATRON_DATA:-$(cd .. && pwd)/shared/data}"
 passed=0
 failed=0
-for t in build/test_* test/test_*.sh; do
-    [ -x "$t" ] || continue
+programs=()
+for src in test/test_*.cu; do programs+=("build/$(basename "$src" .cu)"); done
+for t in "${programs[@]}" test/test_*.sh; do
+    if [ ! -x "$t" ]; then echo "FAIL $t: not built"; failed=$((failed + 1)); continue; fi
     echo "== $t"
     start=$(date +%s)
     out=$("./$t" 2>&1)

@@ -169,10 +169,11 @@ static int compare(const char* name, const float* got, const double* want, size_
         if (!bad && e > worst) { worst = e; worst_i = i; }
     }
     double err = bad ? INFINITY : sqrt(num / (den > 0 ? den : 1));
-    char loc[128];
+    char loc[128], label[256];
     where(loc, sizeof(loc), worst_i, B, T, NH, HS);
-    return check(err <= tol, name, "relative error %.3e > %.1e over %zu values; %s at %s: got %.6g want %.6g", err, tol,
-                 count, bad ? "first NaN" : "largest difference", loc, (double)got[worst_i], want[worst_i]);
+    snprintf(label, sizeof(label), "%s (relative error %.2e)", name, err);
+    return check(err <= tol, label, "above %.1e over %zu values; %s at %s: got %.6g want %.6g", tol, count,
+                 bad ? "first NaN" : "largest difference", loc, (double)got[worst_i], want[worst_i]);
 }
 
 // x rounded to dtype dt in place; returns the dt storage for upload.
@@ -263,6 +264,22 @@ static void test_gpu_case(Device* d, int B, int T, int NH, int HS, float p) {
     free(dqkv_ref); free(buf); free(got); free(out_again); free(dqkv_again); free(out_first);
 }
 
+// The CUDA kernels test hash_u32(seed, i) >= att_keep_threshold(p) instead of calling
+// dropout_keep: the two must agree on every index (host-side, no GPU needed).
+static void test_keep_threshold(void) {
+    static const float ps[] = {1e-7f, 0.1f, 0.25f, 0.3f, 0.5f, 0.9f, 0.999f};
+    for (int k = 0; k < 7; k++) {
+        float p = ps[k];
+        uint32_t t = att_keep_threshold(p);
+        // the threshold hash itself passes dropout_keep's test and the one below it fails
+        int ok = (float)t * 2.3283064365386963e-10f >= p && !((float)(t - 1) * 2.3283064365386963e-10f >= p);
+        for (uint64_t i = 0; i < 1000000 && ok; i++) ok = dropout_keep(11, i, p) == (hash_u32(11, i) >= t);
+        char name[96];
+        snprintf(name, sizeof(name), "dropout threshold equals dropout_keep p=%g", p);
+        check(ok, name, "threshold %u disagrees with dropout_keep", t);
+    }
+}
+
 static int compare_floats(const void* a, const void* b) {
     float x = *(const float*)a, y = *(const float*)b;
     return (x > y) - (x < y);
@@ -322,6 +339,7 @@ int main(int argc, char** argv) {
     test_cpu_dispatch(2, 64, 4, 32, 0.0f);
     test_cpu_dispatch(2, 100, 2, 48, 0.1f);
 #ifdef __CUDACC__
+    test_keep_threshold();
     int gpus = 0;
     if (cudaGetDeviceCount(&gpus) != cudaSuccess || gpus == 0) {
         cudaGetLastError();

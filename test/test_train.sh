@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# train_gpt as a user runs it, on the CPU: flag and data errors (one-line message,
+# non-zero exit), the log file, a diverging run stopped at its step, and a real
+# learning check on tiny Shakespeare (GPT-2 BPE).
+cd "$(dirname "$0")/.."
+DATA_DIR="${MEGATRON_DATA:-$(cd .. && pwd)/shared/data}"
+WORK=build/test_train
+rm -rf "$WORK" && mkdir -p "$WORK"
+passed=0; failed=0
+ok() { echo "ok   $1"; passed=$((passed + 1)); }
+fail() { echo "FAIL $1: $2"; failed=$((failed + 1)); }
+
+./prepro/preprocess_data --input "$DATA_DIR/tinyshakespeare/input.txt" --input-format text --output-prefix "$WORK/ts" \
+    --tokenizer-type GPT2BPETokenizer --vocab-file "$DATA_DIR/gpt2/encoder.json" --merge-file "$DATA_DIR/gpt2/vocab.bpe" \
+    --append-eod --log-interval 0 > /dev/null 2>&1 || fail "prepare tiny Shakespeare" "preprocess_data failed"
+PREFIX="$WORK/ts_text_document"
+TOK=(--vocab-file "$DATA_DIR/gpt2/encoder.json" --merge-file "$DATA_DIR/gpt2/vocab.bpe")
+MODEL=(--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64 --micro-batch-size 8)
+RUN=(./train_gpt --device cpu --data-path "$PREFIX" "${TOK[@]}" "${MODEL[@]}" --lr 1e-3 --train-iters 2 --eval-iters 0)
+
+# expect NAME STATUS WORDS CMD...: exit status STATUS and one stderr line containing WORDS
+expect() {
+    local name=$1 want=$2 words=$3; shift 3
+    "$@" > "$WORK/out" 2> "$WORK/err"
+    local status=$? lines
+    lines=$(wc -l < "$WORK/err")
+    if [ "$status" -ne "$want" ]; then fail "$name" "exit status $status, expected $want ($(head -c 200 "$WORK/err"))"
+    elif [ "$lines" -ne 1 ] || ! grep -q -- "$words" "$WORK/err"; then fail "$name" "stderr: $(head -c 300 "$WORK/err")"
+    else ok "$name: $(cat "$WORK/err")"; fi
+}
+
+expect "unknown flag" 2 "unknown flag '--bogus'" "${RUN[@]}" --bogus 3
+expect "non-numeric value" 2 "--lr expects a number" "${RUN[@]}" --lr abc
+expect "missing value" 2 "--seed needs a value" "${RUN[@]}" --seed
+expect "heads not dividing hidden" 2 "--num-attention-heads 3 does not divide --hidden-size 64" "${RUN[@]}" --num-attention-heads 3
+expect "global batch not a multiple" 2 "--global-batch-size 12 is not a multiple" "${RUN[@]}" --global-batch-size 12
+expect "seq-length above positions" 2 "above --max-position-embeddings" "${RUN[@]}" --max-position-embeddings 32
+expect "no train length" 2 "--train-iters and --train-samples" ./train_gpt --data-path "$PREFIX" "${TOK[@]}" "${MODEL[@]}" --lr 1e-3
+expect "bad decay style" 2 "--lr-decay-style 'step'" "${RUN[@]}" --lr-decay-style step
+expect "bad device" 2 "--device 'tpu'" "${RUN[@]}" --device tpu
+expect "missing dataset" 1 "$WORK/nothing" "${RUN[@]}" --data-path "$WORK/nothing"
+head -c 50 "$PREFIX.idx" > "$WORK/cut.idx" && cp "$PREFIX.bin" "$WORK/cut.bin"
+expect "truncated .idx" 1 "cut.idx" "${RUN[@]}" --data-path "$WORK/cut"
+expect "missing vocab file" 1 "nothere.json" "${RUN[@]}" --vocab-file "$WORK/nothere.json"
+expect "tokens outside the vocabulary" 1 "outside the vocabulary" ./train_gpt --device cpu --data-path "$PREFIX" --vocab-size 1000 "${MODEL[@]}" --lr 1e-3 --train-iters 1 --eval-iters 0
+expect "diverging run stops at its step" 1 "iteration" "${RUN[@]}" --lr 1e30 --train-iters 20 --clip-grad 0 --lr-decay-style constant
+
+# the log file: one JSON object per log line and per validation
+"${RUN[@]}" --train-iters 4 --log-interval 2 --eval-interval 2 --eval-iters 1 --log-file "$WORK/log.jsonl" > /dev/null 2>&1
+if python3 -c "
+import json, sys
+rows = [json.loads(l) for l in open('$WORK/log.jsonl')]
+kinds = [r['kind'] for r in rows]
+assert kinds == ['train', 'valid', 'train', 'valid'], kinds
+assert all(r['lm_loss'] > 0 for r in rows) and rows[2]['consumed_samples'] == 32, rows
+" 2> "$WORK/err"; then ok "--log-file writes JSONL rows"; else fail "--log-file writes JSONL rows" "$(tail -n 1 "$WORK/err")"; fi
+"${RUN[@]}" --train-iters 2 --log-interval 1 --log-file "$WORK/log.csv" > /dev/null 2>&1
+if [ "$(head -n 1 "$WORK/log.csv" | cut -d, -f1-3)" = "kind,iteration,consumed_samples" ] && [ "$(wc -l < "$WORK/log.csv")" -eq 3 ]; then
+    ok "--log-file writes CSV"; else fail "--log-file writes CSV" "$(cat "$WORK/log.csv")"; fi
+
+# learning check: validation loss from 10.8 (uniform over 50257) to under LEARN_MAX
+LEARN_MAX=${LEARN_MAX:-6.5}
+./train_gpt --device cpu --data-path "$PREFIX" --split 949,50,1 "${TOK[@]}" "${MODEL[@]}" --global-batch-size 16 \
+    --train-iters 150 --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 10 --weight-decay 0.1 \
+    --adam-beta2 0.95 --hidden-dropout 0 --attention-dropout 0 --log-interval 50 --eval-interval 150 --eval-iters 4 \
+    --sample-length 20 > "$WORK/learn.txt" 2>&1
+val=$(grep -o "lm loss value: [0-9.E+-]*" "$WORK/learn.txt" | tail -n 1 | awk '{print $4}')
+if [ -n "$val" ] && python3 -c "import sys; sys.exit(0 if float('$val') < $LEARN_MAX else 1)"; then
+    ok "learns tiny Shakespeare: validation loss $val < $LEARN_MAX after 150 iterations"
+else
+    fail "learns tiny Shakespeare" "validation loss '${val}' (want < $LEARN_MAX): $(tail -n 3 "$WORK/learn.txt")"
+fi
+grep -q -- "---- sample" "$WORK/learn.txt" && ok "prints a generated sample" || fail "prints a generated sample" "no sample"
+
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
