@@ -34,7 +34,7 @@ import transformers
 from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-CONFIG = dict(vocab_size=200, n_positions=32, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0,
+CONFIG = dict(vocab_size=200, n_positions=32, n_embd=64, n_layer=2, n_head=2, resid_pdrop=0.0,
               embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_new", layer_norm_epsilon=1e-5)
 B, T = 3, 16
 ADAMW = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, clip_grad_norm=1.0, steps=10)

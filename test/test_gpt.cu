@@ -1,7 +1,7 @@
 /*
 test_gpt.cu: the whole GPT against Hugging Face transformers' GPT2LMHeadModel.
 
-test/hf_reference.py built a tiny GPT-2 (2 layers, hidden 64, 4 heads, vocab 200),
+test/hf_reference.py built a tiny GPT-2 (2 layers, hidden 64, 2 heads, vocab 200),
 ran a batch through it and wrote its weights, logits, loss, every gradient, and the
 losses and weights of 10 AdamW steps (clip 1.0, weight decay on weights only) into
 test/fixtures/gpt2_tiny_hf.safetensors. Here the same weights go through our model:
@@ -15,7 +15,7 @@ static const char* FIXTURE = "test/fixtures/gpt2_tiny_hf.safetensors";
 
 static GPTConfig tiny_config(void) {
     GPTConfig c;
-    c.L = 2; c.C = 64; c.NH = 4; c.HS = 16; c.F = 256; c.V = 200; c.Vp = 256; c.maxT = 32;
+    c.L = 2; c.C = 64; c.NH = 2; c.HS = 32; c.F = 256; c.V = 200; c.Vp = 256; c.maxT = 32;
     return c;
 }
 

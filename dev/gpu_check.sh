@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one run (the lent H200's time is short):
+#   1. build for Hopper;  2. every test program, now with its GPU parts (each CUDA kernel
+#   against its CPU reference in fp32/bf16, the model against HF in fp32/bf16);
+#   3. the attention benchmark;  4. the quick start on the GPU;  5. dev/bench_gpt.sh.
+# Usage (repo root, data from $MEGATRON_DATA):  dev/gpu_check.sh [tests|bench|all]
+# Logs go to $OUT (the device tool's folder) or out/gpu_check.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+WHAT=${1:-all}
+LOGS=${OUT:-out/gpu_check}
+mkdir -p "$LOGS"
+export MEGATRON_DATA=${MEGATRON_DATA:-$(cd .. && pwd)/shared/data}
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+nvcc --version | tail -n 1
+start=$(date +%s)
+make -j"$(nproc)" GPU_ARCH=sm_90 all $(ls test/test_*.cu | sed 's|test/\(.*\)\.cu|build/\1|') > "$LOGS/build.log" 2>&1 \
+    || { tail -n 30 "$LOGS/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - start )) s"
+./prepro/prepare_tinyshakespeare.sh data > /dev/null 2>&1 || echo "prepare_tinyshakespeare failed"
+
+if [ "$WHAT" != bench ]; then
+    ./test/run_tests.sh > "$LOGS/tests.log" 2>&1
+    grep -E "^(FAIL|skip|-- )" "$LOGS/tests.log"
+    tail -n 1 "$LOGS/tests.log"
+    ./build/test_attention --bench 2>&1 | tail -n 8 | tee "$LOGS/attention_bench.log"
+    ITERS=300 ./dev/quickstart.sh --device cuda > "$LOGS/quickstart.log" 2>&1
+    grep -E "validation loss|iteration +300/" "$LOGS/quickstart.log" | tail -n 2
+    sed -n '/---- sample/,/^----$/p' "$LOGS/quickstart.log" | head -n 12
+fi
+if [ "$WHAT" != tests ]; then
+    OUTDIR="$LOGS/bench" ITERS=${ITERS:-30} ./dev/bench_gpt.sh 2>&1 | tail -n 12
+fi
+echo "gpu_check: $(( $(date +%s) - start )) s"
