@@ -4031,8 +4031,8 @@ static int global_batch_at(const Args* a, int64_t consumed) {
     int64_t ramp_samples = atoll(a->rampup_batch_size.values[2]);
     int steps = (a->global_batch_size - start) / incr;
     if (consumed >= ramp_samples || steps <= 0) return a->global_batch_size;
-    int64_t per_step = ramp_samples / steps;
-    int gbs = start + (int)(consumed / (per_step ? per_step : 1)) * incr;
+    double samples_per_step = (double)ramp_samples / steps;
+    int gbs = start + (int)((double)consumed / samples_per_step) * incr;
     return gbs < a->global_batch_size ? gbs : a->global_batch_size;
 }
 
