@@ -97,23 +97,12 @@ static void print_usage(FILE* f) {
         "  -h, --help              this text\n");
 }
 
-// A command-line mistake: one line naming the flag, exit 2 (argparse's status).
-static void usage_error(const char* fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    fprintf(stderr, "error: ");
-    vfprintf(stderr, fmt, ap);
-    fprintf(stderr, " (see --help)\n");
-    va_end(ap);
-    exit(2);
-}
-
 static int parse_int_flag(const char* flag, const char* text, int min, int max) {
     char* rest;
     errno = 0;
     long v = strtol(text, &rest, 10);
     if (errno || rest == text || *rest || v < min || v > max)
-        usage_error("%s: expected an integer from %d to %d, got '%s'", flag, min, max, text);
+        arg_error("%s: expected an integer from %d to %d, got '%s'", flag, min, max, text);
     return (int)v;
 }
 
@@ -130,19 +119,19 @@ static void parse_args(PreproArgs* a, int argc, char** argv) {
     const char* format = NULL;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) { print_usage(stdout); exit(0); }
-        if (strncmp(argv[i], "--", 2) != 0) usage_error("unexpected argument '%s'", argv[i]);
+        if (strncmp(argv[i], "--", 2) != 0) arg_error("unexpected argument '%s'", argv[i]);
         // --flag value or --flag=value
         char flag[64];
         const char* eq = strchr(argv[i], '=');
         const char* inline_value = eq ? eq + 1 : NULL;
         size_t flag_len = eq ? (size_t)(eq - argv[i]) : strlen(argv[i]);
-        if (flag_len >= sizeof(flag)) usage_error("unknown flag %.60s...", argv[i]);
+        if (flag_len >= sizeof(flag)) arg_error("unknown flag %.60s...", argv[i]);
         memcpy(flag, argv[i], flag_len);
         flag[flag_len] = 0;
         int is_switch = !strcmp(flag, "--append-eod") || !strcmp(flag, "--split-sentences") ||
                         !strcmp(flag, "--keep-newlines") || !strcmp(flag, "--skip-bad-lines");
         if (is_switch) {
-            if (inline_value) usage_error("%s takes no value", flag);
+            if (inline_value) arg_error("%s takes no value", flag);
             if (!strcmp(flag, "--append-eod")) a->append_eod = 1;
             else if (!strcmp(flag, "--split-sentences")) a->split_sentences = 1;
             else if (!strcmp(flag, "--keep-newlines")) a->keep_newlines = 1;
@@ -153,20 +142,20 @@ static void parse_args(PreproArgs* a, int argc, char** argv) {
             a->num_keys = 0;
             if (inline_value) a->json_keys[a->num_keys++] = inline_value;
             while (i + 1 < argc && strncmp(argv[i + 1], "--", 2) != 0) {
-                if (a->num_keys == MAX_KEYS) usage_error("--json-keys: at most %d keys", MAX_KEYS);
+                if (a->num_keys == MAX_KEYS) arg_error("--json-keys: at most %d keys", MAX_KEYS);
                 a->json_keys[a->num_keys++] = argv[++i];
             }
-            if (a->num_keys == 0) usage_error("--json-keys needs at least one key");
+            if (a->num_keys == 0) arg_error("--json-keys needs at least one key");
             continue;
         }
         static const char* value_flags[] = {"--input", "--output-prefix", "--tokenizer-type", "--vocab-file", "--merge-file",
                                             "--workers", "--log-interval", "--input-format", "--dataset-impl"};
         int known = 0;
         for (size_t f = 0; f < sizeof(value_flags) / sizeof(value_flags[0]); f++) known |= !strcmp(flag, value_flags[f]);
-        if (!known) usage_error("unknown flag %s", flag);
+        if (!known) arg_error("unknown flag %s", flag);
         const char* value = inline_value;
         if (!value) {
-            if (i + 1 >= argc) usage_error("%s needs a value", flag);
+            if (i + 1 >= argc) arg_error("%s needs a value", flag);
             value = argv[++i];
         }
         if (!strcmp(flag, "--input")) a->input = value;
@@ -179,29 +168,29 @@ static void parse_args(PreproArgs* a, int argc, char** argv) {
         else if (!strcmp(flag, "--input-format")) format = value;
         else if (!strcmp(flag, "--dataset-impl")) {
             if (!strcmp(value, "lazy") || !strcmp(value, "cached"))
-                usage_error("--dataset-impl %s: only mmap is written (Megatron's default; its readers take it too)", value);
-            if (strcmp(value, "mmap") != 0) usage_error("--dataset-impl: expected mmap, got '%s'", value);
+                arg_error("--dataset-impl %s: only mmap is written (Megatron's default; its readers take it too)", value);
+            if (strcmp(value, "mmap") != 0) arg_error("--dataset-impl: expected mmap, got '%s'", value);
         }
     }
-    if (!a->input) usage_error("--input is required");
-    if (!a->output_prefix) usage_error("--output-prefix is required");
-    if (!a->tokenizer_name) usage_error("--tokenizer-type is required");
+    if (!a->input) arg_error("--input is required");
+    if (!a->output_prefix) arg_error("--output-prefix is required");
+    if (!a->tokenizer_name) arg_error("--tokenizer-type is required");
     a->tokenizer_type = tokenizer_type_from_name(a->tokenizer_name);
     if (a->tokenizer_type < 0)
-        usage_error("--tokenizer-type %s: expected GPT2BPETokenizer, BertWordPieceLowerCase or BertWordPieceCase", a->tokenizer_name);
-    if (!a->vocab_file) usage_error("--vocab-file is required by %s", a->tokenizer_name);
-    if (a->tokenizer_type == TOK_GPT2BPE && !a->merge_file) usage_error("--merge-file is required by GPT2BPETokenizer");
+        arg_error("--tokenizer-type %s: expected GPT2BPETokenizer, BertWordPieceLowerCase or BertWordPieceCase", a->tokenizer_name);
+    if (!a->vocab_file) arg_error("--vocab-file is required by %s", a->tokenizer_name);
+    if (a->tokenizer_type == TOK_GPT2BPE && !a->merge_file) arg_error("--merge-file is required by GPT2BPETokenizer");
     if (a->num_keys == 0) a->json_keys[a->num_keys++] = "text";
     if (format) {
         if (!strcmp(format, "jsonl")) a->input_format = FORMAT_JSONL;
         else if (!strcmp(format, "text")) a->input_format = FORMAT_TEXT;
-        else usage_error("--input-format: expected jsonl or text, got '%s'", format);
+        else arg_error("--input-format: expected jsonl or text, got '%s'", format);
     } else {
         int json_name = name_ends_with(a->input, ".json") || name_ends_with(a->input, ".jsonl") || name_ends_with(a->input, ".ndjson");
         a->input_format = json_name ? FORMAT_JSONL : FORMAT_TEXT;
     }
     if (a->input_format == FORMAT_TEXT && a->num_keys > 1)
-        usage_error("--json-keys: plain text input has one field; give one key (it names the output)");
+        arg_error("--json-keys: plain text input has one field; give one key (it names the output)");
 }
 
 // ----------------------------------------------------------------------------
