@@ -4097,7 +4097,7 @@ static void log_print(const LogRow* r) {
     printf(" iteration %8lld/%8lld | consumed samples: %12lld | elapsed time per iteration (ms): %.1f |"
            " learning rate: %.3E | global batch size: %5d | lm loss: %.6E | loss scale: %.1f |"
            " grad norm: %.3f | number of skipped iterations: %3d | number of nan iterations: %3d |"
-           " tokens/s: %.0f | TFLOP/s: %.1f",
+           " tokens/s: %.0f | TFLOP/s: %.3g",
            (long long)r->iteration, (long long)r->train_iters, (long long)r->consumed_samples, r->ms_per_iter, r->lr,
            r->global_batch, r->lm_loss, r->loss_scale, r->grad_norm, r->skipped, r->nan_iters, r->tokens_per_s, r->tflops);
     if (r->mfu > 0) printf(" | MFU: %.1f%%", 100.0 * r->mfu);
