@@ -27,6 +27,8 @@ if [ "$WHAT" != bench ]; then
     ITERS=300 ./dev/quickstart.sh --device cuda > "$LOGS/quickstart.log" 2>&1
     grep -E "validation loss|iteration +300/" "$LOGS/quickstart.log" | tail -n 2
     sed -n '/---- sample/,/^----$/p' "$LOGS/quickstart.log" | head -n 12
+    ITERS=300 ./dev/quickstart.sh --device cuda --fp16 --log-file out/quickstart_fp16.jsonl --sample-length 0 > "$LOGS/quickstart_fp16.log" 2>&1
+    echo "fp16: $(grep -E 'validation loss|iteration +300/' "$LOGS/quickstart_fp16.log" | tail -n 2 | tr -s ' ')"
 fi
 if [ "$WHAT" != tests ]; then
     OUTDIR="$LOGS/bench" ITERS=${ITERS:-30} ./dev/bench_gpt.sh 2>&1 | tail -n 12
