@@ -3449,7 +3449,7 @@ typedef struct {
     const char* s;
     size_t n, i;
     const char* path;
-    const char* kind;  // "safetensors header JSON", for messages
+    const char* kind;  // what the text is, for messages: "safetensors header JSON", "JSON"
 } StJson;
 
 static void st_json_fail(const StJson* j, const char* what) {
@@ -3992,6 +3992,7 @@ static void st_writer_finish(SafeTensorsWriter* w) {
     free(h.s);
     st_writer_free(w);
 }
+
 // --- a small JSON reader for config files (Hugging Face's config.json): the top-level
 // keys of an object with the raw text of each value (12, "gpt2", null, [...], {...}).
 

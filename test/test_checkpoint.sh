@@ -115,12 +115,12 @@ for k in 4 5 6; do
     (MEGATRON_TEST_CRASH_AT_FILE=$k "${RUN[@]}" "${SHORT[@]}" --save "$D") > "$W/crash.txt" 2>&1
     status=$?
     if [ "$status" -ne 137 ] || [ "$(cat "$D/latest_checkpointed_iteration.txt")" != 2 ] || [ -z "$(find "$D" -name '*.tmp-*')" ]; then
-        fail "killed while writing file $k of the save at iteration 4" "status $status, tracker $(cat "$D/latest_checkpointed_iteration.txt")"; continue
+        fail "killed in the save of iteration 4 before file $k was renamed" "status $status, tracker $(cat "$D/latest_checkpointed_iteration.txt")"; continue
     fi
     "${RUN[@]}" "${SHORT[@]}" --save "$D" --load "$D" > "$W/resume.txt" 2>&1
     if grep -q "at iteration 2$" "$W/resume.txt" && diff <(losses "$W/short.txt" | sed -n 3,4p) <(losses "$W/resume.txt") > /dev/null \
         && same_state "$W/short/iter_0000004" "$D/iter_0000004" 2> /dev/null; then
-        ok "killed while writing file $k of a save: resumes from iteration 2 and ends bit-identical"
+        ok "killed in a save before file $k ($(echo model optim tracker | cut -d' ' -f$((k - 3)))) was renamed: resumes from iteration 2, ends bit-identical"
     else fail "resume after a crash in file $k" "$(tail -n 2 "$W/resume.txt")"; fi
 done
 
@@ -140,6 +140,7 @@ latest=$(cat "$W/big/latest_checkpointed_iteration.txt" 2> /dev/null)
 if grep -q "loaded checkpoint from $W/big/iter_000000$latest at iteration $latest" "$W/big2.txt" && [ "$(grep -c '^ iteration' "$W/big2.txt")" -eq $((2 - latest)) ]; then
     ok "kill -9 of a 13M-parameter save ($caught): resumes from the tracker's iteration $latest"
 else fail "kill -9 during a save ($caught)" "tracker '$latest': $(tail -n 2 "$W/big2.txt")"; fi
+rm -rf "$W/big"
 
 # ---- bad input: a clear one-line error and a non-zero exit
 expect() {
