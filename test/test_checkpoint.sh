@@ -68,10 +68,10 @@ for f in ['model', 'optim']:
 }
 
 # ---- exact resume: 60 iterations straight vs 50, stop, resume to 60 (dropout on, 2 micro-batches,
-# warmup + cosine schedule, validation every 20 iterations). resume_check TAG [FLAGS...]
+# warmup + cosine schedule, validation every 20 iterations). resume_check TAG [FLAGS...], run under ${LAUNCH[@]}
 resume_check() {
     local tag=$1 D="$W/$1"; shift
-    local R=("${RUN[@]}" "$@" --train-iters 60 --eval-interval 20 --eval-iters 2)
+    local R=("${LAUNCH[@]}" "${RUN[@]}" "$@" --train-iters 60 --eval-interval 20 --eval-iters 2)
     mkdir -p "$D"
     "${R[@]}" --save "$D/full" --save-interval 1000 > "$D/full.txt" 2>&1 || { fail "$tag: uninterrupted run" "$(tail -n 2 "$D/full.txt")"; return; }
     "${R[@]}" --save "$D/res" --save-interval 25 --exit-interval 50 > "$D/first.txt" 2>&1
@@ -85,11 +85,33 @@ resume_check() {
     same_state "$D/full/iter_0000060" "$D/res/iter_0000060" 2> "$W/err" && ok "$tag: final weights, master weights, Adam moments and positions are byte-identical" \
         || fail "$tag: final state" "$(tail -n 1 "$W/err")"
 }
+LAUNCH=()
 resume_check cpu
 # the same on a GPU in each dtype (fp16: dynamic loss scaling from 2^32, so skipped steps too)
 if nvidia-smi -L > /dev/null 2>&1; then
     for dtype in fp32 bf16 fp16; do resume_check "gpu-$dtype" --device cuda --$dtype; done
 else echo "skip GPU resume (fp32, bf16, fp16): no GPU"; fi
+
+# with tensor and data parallelism (once train_gpt has them): the same exactness under mpirun, and a
+# TP=2 x DP=2 checkpoint (distributed optimizer) resumed by one process
+if command -v mpirun > /dev/null && ./train_gpt --help | grep -q -- --use-distributed-optimizer; then
+    MPI=(mpirun --allow-run-as-root --oversubscribe --mca btl_vader_single_copy_mechanism none -x OMP_NUM_THREADS=1)
+    LAUNCH=("${MPI[@]}" -np 2)
+    resume_check tp2 --tensor-model-parallel-size 2
+    LAUNCH=("${MPI[@]}" -np 4)
+    resume_check tp2dp2 --tensor-model-parallel-size 2 --use-distributed-optimizer
+    LAUNCH=()
+    cp -r "$W/tp2dp2/res" "$W/tp2dp2/at50" && echo 50 > "$W/tp2dp2/at50/latest_checkpointed_iteration.txt"
+    "${RUN[@]}" --train-iters 60 --eval-interval 20 --eval-iters 2 --load "$W/tp2dp2/at50" --save "$W/tp2dp2/one" --save-interval 100 > "$W/one.txt" 2>&1
+    py "
+ma, ta = st(sys.argv[1] + '/model.safetensors'); mb, tb = st(sys.argv[2] + '/model.safetensors')
+assert ta.keys() == tb.keys() and all(ta[k][:2] == tb[k][:2] for k in ta)
+worst = max(max(abs(x - y) for x, y in zip(struct.unpack('<%df' % (len(ta[k][2]) // 4), ta[k][2]), struct.unpack('<%df' % (len(tb[k][2]) // 4), tb[k][2]))) for k in ta)
+assert worst < 1e-3, worst
+print('%.1e' % worst)" "$W/tp2dp2/full/iter_0000060" "$W/tp2dp2/one/iter_0000060" > "$W/out" 2> "$W/err" \
+        && ok "a TP=2 x DP=2 checkpoint resumed by one process ends within $(cat "$W/out") of the parallel run (the single-device layout on disk)" \
+        || fail "TP=2 x DP=2 checkpoint resumed by one process" "$(tail -n 1 "$W/err") $(tail -n 2 "$W/one.txt")"
+else echo "skip parallel checkpoints: no mpirun or no tensor parallelism in this train_gpt"; fi
 
 # ---- layout and contents
 py "
