@@ -3390,6 +3390,8 @@ static void adamw_update(const Device* d, void* params, float* master, const flo
 // and then the tensors' bytes; offsets count from the end of the header. Reading maps
 // the file and checks every offset once, so a bad file fails at open with one line.
 
+#include <signal.h>
+
 #define ST_MAX_DIMS 8
 
 typedef struct {
@@ -3447,10 +3449,11 @@ typedef struct {
     const char* s;
     size_t n, i;
     const char* path;
+    const char* kind;  // what the text is, for messages: "safetensors header JSON", "JSON"
 } StJson;
 
 static void st_json_fail(const StJson* j, const char* what) {
-    die("%s: malformed safetensors header JSON at byte %zu: %s", j->path, j->i, what);
+    die("%s: malformed %s at byte %zu: %s", j->path, j->kind, j->i, what);
 }
 
 static void st_json_ws(StJson* j) {
@@ -3617,7 +3620,7 @@ static void st_json_metadata(StJson* j, SafeTensors* st) {
 }
 
 static void st_parse_header(SafeTensors* st, const char* header, size_t n) {
-    StJson j = {header, n, 0, st->path};
+    StJson j = {header, n, 0, st->path, "safetensors header JSON"};
     int cap = 0;
     st_json_expect(&j, '{');
     if (st_json_peek(&j) != '}') for (;;) {
@@ -3798,7 +3801,16 @@ static void atomic_file_write(AtomicFile* f, const void* data, size_t n) {
     }
 }
 
+// Tests simulate a crash in the middle of a checkpoint save: with MEGATRON_TEST_CRASH_AT_FILE=k
+// in the environment the process kills itself (SIGKILL) before renaming its k-th file.
+static void atomic_file_test_crash(void) {
+    static int files = 0;
+    const char* k = getenv("MEGATRON_TEST_CRASH_AT_FILE");
+    if (k && ++files == atoi(k)) raise(SIGKILL);
+}
+
 static void atomic_file_commit(AtomicFile* f) {
+    atomic_file_test_crash();
     if (fsync(f->fd) != 0) atomic_file_fail(f, "fsync");
     int rc = close(f->fd);
     f->fd = -1;
@@ -3979,6 +3991,225 @@ static void st_writer_finish(SafeTensorsWriter* w) {
     atomic_file_commit(&f);
     free(h.s);
     st_writer_free(w);
+}
+
+// --- a small JSON reader for config files (Hugging Face's config.json): the top-level
+// keys of an object with the raw text of each value (12, "gpt2", null, [...], {...}).
+
+typedef struct {
+    int n;
+    char** keys;
+    char** values;
+} JsonObject;
+
+static void st_json_skip_value(StJson* j, int depth) {
+    if (depth > 64) st_json_fail(j, "nested too deeply");
+    int c = st_json_peek(j);
+    if (c == '"') { free(st_json_string(j)); return; }
+    if (c == '{' || c == '[') {
+        char close = c == '{' ? '}' : ']';
+        j->i++;
+        if (st_json_peek(j) == close) { j->i++; return; }
+        for (;;) {
+            if (c == '{') { free(st_json_string(j)); st_json_expect(j, ':'); }
+            st_json_skip_value(j, depth + 1);
+            if (st_json_peek(j) == close) { j->i++; return; }
+            st_json_expect(j, ',');
+        }
+    }
+    const char* literals[] = {"true", "false", "null"};
+    for (int k = 0; k < 3; k++) {
+        size_t len = strlen(literals[k]);
+        if (j->n - j->i >= len && memcmp(j->s + j->i, literals[k], len) == 0) { j->i += len; return; }
+    }
+    size_t start = j->i;  // a number
+    while (j->i < j->n && j->s[j->i] && strchr("+-.0123456789eE", j->s[j->i])) j->i++;
+    if (j->i == start) st_json_fail(j, "expected a value");
+}
+
+static void json_object_read(JsonObject* o, const char* path) {
+    memset(o, 0, sizeof(*o));
+    FILE* f = fopen(path, "rb");
+    if (!f) die("cannot open %s: %s", path, strerror(errno));
+    size_t cap = 1 << 20, n = 0;
+    char* text = (char*)xmalloc(cap);
+    n = fread(text, 1, cap, f);
+    int too_big = n == cap;
+    fclose(f);
+    if (too_big) die("%s: larger than %zu bytes, not a config file", path, cap);
+    StJson j = {text, n, 0, path, "JSON"};
+    st_json_expect(&j, '{');
+    if (st_json_peek(&j) != '}') for (;;) {
+        char* key = st_json_string(&j);
+        st_json_expect(&j, ':');
+        st_json_ws(&j);
+        size_t start = j.i;
+        st_json_skip_value(&j, 0);
+        o->keys = (char**)realloc(o->keys, (o->n + 1) * sizeof(char*));
+        o->values = (char**)realloc(o->values, (o->n + 1) * sizeof(char*));
+        if (!o->keys || !o->values) die("out of host memory reading %s", path);
+        o->keys[o->n] = key;
+        o->values[o->n] = (char*)xmalloc(j.i - start + 1);
+        memcpy(o->values[o->n], text + start, j.i - start);
+        o->values[o->n][j.i - start] = 0;
+        o->n++;
+        if (st_json_peek(&j) == '}') break;
+        st_json_expect(&j, ',');
+    }
+    j.i++;
+    if (st_json_peek(&j) != -1) st_json_fail(&j, "text after the closing '}'");
+    free(text);
+}
+
+// The raw text of a key's value, or NULL when the key is absent.
+static const char* json_object_get(const JsonObject* o, const char* key) {
+    for (int i = 0; i < o->n; i++)
+        if (strcmp(o->keys[i], key) == 0) return o->values[i];
+    return NULL;
+}
+
+// An integer value; `fallback` when the key is absent or null.
+static int64_t json_object_int(const JsonObject* o, const char* key, int64_t fallback, const char* path) {
+    const char* v = json_object_get(o, key);
+    int64_t x;
+    if (!v || strcmp(v, "null") == 0) return fallback;
+    if (!parse_int64(v, &x)) die("%s: \"%s\" is %.40s, expected an integer", path, key, v);
+    return x;
+}
+
+static void json_object_free(JsonObject* o) {
+    for (int i = 0; i < o->n; i++) { free(o->keys[i]); free(o->values[i]); }
+    free(o->keys);
+    free(o->values);
+    memset(o, 0, sizeof(*o));
+}
+
+// --- metadata values are strings: integers and doubles written so they read back exactly
+
+static void st_writer_meta_int(SafeTensorsWriter* w, const char* key, int64_t value) {
+    char text[32];
+    snprintf(text, sizeof(text), "%lld", (long long)value);
+    st_writer_meta(w, key, text);
+}
+
+static void st_writer_meta_double(SafeTensorsWriter* w, const char* key, double value) {
+    char text[40];
+    snprintf(text, sizeof(text), "%.17g", value);
+    st_writer_meta(w, key, text);
+}
+
+static const char* safetensors_meta_need(const SafeTensors* st, const char* key) {
+    const char* v = safetensors_meta(st, key);
+    if (!v) die("%s: metadata \"%s\" is missing (not a checkpoint of this program?)", st->path, key);
+    return v;
+}
+
+static int64_t safetensors_meta_int(const SafeTensors* st, const char* key) {
+    const char* v = safetensors_meta_need(st, key);
+    int64_t x;
+    if (!parse_int64(v, &x)) die("%s: metadata \"%s\" is '%.40s', expected an integer", st->path, key, v);
+    return x;
+}
+
+static double safetensors_meta_double(const SafeTensors* st, const char* key) {
+    const char* v = safetensors_meta_need(st, key);
+    char* end;
+    double x = strtod(v, &end);
+    if (end == v || *end) die("%s: metadata \"%s\" is '%.40s', expected a number", st->path, key, v);
+    return x;
+}
+
+// Every flag's value as metadata "--flag": "value" (lists space-separated; unset strings left out).
+static void args_write_meta(SafeTensorsWriter* w, const ArgSpec* specs, int n) {
+    for (int i = 0; i < n; i++) {
+        const ArgSpec* s = &specs[i];
+        char text[64];
+        switch (s->kind) {
+            case ARG_INT: case ARG_FLAG: snprintf(text, sizeof(text), "%d", *(const int*)s->dest); break;
+            case ARG_INT64: snprintf(text, sizeof(text), "%lld", (long long)*(const int64_t*)s->dest); break;
+            case ARG_FLOAT: snprintf(text, sizeof(text), "%.17g", *(const double*)s->dest); break;
+            case ARG_STRING:
+                if (*(const char* const*)s->dest) st_writer_meta(w, s->name, *(const char* const*)s->dest);
+                continue;
+            case ARG_LIST: {
+                const ArgList* list = (const ArgList*)s->dest;
+                if (!list->n) continue;
+                StText joined = {NULL, 0, 0};
+                for (int k = 0; k < list->n; k++) {
+                    if (k) st_text_put(&joined, " ", 1);
+                    st_text_put(&joined, list->values[k], strlen(list->values[k]));
+                }
+                st_writer_meta(w, s->name, joined.s);
+                free(joined.s);
+                continue;
+            }
+        }
+        st_writer_meta(w, s->name, text);
+    }
+}
+
+// --- Megatron's checkpoint directory (checkpointing.py): DIR/iter_0000100/ holds the
+// checkpoint of iteration 100 and DIR/latest_checkpointed_iteration.txt names the newest
+// complete one. The tracker is written last, so a save that dies midway leaves the
+// previous checkpoint in force.
+
+#define CHECKPOINT_TRACKER "latest_checkpointed_iteration.txt"
+
+typedef struct {
+    const char *save, *load, *export_hf;
+    int save_interval, exit_interval, finetune, no_load_optim, no_load_rng;
+} CheckpointArgs;
+
+// Registers the checkpoint flags (Megatron's names) and sets their defaults; returns the count.
+static int checkpoint_args_table(CheckpointArgs* c, ArgSpec* t) {
+    memset(c, 0, sizeof(*c));
+    int n = 0;
+    t[n++] = ArgSpec{"--save", ARG_STRING, &c->save, "directory to save checkpoints to"};
+    t[n++] = ArgSpec{"--save-interval", ARG_INT, &c->save_interval, "iterations between checkpoints (needed with --save; also saved at the end)"};
+    t[n++] = ArgSpec{"--load", ARG_STRING, &c->load, "resume from this checkpoint directory, or a Hugging Face GPT-2 directory"};
+    t[n++] = ArgSpec{"--finetune", ARG_FLAG, &c->finetune, "load the weights only: iteration 0, fresh optimizer and data position"};
+    t[n++] = ArgSpec{"--no-load-optim", ARG_FLAG, &c->no_load_optim, "don't load the optimizer and learning-rate schedule state"};
+    t[n++] = ArgSpec{"--no-load-rng", ARG_FLAG, &c->no_load_rng, "accepted for Megatron's scripts: the only random state is --seed"};
+    t[n++] = ArgSpec{"--exit-interval", ARG_INT, &c->exit_interval, "save and exit at the first iteration that is a multiple of this"};
+    t[n++] = ArgSpec{"--export-hf", ARG_STRING, &c->export_hf, "write the --load checkpoint to DIR as Hugging Face GPT-2, then exit"};
+    return n;
+}
+
+static void checkpoint_args_validate(const CheckpointArgs* c) {
+    if (c->save && c->save_interval <= 0) arg_error("--save needs --save-interval (a positive number of iterations)");
+    if (!c->save && c->save_interval) arg_error("--save-interval needs --save");
+    if (c->exit_interval < 0) arg_error("--exit-interval must be positive");
+    if (c->export_hf && !c->load) arg_error("--export-hf needs --load (the checkpoint to export)");
+    if ((c->finetune || c->no_load_optim) && !c->load) arg_error("--finetune and --no-load-optim need --load");
+}
+
+static void checkpoint_iter_dir(char* out, size_t cap, const char* dir, int64_t iteration) {
+    if ((size_t)snprintf(out, cap, "%s/iter_%07lld", dir, (long long)iteration) >= cap) die("checkpoint path too long: %.64s...", dir);
+}
+
+// The iteration the tracker names, or -1 when the directory has no tracker.
+static int64_t checkpoint_latest(const char* dir) {
+    char path[1100], text[64];
+    snprintf(path, sizeof(path), "%s/" CHECKPOINT_TRACKER, dir);
+    FILE* f = fopen(path, "rb");
+    if (!f) {
+        if (errno == ENOENT || errno == ENOTDIR) return -1;
+        die("cannot read %s: %s", path, strerror(errno));
+    }
+    size_t n = fread(text, 1, sizeof(text) - 1, f);
+    fclose(f);
+    text[n] = 0;
+    while (n && (text[n - 1] == '\n' || text[n - 1] == ' ' || text[n - 1] == '\r')) text[--n] = 0;
+    int64_t iteration;
+    if (!parse_int64(text, &iteration) || iteration < 0) die("%s: expected an iteration number, found '%.20s'", path, text);
+    return iteration;
+}
+
+static void checkpoint_set_latest(const char* dir, int64_t iteration) {
+    char path[1100], text[32];
+    snprintf(path, sizeof(path), "%s/" CHECKPOINT_TRACKER, dir);
+    int n = snprintf(text, sizeof(text), "%lld", (long long)iteration);
+    write_file_atomic(path, text, n);
 }
 // <<< checkpoint
 

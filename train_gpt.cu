@@ -462,6 +462,429 @@ static void gpt_free(GPT* m) {
     if (m->acts.encoded) dev_free(d, m->acts.encoded);
 }
 
+// Hugging Face GPT-2 files from the hub (saved from GPT2Model) name tensors without the
+// "transformer." prefix that GPT2LMHeadModel.save_pretrained writes: give them the prefix.
+static void hf_add_prefix(SafeTensors* st) {
+    if (safetensors_find(st, "transformer.wte.weight") || !safetensors_find(st, "wte.weight")) return;
+    for (int i = 0; i < st->n; i++) {
+        char name[256];
+        if ((size_t)snprintf(name, sizeof(name), "transformer.%s", st->tensors[i].name) >= sizeof(name))
+            die("%s: tensor name too long: %.64s...", st->path, st->tensors[i].name);
+        memcpy(st->tensors[i].name, name, sizeof(name));
+    }
+}
+
+// A float tensor of exactly this shape (cols 0: a vector), or a one-line error.
+static void st_check_shape(const SafeTensors* st, const char* name, int64_t rows, int64_t cols, const char* source) {
+    const STTensor* t = st_need(st, name);
+    STTensor want;
+    char got[128], expected[128];
+    want.ndim = cols ? 2 : 1;
+    want.shape[0] = rows;
+    want.shape[1] = cols;
+    int same = t->ndim == want.ndim && t->shape[0] == rows && (!cols || t->shape[1] == cols);
+    if (!same) die("%s: tensor '%s' has shape %s but %s gives %s", st->path, name, st_shape_str(t, got, sizeof(got)), source,
+                   st_shape_str(&want, expected, sizeof(expected)));
+    if (strcmp(t->dtype, "F32") && strcmp(t->dtype, "BF16") && strcmp(t->dtype, "F16"))
+        die("%s: tensor '%s' has dtype %s, expected F32, BF16 or F16", st->path, name, t->dtype);
+}
+
+static void hf_check_shapes(const GPTConfig* c, const SafeTensors* st) {
+    int64_t V = c->V, C = c->C, F = c->F;
+    char name[256];
+    st_check_shape(st, "transformer.wte.weight", V, C, "config.json");
+    st_check_shape(st, "transformer.wpe.weight", c->maxT, C, "config.json");
+    st_check_shape(st, "transformer.ln_f.weight", C, 0, "config.json");
+    st_check_shape(st, "transformer.ln_f.bias", C, 0, "config.json");
+    struct { const char* name; int64_t rows, cols; } layer[] = {
+        {"ln_1.weight", C, 0}, {"ln_1.bias", C, 0}, {"ln_2.weight", C, 0}, {"ln_2.bias", C, 0},
+        {"attn.c_attn.weight", C, 3 * C}, {"attn.c_attn.bias", 3 * C, 0}, {"attn.c_proj.weight", C, C}, {"attn.c_proj.bias", C, 0},
+        {"mlp.c_fc.weight", C, F}, {"mlp.c_fc.bias", F, 0}, {"mlp.c_proj.weight", F, C}, {"mlp.c_proj.bias", C, 0},
+    };
+    for (int l = 0; l < c->L; l++)
+        for (size_t k = 0; k < sizeof(layer) / sizeof(layer[0]); k++) {
+            snprintf(name, sizeof(name), "transformer.h.%d.%s", l, layer[k].name);
+            st_check_shape(st, name, layer[k].rows, layer[k].cols, "config.json");
+        }
+}
+
+// Our layout -> HF GPT-2 tensors in fp32 (the inverse of hf_read_params), vocabulary unpadded.
+static void hf_write_params(const GPT* m, const float* host, SafeTensorsWriter* w) {
+    const GPTConfig* c = &m->cfg;
+    int C = c->C, F = c->F, HS = c->HS;
+    float* tmp = (float*)xmalloc(((size_t)C * (3 * C > F ? 3 * C : F) + 3 * C) * sizeof(float));
+    char name[256];
+    #define HF_ADD(data, rows, cols, fmt, ...) do { \
+        int64_t shape[2] = {rows, cols}; \
+        snprintf(name, sizeof(name), fmt, ##__VA_ARGS__); \
+        st_writer_add(w, name, "F32", (cols) != 0 ? 2 : 1, shape, data); } while (0)
+    HF_ADD(host + m->offsets[WTE], c->V, C, "transformer.wte.weight");
+    HF_ADD(host + m->offsets[WPE], c->maxT, C, "transformer.wpe.weight");
+    HF_ADD(host + m->offsets[LNFW], C, 0, "transformer.ln_f.weight");
+    HF_ADD(host + m->offsets[LNFB], C, 0, "transformer.ln_f.bias");
+    for (int l = 0; l < c->L; l++) {
+        HF_ADD(host + m->offsets[LN1W] + l * C, C, 0, "transformer.h.%d.ln_1.weight", l);
+        HF_ADD(host + m->offsets[LN1B] + l * C, C, 0, "transformer.h.%d.ln_1.bias", l);
+        HF_ADD(host + m->offsets[LN2W] + l * C, C, 0, "transformer.h.%d.ln_2.weight", l);
+        HF_ADD(host + m->offsets[LN2B] + l * C, C, 0, "transformer.h.%d.ln_2.bias", l);
+        const float* qkvw = host + m->offsets[QKVW] + (size_t)l * 3 * C * C;
+        const float* qkvb = host + m->offsets[QKVB] + (size_t)l * 3 * C;
+        float* bias_out = tmp + (size_t)C * 3 * C;
+        for (int part = 0; part < 3; part++)
+            for (int h = 0; h < c->NH; h++)
+                for (int k = 0; k < HS; k++) {
+                    int hf_col = part * C + h * HS + k, row = h * 3 * HS + part * HS + k;
+                    for (int i = 0; i < C; i++) tmp[(size_t)i * 3 * C + hf_col] = qkvw[(size_t)row * C + i];
+                    bias_out[hf_col] = qkvb[row];
+                }
+        HF_ADD(tmp, C, 3 * C, "transformer.h.%d.attn.c_attn.weight", l);
+        HF_ADD(bias_out, 3 * C, 0, "transformer.h.%d.attn.c_attn.bias", l);
+        struct { const char* w; const char* b; int which_w, which_b, in, out; } linears[] = {
+            {"attn.c_proj.weight", "attn.c_proj.bias", ATTPROJW, ATTPROJB, C, C},
+            {"mlp.c_fc.weight", "mlp.c_fc.bias", FCW, FCB, C, F},
+            {"mlp.c_proj.weight", "mlp.c_proj.bias", FCPROJW, FCPROJB, F, C},
+        };
+        for (int k = 0; k < 3; k++) {
+            int in = linears[k].in, out = linears[k].out;
+            const float* wt = host + m->offsets[linears[k].which_w] + (size_t)l * in * out;
+            for (int o = 0; o < out; o++)
+                for (int i = 0; i < in; i++) tmp[(size_t)i * out + o] = wt[(size_t)o * in + i];
+            HF_ADD(tmp, in, out, "transformer.h.%d.%s", l, linears[k].w);
+            HF_ADD(host + m->offsets[linears[k].which_b] + (size_t)l * out, out, 0, "transformer.h.%d.%s", l, linears[k].b);
+        }
+    }
+    #undef HF_ADD
+    free(tmp);
+}
+
+// ----------------------------------------------------------------------------
+// Checkpoints, in Megatron-LM's layout (checkpointing.py) with safetensors files:
+//   DIR/iter_0000100/model.safetensors  parameters in the run's dtype under Megatron's names;
+//       metadata: iteration, consumed samples, vocabulary, and every flag ("--hidden-size": "768")
+//   DIR/iter_0000100/optim.safetensors  fp32 master weights (bf16/fp16 runs), Adam's exp_avg and
+//       exp_avg_sq; metadata: Adam's step, the loss scaler, the learning-rate schedule's position
+//   DIR/latest_checkpointed_iteration.txt  written last
+// Dropout masks and the data order are pure functions of (seed, iteration, micro-batch) and of
+// the consumed samples, so this is the whole state: a resumed run repeats the uninterrupted
+// one bit for bit (same flags, device, dtype and thread count).
+
+typedef struct {
+    int64_t iteration, consumed_train, consumed_valid;
+    int64_t scheduler_samples;  // the learning-rate schedule's position (lr_samples in main)
+    int adam_step;
+    LossScaler scaler;
+} TrainState;
+
+// One checkpoint tensor: a Megatron name and its slice of our flat parameter layout.
+typedef struct {
+    char name[96];
+    size_t offset;
+    int ndim;
+    int64_t shape[2];
+} CkptTensor;
+
+// Megatron's GPTModel state-dict names; the per-layer ones follow "language_model.encoder.layers.N.".
+static const char* const megatron_names[NUM_PARAMS] = {
+    "language_model.embedding.word_embeddings.weight", "language_model.embedding.position_embeddings.weight",
+    "input_layernorm.weight", "input_layernorm.bias", "self_attention.query_key_value.weight", "self_attention.query_key_value.bias",
+    "self_attention.dense.weight", "self_attention.dense.bias", "post_attention_layernorm.weight", "post_attention_layernorm.bias",
+    "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias", "mlp.dense_4h_to_h.weight", "mlp.dense_4h_to_h.bias",
+    "language_model.encoder.final_layernorm.weight", "language_model.encoder.final_layernorm.bias"};
+
+// The checkpoint's tensors, one per parameter and layer (4 + 12 L of them); free the result.
+static CkptTensor* ckpt_tensors(const GPT* m, int* count) {
+    const GPTConfig* c = &m->cfg;
+    CkptTensor* t = (CkptTensor*)xcalloc(4 + 12 * (size_t)c->L, sizeof(CkptTensor));
+    int n = 0;
+    for (int i = 0; i < NUM_PARAMS; i++) {
+        int per_layer = i >= LN1W && i <= FCPROJB, layers = per_layer ? c->L : 1;
+        int is_matrix = i == WTE || i == WPE || i == QKVW || i == ATTPROJW || i == FCW || i == FCPROJW;
+        size_t size = m->sizes[i] / layers;
+        int64_t cols = i == FCPROJW ? c->F : c->C;
+        for (int l = 0; l < layers; l++, n++) {
+            if (per_layer) snprintf(t[n].name, sizeof(t[n].name), "language_model.encoder.layers.%d.%s", l, megatron_names[i]);
+            else snprintf(t[n].name, sizeof(t[n].name), "%s", megatron_names[i]);
+            t[n].offset = m->offsets[i] + l * size;
+            t[n].ndim = is_matrix ? 2 : 1;
+            t[n].shape[0] = is_matrix ? (int64_t)size / cols : (int64_t)size;
+            t[n].shape[1] = cols;
+        }
+    }
+    *count = n;
+    return t;
+}
+
+static void checkpoint_save(const GPT* m, const TrainState* s, const char* dir, const ArgSpec* specs, int n_specs) {
+    const Device* d = m->dev;
+    size_t n = m->num_params, es = dtype_size(d->dtype);
+    char iter_dir[1100], path[1200];
+    checkpoint_iter_dir(iter_dir, sizeof(iter_dir), dir, s->iteration);
+    make_dirs(iter_dir);
+    int count;
+    CkptTensor* t = ckpt_tensors(m, &count);
+    SafeTensorsWriter w;
+
+    char* params = (char*)xmalloc(n * es);
+    dev_download(d, params, m->params, n * es);
+    snprintf(path, sizeof(path), "%s/model.safetensors", iter_dir);
+    st_writer_begin(&w, path);
+    for (int k = 0; k < count; k++) st_writer_add(&w, t[k].name, st_dtype_of(d->dtype), t[k].ndim, t[k].shape, params + t[k].offset * es);
+    free(params);
+    st_writer_meta(&w, "format", "megatron.c GPT checkpoint");
+    st_writer_meta(&w, "dtype", st_dtype_of(d->dtype));
+    st_writer_meta_int(&w, "iteration", s->iteration);
+    st_writer_meta_int(&w, "consumed_train_samples", s->consumed_train);
+    st_writer_meta_int(&w, "consumed_valid_samples", s->consumed_valid);
+    st_writer_meta_int(&w, "vocab_size", m->cfg.V);
+    st_writer_meta_int(&w, "padded_vocab_size", m->cfg.Vp);
+    args_write_meta(&w, specs, n_specs);
+    st_writer_finish(&w);
+
+    float* state = (float*)xmalloc(n * sizeof(float));
+    struct { const char* prefix; const float* src; } parts[] = {{"fp32_param.", m->master}, {"exp_avg.", m->adam_m}, {"exp_avg_sq.", m->adam_v}};
+    snprintf(path, sizeof(path), "%s/optim.safetensors", iter_dir);
+    st_writer_begin(&w, path);
+    for (int p = 0; p < 3; p++) {
+        if (!parts[p].src) continue;
+        dev_download(d, state, parts[p].src, n * sizeof(float));
+        for (int k = 0; k < count; k++) {
+            char name[160];
+            snprintf(name, sizeof(name), "%s%s", parts[p].prefix, t[k].name);
+            st_writer_add(&w, name, "F32", t[k].ndim, t[k].shape, state + t[k].offset);
+        }
+    }
+    free(state);
+    st_writer_meta_int(&w, "iteration", s->iteration);
+    st_writer_meta_int(&w, "step", s->adam_step);
+    st_writer_meta_int(&w, "scheduler_samples", s->scheduler_samples);
+    st_writer_meta_double(&w, "loss_scale", s->scaler.scale);
+    st_writer_meta_int(&w, "loss_scale_growth_tracker", s->scaler.growth_tracker);
+    st_writer_meta_int(&w, "loss_scale_hysteresis_tracker", s->scaler.hysteresis_tracker);
+    st_writer_finish(&w);
+    free(t);
+
+    checkpoint_set_latest(dir, s->iteration);
+    printf("saved checkpoint at iteration %lld to %s\n", (long long)s->iteration, iter_dir);
+    fflush(stdout);
+}
+
+// What --load points at: one of our checkpoints, or a Hugging Face GPT-2 directory
+// (config.json + model.safetensors), and the model it holds.
+typedef struct {
+    int is_hf;
+    int64_t iteration;
+    char dir[1100];  // the iteration directory, or the HF directory
+    GPTConfig cfg;   // for HF, Vp = V
+} CkptSource;
+
+static int meta_int(const SafeTensors* st, const char* key) {
+    int64_t v = safetensors_meta_int(st, key);
+    if (v < 0 || v > INT32_MAX) die("%s: metadata \"%s\" is %lld, out of range", st->path, key, (long long)v);
+    return (int)v;
+}
+
+static void hf_config_read(CkptSource* src, const char* dir) {
+    char path[1200];
+    snprintf(path, sizeof(path), "%s/config.json", dir);
+    JsonObject o;
+    json_object_read(&o, path);
+    const char* type = json_object_get(&o, "model_type");
+    if (type && strcmp(type, "\"gpt2\"")) die("%s: model_type is %.40s; only GPT-2 (\"gpt2\") loads into train_gpt", path, type);
+    const char* act = json_object_get(&o, "activation_function");
+    if (act && strcmp(act, "\"gelu_new\"") && strcmp(act, "\"gelu_pytorch_tanh\""))
+        die("%s: activation_function is %.40s; train_gpt's MLP uses the tanh GELU (\"gelu_new\")", path, act);
+    const char* eps = json_object_get(&o, "layer_norm_epsilon");
+    if (eps && fabs(atof(eps) - LAYERNORM_EPS) > 1e-12) die("%s: layer_norm_epsilon is %s; train_gpt's LayerNorm uses %g", path, eps, LAYERNORM_EPS);
+    const char* tied = json_object_get(&o, "tie_word_embeddings");
+    if (tied && strcmp(tied, "true")) die("%s: tie_word_embeddings is %s; train_gpt ties the LM head to the embedding", path, tied);
+    GPTConfig* c = &src->cfg;
+    int64_t v[6] = {json_object_int(&o, "n_layer", -1, path), json_object_int(&o, "n_embd", -1, path),
+                    json_object_int(&o, "n_head", -1, path), json_object_int(&o, "n_positions", json_object_int(&o, "n_ctx", -1, path), path),
+                    json_object_int(&o, "vocab_size", -1, path), 0};
+    const char* keys[5] = {"n_layer", "n_embd", "n_head", "n_positions", "vocab_size"};
+    for (int k = 0; k < 5; k++)
+        if (v[k] <= 0 || v[k] > INT32_MAX) die("%s: \"%s\" is missing or not a positive integer", path, keys[k]);
+    v[5] = json_object_int(&o, "n_inner", 4 * v[1], path);
+    if (v[5] <= 0 || v[5] > INT32_MAX) die("%s: \"n_inner\" is not a positive integer", path);
+    if (v[1] % v[2]) die("%s: n_head %lld does not divide n_embd %lld", path, (long long)v[2], (long long)v[1]);
+    c->L = (int)v[0]; c->C = (int)v[1]; c->NH = (int)v[2]; c->maxT = (int)v[3]; c->V = c->Vp = (int)v[4]; c->F = (int)v[5];
+    c->HS = c->C / c->NH;
+    json_object_free(&o);
+}
+
+// Finds the checkpoint --load names. Returns 0 when there is none yet and --load is also
+// --save (the usual restart loop starts from scratch then, as Megatron does).
+static int checkpoint_find(const char* load, const char* save, CkptSource* src) {
+    memset(src, 0, sizeof(*src));
+    char path[1200];
+    snprintf(path, sizeof(path), "%s/config.json", load);
+    if (access(path, F_OK) == 0) {
+        src->is_hf = 1;
+        snprintf(src->dir, sizeof(src->dir), "%s", load);
+        hf_config_read(src, load);
+        return 1;
+    }
+    src->iteration = checkpoint_latest(load);
+    if (src->iteration < 0) {
+        if (save && strcmp(save, load) == 0) {
+            printf("no checkpoint in %s yet: starting from scratch\n", load);
+            return 0;
+        }
+        die("--load %s: no checkpoint there (no %s, nor the config.json of a Hugging Face model)", load, CHECKPOINT_TRACKER);
+    }
+    checkpoint_iter_dir(src->dir, sizeof(src->dir), load, src->iteration);
+    snprintf(path, sizeof(path), "%s/model.safetensors", src->dir);
+    SafeTensors st;
+    safetensors_open(&st, path);
+    GPTConfig* c = &src->cfg;
+    c->L = meta_int(&st, "--num-layers");
+    c->C = meta_int(&st, "--hidden-size");
+    c->NH = meta_int(&st, "--num-attention-heads");
+    c->F = meta_int(&st, "--ffn-hidden-size");
+    c->maxT = meta_int(&st, "--max-position-embeddings");
+    c->V = meta_int(&st, "vocab_size");
+    c->Vp = meta_int(&st, "padded_vocab_size");
+    if (!c->NH || c->C % c->NH) die("%s: metadata --num-attention-heads %d does not divide --hidden-size %d", path, c->NH, c->C);
+    c->HS = c->C / c->NH;
+    if (safetensors_meta_int(&st, "iteration") != src->iteration)
+        die("%s: holds iteration %lld but %s names %lld", path, (long long)safetensors_meta_int(&st, "iteration"), CHECKPOINT_TRACKER, (long long)src->iteration);
+    safetensors_close(&st);
+    return 1;
+}
+
+// Model flags not given on the command line come from the checkpoint; given ones must match it.
+// vocab_size is NULL when a tokenizer decides the vocabulary (checked in checkpoint_load).
+static void checkpoint_apply_config(const CkptSource* src, Args* a, int* vocab_size) {
+    const GPTConfig* c = &src->cfg;
+    struct { const char* flag; int* arg; int value; } shape[] = {
+        {"--num-layers", &a->num_layers, c->L}, {"--hidden-size", &a->hidden_size, c->C},
+        {"--num-attention-heads", &a->num_attention_heads, c->NH}, {"--ffn-hidden-size", &a->ffn_hidden_size, c->F},
+        {"--max-position-embeddings", &a->max_position_embeddings, c->maxT}, {"--vocab-size", vocab_size, c->V},
+    };
+    for (size_t k = 0; k < sizeof(shape) / sizeof(shape[0]); k++) {
+        if (!shape[k].arg) continue;
+        if (*shape[k].arg == 0) *shape[k].arg = shape[k].value;
+        else if (*shape[k].arg != shape[k].value)
+            die("--load %s holds a model with %s %d, but this run has %s %d", src->dir, shape[k].flag, shape[k].value, shape[k].flag, *shape[k].arg);
+    }
+}
+
+// Reads a checkpoint tensor of exactly this dtype and shape as floats.
+static void ckpt_read(const SafeTensors* st, const CkptTensor* t, const char* prefix, const char* dtype, float* dst) {
+    char name[160], got[128], want[128];
+    snprintf(name, sizeof(name), "%s%s", prefix, t->name);
+    const STTensor* f = st_need(st, name);
+    STTensor expected;
+    expected.ndim = t->ndim;
+    memcpy(expected.shape, t->shape, sizeof(t->shape));
+    if (f->ndim != t->ndim || f->shape[0] != t->shape[0] || (t->ndim == 2 && f->shape[1] != t->shape[1]))
+        die("%s: tensor '%s' has shape %s, the model needs %s", st->path, name, st_shape_str(f, got, sizeof(got)), st_shape_str(&expected, want, sizeof(want)));
+    if (strcmp(f->dtype, dtype)) die("%s: tensor '%s' has dtype %s, the checkpoint's dtype is %s", st->path, name, f->dtype, dtype);
+    safetensors_read_floats(st, name, dst, st_numel(f));
+}
+
+// Loads what --load holds into the model and, unless --finetune / --no-load-optim say
+// otherwise, the training state.
+static void checkpoint_load(GPT* m, const CkptSource* src, const CheckpointArgs* ca, TrainState* s) {
+    const GPTConfig* c = &m->cfg;
+    char path[1200];
+    SafeTensors st;
+    float* host = (float*)xmalloc(m->num_params * sizeof(float));
+    snprintf(path, sizeof(path), "%s/model.safetensors", src->dir);
+    if (c->V != src->cfg.V || (!src->is_hf && c->Vp != src->cfg.Vp))
+        die("--load %s holds a vocabulary of %d (padded to %d), this run has %d (padded to %d): the tokenizer, --vocab-size or "
+            "--make-vocab-size-divisible-by differs", src->dir, src->cfg.V, src->cfg.Vp, c->V, c->Vp);
+    safetensors_open(&st, path);
+    if (src->is_hf) {
+        hf_add_prefix(&st);
+        hf_check_shapes(c, &st);
+        hf_read_params(m, &st, "", host);
+        gpt_set_params(m, host);
+        safetensors_close(&st);
+        free(host);
+        printf("loaded Hugging Face GPT-2 weights from %s (iteration 0, fresh optimizer)\n", src->dir);
+        return;
+    }
+    const char* dtype = safetensors_meta_need(&st, "dtype");
+    if (!st_dtype_size(dtype)) die("%s: metadata dtype '%.16s' is not a safetensors dtype", path, dtype);
+    int same_dtype = strcmp(dtype, st_dtype_of(m->dev->dtype)) == 0;
+    int count;
+    CkptTensor* t = ckpt_tensors(m, &count);
+    for (int k = 0; k < count; k++) ckpt_read(&st, &t[k], "", dtype, host + t[k].offset);
+    gpt_set_params(m, host);
+    if (!ca->finetune) {
+        s->iteration = src->iteration;
+        s->consumed_train = safetensors_meta_int(&st, "consumed_train_samples");
+        s->consumed_valid = safetensors_meta_int(&st, "consumed_valid_samples");
+    }
+    safetensors_close(&st);
+    if (!ca->finetune && !ca->no_load_optim) {
+        snprintf(path, sizeof(path), "%s/optim.safetensors", src->dir);
+        safetensors_open(&st, path);
+        if (safetensors_meta_int(&st, "iteration") != src->iteration)
+            die("%s: holds iteration %lld but model.safetensors holds %lld", path, (long long)safetensors_meta_int(&st, "iteration"), (long long)src->iteration);
+        size_t bytes = m->num_params * sizeof(float);
+        char first[160];
+        snprintf(first, sizeof(first), "fp32_param.%s", t[0].name);
+        if (safetensors_find(&st, first)) {  // bf16/fp16 runs: the fp32 master weights
+            for (int k = 0; k < count; k++) ckpt_read(&st, &t[k], "fp32_param.", "F32", host + t[k].offset);
+            if (m->master) dev_upload(m->dev, m->master, host, bytes);
+            else gpt_set_params(m, host);  // an fp32 run continues from the master weights
+        }
+        for (int k = 0; k < count; k++) ckpt_read(&st, &t[k], "exp_avg.", "F32", host + t[k].offset);
+        dev_upload(m->dev, m->adam_m, host, bytes);
+        for (int k = 0; k < count; k++) ckpt_read(&st, &t[k], "exp_avg_sq.", "F32", host + t[k].offset);
+        dev_upload(m->dev, m->adam_v, host, bytes);
+        s->adam_step = meta_int(&st, "step");
+        s->scheduler_samples = safetensors_meta_int(&st, "scheduler_samples");
+        if (same_dtype) {  // the loss scale belongs to the dtype it was found for
+            s->scaler.scale = safetensors_meta_double(&st, "loss_scale");
+            s->scaler.growth_tracker = meta_int(&st, "loss_scale_growth_tracker");
+            s->scaler.hysteresis_tracker = meta_int(&st, "loss_scale_hysteresis_tracker");
+        }
+        safetensors_close(&st);
+    }
+    free(t);
+    free(host);
+    if (!same_dtype && !ca->finetune) printf("note: %s was saved in %s and this run computes in %s: the resumed run is not bit-identical\n", src->dir, dtype, st_dtype_of(m->dev->dtype));
+    printf("loaded checkpoint from %s at iteration %lld%s\n", src->dir, (long long)src->iteration,
+           ca->finetune ? " (weights only: iteration 0)" : ca->no_load_optim ? " (--no-load-optim: fresh optimizer and schedule)" : "");
+}
+
+// --export-hf DIR: the --load checkpoint as a Hugging Face GPT-2 directory (config.json and
+// model.safetensors in GPT2LMHeadModel's names, Conv1D [in, out] weights, fp32).
+static void export_hf(const CkptSource* src, const CheckpointArgs* ca) {
+    Device cpu;
+    device_init(&cpu, "cpu", DT_F32);
+    GPT m;
+    gpt_build(&m, &src->cfg, &cpu);
+    TrainState unused;
+    memset(&unused, 0, sizeof(unused));
+    CheckpointArgs weights_only = *ca;
+    weights_only.finetune = 1;
+    checkpoint_load(&m, src, &weights_only, &unused);
+    const GPTConfig* c = &m.cfg;
+    char path[1200], config[1024];
+    make_dirs(ca->export_hf);
+    SafeTensorsWriter w;
+    snprintf(path, sizeof(path), "%s/model.safetensors", ca->export_hf);
+    st_writer_begin(&w, path);
+    st_writer_meta(&w, "format", "pt");
+    hf_write_params(&m, (const float*)m.params, &w);
+    st_writer_finish(&w);
+    int n = snprintf(config, sizeof(config),
+                     "{\n  \"architectures\": [\"GPT2LMHeadModel\"],\n  \"model_type\": \"gpt2\",\n  \"vocab_size\": %d,\n"
+                     "  \"n_positions\": %d,\n  \"n_embd\": %d,\n  \"n_layer\": %d,\n  \"n_head\": %d,\n  \"n_inner\": %d,\n"
+                     "  \"activation_function\": \"gelu_new\",\n  \"layer_norm_epsilon\": 1e-05,\n  \"tie_word_embeddings\": true,\n"
+                     "  \"bos_token_id\": %d,\n  \"eos_token_id\": %d,\n  \"torch_dtype\": \"float32\"\n}\n",
+                     c->V, c->maxT, c->C, c->L, c->NH, c->F, c->V - 1, c->V - 1);
+    snprintf(path, sizeof(path), "%s/config.json", ca->export_hf);
+    write_file_atomic(path, config, n);
+    printf("exported %s as Hugging Face GPT-2 to %s\n", src->dir, ca->export_hf);
+    gpt_free(&m);
+    device_free(&cpu);
+}
+
 #ifndef TESTING
 // ----------------------------------------------------------------------------
 // The training loop (megatron/training.py: pretrain -> train -> train_step).
@@ -500,7 +923,18 @@ int main(int argc, char** argv) {
     int n_specs = args_table(&args, specs);
     int vocab_size = 0;
     specs[n_specs++] = ArgSpec{"--vocab-size", ARG_INT, &vocab_size, "vocabulary size when no tokenizer files are given"};
+    CheckpointArgs ckpt;
+    n_specs += checkpoint_args_table(&ckpt, specs + n_specs);
     args_parse(argc, argv, specs, n_specs);
+    checkpoint_args_validate(&ckpt);
+    CkptSource source;
+    int have_source = ckpt.load && checkpoint_find(ckpt.load, ckpt.save, &source);
+    if (ckpt.export_hf) {
+        if (!have_source) die("--export-hf: no checkpoint in %s", ckpt.load);
+        export_hf(&source, &ckpt);
+        return 0;
+    }
+    if (have_source) checkpoint_apply_config(&source, &args, args.vocab_file || args.merge_file ? NULL : &vocab_size);
     args_validate(&args);
 
     Device dev;
@@ -552,6 +986,10 @@ int main(int argc, char** argv) {
     GPT model;
     gpt_build(&model, &cfg, &dev);
     gpt_init(&model, args.init_method_std, (uint32_t)args.seed);
+    TrainState state;
+    memset(&state, 0, sizeof(state));
+    state.scaler = loss_scaler_from_args(&args, dev.dtype == DT_F16);
+    if (have_source) checkpoint_load(&model, &source, &ckpt, &state);
     gpt_alloc_activations(&model, B, T);
     printf("model: %d layers, hidden %d, %d heads, ffn %d, vocab %d (padded %d), %zu parameters\n", cfg.L, cfg.C, cfg.NH, cfg.F,
            cfg.V, cfg.Vp, model.num_params);
@@ -565,17 +1003,18 @@ int main(int argc, char** argv) {
     h.sample = (int32_t*)xmalloc((T + 1) * sizeof(int32_t));
 
     LRSchedule schedule = lr_schedule_from_args(&args, train_samples);
-    LossScaler scaler = loss_scaler_from_args(&args, dev.dtype == DT_F16);
+    LossScaler scaler = state.scaler;
     LogFile log_file;
     log_file_open(&log_file, args.log_file);
     double peak = args.peak_tflops > 0 ? args.peak_tflops : dev.is_gpu ? peak_tflops_for(dev.name) : 0.0;
     double flops_per_token = gpt_flops_per_token(cfg.L, cfg.C, T, cfg.Vp);
 
-    int64_t consumed = 0, consumed_valid = 0, lr_samples = 0;
-    int updates = 0, skipped = 0, nan_iters = 0, interval_iters = 0;
+    int64_t consumed = state.consumed_train, consumed_valid = state.consumed_valid, lr_samples = state.scheduler_samples;
+    int updates = state.adam_step, skipped = 0, nan_iters = 0, interval_iters = 0;
     double interval_loss = 0, interval_start = now_seconds(), interval_tokens = 0, last_norm = 0;
     float p_hidden = (float)args.hidden_dropout, p_attn = (float)args.attention_dropout;
-    for (int64_t iteration = 1; iteration <= train_iters; iteration++) {
+    if (state.iteration >= train_iters) printf("the checkpoint is at iteration %lld: nothing left to train\n", (long long)state.iteration);
+    for (int64_t iteration = state.iteration + 1; iteration <= train_iters; iteration++) {
         int gbs = global_batch_at(&args, consumed), micro = gbs / B;
         dev_zero(&dev, model.grads, model.num_params * sizeof(float));
         double loss = 0;
@@ -633,6 +1072,16 @@ int main(int argc, char** argv) {
         if (args.eval_iters > 0 && sets[1].num_samples > 0 && (iteration % args.eval_interval == 0 || last)) {
             log_validation(&log_file, iteration, evaluate(&model, &h, &sets[1], &consumed_valid, &args, eod));
             interval_start = now_seconds();
+        }
+        int exiting = ckpt.exit_interval && iteration % ckpt.exit_interval == 0;
+        if (ckpt.save && (iteration % ckpt.save_interval == 0 || last || exiting)) {
+            TrainState now = {iteration, consumed, consumed_valid, lr_samples, updates, scaler};
+            checkpoint_save(&model, &now, ckpt.save, specs, n_specs);
+            interval_start = now_seconds();
+        }
+        if (exiting) {
+            printf("exiting at iteration %lld (--exit-interval %d)\n", (long long)iteration, ckpt.exit_interval);
+            break;
         }
     }
 
