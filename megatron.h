@@ -3265,7 +3265,10 @@ static void crossentropy_forward_backward(const Device* d, float* losses, void* 
 // test/test_parallel.cu checks it), and waits with a deadline: a rank that never arrives
 // stops the run with "rank R: all_reduce #K in group tp timed out after S s", never a hang.
 // Builds without MPI (no mpicxx) run as one process; started by a launcher with several
-// ranks they stop with an error saying so.
+// ranks they stop with an error saying so. Where there is no MPI, GPU ranks can meet through
+// a file rendezvous instead: WORLD_SIZE, RANK (and LOCAL_RANK) in the environment, as torchrun
+// sets them, and MEGATRON_RENDEZVOUS naming an empty directory every rank sees; NCCL's unique
+// ids travel through files there, and host values through the GPU.
 
 #ifdef USE_MPI
 #include <mpi.h>
@@ -3287,12 +3290,15 @@ typedef struct {
     int rank[NUM_GROUPS];                     // this process's rank in each group
     double timeout;                           // seconds a collective waits for the other ranks
     long calls[NUM_COLLECTIVES][NUM_GROUPS];  // the collective counter
-#ifdef USE_MPI
     int mpi;                                  // MPI_Init was called (a launcher started us)
+#ifdef USE_MPI
     MPI_Comm comm[NUM_GROUPS];
 #endif
 #ifdef HAVE_NCCL
     ncclComm_t nccl[NUM_GROUPS];              // set by parallel_init_nccl on GPUs
+    const Device* gpu;                        // the GPU the communicators use
+    void* staging;                            // without MPI: host buffers pass through here
+    size_t staging_bytes;
 #endif
 } Parallel;
 
@@ -3304,10 +3310,16 @@ static Parallel* parallel_serial(void) {
     return &p;
 }
 
+// The host as a Device: collectives on host memory (gathered parameters, the log's values).
+static const Device* parallel_host_device(void) {
+    static Device host;  // zeroed: the CPU, fp32
+    return &host;
+}
+
 // The ranks a launcher (mpirun, srun with PMI/PMIx) started, from its environment; 0 without one.
 static int launcher_world_size(void) {
-    const char* vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"};
-    for (int i = 0; i < 4; i++)
+    const char* vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"};
+    for (int i = 0; i < 3; i++)
         if (getenv(vars[i])) return atoi(getenv(vars[i]));
     return getenv("PMIX_RANK") ? 1 : 0;
 }
@@ -3336,6 +3348,12 @@ static void parallel_init(Parallel* p, int t, double timeout) {
         die("this binary was built without MPI and runs as one process, but the launcher started %d: "
             "install MPI (apt-get install libopenmpi-dev) and rebuild with make", launched);
 #endif
+    if (!p->mpi && getenv("MEGATRON_RENDEZVOUS")) {
+        if (!getenv("WORLD_SIZE") || !getenv("RANK")) die("MEGATRON_RENDEZVOUS needs WORLD_SIZE and RANK in the environment");
+        world = atoi(getenv("WORLD_SIZE"));
+        rank = atoi(getenv("RANK"));
+        if (world < 1 || rank < 0 || rank >= world) die("RANK %s and WORLD_SIZE %s: need 0 <= RANK < WORLD_SIZE", getenv("RANK"), getenv("WORLD_SIZE"));
+    }
     if (world > 1) die_rank = rank;
     if (t < 1) arg_error("--tensor-model-parallel-size must be positive");
     if (world % t) arg_error("--tensor-model-parallel-size %d does not divide the world size %d", t, world);
@@ -3376,18 +3394,56 @@ static void nccl_check(ncclResult_t r, const char* file, int line) {
 static ncclDataType_t nccl_type(DType dt) { return dt == DT_F32 ? ncclFloat : dt == DT_BF16 ? ncclBfloat16 : ncclHalf; }
 #endif
 
-// On GPUs: one NCCL communicator per group; each group's unique id travels from its rank 0 over MPI.
+#ifdef HAVE_NCCL
+// The file rendezvous: the group's rank 0 writes its id to DIR/nccl-GROUP-INDEX (under a
+// temporary name, then renamed), the others wait for the file until the collective timeout.
+static void rendezvous_unique_id(const Parallel* p, Group g, ncclUniqueId* id) {
+    int t = p->size[GROUP_TP], w = p->rank[GROUP_WORLD];
+    int index = g == GROUP_TP ? w / t : g == GROUP_DP ? w % t : 0;
+    char path[4096], tmp[4200];
+    snprintf(path, sizeof(path), "%s/nccl-%s-%d", getenv("MEGATRON_RENDEZVOUS"), group_names[g], index);
+    if (p->rank[g] == 0) {
+        snprintf(tmp, sizeof(tmp), "%s.%d.tmp", path, w);
+        FILE* f = fopen(tmp, "wb");
+        if (!f || fwrite(id, sizeof(*id), 1, f) != 1 || fclose(f) || rename(tmp, path))
+            die("MEGATRON_RENDEZVOUS: cannot write %s: %s", path, strerror(errno));
+        return;
+    }
+    double start = now_seconds();
+    for (;;) {
+        FILE* f = fopen(path, "rb");
+        if (f) {
+            size_t got = fread(id, sizeof(*id), 1, f);
+            fclose(f);
+            if (got == 1) return;
+        }
+        if (now_seconds() - start > p->timeout)
+            die("MEGATRON_RENDEZVOUS: no %s from rank 0 of group %s after %.0f s (is the directory shared, empty, and rank 0 running?)",
+                path, group_names[g], p->timeout);
+        usleep(10000);
+    }
+}
+#endif
+
+// On GPUs: one NCCL communicator per group; each group's unique id travels from its rank 0 over
+// MPI, or through the file rendezvous.
 static void parallel_init_nccl(Parallel* p, const Device* d) {
-    if (!d->is_gpu || p->size[GROUP_WORLD] == 1) return;
-#if defined(HAVE_NCCL) && defined(USE_MPI)
+    if (p->size[GROUP_WORLD] == 1) return;
+    if (!d->is_gpu && p->mpi) return;
+    if (!d->is_gpu) die("CPU ranks need MPI (mpirun); MEGATRON_RENDEZVOUS is for NCCL between GPUs");
+#ifdef HAVE_NCCL
+    p->gpu = d;
     for (int g = 0; g < NUM_GROUPS; g++) {
         ncclUniqueId id;
         if (p->rank[g] == 0) ncclCheck(ncclGetUniqueId(&id));
-        MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, p->comm[g]);
+#ifdef USE_MPI
+        if (p->mpi) MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, p->comm[g]);
+#endif
+        if (!p->mpi) rendezvous_unique_id(p, (Group)g, &id);
         ncclCheck(ncclCommInitRank(&p->nccl[g], p->size[g], id, p->rank[g]));
     }
 #else
-    die("%d GPU ranks need a build with NCCL and MPI (nccl.h and mpicxx found by make)", p->size[GROUP_WORLD]);
+    die("%d GPU ranks need a build with NCCL (nccl.h found by make next to nvcc)", p->size[GROUP_WORLD]);
 #endif
 }
 
@@ -3395,6 +3451,7 @@ static void parallel_finalize(Parallel* p) {
 #ifdef HAVE_NCCL
     for (int g = 0; g < NUM_GROUPS; g++)
         if (p->nccl[g]) ncclCheck(ncclCommDestroy(p->nccl[g]));
+    if (p->staging) cudaCheck(cudaFree(p->staging));
 #endif
 #ifdef USE_MPI
     if (p->mpi) {
@@ -3452,6 +3509,26 @@ static void nccl_wait(const Parallel* p, const Device* d, Collective kind, Group
         sched_yield();
     }
 }
+
+// Without MPI, a collective on host memory runs on the GPU: copy in, collective, copy out.
+// Returns the device buffer to use (buf itself when it is on the GPU already).
+static void* nccl_stage_in(Parallel* p, const Device* d, void* buf, size_t bytes) {
+    if (d->is_gpu) return buf;
+    if (p->staging_bytes < bytes) {
+        if (p->staging) cudaCheck(cudaFree(p->staging));
+        cudaCheck(cudaMalloc(&p->staging, bytes));
+        p->staging_bytes = bytes;
+    }
+    dev_upload(p->gpu, p->staging, buf, bytes);
+    return p->staging;
+}
+
+static void nccl_stage_out(const Parallel* p, const Device* d, void* buf, size_t bytes) {
+    if (!d->is_gpu) dev_download(p->gpu, buf, p->staging, bytes);
+}
+
+// NCCL runs a collective where the data is on the GPU, or on the host of a run without MPI.
+static int use_nccl(const Parallel* p, const Device* d, Group g) { return p->nccl[g] && (d->is_gpu || !p->mpi); }
 #endif
 
 // buf (n values of dtype dt, on d) = the sum (or max) of buf over the group's ranks.
@@ -3459,9 +3536,12 @@ static void all_reduce(Parallel* p, const Device* d, Group g, void* buf, size_t 
     long id = ++p->calls[COLL_ALL_REDUCE][g];
     if (p->size[g] == 1 || n == 0) return;
 #ifdef HAVE_NCCL
-    if (d->is_gpu) {
-        ncclCheck(ncclAllReduce(buf, buf, n, nccl_type(dt), op == REDUCE_SUM ? ncclSum : ncclMax, p->nccl[g], d->stream));
-        nccl_wait(p, d, COLL_ALL_REDUCE, g, id);
+    if (use_nccl(p, d, g)) {
+        size_t bytes = n * dtype_size(dt);
+        void* x = nccl_stage_in(p, d, buf, bytes);
+        ncclCheck(ncclAllReduce(x, x, n, nccl_type(dt), op == REDUCE_SUM ? ncclSum : ncclMax, p->nccl[g], p->gpu->stream));
+        nccl_wait(p, p->gpu, COLL_ALL_REDUCE, g, id);
+        nccl_stage_out(p, d, buf, bytes);
         return;
     }
 #endif
@@ -3471,7 +3551,7 @@ static void all_reduce(Parallel* p, const Device* d, Group g, void* buf, size_t 
     MPI_Iallreduce(MPI_IN_PLACE, buf, (int)n, mpi_type(dt), op == REDUCE_SUM ? MPI_SUM : MPI_MAX, p->comm[g], &req);
     mpi_wait(p, &req, COLL_ALL_REDUCE, g, id);
 #endif
-    (void)d; (void)dt; (void)op;
+    (void)d; (void)dt; (void)op; (void)id;
 }
 
 // buf holds size x n fp32 values; afterwards its block of this rank, buf[rank*n .. (rank+1)*n),
@@ -3481,7 +3561,8 @@ static void reduce_scatter(Parallel* p, const Device* d, Group g, float* buf, si
     if (p->size[g] == 1 || n == 0) return;
     float* mine = buf + (size_t)p->rank[g] * n;
 #ifdef HAVE_NCCL
-    if (d->is_gpu) {
+    if (use_nccl(p, d, g)) {
+        if (!d->is_gpu) die("reduce_scatter of host memory needs MPI");
         ncclCheck(ncclReduceScatter(buf, mine, n, ncclFloat, ncclSum, p->nccl[g], d->stream));
         nccl_wait(p, d, COLL_REDUCE_SCATTER, g, id);
         return;
@@ -3494,7 +3575,7 @@ static void reduce_scatter(Parallel* p, const Device* d, Group g, float* buf, si
     mpi_wait(p, &req, COLL_REDUCE_SCATTER, g, id);
     memmove(mine, buf, n * sizeof(float));  // MPI's in-place result lands in the first block
 #endif
-    (void)d; (void)mine;
+    (void)d; (void)mine; (void)id;
 }
 
 // buf holds size x n values of dtype dt; every rank's block buf[rank*n ..] goes to all ranks.
@@ -3503,9 +3584,11 @@ static void all_gather(Parallel* p, const Device* d, Group g, void* buf, size_t 
     if (p->size[g] == 1 || n == 0) return;
     size_t bytes = n * dtype_size(dt);
 #ifdef HAVE_NCCL
-    if (d->is_gpu) {
-        ncclCheck(ncclAllGather((char*)buf + p->rank[g] * bytes, buf, n, nccl_type(dt), p->nccl[g], d->stream));
-        nccl_wait(p, d, COLL_ALL_GATHER, g, id);
+    if (use_nccl(p, d, g)) {
+        char* x = (char*)nccl_stage_in(p, d, buf, p->size[g] * bytes);
+        ncclCheck(ncclAllGather(x + p->rank[g] * bytes, x, n, nccl_type(dt), p->nccl[g], p->gpu->stream));
+        nccl_wait(p, p->gpu, COLL_ALL_GATHER, g, id);
+        nccl_stage_out(p, d, buf, p->size[g] * bytes);
         return;
     }
 #endif
@@ -3515,13 +3598,22 @@ static void all_gather(Parallel* p, const Device* d, Group g, void* buf, size_t 
     MPI_Iallgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, buf, (int)bytes, MPI_BYTE, p->comm[g], &req);
     mpi_wait(p, &req, COLL_ALL_GATHER, g, id);
 #endif
-    (void)d; (void)bytes;
+    (void)d; (void)bytes; (void)id;
 }
 
 // Host doubles (losses, squared norms): x = the sum over the group.
 static void all_reduce_host(Parallel* p, Group g, double* x, int n) {
     long id = ++p->calls[COLL_ALL_REDUCE][g];
     if (p->size[g] == 1) return;
+#ifdef HAVE_NCCL
+    if (!p->mpi) {
+        void* staged = nccl_stage_in(p, parallel_host_device(), x, n * sizeof(double));
+        ncclCheck(ncclAllReduce(staged, staged, n, ncclDouble, ncclSum, p->nccl[g], p->gpu->stream));
+        nccl_wait(p, p->gpu, COLL_ALL_REDUCE, g, id);
+        nccl_stage_out(p, parallel_host_device(), x, n * sizeof(double));
+        return;
+    }
+#endif
 #ifdef USE_MPI
     MPI_Request req;
     MPI_Iallreduce(MPI_IN_PLACE, x, n, MPI_DOUBLE, MPI_SUM, p->comm[g], &req);
@@ -3540,19 +3632,12 @@ static void parallel_check_same_flags(Parallel* p, int argc, char** argv) {
             if (!*s) break;
         }
     int world = p->size[GROUP_WORLD];
-    long id = ++p->calls[COLL_ALL_GATHER][GROUP_WORLD];
-    if (world == 1) return;
     uint64_t* all = (uint64_t*)xcalloc(world, sizeof(uint64_t));
     all[p->rank[GROUP_WORLD]] = h;
-#ifdef USE_MPI
-    MPI_Request req;
-    MPI_Iallgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, all, (int)sizeof(uint64_t), MPI_BYTE, p->comm[GROUP_WORLD], &req);
-    mpi_wait(p, &req, COLL_ALL_GATHER, GROUP_WORLD, id);
-#endif
+    all_gather(p, parallel_host_device(), GROUP_WORLD, all, sizeof(uint64_t) / sizeof(float), DT_F32);  // moves bits only
     for (int r = 1; r < world; r++)
         if (all[r] != all[0]) die("rank %d was started with different flags than rank 0: every rank needs the same command line", r);
     free(all);
-    (void)id;
 }
 
 // ---- Megatron-1 §3's conjugate operators around a column-parallel then row-parallel pair:

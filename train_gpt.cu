@@ -532,9 +532,7 @@ static float* gpt_gather_full_params(GPT* m) {
     float* full = (float*)xmalloc(full_n * sizeof(float));
     dev_download(m->dev, stored, m->params, n * es);
     dtype_to_floats(shards + (size_t)m->tp_rank * n, stored, n, m->dev->dtype);
-    Device host;
-    memset(&host, 0, sizeof(host));
-    all_gather(m->par, &host, GROUP_TP, shards, n, DT_F32);
+    all_gather(m->par, parallel_host_device(), GROUP_TP, shards, n, DT_F32);
     for (int r = 0; r < t; r++) tp_shard_copy(&m->cfg, t, r, full, shards + (size_t)r * n, 0);
     free(stored);
     free(shards);
@@ -624,8 +622,6 @@ static void gpt_generate(GPT* m, int* out, int prompt_len, int total_len, uint32
     size_t es = dtype_size(m->dev->dtype);
     void* row = xmalloc((size_t)m->Vr * es);
     float* logits = (float*)xmalloc((size_t)c->Vp * sizeof(float));
-    Device host;  // the vocabulary shards of the last row are gathered on the host
-    memset(&host, 0, sizeof(host));
     MT19937 rng;
     mt_seed(&rng, seed);
     for (int n = prompt_len; n < total_len; n++) {
@@ -634,7 +630,7 @@ static void gpt_generate(GPT* m, int* out, int prompt_len, int total_len, uint32
         gpt_forward(m, 1, T, 0.0f, 0.0f);
         dev_download(m->dev, row, at(m, m->acts.logits, (size_t)(T - 1) * m->Vr), (size_t)m->Vr * es);
         dtype_to_floats(logits + (size_t)m->tp_rank * m->Vr, row, m->Vr, m->dev->dtype);
-        all_gather(m->par, &host, GROUP_TP, logits, m->Vr, DT_F32);
+        all_gather(m->par, parallel_host_device(), GROUP_TP, logits, m->Vr, DT_F32);  // the last row's vocabulary shards
         out[n] = sample_next(logits, c->V, 1.0, &rng);
     }
     free(logits);
@@ -712,7 +708,6 @@ int main(int argc, char** argv) {
     Parallel par;
     parallel_init(&par, args.tensor_model_parallel_size, args.collective_timeout);
     if (par.rank[GROUP_WORLD] != 0 && !freopen("/dev/null", "w", stdout)) die("cannot silence stdout");  // rank 0 prints the log
-    parallel_check_same_flags(&par, argc, argv);
     args.data_parallel_size = par.size[GROUP_DP];
     args_validate(&args);
 
@@ -720,6 +715,7 @@ int main(int argc, char** argv) {
     parallel_select_gpu(&par);
     device_init(&dev, args.device, args.fp16 ? DT_F16 : args.fp32 ? DT_F32 : DT_BF16);
     parallel_init_nccl(&par, &dev);
+    parallel_check_same_flags(&par, argc, argv);
 #ifdef _OPENMP
     int threads = omp_get_max_threads();
 #else
@@ -727,7 +723,7 @@ int main(int argc, char** argv) {
 #endif
     printf("device: %s (%s%s, %d CPU threads)\n", dev.name, dtype_name(dev.dtype), dev.is_gpu ? "" : ", the CPU path", threads);
     if (!dev.is_gpu && (args.bf16 || args.fp16)) printf("note: the CPU path computes in fp32; --bf16/--fp16 apply on GPUs\n");
-    printf("parallel: %d ranks = tensor-parallel %d x data-parallel %d%s\n", par.size[GROUP_WORLD], par.size[GROUP_TP], par.size[GROUP_DP],
+    printf("parallel: world size %d = tensor-parallel %d x data-parallel %d%s\n", par.size[GROUP_WORLD], par.size[GROUP_TP], par.size[GROUP_DP],
            args.use_distributed_optimizer ? ", distributed optimizer" : "");
 
     Tokenizer* tokenizer = NULL;

@@ -147,7 +147,7 @@ int main(int argc, char** argv) {
 #ifdef USE_MPI
     if (launcher_world_size() == 0) {  // run alone (make test): start 2 ranks of this program under mpirun
         char cmd[4096];
-        snprintf(cmd, sizeof(cmd), "mpirun --allow-run-as-root --oversubscribe -np 2 -x OMP_NUM_THREADS=1 %s", argv[0]);
+        snprintf(cmd, sizeof(cmd), "mpirun --allow-run-as-root --oversubscribe --mca btl_vader_single_copy_mechanism none -np 2 -x OMP_NUM_THREADS=1 %s", argv[0]);
         int status = system(cmd);
         if (status != 0) {
             printf("FAIL mpirun -np 2 %s: exit status %d\n0 passed, 1 failed\n", argv[0], status);
