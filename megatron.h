@@ -3299,6 +3299,15 @@ typedef struct {
     const Device* gpu;                        // the GPU the communicators use
     void* staging;                            // without MPI: host buffers pass through here
     size_t staging_bytes;
+    cudaStream_t comm_stream;                 // all_reduce_start's collectives, beside the compute stream
+    cudaEvent_t comm_ready;
+#endif
+    // all_reduce_start's collectives in flight, finished by all_reduce_finish
+    int pending, pending_cap;
+    long* pending_ids;
+    Group* pending_groups;
+#ifdef USE_MPI
+    MPI_Request* pending_requests;
 #endif
 } Parallel;
 
@@ -3452,6 +3461,15 @@ static void parallel_finalize(Parallel* p) {
     for (int g = 0; g < NUM_GROUPS; g++)
         if (p->nccl[g]) ncclCheck(ncclCommDestroy(p->nccl[g]));
     if (p->staging) cudaCheck(cudaFree(p->staging));
+    if (p->comm_stream) {
+        cudaCheck(cudaEventDestroy(p->comm_ready));
+        cudaCheck(cudaStreamDestroy(p->comm_stream));
+    }
+#endif
+    free(p->pending_ids);
+    free(p->pending_groups);
+#ifdef USE_MPI
+    free(p->pending_requests);
 #endif
 #ifdef USE_MPI
     if (p->mpi) {
@@ -3493,10 +3511,10 @@ static MPI_Datatype mpi_type(DType dt) {
 
 #ifdef HAVE_NCCL
 // The same watchdog on a GPU: poll the stream, and NCCL's own error state, until the deadline.
-static void nccl_wait(const Parallel* p, const Device* d, Collective kind, Group g, long id) {
+static void nccl_wait_stream(const Parallel* p, cudaStream_t stream, Collective kind, Group g, long id) {
     double start = now_seconds();
     for (;;) {
-        cudaError_t status = cudaStreamQuery(d->stream);
+        cudaError_t status = cudaStreamQuery(stream);
         if (status == cudaSuccess) return;
         if (status != cudaErrorNotReady) cudaCheck(status);
         ncclResult_t async;
@@ -3509,6 +3527,8 @@ static void nccl_wait(const Parallel* p, const Device* d, Collective kind, Group
         sched_yield();
     }
 }
+
+static void nccl_wait(const Parallel* p, const Device* d, Collective kind, Group g, long id) { nccl_wait_stream(p, d->stream, kind, g, id); }
 
 // Without MPI, a collective on host memory runs on the GPU: copy in, collective, copy out.
 // Returns the device buffer to use (buf itself when it is on the GPU already).
@@ -3554,16 +3574,70 @@ static void all_reduce(Parallel* p, const Device* d, Group g, void* buf, size_t 
     (void)d; (void)dt; (void)op; (void)id;
 }
 
+// The same sum of fp32 values, started now and finished by all_reduce_finish: the gradient
+// all-reduce runs while the backward pass goes on. On a GPU it runs on its own stream after
+// the work queued so far; on the CPU it is MPI's nonblocking all-reduce.
+static void all_reduce_start(Parallel* p, const Device* d, Group g, float* buf, size_t n) {
+    long id = ++p->calls[COLL_ALL_REDUCE][g];
+    if (p->size[g] == 1 || n == 0) return;
+    if (p->pending == p->pending_cap) {
+        p->pending_cap = p->pending_cap ? 2 * p->pending_cap : 64;
+        p->pending_ids = (long*)realloc(p->pending_ids, p->pending_cap * sizeof(long));
+        p->pending_groups = (Group*)realloc(p->pending_groups, p->pending_cap * sizeof(Group));
+#ifdef USE_MPI
+        p->pending_requests = (MPI_Request*)realloc(p->pending_requests, p->pending_cap * sizeof(MPI_Request));
+#endif
+        if (!p->pending_ids || !p->pending_groups) die("out of host memory");
+    }
+    p->pending_ids[p->pending] = id;
+    p->pending_groups[p->pending] = g;
+#ifdef HAVE_NCCL
+    if (d->is_gpu) {
+        if (!p->comm_stream) {
+            cudaCheck(cudaStreamCreateWithFlags(&p->comm_stream, cudaStreamNonBlocking));
+            cudaCheck(cudaEventCreateWithFlags(&p->comm_ready, cudaEventDisableTiming));
+        }
+        cudaCheck(cudaEventRecord(p->comm_ready, d->stream));
+        cudaCheck(cudaStreamWaitEvent(p->comm_stream, p->comm_ready, 0));
+        ncclCheck(ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, p->nccl[g], p->comm_stream));
+        p->pending++;
+        return;
+    }
+#endif
+#ifdef USE_MPI
+    if (n > INT32_MAX) die("all_reduce of %zu values: above MPI's int count", n);
+    MPI_Iallreduce(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_SUM, p->comm[g], &p->pending_requests[p->pending]);
+    p->pending++;
+#endif
+    (void)d; (void)buf;
+}
+
+// Wait (with the watchdog) for every all_reduce_start; afterwards the compute stream may use the sums.
+static void all_reduce_finish(Parallel* p, const Device* d) {
+    if (p->pending == 0) return;
+#ifdef HAVE_NCCL
+    if (d->is_gpu) {
+        nccl_wait_stream(p, p->comm_stream, COLL_ALL_REDUCE, p->pending_groups[p->pending - 1], p->pending_ids[p->pending - 1]);
+        p->pending = 0;
+        return;
+    }
+#endif
+#ifdef USE_MPI
+    for (int k = 0; k < p->pending; k++) mpi_wait(p, &p->pending_requests[k], COLL_ALL_REDUCE, p->pending_groups[k], p->pending_ids[k]);
+#endif
+    p->pending = 0;
+    (void)d;
+}
+
 // buf holds size x n fp32 values; afterwards its block of this rank, buf[rank*n .. (rank+1)*n),
 // is the sum of that block over the group (the other blocks are left undefined).
 static void reduce_scatter(Parallel* p, const Device* d, Group g, float* buf, size_t n) {
     long id = ++p->calls[COLL_REDUCE_SCATTER][g];
     if (p->size[g] == 1 || n == 0) return;
-    float* mine = buf + (size_t)p->rank[g] * n;
 #ifdef HAVE_NCCL
     if (use_nccl(p, d, g)) {
         if (!d->is_gpu) die("reduce_scatter of host memory needs MPI");
-        ncclCheck(ncclReduceScatter(buf, mine, n, ncclFloat, ncclSum, p->nccl[g], d->stream));
+        ncclCheck(ncclReduceScatter(buf, buf + (size_t)p->rank[g] * n, n, ncclFloat, ncclSum, p->nccl[g], d->stream));
         nccl_wait(p, d, COLL_REDUCE_SCATTER, g, id);
         return;
     }
@@ -3573,9 +3647,9 @@ static void reduce_scatter(Parallel* p, const Device* d, Group g, float* buf, si
     MPI_Request req;
     MPI_Ireduce_scatter_block(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_SUM, p->comm[g], &req);
     mpi_wait(p, &req, COLL_REDUCE_SCATTER, g, id);
-    memmove(mine, buf, n * sizeof(float));  // MPI's in-place result lands in the first block
+    memmove(buf + (size_t)p->rank[g] * n, buf, n * sizeof(float));  // MPI's in-place result lands in the first block
 #endif
-    (void)d; (void)mine; (void)id;
+    (void)d; (void)id;
 }
 
 // buf holds size x n values of dtype dt; every rank's block buf[rank*n ..] goes to all ranks.

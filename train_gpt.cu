@@ -154,6 +154,8 @@ typedef struct {
     size_t padded_params;       // num_params rounded up to a multiple of the data-parallel size
     int distributed_optimizer;
     size_t opt_begin, opt_end;  // the parameters this rank's optimizer updates
+    size_t grad_bucket;         // data parallelism: gradients per all-reduce (--ddp-bucket-size)
+    int reduce_in_backward;     // set for the last micro-batch: start the all-reduces as the backward goes
     void* params;        // the run's dtype
     float* grads;        // fp32, same layout
     float* master;       // fp32 master weights (GPU with bf16/fp16 only; NULL otherwise), [opt_begin, opt_end)
@@ -196,6 +198,7 @@ static void gpt_build_parallel(GPT* m, const GPTConfig* cfg, const Device* dev, 
     size_t n = m->num_params, dp = par->size[GROUP_DP];
     m->padded_params = CEIL_DIV(n, dp) * dp;
     m->distributed_optimizer = distributed_optimizer;
+    m->grad_bucket = 40000000;
     m->opt_begin = distributed_optimizer ? m->padded_params / dp * par->rank[GROUP_DP] : 0;
     m->opt_end = distributed_optimizer ? m->opt_begin + m->padded_params / dp : n;
     size_t n_opt = m->opt_end - m->opt_begin;
@@ -360,6 +363,24 @@ static void gpt_forward(GPT* m, int B, int T, float p_hidden, float p_attn) {
     matmul_forward(d, a->logits, a->lnf, param(m, WTE, 0), NULL, N, C, m->Vr, NULL);  // f, then this rank's vocabulary columns
 }
 
+// Data parallelism without the distributed optimizer: during the last micro-batch's backward,
+// once layer l's gradients are final, start the all-reduce of layers [l, top] when they hold
+// at least a bucket of values (or l is the first layer). Per-layer tensors are stacked over
+// layers, so a run of layers is one contiguous slice of each.
+static const int layer_params[] = {LN1W, LN1B, QKVW, QKVB, ATTPROJW, ATTPROJB, LN2W, LN2B, FCW, FCB, FCPROJW, FCPROJB};
+static const int other_params[] = {WTE, WPE, LNFW, LNFB};
+
+static int gpt_reduce_layers(GPT* m, int l, int top) {
+    size_t per_layer = 0, L = m->cfg.L;
+    for (int k = 0; k < 12; k++) per_layer += m->sizes[layer_params[k]] / L;
+    if ((top - l + 1) * per_layer < m->grad_bucket && l > 0) return top;
+    for (int k = 0; k < 12; k++) {
+        size_t n = m->sizes[layer_params[k]] / L;
+        all_reduce_start(m->par, m->dev, GROUP_DP, grad(m, layer_params[k], l * n), (top - l + 1) * n);
+    }
+    return l - 1;
+}
+
 // Backward from d(logits) (left in acts.logits by the fused cross-entropy) to
 // every parameter gradient, accumulating (+=) into m->grads.
 static void gpt_backward(GPT* m, int B, int T, float p_hidden, float p_attn) {
@@ -369,6 +390,7 @@ static void gpt_backward(GPT* m, int B, int T, float p_hidden, float p_attn) {
     int N = B * T, C = c->C, F = m->Fr, Ca = m->Cr;
     size_t NC = (size_t)N * C;
     void* last = c->L ? at(m, a->residual3, (c->L - 1) * NC) : a->encoded;
+    int top = c->L - 1;  // the highest layer whose gradients are not being reduced yet
     matmul_backward(d, a->dln, grad(m, WTE, 0), NULL, a->logits, a->lnf, param(m, WTE, 0), N, C, m->Vr);
     tp_f_backward(m->par, d, a->dln, NC);
     dev_zero(d, a->dresidual, NC * dtype_size(d->dtype));
@@ -396,10 +418,13 @@ static void gpt_backward(GPT* m, int B, int T, float p_hidden, float p_attn) {
         matmul_backward(d, a->dln, grad(m, QKVW, (size_t)l * 3 * Ca * C), grad(m, QKVB, l * 3 * Ca), a->dqkv, ln1, param(m, QKVW, (size_t)l * 3 * Ca * C), N, C, 3 * Ca);
         tp_f_backward(m->par, d, a->dln, NC);
         layernorm_backward(d, a->dresidual, grad(m, LN1W, l * C), grad(m, LN1B, l * C), a->dln, residual, param(m, LN1W, l * C), a->ln1_mean + l * N, a->ln1_rstd + l * N, N, C);
+        if (m->reduce_in_backward) top = gpt_reduce_layers(m, l, top);
     }
     dropout_backward(d, a->dresidual, p_hidden, dropout_seed(m, 0, SITE_EMBEDDING), NC);
     if (m->tp == 1) embedding_backward(d, grad(m, WTE, 0), grad(m, WPE, 0), a->dresidual, a->tokens, B, T, C);
     else vocab_embedding_backward(d, grad(m, WTE, 0), grad(m, WPE, 0), a->dwte_scratch, a->dresidual, a->vocab_tokens, m->Vr, B, T, C);
+    if (m->reduce_in_backward)
+        for (int k = 0; k < 4; k++) all_reduce_start(m->par, d, GROUP_DP, grad(m, other_params[k], 0), m->sizes[other_params[k]]);
 }
 
 // Input tokens to the device; with tensor parallelism also their rows in this rank's
@@ -492,17 +517,14 @@ static void gpt_update(GPT* m, float lr, const Args* args, float weight_decay, f
     if (m->distributed_optimizer) all_gather(m->par, m->dev, GROUP_DP, m->params, m->opt_end - m->opt_begin, m->dev->dtype);
 }
 
-// Data parallelism: sum the gradients over the data-parallel ranks (the loss is already the
-// global batch's mean, so the sum is Megatron's average), in buckets of `bucket` values; with the
-// distributed optimizer a reduce-scatter leaves each rank the sum over its own slice only.
-static void gpt_reduce_gradients(GPT* m, size_t bucket) {
+// Data parallelism: the gradients summed over the data-parallel ranks (the loss is already the
+// global batch's mean, so the sum is Megatron's average). Without the distributed optimizer the
+// bucketed all-reduces started in the last backward (gpt_reduce_layers) are waited for; with it
+// a reduce-scatter leaves each rank the sum over its own slice only.
+static void gpt_reduce_gradients(GPT* m) {
     Parallel* p = m->par;
-    if (m->distributed_optimizer) {
-        reduce_scatter(p, m->dev, GROUP_DP, m->grads, m->padded_params / p->size[GROUP_DP]);
-        return;
-    }
-    for (size_t b = 0; b < m->num_params; b += bucket)
-        all_reduce(p, m->dev, GROUP_DP, m->grads + b, m->num_params - b < bucket ? m->num_params - b : bucket, DT_F32, REDUCE_SUM);
+    if (m->distributed_optimizer) reduce_scatter(p, m->dev, GROUP_DP, m->grads, m->padded_params / p->size[GROUP_DP]);
+    else all_reduce_finish(p, m->dev);
 }
 
 // The global gradient norm squared, as Megatron's: over this rank's optimizer range, replicated
@@ -764,6 +786,7 @@ int main(int argc, char** argv) {
 
     GPT model;
     gpt_build_parallel(&model, &cfg, &dev, &par, args.use_distributed_optimizer);
+    model.grad_bucket = (size_t)args.ddp_bucket_size;
     gpt_init(&model, args.init_method_std, (uint32_t)args.seed);
     gpt_alloc_activations(&model, B, T);
     printf("model: %d layers, hidden %d, %d heads, ffn %d, vocab %d (padded %d), %zu parameters\n", cfg.L, cfg.C, cfg.NH, cfg.F,
@@ -799,10 +822,11 @@ int main(int argc, char** argv) {
         for (int k = par.rank[GROUP_DP]; k < micro; k += dp) {  // the sampler's split (see evaluate)
             double count = load_batch(&model, &h, &sets[0], consumed + (int64_t)k * B, B, T, eod, args.eod_mask_loss);
             gpt_set_dropout_stream(&model, (uint32_t)args.seed, iteration, k);
+            model.reduce_in_backward = k + dp >= micro && !model.distributed_optimizer;
             loss += gpt_micro_step(&model, &h, B, T, count, scaler.scale / micro, p_hidden, p_attn) / micro;
         }
+        gpt_reduce_gradients(&model);
         all_reduce_host(&par, GROUP_DP, &loss, 1);
-        gpt_reduce_gradients(&model, (size_t)args.ddp_bucket_size);
         consumed += gbs;
         double norm = sqrt(gpt_grad_norm_squared(&model)) / scaler.scale;
         int found_inf = !isfinite(norm);

@@ -65,8 +65,8 @@ run tp1 1 1
 grep -q "parallel: world size 1" "$WORK/tp1.out" || fail "reference run" "$(tail -n 3 "$WORK/tp1.out")"
 run tp2 2 2 && compare tp2 tp1 1e-5 || fail "TP=2 run" "$(grep -m1 error "$WORK/tp2.out")"
 run tp4 4 4 && compare tp4 tp1 1e-5 || fail "TP=4 run" "$(grep -m1 error "$WORK/tp4.out")"
-run dp2 2 1 && compare dp2 tp1 1e-5 || fail "DP=2 run" "$(grep -m1 error "$WORK/dp2.out")"
-run tp2dp2 4 2 && compare tp2dp2 tp1 1e-5 || fail "TP=2 x DP=2 run" "$(grep -m1 error "$WORK/tp2dp2.out")"
+run dp2 2 1 --ddp-bucket-size 5000 && compare dp2 tp1 1e-5 || fail "DP=2 run" "$(grep -m1 error "$WORK/dp2.out")"
+run tp2dp2 4 2 --ddp-bucket-size 70000 && compare tp2dp2 tp1 1e-5 || fail "TP=2 x DP=2 run" "$(grep -m1 error "$WORK/tp2dp2.out")"
 run tp2dp2_distopt 4 2 --use-distributed-optimizer && compare tp2dp2_distopt tp2dp2 1e-6 ||
     fail "TP=2 x DP=2 distributed optimizer run" "$(grep -m1 error "$WORK/tp2dp2_distopt.out")"
 run dp2_distopt 2 1 --use-distributed-optimizer --ddp-bucket-size 1000 && compare dp2_distopt dp2 1e-6 ||
