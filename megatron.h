@@ -61,13 +61,13 @@ toolkit: every CUDA part sits behind #ifdef __CUDACC__.
 static int die_rank = -1;
 
 static void die(const char* fmt, ...) {
+    char msg[2048], rank[32] = "";
     va_list ap;
     va_start(ap, fmt);
-    fprintf(stderr, "error: ");
-    if (die_rank >= 0) fprintf(stderr, "rank %d: ", die_rank);
-    vfprintf(stderr, fmt, ap);
-    fprintf(stderr, "\n");
+    vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
+    if (die_rank >= 0) snprintf(rank, sizeof(rank), "rank %d: ", die_rank);
+    fprintf(stderr, "error: %s%s\n", rank, msg);  // one write: ranks' lines do not interleave
     exit(1);
 }
 
@@ -392,12 +392,12 @@ typedef struct {
 } ArgSpec;
 
 static void arg_error(const char* fmt, ...) {
+    char msg[2048];
     va_list ap;
     va_start(ap, fmt);
-    fprintf(stderr, "error: ");
-    vfprintf(stderr, fmt, ap);
-    fprintf(stderr, " (see --help)\n");
+    vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
+    fprintf(stderr, "error: %s (see --help)\n", msg);
     exit(2);
 }
 
@@ -542,7 +542,7 @@ static int args_table(Args* a, ArgSpec* t) {
     ARG("--seq-length", ARG_INT, seq_length, "sequence length s");
     ARG("--max-position-embeddings", ARG_INT, max_position_embeddings, "position table size (default s)");
     ARG("--make-vocab-size-divisible-by", ARG_INT, make_vocab_size_divisible_by, "pad the vocabulary to a multiple of this x TP (128)");
-    ARG("--tensor-model-parallel-size", ARG_INT, tensor_model_parallel_size, "tensor-parallel ranks t (Megatron-1 §3; data-parallel: world / t)");
+    ARG("--tensor-model-parallel-size", ARG_INT, tensor_model_parallel_size, "tensor-parallel ranks t (data-parallel size: world size / t)");
     ARG("--use-distributed-optimizer", ARG_FLAG, use_distributed_optimizer, "shard fp32 master weights and Adam state over data-parallel ranks");
     ARG("--use-cpu-initialization", ARG_FLAG, use_cpu_initialization, "initialise on the host (always so: any t starts from the same weights)");
     ARG("--ddp-bucket-size", ARG_FLOAT, ddp_bucket_size, "gradients per data-parallel all-reduce (4e7)");
