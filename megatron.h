@@ -3588,6 +3588,9 @@ static void all_reduce_start(Parallel* p, const Device* d, Group g, float* buf, 
         p->pending_requests = (MPI_Request*)realloc(p->pending_requests, p->pending_cap * sizeof(MPI_Request));
 #endif
         if (!p->pending_ids || !p->pending_groups) die("out of host memory");
+#ifdef USE_MPI
+        if (!p->pending_requests) die("out of host memory");
+#endif
     }
     p->pending_ids[p->pending] = id;
     p->pending_groups[p->pending] = g;
