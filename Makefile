@@ -4,6 +4,9 @@
 #   make                      portable GPU code (sm_80 machine code + PTX for newer GPUs)
 #   make GPU_ARCH=sm_90       Hopper (H100/H200) machine code
 #   make NO_CUDA=1            CPU-only even where nvcc exists
+#   make NO_MPI=1             one process only, even where mpicxx exists
+# With MPI (OpenMPI's mpicxx found) the programs run as several ranks under mpirun/srun
+# (tensor and data parallelism); with nvcc and nccl.h the GPU ranks talk over NCCL.
 #   make test                 build and run the tests (CPU; GPU parts run where a GPU is found)
 #   make quickstart           prepare tiny Shakespeare, train a small GPT, print a sample
 
@@ -21,12 +24,32 @@ ifeq ($(NO_CUDA),)
 HAVE_NVCC := $(shell command -v $(NVCC) 2>/dev/null)
 endif
 
+# MPI: the include and link flags of OpenMPI's wrapper compiler (override MPI_FLAGS/MPI_LIBS for another MPI)
+MPICXX ?= mpicxx
+ifeq ($(NO_MPI),)
+HAVE_MPI := $(shell command -v $(MPICXX) 2>/dev/null)
+endif
+ifneq ($(HAVE_MPI),)
+MPI_FLAGS ?= -DUSE_MPI $(shell $(MPICXX) --showme:compile)
+MPI_LIBS ?= $(shell $(MPICXX) --showme:link)
+endif
+
+# NCCL: next to the CUDA toolkit or in the system include directory
 ifneq ($(HAVE_NVCC),)
-COMPILE = $(NVCC) $(NVCC_FLAGS)
-LIBS = $(NVCC_LIBS)
+NCCL_H := $(firstword $(wildcard $(dir $(HAVE_NVCC))../include/nccl.h /usr/include/nccl.h /usr/local/include/nccl.h))
+endif
+ifneq ($(NCCL_H),)
+NCCL_LIB_DIR := $(firstword $(dir $(wildcard $(dir $(NCCL_H))../lib64/libnccl.so $(dir $(NCCL_H))../lib/libnccl.so /usr/lib/x86_64-linux-gnu/libnccl.so)))
+NCCL_FLAGS = -DUSE_NCCL -I$(dir $(NCCL_H))
+NCCL_LIBS = -L$(NCCL_LIB_DIR) -Xlinker -rpath -Xlinker $(NCCL_LIB_DIR) -lnccl
+endif
+
+ifneq ($(HAVE_NVCC),)
+COMPILE = $(NVCC) $(NVCC_FLAGS) $(MPI_FLAGS) $(NCCL_FLAGS)
+LIBS = $(NVCC_LIBS) $(MPI_LIBS) $(NCCL_LIBS)
 else
-COMPILE = $(CXX) $(HOST_FLAGS) -x c++
-LIBS = -lm
+COMPILE = $(CXX) $(HOST_FLAGS) $(MPI_FLAGS) -x c++
+LIBS = -lm $(MPI_LIBS)
 endif
 
 HEADERS = megatron.h prepro/tokenizer.h prepro/unicode_tables.h

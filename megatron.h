@@ -56,14 +56,18 @@ toolkit: every CUDA part sits behind #ifdef __CUDACC__.
 #define HD
 #endif
 
-// A clear one-line error and a non-zero exit: every user mistake ends here.
+// A clear one-line error and a non-zero exit: every user mistake ends here. In a run of
+// several processes the line names the rank (die_rank, set by parallel_init).
+static int die_rank = -1;
+
 static void die(const char* fmt, ...) {
+    char msg[2048], rank[32] = "";
     va_list ap;
     va_start(ap, fmt);
-    fprintf(stderr, "error: ");
-    vfprintf(stderr, fmt, ap);
-    fprintf(stderr, "\n");
+    vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
+    if (die_rank >= 0) snprintf(rank, sizeof(rank), "rank %d: ", die_rank);
+    fprintf(stderr, "error: %s%s\n", rank, msg);  // one write: ranks' lines do not interleave
     exit(1);
 }
 
@@ -388,12 +392,12 @@ typedef struct {
 } ArgSpec;
 
 static void arg_error(const char* fmt, ...) {
+    char msg[2048];
     va_list ap;
     va_start(ap, fmt);
-    fprintf(stderr, "error: ");
-    vfprintf(stderr, fmt, ap);
-    fprintf(stderr, " (see --help)\n");
+    vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
+    fprintf(stderr, "error: %s (see --help)\n", msg);
     exit(2);
 }
 
@@ -465,6 +469,10 @@ typedef struct {
     // model
     int num_layers, hidden_size, ffn_hidden_size, num_attention_heads, seq_length, max_position_embeddings;
     int make_vocab_size_divisible_by, tensor_model_parallel_size;
+    // parallelism (data_parallel_size is not a flag: world size / tensor-parallel size, set before args_validate)
+    int data_parallel_size, use_distributed_optimizer, use_cpu_initialization, debug_hang_rank;
+    double collective_timeout, ddp_bucket_size;
+    const char* debug_dump_params;
     double hidden_dropout, attention_dropout, init_method_std;
     // batch and schedule
     int micro_batch_size, global_batch_size;
@@ -495,6 +503,10 @@ static void args_defaults(Args* a) {
     memset(a, 0, sizeof(*a));
     a->make_vocab_size_divisible_by = 128;
     a->tensor_model_parallel_size = 1;
+    a->data_parallel_size = 1;
+    a->collective_timeout = 600;
+    a->ddp_bucket_size = 40000000;
+    a->debug_hang_rank = -1;
     a->hidden_dropout = 0.1;
     a->attention_dropout = 0.1;
     a->init_method_std = 0.02;
@@ -530,7 +542,13 @@ static int args_table(Args* a, ArgSpec* t) {
     ARG("--seq-length", ARG_INT, seq_length, "sequence length s");
     ARG("--max-position-embeddings", ARG_INT, max_position_embeddings, "position table size (default s)");
     ARG("--make-vocab-size-divisible-by", ARG_INT, make_vocab_size_divisible_by, "pad the vocabulary to a multiple of this x TP (128)");
-    ARG("--tensor-model-parallel-size", ARG_INT, tensor_model_parallel_size, "tensor-parallel ranks (1 for now)");
+    ARG("--tensor-model-parallel-size", ARG_INT, tensor_model_parallel_size, "tensor-parallel ranks t (data-parallel size: world size / t)");
+    ARG("--use-distributed-optimizer", ARG_FLAG, use_distributed_optimizer, "shard fp32 master weights and Adam state over data-parallel ranks");
+    ARG("--use-cpu-initialization", ARG_FLAG, use_cpu_initialization, "initialise on the host (always so: any t starts from the same weights)");
+    ARG("--ddp-bucket-size", ARG_FLOAT, ddp_bucket_size, "gradients per data-parallel all-reduce (4e7)");
+    ARG("--collective-timeout", ARG_FLOAT, collective_timeout, "seconds a collective waits for the other ranks before the run stops (600)");
+    ARG("--debug-dump-params", ARG_STRING, debug_dump_params, "after training, write the full fp32 parameters (raw) here (tests)");
+    ARG("--debug-hang-rank", ARG_INT, debug_hang_rank, "this rank stops before its first collective (tests the timeouts)");
     ARG("--hidden-dropout", ARG_FLOAT, hidden_dropout, "dropout after embedding, attention and MLP (0.1)");
     ARG("--attention-dropout", ARG_FLOAT, attention_dropout, "dropout on attention probabilities (0.1)");
     ARG("--init-method-std", ARG_FLOAT, init_method_std, "std of the normal initialisation (0.02)");
@@ -600,11 +618,15 @@ static void args_validate(Args* a) {
     if (a->max_position_embeddings == 0) a->max_position_embeddings = a->seq_length;
     if (a->seq_length > a->max_position_embeddings)
         arg_error("--seq-length %d is above --max-position-embeddings %d", a->seq_length, a->max_position_embeddings);
-    if (a->tensor_model_parallel_size != 1)
-        arg_error("--tensor-model-parallel-size %d: tensor parallelism is not implemented yet (use 1)", a->tensor_model_parallel_size);
+    int t = a->tensor_model_parallel_size;
+    if (t < 1) arg_error("--tensor-model-parallel-size must be positive");
+    if (a->num_attention_heads % t)
+        arg_error("--tensor-model-parallel-size %d does not divide --num-attention-heads %d", t, a->num_attention_heads);
+    if (a->ffn_hidden_size % t) arg_error("--tensor-model-parallel-size %d does not divide --ffn-hidden-size %d", t, a->ffn_hidden_size);
+    if (a->ddp_bucket_size < 1) arg_error("--ddp-bucket-size must be at least 1");
     if (a->make_vocab_size_divisible_by <= 0) arg_error("--make-vocab-size-divisible-by must be positive");
     if (a->global_batch_size == 0) a->global_batch_size = a->micro_batch_size;
-    int dp = 1;  // data-parallel ranks
+    int dp = a->data_parallel_size;
     if (a->global_batch_size <= 0 || a->global_batch_size % (a->micro_batch_size * dp))
         arg_error("--global-batch-size %d is not a multiple of --micro-batch-size %d x data-parallel size %d",
                   a->global_batch_size, a->micro_batch_size, dp);
@@ -3230,6 +3252,679 @@ static void crossentropy_forward_backward(const Device* d, float* losses, void* 
     crossentropy_forward_backward_cpu<float>(losses, (float*)logits, targets, dloss, N, V, Vp);
 }
 // <<< layers-crossentropy
+
+// >>> parallel
+// ----------------------------------------------------------------------------
+// 3h. parallelism: tensor model parallelism (Megatron-1 §3) and data parallelism, with
+// collectives over MPI between CPU processes and over NCCL between GPUs.
+//
+// Rank layout as Megatron's: a tensor-parallel (TP) group is t consecutive world ranks (TP
+// fastest), a data-parallel (DP) group takes the ranks with the same TP rank:
+// world rank = dp_rank * t + tp_rank. Every collective names its group, is counted
+// (Parallel.calls, the collective counter: doc/parallelism.md lists what one layer costs and
+// test/test_parallel.cu checks it), and waits with a deadline: a rank that never arrives
+// stops the run with "rank R: all_reduce #K in group tp timed out after S s", never a hang.
+// Builds without MPI (no mpicxx) run as one process; started by a launcher with several
+// ranks they stop with an error saying so. Where there is no MPI, GPU ranks can meet through
+// a file rendezvous instead: WORLD_SIZE, RANK (and LOCAL_RANK) in the environment, as torchrun
+// sets them, and MEGATRON_RENDEZVOUS naming an empty directory every rank sees; NCCL's unique
+// ids travel through files there, and host values through the GPU.
+
+#ifdef USE_MPI
+#include <mpi.h>
+#endif
+#if defined(__CUDACC__) && defined(USE_NCCL)
+#include <nccl.h>
+#define HAVE_NCCL 1
+#endif
+#include <sched.h>
+
+typedef enum { GROUP_TP, GROUP_DP, GROUP_WORLD, NUM_GROUPS } Group;
+typedef enum { COLL_ALL_REDUCE, COLL_REDUCE_SCATTER, COLL_ALL_GATHER, NUM_COLLECTIVES } Collective;
+typedef enum { REDUCE_SUM, REDUCE_MAX } ReduceOp;
+static const char* const group_names[NUM_GROUPS] = {"tp", "dp", "world"};
+static const char* const collective_names[NUM_COLLECTIVES] = {"all_reduce", "reduce_scatter", "all_gather"};
+
+typedef struct {
+    int size[NUM_GROUPS];                     // ranks in each group
+    int rank[NUM_GROUPS];                     // this process's rank in each group
+    double timeout;                           // seconds a collective waits for the other ranks
+    long calls[NUM_COLLECTIVES][NUM_GROUPS];  // the collective counter
+    int mpi;                                  // MPI_Init was called (a launcher started us)
+#ifdef USE_MPI
+    MPI_Comm comm[NUM_GROUPS];
+#endif
+#ifdef HAVE_NCCL
+    ncclComm_t nccl[NUM_GROUPS];              // set by parallel_init_nccl on GPUs
+    const Device* gpu;                        // the GPU the communicators use
+    void* staging;                            // without MPI: host buffers pass through here
+    size_t staging_bytes;
+    cudaStream_t comm_stream;                 // all_reduce_start's collectives, beside the compute stream
+    cudaEvent_t comm_ready;
+#endif
+    // all_reduce_start's collectives in flight, finished by all_reduce_finish
+    int pending, pending_cap;
+    long* pending_ids;
+    Group* pending_groups;
+#ifdef USE_MPI
+    MPI_Request* pending_requests;
+#endif
+} Parallel;
+
+// One process, no communication: what the single-device model and the unit tests use.
+static Parallel* parallel_serial(void) {
+    static Parallel p;
+    for (int g = 0; g < NUM_GROUPS; g++) p.size[g] = 1;
+    p.timeout = 600;
+    return &p;
+}
+
+// The host as a Device: collectives on host memory (gathered parameters, the log's values).
+static const Device* parallel_host_device(void) {
+    static Device host;  // zeroed: the CPU, fp32
+    return &host;
+}
+
+// The ranks a launcher (mpirun, srun with PMI/PMIx) started, from its environment; 0 without one.
+static int launcher_world_size(void) {
+    const char* vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"};
+    for (int i = 0; i < 3; i++)
+        if (getenv(vars[i])) return atoi(getenv(vars[i]));
+    return getenv("PMIX_RANK") ? 1 : 0;
+}
+
+// The index of this process among those on its node, from the launcher (0 without one).
+static int launcher_local_rank(void) {
+    const char* vars[] = {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "LOCAL_RANK"};
+    for (int i = 0; i < 4; i++)
+        if (getenv(vars[i])) return atoi(getenv(vars[i]));
+    return 0;
+}
+
+// Join the launcher's world and cut it into TP groups of t ranks and DP groups.
+static void parallel_init(Parallel* p, int t, double timeout) {
+    memset(p, 0, sizeof(*p));
+    int world = 1, rank = 0, launched = launcher_world_size();
+#ifdef USE_MPI
+    if (launched > 0) {
+        MPI_Init(NULL, NULL);
+        p->mpi = 1;
+        MPI_Comm_size(MPI_COMM_WORLD, &world);
+        MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    }
+#else
+    if (launched > 1)
+        die("this binary was built without MPI and runs as one process, but the launcher started %d: "
+            "install MPI (apt-get install libopenmpi-dev) and rebuild with make", launched);
+#endif
+    if (!p->mpi && getenv("MEGATRON_RENDEZVOUS")) {
+        if (!getenv("WORLD_SIZE") || !getenv("RANK")) die("MEGATRON_RENDEZVOUS needs WORLD_SIZE and RANK in the environment");
+        world = atoi(getenv("WORLD_SIZE"));
+        rank = atoi(getenv("RANK"));
+        if (world < 1 || rank < 0 || rank >= world) die("RANK %s and WORLD_SIZE %s: need 0 <= RANK < WORLD_SIZE", getenv("RANK"), getenv("WORLD_SIZE"));
+    }
+    if (world > 1) die_rank = rank;
+    if (t < 1) arg_error("--tensor-model-parallel-size must be positive");
+    if (world % t) arg_error("--tensor-model-parallel-size %d does not divide the world size %d", t, world);
+    if (!(timeout > 0)) arg_error("--collective-timeout must be positive");
+    p->size[GROUP_WORLD] = world;
+    p->rank[GROUP_WORLD] = rank;
+    p->size[GROUP_TP] = t;
+    p->rank[GROUP_TP] = rank % t;
+    p->size[GROUP_DP] = world / t;
+    p->rank[GROUP_DP] = rank / t;
+    p->timeout = timeout;
+#ifdef USE_MPI
+    if (p->mpi) {
+        MPI_Comm_dup(MPI_COMM_WORLD, &p->comm[GROUP_WORLD]);
+        MPI_Comm_split(MPI_COMM_WORLD, rank / t, rank % t, &p->comm[GROUP_TP]);
+        MPI_Comm_split(MPI_COMM_WORLD, rank % t, rank / t, &p->comm[GROUP_DP]);
+    }
+#endif
+}
+
+// Before device_init: each process of a node takes its own GPU (local rank modulo the GPUs).
+static void parallel_select_gpu(const Parallel* p) {
+#ifdef __CUDACC__
+    int count = 0;
+    if (p->size[GROUP_WORLD] > 1 && cudaGetDeviceCount(&count) == cudaSuccess && count > 0)
+        cudaCheck(cudaSetDevice(launcher_local_rank() % count));
+    cudaGetLastError();
+#endif
+    (void)p;
+}
+
+#ifdef HAVE_NCCL
+static void nccl_check(ncclResult_t r, const char* file, int line) {
+    if (r != ncclSuccess) die("NCCL error at %s:%d: %s", file, line, ncclGetErrorString(r));
+}
+#define ncclCheck(r) nccl_check((r), __FILE__, __LINE__)
+
+static ncclDataType_t nccl_type(DType dt) { return dt == DT_F32 ? ncclFloat : dt == DT_BF16 ? ncclBfloat16 : ncclHalf; }
+#endif
+
+#ifdef HAVE_NCCL
+// The file rendezvous: the group's rank 0 writes its id to DIR/nccl-GROUP-INDEX (under a
+// temporary name, then renamed), the others wait for the file until the collective timeout.
+static void rendezvous_unique_id(const Parallel* p, Group g, ncclUniqueId* id) {
+    int t = p->size[GROUP_TP], w = p->rank[GROUP_WORLD];
+    int index = g == GROUP_TP ? w / t : g == GROUP_DP ? w % t : 0;
+    char path[4096], tmp[4200];
+    snprintf(path, sizeof(path), "%s/nccl-%s-%d", getenv("MEGATRON_RENDEZVOUS"), group_names[g], index);
+    if (p->rank[g] == 0) {
+        snprintf(tmp, sizeof(tmp), "%s.%d.tmp", path, w);
+        FILE* f = fopen(tmp, "wb");
+        if (!f || fwrite(id, sizeof(*id), 1, f) != 1 || fclose(f) || rename(tmp, path))
+            die("MEGATRON_RENDEZVOUS: cannot write %s: %s", path, strerror(errno));
+        return;
+    }
+    double start = now_seconds();
+    for (;;) {
+        FILE* f = fopen(path, "rb");
+        if (f) {
+            size_t got = fread(id, sizeof(*id), 1, f);
+            fclose(f);
+            if (got == 1) return;
+        }
+        if (now_seconds() - start > p->timeout)
+            die("MEGATRON_RENDEZVOUS: no %s from rank 0 of group %s after %.0f s (is the directory shared, empty, and rank 0 running?)",
+                path, group_names[g], p->timeout);
+        usleep(10000);
+    }
+}
+#endif
+
+// On GPUs: one NCCL communicator per group; each group's unique id travels from its rank 0 over
+// MPI, or through the file rendezvous.
+static void parallel_init_nccl(Parallel* p, const Device* d) {
+    if (p->size[GROUP_WORLD] == 1) return;
+    if (!d->is_gpu && p->mpi) return;
+    if (!d->is_gpu) die("CPU ranks need MPI (mpirun); MEGATRON_RENDEZVOUS is for NCCL between GPUs");
+#ifdef HAVE_NCCL
+    p->gpu = d;
+    for (int g = 0; g < NUM_GROUPS; g++) {
+        ncclUniqueId id;
+        if (p->rank[g] == 0) ncclCheck(ncclGetUniqueId(&id));
+#ifdef USE_MPI
+        if (p->mpi) MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, p->comm[g]);
+#endif
+        if (!p->mpi) rendezvous_unique_id(p, (Group)g, &id);
+        ncclCheck(ncclCommInitRank(&p->nccl[g], p->size[g], id, p->rank[g]));
+    }
+#else
+    die("%d GPU ranks need a build with NCCL (nccl.h found by make next to nvcc)", p->size[GROUP_WORLD]);
+#endif
+}
+
+static void parallel_finalize(Parallel* p) {
+#ifdef HAVE_NCCL
+    for (int g = 0; g < NUM_GROUPS; g++)
+        if (p->nccl[g]) ncclCheck(ncclCommDestroy(p->nccl[g]));
+    if (p->staging) cudaCheck(cudaFree(p->staging));
+    if (p->comm_stream) {
+        cudaCheck(cudaEventDestroy(p->comm_ready));
+        cudaCheck(cudaStreamDestroy(p->comm_stream));
+    }
+#endif
+    free(p->pending_ids);
+    free(p->pending_groups);
+#ifdef USE_MPI
+    free(p->pending_requests);
+#endif
+#ifdef USE_MPI
+    if (p->mpi) {
+        for (int g = 0; g < NUM_GROUPS; g++) MPI_Comm_free(&p->comm[g]);
+        MPI_Finalize();
+    }
+#endif
+    (void)p;
+}
+
+static void collective_timed_out(const Parallel* p, Collective kind, Group g, long id) {
+    fprintf(stderr, "error: rank %d: %s #%ld in group %s (%d ranks) timed out after %.0f s: another rank of the group died, "
+            "hangs, or runs different collectives (were all ranks started with the same flags?)\n",
+            p->rank[GROUP_WORLD], collective_names[kind], id, group_names[g], p->size[g], p->timeout);
+    fflush(stderr);
+#ifdef USE_MPI
+    if (p->mpi) MPI_Abort(MPI_COMM_WORLD, 1);
+#endif
+    exit(1);
+}
+
+#ifdef USE_MPI
+// The watchdog: poll a nonblocking collective until it completes or its deadline passes.
+static void mpi_wait(const Parallel* p, MPI_Request* req, Collective kind, Group g, long id) {
+    double start = now_seconds();
+    for (int done = 0;;) {
+        MPI_Test(req, &done, MPI_STATUS_IGNORE);
+        if (done) return;
+        if (now_seconds() - start > p->timeout) collective_timed_out(p, kind, g, id);
+        sched_yield();
+    }
+}
+
+static MPI_Datatype mpi_type(DType dt) {
+    if (dt != DT_F32) die("MPI collectives reduce fp32 only (the CPU path is fp32)");
+    return MPI_FLOAT;
+}
+#endif
+
+#ifdef HAVE_NCCL
+// The same watchdog on a GPU: poll the stream, and NCCL's own error state, until the deadline.
+static void nccl_wait_stream(const Parallel* p, cudaStream_t stream, Collective kind, Group g, long id) {
+    double start = now_seconds();
+    for (;;) {
+        cudaError_t status = cudaStreamQuery(stream);
+        if (status == cudaSuccess) return;
+        if (status != cudaErrorNotReady) cudaCheck(status);
+        ncclResult_t async;
+        ncclCheck(ncclCommGetAsyncError(p->nccl[g], &async));
+        if (async != ncclSuccess) die("%s #%ld in group %s failed: %s", collective_names[kind], id, group_names[g], ncclGetErrorString(async));
+        if (now_seconds() - start > p->timeout) {
+            ncclCommAbort(p->nccl[g]);
+            collective_timed_out(p, kind, g, id);
+        }
+        sched_yield();
+    }
+}
+
+static void nccl_wait(const Parallel* p, const Device* d, Collective kind, Group g, long id) { nccl_wait_stream(p, d->stream, kind, g, id); }
+
+// Without MPI, a collective on host memory runs on the GPU: copy in, collective, copy out.
+// Returns the device buffer to use (buf itself when it is on the GPU already).
+static void* nccl_stage_in(Parallel* p, const Device* d, void* buf, size_t bytes) {
+    if (d->is_gpu) return buf;
+    if (p->staging_bytes < bytes) {
+        if (p->staging) cudaCheck(cudaFree(p->staging));
+        cudaCheck(cudaMalloc(&p->staging, bytes));
+        p->staging_bytes = bytes;
+    }
+    dev_upload(p->gpu, p->staging, buf, bytes);
+    return p->staging;
+}
+
+static void nccl_stage_out(const Parallel* p, const Device* d, void* buf, size_t bytes) {
+    if (!d->is_gpu) dev_download(p->gpu, buf, p->staging, bytes);
+}
+
+// NCCL runs a collective where the data is on the GPU, or on the host of a run without MPI.
+static int use_nccl(const Parallel* p, const Device* d, Group g) { return p->nccl[g] && (d->is_gpu || !p->mpi); }
+#endif
+
+// buf (n values of dtype dt, on d) = the sum (or max) of buf over the group's ranks.
+static void all_reduce(Parallel* p, const Device* d, Group g, void* buf, size_t n, DType dt, ReduceOp op) {
+    long id = ++p->calls[COLL_ALL_REDUCE][g];
+    if (p->size[g] == 1 || n == 0) return;
+#ifdef HAVE_NCCL
+    if (use_nccl(p, d, g)) {
+        size_t bytes = n * dtype_size(dt);
+        void* x = nccl_stage_in(p, d, buf, bytes);
+        ncclCheck(ncclAllReduce(x, x, n, nccl_type(dt), op == REDUCE_SUM ? ncclSum : ncclMax, p->nccl[g], p->gpu->stream));
+        nccl_wait(p, p->gpu, COLL_ALL_REDUCE, g, id);
+        nccl_stage_out(p, d, buf, bytes);
+        return;
+    }
+#endif
+#ifdef USE_MPI
+    if (n > INT32_MAX) die("all_reduce of %zu values: above MPI's int count", n);
+    MPI_Request req;
+    MPI_Iallreduce(MPI_IN_PLACE, buf, (int)n, mpi_type(dt), op == REDUCE_SUM ? MPI_SUM : MPI_MAX, p->comm[g], &req);
+    mpi_wait(p, &req, COLL_ALL_REDUCE, g, id);
+#endif
+    (void)d; (void)dt; (void)op; (void)id;
+}
+
+// The same sum of fp32 values, started now and finished by all_reduce_finish: the gradient
+// all-reduce runs while the backward pass goes on. On a GPU it runs on its own stream after
+// the work queued so far; on the CPU it is MPI's nonblocking all-reduce.
+static void all_reduce_start(Parallel* p, const Device* d, Group g, float* buf, size_t n) {
+    long id = ++p->calls[COLL_ALL_REDUCE][g];
+    if (p->size[g] == 1 || n == 0) return;
+    if (p->pending == p->pending_cap) {
+        p->pending_cap = p->pending_cap ? 2 * p->pending_cap : 64;
+        p->pending_ids = (long*)realloc(p->pending_ids, p->pending_cap * sizeof(long));
+        p->pending_groups = (Group*)realloc(p->pending_groups, p->pending_cap * sizeof(Group));
+#ifdef USE_MPI
+        p->pending_requests = (MPI_Request*)realloc(p->pending_requests, p->pending_cap * sizeof(MPI_Request));
+#endif
+        if (!p->pending_ids || !p->pending_groups) die("out of host memory");
+#ifdef USE_MPI
+        if (!p->pending_requests) die("out of host memory");
+#endif
+    }
+    p->pending_ids[p->pending] = id;
+    p->pending_groups[p->pending] = g;
+#ifdef HAVE_NCCL
+    if (d->is_gpu) {
+        if (!p->comm_stream) {
+            cudaCheck(cudaStreamCreateWithFlags(&p->comm_stream, cudaStreamNonBlocking));
+            cudaCheck(cudaEventCreateWithFlags(&p->comm_ready, cudaEventDisableTiming));
+        }
+        cudaCheck(cudaEventRecord(p->comm_ready, d->stream));
+        cudaCheck(cudaStreamWaitEvent(p->comm_stream, p->comm_ready, 0));
+        ncclCheck(ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, p->nccl[g], p->comm_stream));
+        p->pending++;
+        return;
+    }
+#endif
+#ifdef USE_MPI
+    if (n > INT32_MAX) die("all_reduce of %zu values: above MPI's int count", n);
+    MPI_Iallreduce(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_SUM, p->comm[g], &p->pending_requests[p->pending]);
+    p->pending++;
+#endif
+    (void)d; (void)buf;
+}
+
+// Wait (with the watchdog) for every all_reduce_start; afterwards the compute stream may use the sums.
+static void all_reduce_finish(Parallel* p, const Device* d) {
+    if (p->pending == 0) return;
+#ifdef HAVE_NCCL
+    if (d->is_gpu) {
+        nccl_wait_stream(p, p->comm_stream, COLL_ALL_REDUCE, p->pending_groups[p->pending - 1], p->pending_ids[p->pending - 1]);
+        p->pending = 0;
+        return;
+    }
+#endif
+#ifdef USE_MPI
+    for (int k = 0; k < p->pending; k++) mpi_wait(p, &p->pending_requests[k], COLL_ALL_REDUCE, p->pending_groups[k], p->pending_ids[k]);
+#endif
+    p->pending = 0;
+    (void)d;
+}
+
+// buf holds size x n fp32 values; afterwards its block of this rank, buf[rank*n .. (rank+1)*n),
+// is the sum of that block over the group (the other blocks are left undefined).
+static void reduce_scatter(Parallel* p, const Device* d, Group g, float* buf, size_t n) {
+    long id = ++p->calls[COLL_REDUCE_SCATTER][g];
+    if (p->size[g] == 1 || n == 0) return;
+#ifdef HAVE_NCCL
+    if (use_nccl(p, d, g)) {
+        if (!d->is_gpu) die("reduce_scatter of host memory needs MPI");
+        ncclCheck(ncclReduceScatter(buf, buf + (size_t)p->rank[g] * n, n, ncclFloat, ncclSum, p->nccl[g], d->stream));
+        nccl_wait(p, d, COLL_REDUCE_SCATTER, g, id);
+        return;
+    }
+#endif
+#ifdef USE_MPI
+    if (n > INT32_MAX) die("reduce_scatter of %zu values per rank: above MPI's int count", n);
+    MPI_Request req;
+    MPI_Ireduce_scatter_block(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_SUM, p->comm[g], &req);
+    mpi_wait(p, &req, COLL_REDUCE_SCATTER, g, id);
+    memmove(buf + (size_t)p->rank[g] * n, buf, n * sizeof(float));  // MPI's in-place result lands in the first block
+#endif
+    (void)d; (void)id;
+}
+
+// buf holds size x n values of dtype dt; every rank's block buf[rank*n ..] goes to all ranks.
+static void all_gather(Parallel* p, const Device* d, Group g, void* buf, size_t n, DType dt) {
+    long id = ++p->calls[COLL_ALL_GATHER][g];
+    if (p->size[g] == 1 || n == 0) return;
+    size_t bytes = n * dtype_size(dt);
+#ifdef HAVE_NCCL
+    if (use_nccl(p, d, g)) {
+        char* x = (char*)nccl_stage_in(p, d, buf, p->size[g] * bytes);
+        ncclCheck(ncclAllGather(x + p->rank[g] * bytes, x, n, nccl_type(dt), p->nccl[g], p->gpu->stream));
+        nccl_wait(p, p->gpu, COLL_ALL_GATHER, g, id);
+        nccl_stage_out(p, d, buf, p->size[g] * bytes);
+        return;
+    }
+#endif
+#ifdef USE_MPI
+    if (bytes > INT32_MAX) die("all_gather of %zu bytes per rank: above MPI's int count", bytes);
+    MPI_Request req;
+    MPI_Iallgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, buf, (int)bytes, MPI_BYTE, p->comm[g], &req);
+    mpi_wait(p, &req, COLL_ALL_GATHER, g, id);
+#endif
+    (void)d; (void)bytes; (void)id;
+}
+
+// Host doubles (losses, squared norms): x = the sum over the group.
+static void all_reduce_host(Parallel* p, Group g, double* x, int n) {
+    long id = ++p->calls[COLL_ALL_REDUCE][g];
+    if (p->size[g] == 1) return;
+#ifdef HAVE_NCCL
+    if (!p->mpi) {
+        void* staged = nccl_stage_in(p, parallel_host_device(), x, n * sizeof(double));
+        ncclCheck(ncclAllReduce(staged, staged, n, ncclDouble, ncclSum, p->nccl[g], p->gpu->stream));
+        nccl_wait(p, p->gpu, COLL_ALL_REDUCE, g, id);
+        nccl_stage_out(p, parallel_host_device(), x, n * sizeof(double));
+        return;
+    }
+#endif
+#ifdef USE_MPI
+    MPI_Request req;
+    MPI_Iallreduce(MPI_IN_PLACE, x, n, MPI_DOUBLE, MPI_SUM, p->comm[g], &req);
+    mpi_wait(p, &req, COLL_ALL_REDUCE, g, id);
+#endif
+    (void)x; (void)n; (void)id;
+}
+
+// Every rank must run the same command line (else collectives would silently disagree):
+// compare a hash of argv across the world and name the first rank that differs.
+static void parallel_check_same_flags(Parallel* p, int argc, char** argv) {
+    uint64_t h = 1469598103934665603ull;  // FNV-1a over the arguments and their separators
+    for (int i = 1; i < argc; i++)
+        for (const char* s = argv[i];; s++) {
+            h = (h ^ (unsigned char)*s) * 1099511628211ull;
+            if (!*s) break;
+        }
+    int world = p->size[GROUP_WORLD];
+    uint64_t* all = (uint64_t*)xcalloc(world, sizeof(uint64_t));
+    all[p->rank[GROUP_WORLD]] = h;
+    all_gather(p, parallel_host_device(), GROUP_WORLD, all, sizeof(uint64_t) / sizeof(float), DT_F32);  // moves bits only
+    for (int r = 1; r < world; r++)
+        if (all[r] != all[0]) die("rank %d was started with different flags than rank 0: every rank needs the same command line", r);
+    free(all);
+}
+
+// ---- Megatron-1 §3's conjugate operators around a column-parallel then row-parallel pair:
+// f is the identity forward and an all-reduce of the input gradient backward (before a
+// column-parallel layer: each rank's partial dX covers its own output columns);
+// g is an all-reduce forward (after a row-parallel layer: each rank's output is a partial
+// sum over its input columns) and the identity backward.
+static void tp_f_backward(Parallel* p, const Device* d, void* dx, size_t n) { all_reduce(p, d, GROUP_TP, dx, n, d->dtype, REDUCE_SUM); }
+static void tp_g_forward(Parallel* p, const Device* d, void* x, size_t n) { all_reduce(p, d, GROUP_TP, x, n, d->dtype, REDUCE_SUM); }
+
+// dst (+=) src, n fp32 values.
+#ifdef __CUDACC__
+__global__ void add_floats_kernel(float* dst, const float* src, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] += src[i];
+}
+#endif
+
+static void add_floats(const Device* d, float* dst, const float* src, size_t n) {
+    if (n == 0) return;
+#ifdef __CUDACC__
+    if (d->is_gpu) {
+        add_floats_kernel<<<CEIL_DIV(n, 256), 256, 0, d->stream>>>(dst, src, n);
+        cudaCheck(cudaGetLastError());
+        return;
+    }
+#endif
+    (void)d;
+    #pragma omp parallel for
+    for (size_t i = 0; i < n; i++) dst[i] += src[i];
+}
+
+// ---- VocabParallelEmbedding (Megatron-1 §3): rank r holds rows [r*V/t, (r+1)*V/t) of the word
+// embedding. A rank looks up the tokens in its range and writes 0 for the others, rank 0 adds
+// the (replicated) position embedding, and the caller's g all-reduce sums the ranks: exactly
+// wte[token] + wpe[t], as on one device (the other terms are zeros).
+// local_tokens[r] = token - first row of the shard, or `rows` (a sink) for the other ranks' tokens.
+
+template <typename real>
+static void vocab_embedding_forward_cpu(real* out, const int* local_tokens, const real* wte, const real* wpe, int rows, int B, int T, int C) {
+    #pragma omp parallel for
+    for (int r = 0; r < B * T; r++) {
+        const real* w = local_tokens[r] < rows ? wte + (size_t)local_tokens[r] * C : NULL;
+        const real* p = wpe ? wpe + (size_t)(r / B) * C : NULL;
+        real* o = out + (size_t)r * C;
+        for (int c = 0; c < C; c++) o[c] = (w ? w[c] : 0) + (p ? p[c] : 0);
+    }
+}
+
+#ifdef __CUDACC__
+template <typename T>
+__global__ void vocab_embedding_forward_kernel(T* out, const int* local_tokens, const T* wte, const T* wpe, int rows, int B, int C) {
+    int r = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    int token = local_tokens[r];
+    float x = (token < rows ? to_float(wte[(size_t)token * C + c]) : 0.0f) + (wpe ? to_float(wpe[(size_t)(r / B) * C + c]) : 0.0f);
+    out[(size_t)r * C + c] = from_float<T>(x);
+}
+#endif
+
+// wpe: NULL on the ranks that must not add the positions (all but TP rank 0).
+static void vocab_embedding_forward(const Device* d, void* out, const int* local_tokens, const void* wte, const void* wpe, int rows, int B, int T, int C) {
+#ifdef __CUDACC__
+    if (d->is_gpu) {
+        DTYPE_SWITCH(d->dtype, T_, {
+            vocab_embedding_forward_kernel<T_><<<dim3(B * T, CEIL_DIV(C, 256)), 256, 0, d->stream>>>((T_*)out, local_tokens, (const T_*)wte,
+                                                                                              (const T_*)wpe, rows, B, C);
+        });
+        cudaCheck(cudaGetLastError());
+        return;
+    }
+#endif
+    (void)d;
+    vocab_embedding_forward_cpu<float>((float*)out, local_tokens, (const float*)wte, (const float*)wpe, rows, B, T, C);
+}
+
+// Backward: dwte (+=) gets the rows of this rank's tokens, dwpe (+=) all of dout (on every rank:
+// the replicated position embedding's gradient is the full one). scratch: fp32 (rows + 1) x C,
+// the deterministic embedding_backward accumulates into it with the other ranks' tokens in the sink row.
+static void vocab_embedding_backward(const Device* d, float* dwte, float* dwpe, float* scratch, const void* dout, const int* local_tokens,
+                                     int rows, int B, int T, int C) {
+    dev_zero(d, scratch, (size_t)(rows + 1) * C * sizeof(float));
+    embedding_backward(d, scratch, dwpe, dout, local_tokens, B, T, C);
+    add_floats(d, dwte, scratch, (size_t)rows * C);
+}
+
+// ---- Vocab-parallel cross-entropy (Megatron-1 §3: the output GEMM's columns are split over
+// the vocabulary and the loss is computed without gathering the logits). Rank r holds logits
+// [N, Vr] for columns [start, start + Vr), of which the first `valid` are real vocabulary:
+//   M_n = max over ranks of the local max       (all-reduce max)
+//   S_n = sum over ranks of sum_j exp(x_nj - M_n), x_target summed likewise (0 off its rank)
+//                                               (one all-reduce sum of [S | x_target])
+//   loss_n = log S_n + M_n - x_target,  dlogits (=) (exp(x - M)/S - onehot) * dloss_n.
+// stats: fp32 scratch of 3N values [M | S | x_target].
+
+template <typename real>
+static void vocab_ce_max_cpu(float* maxes, const real* logits, int N, int Vr, int valid) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        float m = -FLT_MAX;
+        for (int j = 0; j < valid; j++) m = fmaxf(m, (float)logits[(size_t)n * Vr + j]);
+        maxes[n] = m;
+    }
+}
+
+template <typename real>
+static void vocab_ce_sums_cpu(float* sums, const real* logits, const float* maxes, const int* targets, int start, int N, int Vr, int valid) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        const real* x = logits + (size_t)n * Vr;
+        double s = 0;
+        for (int j = 0; j < valid; j++) s += exp((double)x[j] - maxes[n]);
+        int local = targets[n] - start;
+        sums[n] = (float)s;
+        sums[N + n] = local >= 0 && local < valid ? (float)x[local] : 0.0f;
+    }
+}
+
+template <typename real>
+static void vocab_ce_finish_cpu(float* losses, real* logits, const float* stats, const int* targets, const float* dloss, int start, int N, int Vr, int valid) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        float m = stats[n], s = stats[N + n], x_target = stats[2 * N + n];
+        losses[n] = logf(s) + m - x_target;
+        if (!dloss) continue;
+        real* x = logits + (size_t)n * Vr;
+        int local = targets[n] - start;
+        for (int j = 0; j < Vr; j++)
+            x[j] = j < valid ? (real)((expf((float)x[j] - m) / s - (j == local ? 1.0f : 0.0f)) * dloss[n]) : 0;
+    }
+}
+
+#ifdef __CUDACC__
+// One block of 256 threads per row; reductions in a fixed order (warp shuffles, then warp 0's
+// partials in order). IS_MAX: max, else sum.
+template <int IS_MAX>
+__device__ float vocab_ce_block_reduce(float v) {
+    __shared__ float partial[8];
+    for (int offset = 16; offset > 0; offset /= 2) {
+        float other = __shfl_xor_sync(0xffffffff, v, offset);
+        v = IS_MAX ? fmaxf(v, other) : v + other;
+    }
+    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
+    __syncthreads();
+    v = partial[0];
+    for (int w = 1; w < 8; w++) v = IS_MAX ? fmaxf(v, partial[w]) : v + partial[w];
+    return v;
+}
+
+// mode 0: maxes; mode 1: [S | x_target] with the all-reduced maxes.
+template <typename T>
+__global__ void vocab_ce_stats_kernel(float* stats, const T* logits, const int* targets, int start, int N, int Vr, int valid, int mode) {
+    int n = blockIdx.x;
+    const T* x = logits + (size_t)n * Vr;
+    if (mode == 0) {
+        float m = -FLT_MAX;
+        for (int j = threadIdx.x; j < valid; j += blockDim.x) m = fmaxf(m, to_float(x[j]));
+        m = vocab_ce_block_reduce<1>(m);
+        if (threadIdx.x == 0) stats[n] = m;
+        return;
+    }
+    float m = stats[n], s = 0.0f;
+    for (int j = threadIdx.x; j < valid; j += blockDim.x) s += expf(to_float(x[j]) - m);
+    s = vocab_ce_block_reduce<0>(s);
+    if (threadIdx.x == 0) {
+        int local = targets[n] - start;
+        stats[N + n] = s;
+        stats[2 * N + n] = local >= 0 && local < valid ? to_float(x[local]) : 0.0f;
+    }
+}
+
+template <typename T>
+__global__ void vocab_ce_finish_kernel(float* losses, T* logits, const float* stats, const int* targets, const float* dloss, int start, int N, int Vr, int valid) {
+    int n = blockIdx.x;
+    float m = stats[n], s = stats[N + n];
+    if (threadIdx.x == 0) losses[n] = logf(s) + m - stats[2 * N + n];
+    if (!dloss) return;
+    T* x = logits + (size_t)n * Vr;
+    int local = targets[n] - start;
+    for (int j = threadIdx.x; j < Vr; j += blockDim.x)
+        x[j] = from_float<T>(j < valid ? (expf(to_float(x[j]) - m) / s - (j == local ? 1.0f : 0.0f)) * dloss[n] : 0.0f);
+}
+#endif
+
+// losses (=) and, when dloss is given, logits (=) their gradient; V: the real vocabulary.
+static void vocab_parallel_crossentropy(Parallel* p, const Device* d, float* losses, void* logits, const int* targets, const float* dloss,
+                                        float* stats, int N, int V, int Vp) {
+    int t = p->size[GROUP_TP], Vr = Vp / t, start = p->rank[GROUP_TP] * Vr;
+    int valid = V - start < 0 ? 0 : V - start > Vr ? Vr : V - start;
+    if (Vp % t) die("vocab-parallel cross-entropy: padded vocabulary %d is not a multiple of %d ranks", Vp, t);
+#ifdef __CUDACC__
+    if (d->is_gpu) {
+        DTYPE_SWITCH(d->dtype, T_, vocab_ce_stats_kernel<T_><<<N, 256, 0, d->stream>>>(stats, (const T_*)logits, targets, start, N, Vr, valid, 0));
+        cudaCheck(cudaGetLastError());
+        all_reduce(p, d, GROUP_TP, stats, N, DT_F32, REDUCE_MAX);
+        DTYPE_SWITCH(d->dtype, T_, vocab_ce_stats_kernel<T_><<<N, 256, 0, d->stream>>>(stats, (const T_*)logits, targets, start, N, Vr, valid, 1));
+        cudaCheck(cudaGetLastError());
+        all_reduce(p, d, GROUP_TP, stats + N, 2 * (size_t)N, DT_F32, REDUCE_SUM);
+        DTYPE_SWITCH(d->dtype, T_, vocab_ce_finish_kernel<T_><<<N, 256, 0, d->stream>>>(losses, (T_*)logits, stats, targets, dloss, start, N, Vr, valid));
+        cudaCheck(cudaGetLastError());
+        return;
+    }
+#endif
+    vocab_ce_max_cpu<float>(stats, (const float*)logits, N, Vr, valid);
+    all_reduce(p, d, GROUP_TP, stats, N, DT_F32, REDUCE_MAX);
+    vocab_ce_sums_cpu<float>(stats + N, (const float*)logits, stats, targets, start, N, Vr, valid);
+    all_reduce(p, d, GROUP_TP, stats + N, 2 * (size_t)N, DT_F32, REDUCE_SUM);
+    vocab_ce_finish_cpu<float>(losses, (float*)logits, stats, targets, dloss, start, N, Vr, valid);
+}
+// <<< parallel
 
 // >>> optimizer
 // ----------------------------------------------------------------------------

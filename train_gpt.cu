@@ -41,21 +41,63 @@ static const char* const param_names[NUM_PARAMS] = {"wte", "wpe", "ln1w", "ln1b"
 // Megatron decays weights only: no decay on biases and LayerNorm parameters.
 static const int param_decays[NUM_PARAMS] = {1, 1, 0, 0, 1, 0, 1, 0, 0, 0, 1, 0, 1, 0, 0, 0};
 
-static void param_sizes(const GPTConfig* c, size_t n[NUM_PARAMS]) {
-    size_t L = c->L, C = c->C, F = c->F;
-    n[WTE] = (size_t)c->Vp * C;   // (Vp, C), also the LM head
-    n[WPE] = (size_t)c->maxT * C; // (maxT, C)
-    n[LN1W] = n[LN1B] = L * C;
-    n[QKVW] = L * 3 * C * C;      // (L, 3C, C), rows per head [q k v] (Megatron's layout)
-    n[QKVB] = L * 3 * C;
-    n[ATTPROJW] = L * C * C;      // (L, C, C)
-    n[ATTPROJB] = L * C;
-    n[LN2W] = n[LN2B] = L * C;
-    n[FCW] = L * F * C;           // (L, F, C)
-    n[FCB] = L * F;
-    n[FCPROJW] = L * C * F;       // (L, C, F)
-    n[FCPROJB] = L * C;
-    n[LNFW] = n[LNFB] = C;
+// Full shapes as (layers, rows, columns).
+static void param_shape(const GPTConfig* c, int which, int shape[3]) {
+    int L = c->L, C = c->C, F = c->F;
+    int shapes[NUM_PARAMS][3] = {
+        {1, c->Vp, C},    // wte (Vp, C), also the LM head
+        {1, c->maxT, C},  // wpe
+        {L, 1, C}, {L, 1, C},
+        {L, 3 * C, C},    // qkvw (L, 3C, C), rows per head [q k v] (Megatron's layout)
+        {L, 3 * C, 1},
+        {L, C, C},        // attprojw
+        {L, 1, C},
+        {L, 1, C}, {L, 1, C},
+        {L, F, C},        // fcw
+        {L, F, 1},
+        {L, C, F},        // fcprojw
+        {L, 1, C},
+        {1, 1, C}, {1, 1, C},
+    };
+    memcpy(shape, shapes[which], sizeof(shapes[which]));
+}
+
+// Tensor model parallelism (Megatron-1 §3) cuts a tensor's rows (column-parallel linears: QKV by
+// heads, the MLP's first linear, the vocab-parallel embedding / LM head) or columns (row-parallel
+// linears: the two output projections) into t equal blocks; the rest is replicated on every rank.
+enum { REPLICATED, SPLIT_ROWS, SPLIT_COLS };
+static const int param_split[NUM_PARAMS] = {SPLIT_ROWS, REPLICATED, REPLICATED, REPLICATED, SPLIT_ROWS, SPLIT_ROWS, SPLIT_COLS,
+                                            REPLICATED, REPLICATED, REPLICATED, SPLIT_ROWS, SPLIT_ROWS, SPLIT_COLS, REPLICATED,
+                                            REPLICATED, REPLICATED};
+
+// Sizes of one tensor-parallel rank's shards (t = 1: the full model).
+static void param_sizes(const GPTConfig* c, int t, size_t n[NUM_PARAMS]) {
+    for (int i = 0; i < NUM_PARAMS; i++) {
+        int s[3];
+        param_shape(c, i, s);
+        n[i] = (size_t)s[0] * s[1] * s[2] / (param_split[i] == REPLICATED ? 1 : t);
+    }
+}
+
+// Copy rank r's shards out of the full parameters (to_shard) or back into them.
+static void tp_shard_copy(const GPTConfig* c, int t, int r, float* full, float* shard, int to_shard) {
+    size_t full_off = 0, shard_off = 0;
+    for (int i = 0; i < NUM_PARAMS; i++) {
+        int s[3], split = t > 1 ? param_split[i] : REPLICATED;
+        param_shape(c, i, s);
+        size_t rows = s[1], cols = s[2];
+        size_t my_rows = split == SPLIT_ROWS ? rows / t : rows, my_cols = split == SPLIT_COLS ? cols / t : cols;
+        size_t row0 = split == SPLIT_ROWS ? r * my_rows : 0, col0 = split == SPLIT_COLS ? r * my_cols : 0;
+        for (size_t l = 0; l < (size_t)s[0]; l++)
+            for (size_t k = 0; k < my_rows; k++) {
+                float* f = full + full_off + (l * rows + row0 + k) * cols + col0;
+                float* sh = shard + shard_off + (l * my_rows + k) * my_cols;
+                if (to_shard) memcpy(sh, f, my_cols * sizeof(float));
+                else memcpy(f, sh, my_cols * sizeof(float));
+            }
+        full_off += s[0] * rows * cols;
+        shard_off += s[0] * my_rows * my_cols;
+    }
 }
 
 // Activations of one micro-batch: N = B*T rows in [s, b, h] order (row t*B + b).
@@ -93,17 +135,32 @@ typedef struct {
     void* dqkv;           // (N, 3C)
     void* dfch;           // (N, F)
     void* dfch_gelu;      // (N, F)
+    // tensor parallelism (t > 1 only)
+    int* vocab_tokens;    // (N) token - first row of this rank's vocabulary shard, or Vp/t for other ranks' tokens
+    float* dwte_scratch;  // (Vp/t + 1, C) fp32: the embedding gradient before it joins the LM head's
+    float* ce_stats;      // (3N) fp32: the vocab-parallel cross-entropy's max, sum of exp, target logit
 } Activations;
 
+// With tensor parallelism (t ranks) the per-rank tensors have NH/t heads (C/t attention columns),
+// F/t MLP columns and Vp/t vocabulary rows: NHr, Cr, Fr, Vr below ("this rank's share").
+// With the distributed optimizer the fp32 master weights and Adam moments hold only this
+// data-parallel rank's slice [opt_begin, opt_end) of the flat parameters.
 typedef struct {
     GPTConfig cfg;
     const Device* dev;
+    Parallel* par;
+    int tp, tp_rank, NHr, Cr, Fr, Vr;
     size_t sizes[NUM_PARAMS], offsets[NUM_PARAMS], num_params;
+    size_t padded_params;       // num_params rounded up to a multiple of the data-parallel size
+    int distributed_optimizer;
+    size_t opt_begin, opt_end;  // the parameters this rank's optimizer updates
+    size_t grad_bucket;         // data parallelism: gradients per all-reduce (--ddp-bucket-size)
+    int reduce_in_backward;     // set for the last micro-batch: start the all-reduces as the backward goes
     void* params;        // the run's dtype
     float* grads;        // fp32, same layout
-    float* master;       // fp32 master weights (GPU with bf16/fp16 only; NULL otherwise)
-    float* adam_m;       // fp32
-    float* adam_v;       // fp32
+    float* master;       // fp32 master weights (GPU with bf16/fp16 only; NULL otherwise), [opt_begin, opt_end)
+    float* adam_m;       // fp32, [opt_begin, opt_end)
+    float* adam_v;       // fp32, [opt_begin, opt_end)
     Activations acts;
     int B, T;            // the largest micro-batch the activations hold
     size_t activation_bytes;
@@ -118,34 +175,65 @@ static void* at(const GPT* m, void* base, size_t index) {
 static void* param(const GPT* m, int which, size_t index) { return at(m, m->params, m->offsets[which] + index); }
 static float* grad(const GPT* m, int which, size_t index) { return m->grads + m->offsets[which] + index; }
 
-static void gpt_build(GPT* m, const GPTConfig* cfg, const Device* dev) {
+// This rank's part of the model: its tensor-parallel shards; the optimizer state of all of
+// them, or of its data-parallel slice with the distributed optimizer.
+static void gpt_build_parallel(GPT* m, const GPTConfig* cfg, const Device* dev, Parallel* par, int distributed_optimizer) {
     memset(m, 0, sizeof(*m));
     m->cfg = *cfg;
     m->dev = dev;
-    param_sizes(cfg, m->sizes);
+    m->par = par;
+    m->tp = par->size[GROUP_TP];
+    m->tp_rank = par->rank[GROUP_TP];
+    if (cfg->NH % m->tp || cfg->F % m->tp || cfg->Vp % m->tp)
+        die("tensor-parallel size %d must divide the heads %d, the MLP size %d and the padded vocabulary %d", m->tp, cfg->NH, cfg->F, cfg->Vp);
+    m->NHr = cfg->NH / m->tp;
+    m->Cr = m->NHr * cfg->HS;
+    m->Fr = cfg->F / m->tp;
+    m->Vr = cfg->Vp / m->tp;
+    param_sizes(cfg, m->tp, m->sizes);
     for (int i = 0; i < NUM_PARAMS; i++) {
         m->offsets[i] = m->num_params;
         m->num_params += m->sizes[i];
     }
-    size_t n = m->num_params;
-    m->params = dev_malloc(dev, n * dtype_size(dev->dtype));
-    m->grads = (float*)dev_malloc(dev, n * sizeof(float));
-    m->adam_m = (float*)dev_malloc(dev, n * sizeof(float));
-    m->adam_v = (float*)dev_malloc(dev, n * sizeof(float));
-    if (dev->dtype != DT_F32) m->master = (float*)dev_malloc(dev, n * sizeof(float));
-    dev_zero(dev, m->grads, n * sizeof(float));
-    dev_zero(dev, m->adam_m, n * sizeof(float));
-    dev_zero(dev, m->adam_v, n * sizeof(float));
+    size_t n = m->num_params, dp = par->size[GROUP_DP];
+    m->padded_params = CEIL_DIV(n, dp) * dp;
+    m->distributed_optimizer = distributed_optimizer;
+    m->grad_bucket = 40000000;
+    m->opt_begin = distributed_optimizer ? m->padded_params / dp * par->rank[GROUP_DP] : 0;
+    m->opt_end = distributed_optimizer ? m->opt_begin + m->padded_params / dp : n;
+    size_t n_opt = m->opt_end - m->opt_begin;
+    m->params = dev_malloc(dev, m->padded_params * dtype_size(dev->dtype));
+    m->grads = (float*)dev_malloc(dev, m->padded_params * sizeof(float));
+    m->adam_m = (float*)dev_malloc(dev, n_opt * sizeof(float));
+    m->adam_v = (float*)dev_malloc(dev, n_opt * sizeof(float));
+    if (dev->dtype != DT_F32) m->master = (float*)dev_malloc(dev, n_opt * sizeof(float));
+    dev_zero(dev, m->params, m->padded_params * dtype_size(dev->dtype));
+    dev_zero(dev, m->grads, m->padded_params * sizeof(float));
+    dev_zero(dev, m->adam_m, n_opt * sizeof(float));
+    dev_zero(dev, m->adam_v, n_opt * sizeof(float));
 }
 
-// Set all parameters from full fp32 host values (the master copy too).
+static void gpt_build(GPT* m, const GPTConfig* cfg, const Device* dev) { gpt_build_parallel(m, cfg, dev, parallel_serial(), 0); }
+
+// Set this rank's parameters from fp32 host values in its own layout (the master copy too).
 static void gpt_set_params(GPT* m, const float* host) {
     size_t n = m->num_params;
     void* stored = xmalloc(n * dtype_size(m->dev->dtype));
     floats_to_dtype(stored, host, n, m->dev->dtype);
     dev_upload(m->dev, m->params, stored, n * dtype_size(m->dev->dtype));
-    if (m->master) dev_upload(m->dev, m->master, host, n * sizeof(float));
+    size_t opt_n = (m->opt_end < n ? m->opt_end : n) - (m->opt_begin < n ? m->opt_begin : n);
+    if (m->master) dev_upload(m->dev, m->master, host + m->opt_begin, opt_n * sizeof(float));
     free(stored);
+}
+
+// Set the parameters from the full model's fp32 host values: each rank keeps its shards, so
+// t = 1 and t > 1 start from the same weights.
+static void gpt_set_full_params(GPT* m, float* full) {
+    if (m->tp == 1) { gpt_set_params(m, full); return; }
+    float* shard = (float*)xmalloc(m->num_params * sizeof(float));
+    tp_shard_copy(&m->cfg, m->tp, m->tp_rank, full, shard, 1);
+    gpt_set_params(m, shard);
+    free(shard);
 }
 
 // Megatron's initialisation: weights N(0, std), the two output projections of each
@@ -154,43 +242,52 @@ static void gpt_set_params(GPT* m, const float* host) {
 // weights on any device, any thread count, and for any later parallel layout.
 static void gpt_init(GPT* m, double std, uint32_t seed) {
     const size_t CHUNK = 1 << 20;
-    float* host = (float*)xmalloc(m->num_params * sizeof(float));
+    size_t sizes[NUM_PARAMS], offsets[NUM_PARAMS], total = 0;  // the full model's layout
+    param_sizes(&m->cfg, 1, sizes);
+    for (int i = 0; i < NUM_PARAMS; i++) {
+        offsets[i] = total;
+        total += sizes[i];
+    }
+    float* host = (float*)xmalloc(total * sizeof(float));
     double scaled_std = std / sqrt(2.0 * m->cfg.L);
-    size_t chunks = CEIL_DIV(m->num_params, CHUNK);
+    size_t chunks = CEIL_DIV(total, CHUNK);
     #pragma omp parallel for schedule(dynamic)
     for (size_t k = 0; k < chunks; k++) {
         MT19937 rng;
         mt_seed(&rng, hash_u32(seed, k));
-        size_t end = (k + 1) * CHUNK < m->num_params ? (k + 1) * CHUNK : m->num_params;
+        size_t end = (k + 1) * CHUNK < total ? (k + 1) * CHUNK : total;
         for (size_t j = k * CHUNK; j < end; j++) {
             int i = NUM_PARAMS - 1;
-            while (m->offsets[i] > j) i--;
+            while (offsets[i] > j) i--;
             int is_ln_weight = i == LN1W || i == LN2W || i == LNFW;
             int is_weight = i == WTE || i == WPE || i == QKVW || i == ATTPROJW || i == FCW || i == FCPROJW;
             double s = (i == ATTPROJW || i == FCPROJW) ? scaled_std : std;
             host[j] = is_weight ? (float)(s * mt_normal(&rng)) : is_ln_weight ? 1.0f : 0.0f;
         }
     }
-    gpt_set_params(m, host);
+    gpt_set_full_params(m, host);
     free(host);
 }
 
 // Carve the activation buffers for micro-batches of up to B x T tokens.
 static void gpt_alloc_activations(GPT* m, int B, int T) {
     const GPTConfig* c = &m->cfg;
-    size_t N = (size_t)B * T, L = c->L, C = c->C, F = c->F, es = dtype_size(m->dev->dtype);
+    size_t N = (size_t)B * T, L = c->L, C = c->C, F = m->Fr, Ca = m->Cr, NH = m->NHr, es = dtype_size(m->dev->dtype);
+    size_t tp_extra = m->tp > 1;  // the tensor-parallel buffers exist only when t > 1
     Activations* a = &m->acts;
     struct { void** ptr; size_t bytes; } table[] = {
         {&a->encoded, N * C * es}, {&a->ln1, L * N * C * es}, {(void**)&a->ln1_mean, L * N * 4}, {(void**)&a->ln1_rstd, L * N * 4},
-        {&a->qkv, L * N * 3 * C * es}, {&a->atty, L * N * C * es}, {(void**)&a->att_lse, L * N * c->NH * 4},
-        {(void**)&a->att_delta, N * c->NH * 4},
+        {&a->qkv, L * N * 3 * Ca * es}, {&a->atty, L * N * Ca * es}, {(void**)&a->att_lse, L * N * NH * 4},
+        {(void**)&a->att_delta, N * NH * 4},
         {&a->residual2, L * N * C * es}, {&a->ln2, L * N * C * es}, {(void**)&a->ln2_mean, L * N * 4},
         {(void**)&a->ln2_rstd, L * N * 4}, {&a->fch, L * N * F * es}, {&a->fch_gelu, L * N * F * es},
         {&a->residual3, L * N * C * es}, {&a->lnf, N * C * es}, {(void**)&a->lnf_mean, N * 4}, {(void**)&a->lnf_rstd, N * 4},
-        {&a->logits, N * c->Vp * es}, {(void**)&a->losses, N * 4}, {(void**)&a->tokens, N * 4}, {(void**)&a->targets, N * 4},
+        {&a->logits, N * m->Vr * es}, {(void**)&a->losses, N * 4}, {(void**)&a->tokens, N * 4}, {(void**)&a->targets, N * 4},
         {(void**)&a->dloss, N * 4}, {&a->proj, N * C * es}, {&a->dresidual, N * C * es}, {&a->dproj, N * C * es},
-        {&a->dln, N * C * es}, {&a->datty, N * C * es}, {&a->dqkv, N * 3 * C * es}, {&a->dfch, N * F * es},
+        {&a->dln, N * C * es}, {&a->datty, N * Ca * es}, {&a->dqkv, N * 3 * Ca * es}, {&a->dfch, N * F * es},
         {&a->dfch_gelu, N * F * es},
+        {(void**)&a->vocab_tokens, tp_extra * N * 4}, {(void**)&a->dwte_scratch, tp_extra * (m->Vr + 1) * C * 4},
+        {(void**)&a->ce_stats, tp_extra * 3 * N * 4},
     };
     size_t count = sizeof(table) / sizeof(table[0]), total = 0;
     for (size_t i = 0; i < count; i++) total += (table[i].bytes + 255) / 256 * 256;
@@ -217,38 +314,71 @@ static uint64_t dropout_seed(const GPT* m, int layer, int site) {
 
 enum { SITE_EMBEDDING, SITE_ATTENTION_PROBS, SITE_ATTENTION_OUT, SITE_MLP_OUT };
 
+// As Megatron's model-parallel RNG: dropout on replicated activations (embedding, the two
+// residual branches) is identical on every tensor-parallel rank, while inside attention each
+// rank, holding different heads, draws from its own stream (rank 0's is the single-device one).
+static uint64_t attention_dropout_seed(const GPT* m, int layer) {
+    return dropout_seed(m, layer + m->tp_rank * m->cfg.L, SITE_ATTENTION_PROBS);
+}
+
 // Forward through the transformer to the logits, for B x T tokens already in acts.tokens.
 static void gpt_forward(GPT* m, int B, int T, float p_hidden, float p_attn) {
     const GPTConfig* c = &m->cfg;
     const Device* d = m->dev;
     Activations* a = &m->acts;
-    int N = B * T, C = c->C, F = c->F;
+    int N = B * T, C = c->C, F = m->Fr, Ca = m->Cr;
     size_t NC = (size_t)N * C;
-    embedding_forward(d, a->encoded, a->tokens, param(m, WTE, 0), param(m, WPE, 0), B, T, C);
+    if (m->tp == 1) embedding_forward(d, a->encoded, a->tokens, param(m, WTE, 0), param(m, WPE, 0), B, T, C);
+    else {  // VocabParallelEmbedding: the g all-reduce sums each rank's rows
+        vocab_embedding_forward(d, a->encoded, a->vocab_tokens, param(m, WTE, 0), m->tp_rank == 0 ? param(m, WPE, 0) : NULL, m->Vr, B, T, C);
+        tp_g_forward(m->par, d, a->encoded, NC);
+    }
     dropout_forward(d, a->encoded, p_hidden, dropout_seed(m, 0, SITE_EMBEDDING), NC);
     for (int l = 0; l < c->L; l++) {
         void* residual = l == 0 ? a->encoded : at(m, a->residual3, (l - 1) * NC);
         void* ln1 = at(m, a->ln1, l * NC);
-        void* qkv = at(m, a->qkv, l * NC * 3);
-        void* atty = at(m, a->atty, l * NC);
+        void* qkv = at(m, a->qkv, l * (size_t)N * 3 * Ca);
+        void* atty = at(m, a->atty, l * (size_t)N * Ca);
         void* residual2 = at(m, a->residual2, l * NC);
         void* ln2 = at(m, a->ln2, l * NC);
         void* fch = at(m, a->fch, l * (size_t)N * F);
         void* fch_gelu = at(m, a->fch_gelu, l * (size_t)N * F);
         void* residual3 = at(m, a->residual3, l * NC);
+        // attention: f, column-parallel QKV (this rank's heads), row-parallel projection, g
         layernorm_forward(d, ln1, a->ln1_mean + l * N, a->ln1_rstd + l * N, residual, param(m, LN1W, l * C), param(m, LN1B, l * C), N, C);
-        matmul_forward(d, qkv, ln1, param(m, QKVW, (size_t)l * 3 * C * C), param(m, QKVB, l * 3 * C), N, C, 3 * C, NULL);
-        attention_forward(d, atty, a->att_lse + (size_t)l * N * c->NH, qkv, p_attn, dropout_seed(m, l, SITE_ATTENTION_PROBS), B, T, c->NH, c->HS);
-        matmul_forward(d, a->proj, atty, param(m, ATTPROJW, (size_t)l * C * C), NULL, N, C, C, NULL);
+        matmul_forward(d, qkv, ln1, param(m, QKVW, (size_t)l * 3 * Ca * C), param(m, QKVB, l * 3 * Ca), N, C, 3 * Ca, NULL);
+        attention_forward(d, atty, a->att_lse + (size_t)l * N * m->NHr, qkv, p_attn, attention_dropout_seed(m, l), B, T, m->NHr, c->HS);
+        matmul_forward(d, a->proj, atty, param(m, ATTPROJW, (size_t)l * C * Ca), NULL, N, Ca, C, NULL);
+        tp_g_forward(m->par, d, a->proj, NC);
         residual_dropout_forward(d, residual2, residual, a->proj, param(m, ATTPROJB, l * C), p_hidden, dropout_seed(m, l, SITE_ATTENTION_OUT), N, C);
+        // MLP: f, column-parallel first linear + GeLU, row-parallel second linear, g
         layernorm_forward(d, ln2, a->ln2_mean + l * N, a->ln2_rstd + l * N, residual2, param(m, LN2W, l * C), param(m, LN2B, l * C), N, C);
         matmul_forward(d, fch, ln2, param(m, FCW, (size_t)l * F * C), param(m, FCB, l * F), N, C, F, fch_gelu);
         matmul_forward(d, a->proj, fch_gelu, param(m, FCPROJW, (size_t)l * C * F), NULL, N, F, C, NULL);
+        tp_g_forward(m->par, d, a->proj, NC);
         residual_dropout_forward(d, residual3, residual2, a->proj, param(m, FCPROJB, l * C), p_hidden, dropout_seed(m, l, SITE_MLP_OUT), N, C);
     }
     void* last = c->L ? at(m, a->residual3, (c->L - 1) * NC) : a->encoded;
     layernorm_forward(d, a->lnf, a->lnf_mean, a->lnf_rstd, last, param(m, LNFW, 0), param(m, LNFB, 0), N, C);
-    matmul_forward(d, a->logits, a->lnf, param(m, WTE, 0), NULL, N, C, c->Vp, NULL);
+    matmul_forward(d, a->logits, a->lnf, param(m, WTE, 0), NULL, N, C, m->Vr, NULL);  // f, then this rank's vocabulary columns
+}
+
+// Data parallelism without the distributed optimizer: during the last micro-batch's backward,
+// once layer l's gradients are final, start the all-reduce of layers [l, top] when they hold
+// at least a bucket of values (or l is the first layer). Per-layer tensors are stacked over
+// layers, so a run of layers is one contiguous slice of each.
+static const int layer_params[] = {LN1W, LN1B, QKVW, QKVB, ATTPROJW, ATTPROJB, LN2W, LN2B, FCW, FCB, FCPROJW, FCPROJB};
+static const int other_params[] = {WTE, WPE, LNFW, LNFB};
+
+static int gpt_reduce_layers(GPT* m, int l, int top) {
+    size_t per_layer = 0, L = m->cfg.L;
+    for (int k = 0; k < 12; k++) per_layer += m->sizes[layer_params[k]] / L;
+    if ((top - l + 1) * per_layer < m->grad_bucket && l > 0) return top;
+    for (int k = 0; k < 12; k++) {
+        size_t n = m->sizes[layer_params[k]] / L;
+        all_reduce_start(m->par, m->dev, GROUP_DP, grad(m, layer_params[k], l * n), (top - l + 1) * n);
+    }
+    return l - 1;
 }
 
 // Backward from d(logits) (left in acts.logits by the fused cross-entropy) to
@@ -257,36 +387,56 @@ static void gpt_backward(GPT* m, int B, int T, float p_hidden, float p_attn) {
     const GPTConfig* c = &m->cfg;
     const Device* d = m->dev;
     Activations* a = &m->acts;
-    int N = B * T, C = c->C, F = c->F;
+    int N = B * T, C = c->C, F = m->Fr, Ca = m->Cr;
     size_t NC = (size_t)N * C;
     void* last = c->L ? at(m, a->residual3, (c->L - 1) * NC) : a->encoded;
-    matmul_backward(d, a->dln, grad(m, WTE, 0), NULL, a->logits, a->lnf, param(m, WTE, 0), N, C, c->Vp);
+    int top = c->L - 1;  // the highest layer whose gradients are not being reduced yet
+    matmul_backward(d, a->dln, grad(m, WTE, 0), NULL, a->logits, a->lnf, param(m, WTE, 0), N, C, m->Vr);
+    tp_f_backward(m->par, d, a->dln, NC);
     dev_zero(d, a->dresidual, NC * dtype_size(d->dtype));
     layernorm_backward(d, a->dresidual, grad(m, LNFW, 0), grad(m, LNFB, 0), a->dln, last, param(m, LNFW, 0), a->lnf_mean, a->lnf_rstd, N, C);
     for (int l = c->L - 1; l >= 0; l--) {
         void* residual = l == 0 ? a->encoded : at(m, a->residual3, (l - 1) * NC);
         void* ln1 = at(m, a->ln1, l * NC);
-        void* qkv = at(m, a->qkv, l * NC * 3);
-        void* atty = at(m, a->atty, l * NC);
+        void* qkv = at(m, a->qkv, l * (size_t)N * 3 * Ca);
+        void* atty = at(m, a->atty, l * (size_t)N * Ca);
         void* residual2 = at(m, a->residual2, l * NC);
         void* ln2 = at(m, a->ln2, l * NC);
         void* fch = at(m, a->fch, l * (size_t)N * F);
         void* fch_gelu = at(m, a->fch_gelu, l * (size_t)N * F);
-        // MLP: residual3 = residual2 + dropout(fch_gelu @ fcprojw^T + fcprojb)
+        // MLP (g's backward is the identity, f's the all-reduce of dln): residual3 = residual2 + dropout(fch_gelu @ fcprojw^T + fcprojb)
         residual_dropout_backward(d, a->dresidual, a->dproj, grad(m, FCPROJB, l * C), a->dresidual, p_hidden, dropout_seed(m, l, SITE_MLP_OUT), N, C);
         matmul_backward(d, a->dfch_gelu, grad(m, FCPROJW, (size_t)l * C * F), NULL, a->dproj, fch_gelu, param(m, FCPROJW, (size_t)l * C * F), N, F, C);
         gelu_backward(d, a->dfch, fch, a->dfch_gelu, (size_t)N * F);
         matmul_backward(d, a->dln, grad(m, FCW, (size_t)l * F * C), grad(m, FCB, l * F), a->dfch, ln2, param(m, FCW, (size_t)l * F * C), N, C, F);
+        tp_f_backward(m->par, d, a->dln, NC);
         layernorm_backward(d, a->dresidual, grad(m, LN2W, l * C), grad(m, LN2B, l * C), a->dln, residual2, param(m, LN2W, l * C), a->ln2_mean + l * N, a->ln2_rstd + l * N, N, C);
         // attention: residual2 = residual + dropout(atty @ attprojw^T + attprojb)
         residual_dropout_backward(d, a->dresidual, a->dproj, grad(m, ATTPROJB, l * C), a->dresidual, p_hidden, dropout_seed(m, l, SITE_ATTENTION_OUT), N, C);
-        matmul_backward(d, a->datty, grad(m, ATTPROJW, (size_t)l * C * C), NULL, a->dproj, atty, param(m, ATTPROJW, (size_t)l * C * C), N, C, C);
-        attention_backward(d, a->dqkv, a->att_delta, a->datty, qkv, atty, a->att_lse + (size_t)l * N * c->NH, p_attn, dropout_seed(m, l, SITE_ATTENTION_PROBS), B, T, c->NH, c->HS);
-        matmul_backward(d, a->dln, grad(m, QKVW, (size_t)l * 3 * C * C), grad(m, QKVB, l * 3 * C), a->dqkv, ln1, param(m, QKVW, (size_t)l * 3 * C * C), N, C, 3 * C);
+        matmul_backward(d, a->datty, grad(m, ATTPROJW, (size_t)l * C * Ca), NULL, a->dproj, atty, param(m, ATTPROJW, (size_t)l * C * Ca), N, Ca, C);
+        attention_backward(d, a->dqkv, a->att_delta, a->datty, qkv, atty, a->att_lse + (size_t)l * N * m->NHr, p_attn, attention_dropout_seed(m, l), B, T, m->NHr, c->HS);
+        matmul_backward(d, a->dln, grad(m, QKVW, (size_t)l * 3 * Ca * C), grad(m, QKVB, l * 3 * Ca), a->dqkv, ln1, param(m, QKVW, (size_t)l * 3 * Ca * C), N, C, 3 * Ca);
+        tp_f_backward(m->par, d, a->dln, NC);
         layernorm_backward(d, a->dresidual, grad(m, LN1W, l * C), grad(m, LN1B, l * C), a->dln, residual, param(m, LN1W, l * C), a->ln1_mean + l * N, a->ln1_rstd + l * N, N, C);
+        if (m->reduce_in_backward) top = gpt_reduce_layers(m, l, top);
     }
     dropout_backward(d, a->dresidual, p_hidden, dropout_seed(m, 0, SITE_EMBEDDING), NC);
-    embedding_backward(d, grad(m, WTE, 0), grad(m, WPE, 0), a->dresidual, a->tokens, B, T, C);
+    if (m->tp == 1) embedding_backward(d, grad(m, WTE, 0), grad(m, WPE, 0), a->dresidual, a->tokens, B, T, C);
+    else vocab_embedding_backward(d, grad(m, WTE, 0), grad(m, WPE, 0), a->dwte_scratch, a->dresidual, a->vocab_tokens, m->Vr, B, T, C);
+    if (m->reduce_in_backward)
+        for (int k = 0; k < 4; k++) all_reduce_start(m->par, d, GROUP_DP, grad(m, other_params[k], 0), m->sizes[other_params[k]]);
+}
+
+// Input tokens to the device; with tensor parallelism also their rows in this rank's
+// vocabulary shard (Vr, the sink row, for tokens of other ranks).
+static void gpt_upload_tokens(GPT* m, const int* tokens, int N) {
+    dev_upload(m->dev, m->acts.tokens, tokens, N * sizeof(int));
+    if (m->tp == 1) return;
+    int* local = (int*)xmalloc(N * sizeof(int));
+    int start = m->tp_rank * m->Vr;
+    for (int i = 0; i < N; i++) local[i] = tokens[i] >= start && tokens[i] < start + m->Vr ? tokens[i] - start : m->Vr;
+    dev_upload(m->dev, m->acts.vocab_tokens, local, N * sizeof(int));
+    free(local);
 }
 
 // ----------------------------------------------------------------------------
@@ -318,7 +468,7 @@ static double load_batch(GPT* m, HostBatch* h, const GPTSampleSet* set, int64_t 
     }
     double count = 0;
     for (int i = 0; i < B * T; i++) count += h->mask[i];
-    dev_upload(m->dev, m->acts.tokens, h->tokens, B * T * sizeof(int));
+    gpt_upload_tokens(m, h->tokens, B * T);
     dev_upload(m->dev, m->acts.targets, h->targets, B * T * sizeof(int));
     return count;
 }
@@ -341,19 +491,74 @@ static double gpt_micro_step(GPT* m, HostBatch* h, int B, int T, double count, d
         dev_upload(m->dev, m->acts.dloss, h->dloss, N * sizeof(float));
         dloss = m->acts.dloss;
     }
-    crossentropy_forward_backward(m->dev, m->acts.losses, m->acts.logits, m->acts.targets, dloss, N, m->cfg.V, m->cfg.Vp);
+    if (m->tp == 1) crossentropy_forward_backward(m->dev, m->acts.losses, m->acts.logits, m->acts.targets, dloss, N, m->cfg.V, m->cfg.Vp);
+    else vocab_parallel_crossentropy(m->par, m->dev, m->acts.losses, m->acts.logits, m->acts.targets, dloss, m->acts.ce_stats, N, m->cfg.V, m->cfg.Vp);
     if (grad_scale > 0) gpt_backward(m, B, T, p_hidden, p_attn);
     return batch_loss(m, h, N, count);
 }
 
-// One AdamW step on every tensor; weight decay only where Megatron applies it.
+// The part [begin, end) of tensor i that lies in [lo, hi); returns its length.
+static size_t tensor_overlap(const GPT* m, int i, size_t lo, size_t hi, size_t* begin) {
+    size_t b = m->offsets[i] > lo ? m->offsets[i] : lo, e = m->offsets[i] + m->sizes[i] < hi ? m->offsets[i] + m->sizes[i] : hi;
+    *begin = b;
+    return e > b ? e - b : 0;
+}
+
+// One AdamW step on this rank's optimizer range (all its parameters, or its data-parallel slice
+// with the distributed optimizer); weight decay only where Megatron applies it.
 static void gpt_update(GPT* m, float lr, const Args* args, float weight_decay, float grad_scale, int step) {
     for (int i = 0; i < NUM_PARAMS; i++) {
-        size_t off = m->offsets[i];
-        adamw_update(m->dev, param(m, i, 0), m->master ? m->master + off : NULL, m->grads + off, m->adam_m + off, m->adam_v + off,
-                     m->sizes[i], lr, (float)args->adam_beta1, (float)args->adam_beta2, (float)args->adam_eps,
+        size_t b, n = tensor_overlap(m, i, m->opt_begin, m->opt_end, &b), k = b - m->opt_begin;
+        adamw_update(m->dev, at(m, m->params, b), m->master ? m->master + k : NULL, m->grads + b, m->adam_m + k, m->adam_v + k,
+                     n, lr, (float)args->adam_beta1, (float)args->adam_beta2, (float)args->adam_eps,
                      param_decays[i] ? weight_decay : 0.0f, grad_scale, step);
     }
+    // the distributed optimizer: every data-parallel rank gets the others' updated slices
+    if (m->distributed_optimizer) all_gather(m->par, m->dev, GROUP_DP, m->params, m->opt_end - m->opt_begin, m->dev->dtype);
+}
+
+// Data parallelism: the gradients summed over the data-parallel ranks (the loss is already the
+// global batch's mean, so the sum is Megatron's average). Without the distributed optimizer the
+// bucketed all-reduces started in the last backward (gpt_reduce_layers) are waited for; with it
+// a reduce-scatter leaves each rank the sum over its own slice only.
+static void gpt_reduce_gradients(GPT* m) {
+    Parallel* p = m->par;
+    if (m->distributed_optimizer) reduce_scatter(p, m->dev, GROUP_DP, m->grads, m->padded_params / p->size[GROUP_DP]);
+    else all_reduce_finish(p, m->dev);
+}
+
+// The global gradient norm squared, as Megatron's: over this rank's optimizer range, replicated
+// tensors (LayerNorm, row-parallel biases, positions) counted once (on tensor-parallel rank 0),
+// summed over the tensor-parallel group and, with the distributed optimizer, the data-parallel group.
+static double gpt_grad_norm_squared(GPT* m) {
+    double sum = 0;
+    for (int i = 0; i < NUM_PARAMS; i++) {
+        size_t b, n = tensor_overlap(m, i, m->opt_begin, m->opt_end, &b);
+        if (param_split[i] == REPLICATED && m->tp_rank != 0) continue;
+        sum += grad_norm_squared(m->dev, m->grads + b, n);
+    }
+    all_reduce_host(m->par, GROUP_TP, &sum, 1);
+    if (m->distributed_optimizer) all_reduce_host(m->par, GROUP_DP, &sum, 1);
+    return sum;
+}
+
+// The full model's fp32 parameters in the single-device layout (every rank gets them).
+static float* gpt_gather_full_params(GPT* m) {
+    int t = m->tp;
+    size_t n = m->num_params, full_n = 0, sizes[NUM_PARAMS];
+    param_sizes(&m->cfg, 1, sizes);
+    for (int i = 0; i < NUM_PARAMS; i++) full_n += sizes[i];
+    size_t es = dtype_size(m->dev->dtype);
+    void* stored = xmalloc(n * es);
+    float* shards = (float*)xmalloc((size_t)t * n * sizeof(float));
+    float* full = (float*)xmalloc(full_n * sizeof(float));
+    dev_download(m->dev, stored, m->params, n * es);
+    dtype_to_floats(shards + (size_t)m->tp_rank * n, stored, n, m->dev->dtype);
+    all_gather(m->par, parallel_host_device(), GROUP_TP, shards, n, DT_F32);
+    for (int r = 0; r < t; r++) tp_shard_copy(&m->cfg, t, r, full, shards + (size_t)r * n, 0);
+    free(stored);
+    free(shards);
+    return full;
 }
 
 // ----------------------------------------------------------------------------
@@ -411,6 +616,7 @@ static void hf_read_params(const GPT* m, const SafeTensors* st, const char* pref
 }
 
 static void gpt_load_hf(GPT* m, const SafeTensors* st) {
+    if (m->tp > 1) die("loading Hugging Face weights with tensor parallelism is not supported yet");
     float* host = (float*)xmalloc(m->num_params * sizeof(float));
     hf_read_params(m, st, "", host);
     gpt_set_params(m, host);
@@ -436,16 +642,17 @@ static int sample_next(const float* logits, int V, double temperature, MT19937* 
 static void gpt_generate(GPT* m, int* out, int prompt_len, int total_len, uint32_t seed) {
     const GPTConfig* c = &m->cfg;
     size_t es = dtype_size(m->dev->dtype);
-    void* row = xmalloc((size_t)c->Vp * es);
+    void* row = xmalloc((size_t)m->Vr * es);
     float* logits = (float*)xmalloc((size_t)c->Vp * sizeof(float));
     MT19937 rng;
     mt_seed(&rng, seed);
     for (int n = prompt_len; n < total_len; n++) {
         int T = n < m->T ? n : m->T;
-        dev_upload(m->dev, m->acts.tokens, out + n - T, T * sizeof(int));
+        gpt_upload_tokens(m, out + n - T, T);
         gpt_forward(m, 1, T, 0.0f, 0.0f);
-        dev_download(m->dev, row, at(m, m->acts.logits, (size_t)(T - 1) * c->Vp), (size_t)c->Vp * es);
-        dtype_to_floats(logits, row, c->Vp, m->dev->dtype);
+        dev_download(m->dev, row, at(m, m->acts.logits, (size_t)(T - 1) * m->Vr), (size_t)m->Vr * es);
+        dtype_to_floats(logits + (size_t)m->tp_rank * m->Vr, row, m->Vr, m->dev->dtype);
+        all_gather(m->par, parallel_host_device(), GROUP_TP, logits, m->Vr, DT_F32);  // the last row's vocabulary shards
         out[n] = sample_next(logits, c->V, 1.0, &rng);
     }
     free(logits);
@@ -575,6 +782,49 @@ typedef struct {
     LossScaler scaler;
 } TrainState;
 
+// Checkpoints hold the full model in the single-device layout, whatever parallel layout saves
+// or loads them: a save gathers every rank's shards, a load gives each rank its own part.
+
+// The single-device layout of m's model (what the files and the HF mapping index).
+static GPT gpt_full_layout(const GPT* m) {
+    GPT f;
+    memset(&f, 0, sizeof(f));
+    f.cfg = m->cfg;
+    f.dev = m->dev;
+    param_sizes(&m->cfg, 1, f.sizes);
+    for (int i = 0; i < NUM_PARAMS; i++) {
+        f.offsets[i] = f.num_params;
+        f.num_params += f.sizes[i];
+    }
+    return f;
+}
+
+// The full fp32 tensor of an optimizer state (`local`: this rank's optimizer range on the
+// device), on every rank: gathered over the data-parallel group (distributed optimizer),
+// then over the tensor-parallel shards.
+static float* gpt_gather_full_state(GPT* m, const float* local) {
+    size_t n = m->num_params, n_opt = m->opt_end - m->opt_begin;
+    float* shard = (float*)xcalloc(m->padded_params, sizeof(float));
+    dev_download(m->dev, shard + m->opt_begin, local, n_opt * sizeof(float));
+    if (m->distributed_optimizer) all_gather(m->par, parallel_host_device(), GROUP_DP, shard, n_opt, DT_F32);
+    float* shards = (float*)xmalloc((size_t)m->tp * n * sizeof(float));
+    memcpy(shards + (size_t)m->tp_rank * n, shard, n * sizeof(float));
+    all_gather(m->par, parallel_host_device(), GROUP_TP, shards, n, DT_F32);
+    float* full = (float*)xmalloc(gpt_full_layout(m).num_params * sizeof(float));
+    for (int r = 0; r < m->tp; r++) tp_shard_copy(&m->cfg, m->tp, r, full, shards + (size_t)r * n, 0);
+    free(shard);
+    free(shards);
+    return full;
+}
+
+// This rank's optimizer range of a full fp32 state tensor, uploaded into `local`.
+static void gpt_scatter_full_state(GPT* m, float* full, float* local) {
+    float* shard = (float*)xcalloc(m->padded_params, sizeof(float));
+    tp_shard_copy(&m->cfg, m->tp, m->tp_rank, full, shard, 1);
+    dev_upload(m->dev, local, shard + m->opt_begin, (m->opt_end - m->opt_begin) * sizeof(float));
+    free(shard);
+}
+
 // One checkpoint tensor: a Megatron name and its slice of our flat parameter layout.
 typedef struct {
     char name[96];
@@ -614,18 +864,29 @@ static CkptTensor* ckpt_tensors(const GPT* m, int* count) {
     return t;
 }
 
-static void checkpoint_save(const GPT* m, const TrainState* s, const char* dir, const ArgSpec* specs, int n_specs) {
+// Every rank calls it (the gathers are collectives); world rank 0 writes.
+static void checkpoint_save(GPT* m, const TrainState* s, const char* dir, const ArgSpec* specs, int n_specs) {
     const Device* d = m->dev;
-    size_t n = m->num_params, es = dtype_size(d->dtype);
+    GPT full = gpt_full_layout(m);
+    size_t n = full.num_params, es = dtype_size(d->dtype);
+    float* values = gpt_gather_full_params(m);
+    float* states[3] = {m->master ? gpt_gather_full_state(m, m->master) : NULL, gpt_gather_full_state(m, m->adam_m),
+                        gpt_gather_full_state(m, m->adam_v)};
+    if (m->par->rank[GROUP_WORLD] != 0) {
+        free(values);
+        for (int p = 0; p < 3; p++) free(states[p]);
+        return;
+    }
     char iter_dir[1100], path[1200];
     checkpoint_iter_dir(iter_dir, sizeof(iter_dir), dir, s->iteration);
     make_dirs(iter_dir);
     int count;
-    CkptTensor* t = ckpt_tensors(m, &count);
+    CkptTensor* t = ckpt_tensors(&full, &count);
     SafeTensorsWriter w;
 
     char* params = (char*)xmalloc(n * es);
-    dev_download(d, params, m->params, n * es);
+    floats_to_dtype(params, values, n, d->dtype);  // exact: the values came from this dtype
+    free(values);
     snprintf(path, sizeof(path), "%s/model.safetensors", iter_dir);
     st_writer_begin(&w, path);
     for (int k = 0; k < count; k++) st_writer_add(&w, t[k].name, st_dtype_of(d->dtype), t[k].ndim, t[k].shape, params + t[k].offset * es);
@@ -640,20 +901,18 @@ static void checkpoint_save(const GPT* m, const TrainState* s, const char* dir, 
     args_write_meta(&w, specs, n_specs);
     st_writer_finish(&w);
 
-    float* state = (float*)xmalloc(n * sizeof(float));
-    struct { const char* prefix; const float* src; } parts[] = {{"fp32_param.", m->master}, {"exp_avg.", m->adam_m}, {"exp_avg_sq.", m->adam_v}};
+    const char* prefixes[3] = {"fp32_param.", "exp_avg.", "exp_avg_sq."};
     snprintf(path, sizeof(path), "%s/optim.safetensors", iter_dir);
     st_writer_begin(&w, path);
     for (int p = 0; p < 3; p++) {
-        if (!parts[p].src) continue;
-        dev_download(d, state, parts[p].src, n * sizeof(float));
+        if (!states[p]) continue;
         for (int k = 0; k < count; k++) {
             char name[160];
-            snprintf(name, sizeof(name), "%s%s", parts[p].prefix, t[k].name);
-            st_writer_add(&w, name, "F32", t[k].ndim, t[k].shape, state + t[k].offset);
+            snprintf(name, sizeof(name), "%s%s", prefixes[p], t[k].name);
+            st_writer_add(&w, name, "F32", t[k].ndim, t[k].shape, states[p] + t[k].offset);
         }
+        free(states[p]);
     }
-    free(state);
     st_writer_meta_int(&w, "iteration", s->iteration);
     st_writer_meta_int(&w, "step", s->adam_step);
     st_writer_meta_int(&w, "scheduler_samples", s->scheduler_samples);
@@ -789,7 +1048,8 @@ static void checkpoint_load(GPT* m, const CkptSource* src, const CheckpointArgs*
     const GPTConfig* c = &m->cfg;
     char path[1200];
     SafeTensors st;
-    float* host = (float*)xmalloc(m->num_params * sizeof(float));
+    GPT full = gpt_full_layout(m);
+    float* host = (float*)xmalloc(full.num_params * sizeof(float));
     snprintf(path, sizeof(path), "%s/model.safetensors", src->dir);
     if (c->V != src->cfg.V || (!src->is_hf && c->Vp != src->cfg.Vp))
         die("--load %s holds a vocabulary of %d (padded to %d), this run has %d (padded to %d): the tokenizer, --vocab-size or "
@@ -798,8 +1058,8 @@ static void checkpoint_load(GPT* m, const CkptSource* src, const CheckpointArgs*
     if (src->is_hf) {
         hf_add_prefix(&st);
         hf_check_shapes(c, &st);
-        hf_read_params(m, &st, "", host);
-        gpt_set_params(m, host);
+        hf_read_params(&full, &st, "", host);
+        gpt_set_full_params(m, host);
         safetensors_close(&st);
         free(host);
         printf("loaded Hugging Face GPT-2 weights from %s (iteration 0, fresh optimizer)\n", src->dir);
@@ -809,9 +1069,9 @@ static void checkpoint_load(GPT* m, const CkptSource* src, const CheckpointArgs*
     if (!st_dtype_size(dtype)) die("%s: metadata dtype '%.16s' is not a safetensors dtype", path, dtype);
     int same_dtype = strcmp(dtype, st_dtype_of(m->dev->dtype)) == 0;
     int count;
-    CkptTensor* t = ckpt_tensors(m, &count);
+    CkptTensor* t = ckpt_tensors(&full, &count);
     for (int k = 0; k < count; k++) ckpt_read(&st, &t[k], "", dtype, host + t[k].offset);
-    gpt_set_params(m, host);
+    gpt_set_full_params(m, host);
     if (!ca->finetune) {
         s->iteration = src->iteration;
         s->consumed_train = safetensors_meta_int(&st, "consumed_train_samples");
@@ -823,18 +1083,17 @@ static void checkpoint_load(GPT* m, const CkptSource* src, const CheckpointArgs*
         safetensors_open(&st, path);
         if (safetensors_meta_int(&st, "iteration") != src->iteration)
             die("%s: holds iteration %lld but model.safetensors holds %lld", path, (long long)safetensors_meta_int(&st, "iteration"), (long long)src->iteration);
-        size_t bytes = m->num_params * sizeof(float);
         char first[160];
         snprintf(first, sizeof(first), "fp32_param.%s", t[0].name);
         if (safetensors_find(&st, first)) {  // bf16/fp16 runs: the fp32 master weights
             for (int k = 0; k < count; k++) ckpt_read(&st, &t[k], "fp32_param.", "F32", host + t[k].offset);
-            if (m->master) dev_upload(m->dev, m->master, host, bytes);
-            else gpt_set_params(m, host);  // an fp32 run continues from the master weights
+            if (m->master) gpt_scatter_full_state(m, host, m->master);
+            else gpt_set_full_params(m, host);  // an fp32 run continues from the master weights
         }
         for (int k = 0; k < count; k++) ckpt_read(&st, &t[k], "exp_avg.", "F32", host + t[k].offset);
-        dev_upload(m->dev, m->adam_m, host, bytes);
+        gpt_scatter_full_state(m, host, m->adam_m);
         for (int k = 0; k < count; k++) ckpt_read(&st, &t[k], "exp_avg_sq.", "F32", host + t[k].offset);
-        dev_upload(m->dev, m->adam_v, host, bytes);
+        gpt_scatter_full_state(m, host, m->adam_v);
         s->adam_step = meta_int(&st, "step");
         s->scheduler_samples = safetensors_meta_int(&st, "scheduler_samples");
         if (same_dtype) {  // the loss scale belongs to the dtype it was found for
@@ -893,7 +1152,7 @@ static void print_memory_report(const GPT* m) {
     double mib = 1048576.0;
     size_t n = m->num_params, es = dtype_size(m->dev->dtype);
     printf("[memory] parameters %.1f MiB | gradients %.1f MiB | optimizer %.1f MiB | activations %.1f MiB",
-           n * es / mib, n * 4 / mib, n * (m->master ? 12 : 8) / mib, m->activation_bytes / mib);
+           n * es / mib, n * 4 / mib, (m->opt_end - m->opt_begin) * (m->master ? 12 : 8) / mib, m->activation_bytes / mib);
 #ifdef __CUDACC__
     if (m->dev->is_gpu) {
         size_t free_b, total_b;
@@ -904,16 +1163,35 @@ static void print_memory_report(const GPT* m) {
     printf("\n");
 }
 
+// Data parallelism splits every global batch as Megatron's MegatronPretrainingSampler: of each
+// dp consecutive micro-batches, data-parallel rank r takes the r-th. So a run sees the same
+// samples, and the same dropout masks, whatever the data-parallel size.
 static double evaluate(GPT* m, HostBatch* h, const GPTSampleSet* valid, int64_t* consumed, const Args* a, int eod) {
+    Parallel* p = m->par;
     double total = 0;
     int B = a->micro_batch_size, T = a->seq_length, micro = a->global_batch_size / B;
-    for (int it = 0; it < a->eval_iters; it++)
-        for (int k = 0; k < micro; k++) {
-            double count = load_batch(m, h, valid, *consumed, B, T, eod, a->eod_mask_loss);
+    for (int it = 0; it < a->eval_iters; it++) {
+        for (int k = p->rank[GROUP_DP]; k < micro; k += p->size[GROUP_DP]) {
+            double count = load_batch(m, h, valid, *consumed + (int64_t)k * B, B, T, eod, a->eod_mask_loss);
             total += gpt_micro_step(m, h, B, T, count, 0.0, 0.0f, 0.0f);
-            *consumed += B;
         }
+        *consumed += (int64_t)micro * B;
+    }
+    all_reduce_host(p, GROUP_DP, &total, 1);
     return total / ((double)a->eval_iters * micro);
+}
+
+// --debug-dump-params: the full fp32 parameters in the single-device layout, raw, from world rank 0.
+static void dump_full_params(GPT* m, const char* path) {
+    float* full = gpt_gather_full_params(m);
+    size_t sizes[NUM_PARAMS], n = 0;
+    param_sizes(&m->cfg, 1, sizes);
+    for (int i = 0; i < NUM_PARAMS; i++) n += sizes[i];
+    if (m->par->rank[GROUP_WORLD] == 0) {
+        FILE* f = fopen(path, "wb");
+        if (!f || fwrite(full, sizeof(float), n, f) != n || fclose(f)) die("cannot write %s: %s", path, strerror(errno));
+    }
+    free(full);
 }
 
 int main(int argc, char** argv) {
@@ -929,16 +1207,23 @@ int main(int argc, char** argv) {
     checkpoint_args_validate(&ckpt);
     CkptSource source;
     int have_source = ckpt.load && checkpoint_find(ckpt.load, ckpt.save, &source);
-    if (ckpt.export_hf) {
+    if (ckpt.export_hf) {  // a single-process tool: before any parallel start-up
         if (!have_source) die("--export-hf: no checkpoint in %s", ckpt.load);
         export_hf(&source, &ckpt);
         return 0;
     }
     if (have_source) checkpoint_apply_config(&source, &args, args.vocab_file || args.merge_file ? NULL : &vocab_size);
+    Parallel par;
+    parallel_init(&par, args.tensor_model_parallel_size, args.collective_timeout);
+    if (par.rank[GROUP_WORLD] != 0 && !freopen("/dev/null", "w", stdout)) die("cannot silence stdout");  // rank 0 prints the log
+    args.data_parallel_size = par.size[GROUP_DP];
     args_validate(&args);
 
     Device dev;
+    parallel_select_gpu(&par);
     device_init(&dev, args.device, args.fp16 ? DT_F16 : args.fp32 ? DT_F32 : DT_BF16);
+    parallel_init_nccl(&par, &dev);
+    parallel_check_same_flags(&par, argc, argv);
 #ifdef _OPENMP
     int threads = omp_get_max_threads();
 #else
@@ -946,6 +1231,8 @@ int main(int argc, char** argv) {
 #endif
     printf("device: %s (%s%s, %d CPU threads)\n", dev.name, dtype_name(dev.dtype), dev.is_gpu ? "" : ", the CPU path", threads);
     if (!dev.is_gpu && (args.bf16 || args.fp16)) printf("note: the CPU path computes in fp32; --bf16/--fp16 apply on GPUs\n");
+    printf("parallel: world size %d = tensor-parallel %d x data-parallel %d%s\n", par.size[GROUP_WORLD], par.size[GROUP_TP], par.size[GROUP_DP],
+           args.use_distributed_optimizer ? ", distributed optimizer" : "");
 
     Tokenizer* tokenizer = NULL;
     if (args.vocab_file || args.merge_file) {
@@ -984,7 +1271,8 @@ int main(int argc, char** argv) {
     printf("data: %zu train, %zu validation, %zu test samples of %d tokens\n", sets[0].num_samples, sets[1].num_samples, sets[2].num_samples, T);
 
     GPT model;
-    gpt_build(&model, &cfg, &dev);
+    gpt_build_parallel(&model, &cfg, &dev, &par, args.use_distributed_optimizer);
+    model.grad_bucket = (size_t)args.ddp_bucket_size;
     gpt_init(&model, args.init_method_std, (uint32_t)args.seed);
     TrainState state;
     memset(&state, 0, sizeof(state));
@@ -1005,7 +1293,7 @@ int main(int argc, char** argv) {
     LRSchedule schedule = lr_schedule_from_args(&args, train_samples);
     LossScaler scaler = state.scaler;
     LogFile log_file;
-    log_file_open(&log_file, args.log_file);
+    log_file_open(&log_file, par.rank[GROUP_WORLD] == 0 ? args.log_file : NULL);
     double peak = args.peak_tflops > 0 ? args.peak_tflops : dev.is_gpu ? peak_tflops_for(dev.name) : 0.0;
     double flops_per_token = gpt_flops_per_token(cfg.L, cfg.C, T, cfg.Vp);
 
@@ -1013,18 +1301,25 @@ int main(int argc, char** argv) {
     int updates = state.adam_step, skipped = 0, nan_iters = 0, interval_iters = 0;
     double interval_loss = 0, interval_start = now_seconds(), interval_tokens = 0, last_norm = 0;
     float p_hidden = (float)args.hidden_dropout, p_attn = (float)args.attention_dropout;
+    int dp = par.size[GROUP_DP];
     if (state.iteration >= train_iters) printf("the checkpoint is at iteration %lld: nothing left to train\n", (long long)state.iteration);
     for (int64_t iteration = state.iteration + 1; iteration <= train_iters; iteration++) {
         int gbs = global_batch_at(&args, consumed), micro = gbs / B;
-        dev_zero(&dev, model.grads, model.num_params * sizeof(float));
+        if (micro % dp) die("iteration %lld: global batch %d is not a multiple of micro-batch %d x data-parallel %d", (long long)iteration, gbs, B, dp);
+        if (iteration == 1 && args.debug_hang_rank == par.rank[GROUP_WORLD])
+            for (;;) sleep(60);  // the others' first collective must time out
+        dev_zero(&dev, model.grads, model.padded_params * sizeof(float));
         double loss = 0;
-        for (int k = 0; k < micro; k++) {
+        for (int k = par.rank[GROUP_DP]; k < micro; k += dp) {  // the sampler's split (see evaluate)
             double count = load_batch(&model, &h, &sets[0], consumed + (int64_t)k * B, B, T, eod, args.eod_mask_loss);
             gpt_set_dropout_stream(&model, (uint32_t)args.seed, iteration, k);
+            model.reduce_in_backward = k + dp >= micro && !model.distributed_optimizer;
             loss += gpt_micro_step(&model, &h, B, T, count, scaler.scale / micro, p_hidden, p_attn) / micro;
         }
+        gpt_reduce_gradients(&model);
+        all_reduce_host(&par, GROUP_DP, &loss, 1);
         consumed += gbs;
-        double norm = sqrt(grad_norm_squared(&dev, model.grads, model.num_params)) / scaler.scale;
+        double norm = sqrt(gpt_grad_norm_squared(&model)) / scaler.scale;
         int found_inf = !isfinite(norm);
         if (found_inf && dev.dtype != DT_F16) die("iteration %lld: the gradient norm is %f (loss %f): training diverged", (long long)iteration, norm, loss);
         if (!isfinite(loss) && dev.dtype != DT_F16) die("iteration %lld: the loss is %f: training diverged", (long long)iteration, loss);
@@ -1103,12 +1398,14 @@ int main(int argc, char** argv) {
         free(text);
     }
 
+    if (args.debug_dump_params) dump_full_params(&model, args.debug_dump_params);
     if (log_file.f) fclose(log_file.f);
     for (int i = 0; i < 3; i++) gpt_sampleset_free(&sets[i]);
     free(h.tokens); free(h.targets); free(h.mask); free(h.dloss); free(h.losses); free(h.sample);
     gpt_free(&model);
     if (tokenizer) tokenizer_free(tokenizer);
     device_free(&dev);
+    parallel_finalize(&par);
     return 0;
 }
 #endif
