@@ -67,6 +67,7 @@ static void die(const char* fmt, ...) {
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
     if (die_rank >= 0) snprintf(rank, sizeof(rank), "rank %d: ", die_rank);
+    fflush(stdout);  // what was printed before comes first in a combined log
     fprintf(stderr, "error: %s%s\n", rank, msg);  // one write: ranks' lines do not interleave
     exit(1);
 }

@@ -1099,7 +1099,10 @@ static void checkpoint_load(GPT* m, const CkptSource* src, const CheckpointArgs*
         if (same_dtype) {  // the loss scale belongs to the dtype it was found for
             s->scaler.scale = safetensors_meta_double(&st, "loss_scale");
             s->scaler.growth_tracker = meta_int(&st, "loss_scale_growth_tracker");
-            s->scaler.hysteresis_tracker = meta_int(&st, "loss_scale_hysteresis_tracker");
+            // Megatron's hysteresis tracker keeps counting down past 0 while overflows continue
+            int64_t hysteresis = safetensors_meta_int(&st, "loss_scale_hysteresis_tracker");
+            if (hysteresis < INT32_MIN || hysteresis > INT32_MAX) die("%s: metadata \"loss_scale_hysteresis_tracker\" is %lld, out of range", st.path, (long long)hysteresis);
+            s->scaler.hysteresis_tracker = (int)hysteresis;
         }
         safetensors_close(&st);
     }

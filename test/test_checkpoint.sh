@@ -87,6 +87,16 @@ resume_check() {
 }
 LAUNCH=()
 resume_check cpu
+# fp16's hysteresis tracker counts below 0 through a run of overflows (from 2^32 there are many):
+# such a checkpoint must load (seen failing on an H200 before the fix)
+mkdir -p "$W/hyst" && cp -r "$W/cpu/res/iter_0000050" "$W/hyst/" && echo 50 > "$W/hyst/latest_checkpointed_iteration.txt"
+py "
+meta, t = st(sys.argv[1])
+meta['loss_scale_hysteresis_tracker'] = '-13'
+write_st(sys.argv[1], meta, t)
+" "$W/hyst/iter_0000050/optim.safetensors"
+"${RUN[@]}" --train-iters 52 --load "$W/hyst" > "$W/hyst.txt" 2>&1 && grep -q "at iteration 50$" "$W/hyst.txt" \
+    && ok "a negative loss-scale hysteresis tracker (fp16 after many overflows) loads" || fail "negative hysteresis tracker" "$(grep error "$W/hyst.txt")"
 # the same on a GPU in each dtype (fp16: dynamic loss scaling from 2^32, so skipped steps too)
 if nvidia-smi -L > /dev/null 2>&1; then
     for dtype in fp32 bf16 fp16; do resume_check "gpu-$dtype" --device cuda --$dtype; done
