@@ -321,6 +321,27 @@ static uint64_t attention_dropout_seed(const GPT* m, int layer) {
     return dropout_seed(m, layer + m->tp_rank * m->cfg.L, SITE_ATTENTION_PROBS);
 }
 
+// One layer's slices of the stacked activations, for a micro-batch of N rows.
+typedef struct {
+    void *residual, *ln1, *qkv, *atty, *residual2, *ln2, *fch, *fch_gelu, *residual3;
+} LayerActs;
+
+static LayerActs layer_acts(const GPT* m, int l, int N) {
+    const Activations* a = &m->acts;
+    size_t NC = (size_t)N * m->cfg.C, NCa = (size_t)N * m->Cr, NF = (size_t)N * m->Fr;
+    LayerActs x;
+    x.residual = l == 0 ? a->encoded : at(m, a->residual3, (l - 1) * NC);
+    x.ln1 = at(m, a->ln1, l * NC);
+    x.qkv = at(m, a->qkv, l * 3 * NCa);
+    x.atty = at(m, a->atty, l * NCa);
+    x.residual2 = at(m, a->residual2, l * NC);
+    x.ln2 = at(m, a->ln2, l * NC);
+    x.fch = at(m, a->fch, l * NF);
+    x.fch_gelu = at(m, a->fch_gelu, l * NF);
+    x.residual3 = at(m, a->residual3, l * NC);
+    return x;
+}
+
 // Forward through the transformer to the logits, for B x T tokens already in acts.tokens.
 static void gpt_forward(GPT* m, int B, int T, float p_hidden, float p_attn) {
     const GPTConfig* c = &m->cfg;
@@ -335,28 +356,20 @@ static void gpt_forward(GPT* m, int B, int T, float p_hidden, float p_attn) {
     }
     dropout_forward(d, a->encoded, p_hidden, dropout_seed(m, 0, SITE_EMBEDDING), NC);
     for (int l = 0; l < c->L; l++) {
-        void* residual = l == 0 ? a->encoded : at(m, a->residual3, (l - 1) * NC);
-        void* ln1 = at(m, a->ln1, l * NC);
-        void* qkv = at(m, a->qkv, l * (size_t)N * 3 * Ca);
-        void* atty = at(m, a->atty, l * (size_t)N * Ca);
-        void* residual2 = at(m, a->residual2, l * NC);
-        void* ln2 = at(m, a->ln2, l * NC);
-        void* fch = at(m, a->fch, l * (size_t)N * F);
-        void* fch_gelu = at(m, a->fch_gelu, l * (size_t)N * F);
-        void* residual3 = at(m, a->residual3, l * NC);
+        LayerActs x = layer_acts(m, l, N);
         // attention: f, column-parallel QKV (this rank's heads), row-parallel projection, g
-        layernorm_forward(d, ln1, a->ln1_mean + l * N, a->ln1_rstd + l * N, residual, param(m, LN1W, l * C), param(m, LN1B, l * C), N, C);
-        matmul_forward(d, qkv, ln1, param(m, QKVW, (size_t)l * 3 * Ca * C), param(m, QKVB, l * 3 * Ca), N, C, 3 * Ca, NULL);
-        attention_forward(d, atty, a->att_lse + (size_t)l * N * m->NHr, qkv, p_attn, attention_dropout_seed(m, l), B, T, m->NHr, c->HS);
-        matmul_forward(d, a->proj, atty, param(m, ATTPROJW, (size_t)l * C * Ca), NULL, N, Ca, C, NULL);
+        layernorm_forward(d, x.ln1, a->ln1_mean + l * N, a->ln1_rstd + l * N, x.residual, param(m, LN1W, l * C), param(m, LN1B, l * C), N, C);
+        matmul_forward(d, x.qkv, x.ln1, param(m, QKVW, (size_t)l * 3 * Ca * C), param(m, QKVB, l * 3 * Ca), N, C, 3 * Ca, NULL);
+        attention_forward(d, x.atty, a->att_lse + (size_t)l * N * m->NHr, x.qkv, p_attn, attention_dropout_seed(m, l), B, T, m->NHr, c->HS);
+        matmul_forward(d, a->proj, x.atty, param(m, ATTPROJW, (size_t)l * C * Ca), NULL, N, Ca, C, NULL);
         tp_g_forward(m->par, d, a->proj, NC);
-        residual_dropout_forward(d, residual2, residual, a->proj, param(m, ATTPROJB, l * C), p_hidden, dropout_seed(m, l, SITE_ATTENTION_OUT), N, C);
+        residual_dropout_forward(d, x.residual2, x.residual, a->proj, param(m, ATTPROJB, l * C), p_hidden, dropout_seed(m, l, SITE_ATTENTION_OUT), N, C);
         // MLP: f, column-parallel first linear + GeLU, row-parallel second linear, g
-        layernorm_forward(d, ln2, a->ln2_mean + l * N, a->ln2_rstd + l * N, residual2, param(m, LN2W, l * C), param(m, LN2B, l * C), N, C);
-        matmul_forward(d, fch, ln2, param(m, FCW, (size_t)l * F * C), param(m, FCB, l * F), N, C, F, fch_gelu);
-        matmul_forward(d, a->proj, fch_gelu, param(m, FCPROJW, (size_t)l * C * F), NULL, N, F, C, NULL);
+        layernorm_forward(d, x.ln2, a->ln2_mean + l * N, a->ln2_rstd + l * N, x.residual2, param(m, LN2W, l * C), param(m, LN2B, l * C), N, C);
+        matmul_forward(d, x.fch, x.ln2, param(m, FCW, (size_t)l * F * C), param(m, FCB, l * F), N, C, F, x.fch_gelu);
+        matmul_forward(d, a->proj, x.fch_gelu, param(m, FCPROJW, (size_t)l * C * F), NULL, N, F, C, NULL);
         tp_g_forward(m->par, d, a->proj, NC);
-        residual_dropout_forward(d, residual3, residual2, a->proj, param(m, FCPROJB, l * C), p_hidden, dropout_seed(m, l, SITE_MLP_OUT), N, C);
+        residual_dropout_forward(d, x.residual3, x.residual2, a->proj, param(m, FCPROJB, l * C), p_hidden, dropout_seed(m, l, SITE_MLP_OUT), N, C);
     }
     void* last = c->L ? at(m, a->residual3, (c->L - 1) * NC) : a->encoded;
     layernorm_forward(d, a->lnf, a->lnf_mean, a->lnf_rstd, last, param(m, LNFW, 0), param(m, LNFB, 0), N, C);
@@ -396,28 +409,21 @@ static void gpt_backward(GPT* m, int B, int T, float p_hidden, float p_attn) {
     dev_zero(d, a->dresidual, NC * dtype_size(d->dtype));
     layernorm_backward(d, a->dresidual, grad(m, LNFW, 0), grad(m, LNFB, 0), a->dln, last, param(m, LNFW, 0), a->lnf_mean, a->lnf_rstd, N, C);
     for (int l = c->L - 1; l >= 0; l--) {
-        void* residual = l == 0 ? a->encoded : at(m, a->residual3, (l - 1) * NC);
-        void* ln1 = at(m, a->ln1, l * NC);
-        void* qkv = at(m, a->qkv, l * (size_t)N * 3 * Ca);
-        void* atty = at(m, a->atty, l * (size_t)N * Ca);
-        void* residual2 = at(m, a->residual2, l * NC);
-        void* ln2 = at(m, a->ln2, l * NC);
-        void* fch = at(m, a->fch, l * (size_t)N * F);
-        void* fch_gelu = at(m, a->fch_gelu, l * (size_t)N * F);
-        // MLP (g's backward is the identity, f's the all-reduce of dln): residual3 = residual2 + dropout(fch_gelu @ fcprojw^T + fcprojb)
+        LayerActs x = layer_acts(m, l, N);
+        // MLP (g's backward is the identity, f's the all-reduce of dln): x.residual3 = x.residual2 + dropout(x.fch_gelu @ fcprojw^T + fcprojb)
         residual_dropout_backward(d, a->dresidual, a->dproj, grad(m, FCPROJB, l * C), a->dresidual, p_hidden, dropout_seed(m, l, SITE_MLP_OUT), N, C);
-        matmul_backward(d, a->dfch_gelu, grad(m, FCPROJW, (size_t)l * C * F), NULL, a->dproj, fch_gelu, param(m, FCPROJW, (size_t)l * C * F), N, F, C);
-        gelu_backward(d, a->dfch, fch, a->dfch_gelu, (size_t)N * F);
-        matmul_backward(d, a->dln, grad(m, FCW, (size_t)l * F * C), grad(m, FCB, l * F), a->dfch, ln2, param(m, FCW, (size_t)l * F * C), N, C, F);
+        matmul_backward(d, a->dfch_gelu, grad(m, FCPROJW, (size_t)l * C * F), NULL, a->dproj, x.fch_gelu, param(m, FCPROJW, (size_t)l * C * F), N, F, C);
+        gelu_backward(d, a->dfch, x.fch, a->dfch_gelu, (size_t)N * F);
+        matmul_backward(d, a->dln, grad(m, FCW, (size_t)l * F * C), grad(m, FCB, l * F), a->dfch, x.ln2, param(m, FCW, (size_t)l * F * C), N, C, F);
         tp_f_backward(m->par, d, a->dln, NC);
-        layernorm_backward(d, a->dresidual, grad(m, LN2W, l * C), grad(m, LN2B, l * C), a->dln, residual2, param(m, LN2W, l * C), a->ln2_mean + l * N, a->ln2_rstd + l * N, N, C);
-        // attention: residual2 = residual + dropout(atty @ attprojw^T + attprojb)
+        layernorm_backward(d, a->dresidual, grad(m, LN2W, l * C), grad(m, LN2B, l * C), a->dln, x.residual2, param(m, LN2W, l * C), a->ln2_mean + l * N, a->ln2_rstd + l * N, N, C);
+        // attention: x.residual2 = x.residual + dropout(x.atty @ attprojw^T + attprojb)
         residual_dropout_backward(d, a->dresidual, a->dproj, grad(m, ATTPROJB, l * C), a->dresidual, p_hidden, dropout_seed(m, l, SITE_ATTENTION_OUT), N, C);
-        matmul_backward(d, a->datty, grad(m, ATTPROJW, (size_t)l * C * Ca), NULL, a->dproj, atty, param(m, ATTPROJW, (size_t)l * C * Ca), N, Ca, C);
-        attention_backward(d, a->dqkv, a->att_delta, a->datty, qkv, atty, a->att_lse + (size_t)l * N * m->NHr, p_attn, attention_dropout_seed(m, l), B, T, m->NHr, c->HS);
-        matmul_backward(d, a->dln, grad(m, QKVW, (size_t)l * 3 * Ca * C), grad(m, QKVB, l * 3 * Ca), a->dqkv, ln1, param(m, QKVW, (size_t)l * 3 * Ca * C), N, C, 3 * Ca);
+        matmul_backward(d, a->datty, grad(m, ATTPROJW, (size_t)l * C * Ca), NULL, a->dproj, x.atty, param(m, ATTPROJW, (size_t)l * C * Ca), N, Ca, C);
+        attention_backward(d, a->dqkv, a->att_delta, a->datty, x.qkv, x.atty, a->att_lse + (size_t)l * N * m->NHr, p_attn, attention_dropout_seed(m, l), B, T, m->NHr, c->HS);
+        matmul_backward(d, a->dln, grad(m, QKVW, (size_t)l * 3 * Ca * C), grad(m, QKVB, l * 3 * Ca), a->dqkv, x.ln1, param(m, QKVW, (size_t)l * 3 * Ca * C), N, C, 3 * Ca);
         tp_f_backward(m->par, d, a->dln, NC);
-        layernorm_backward(d, a->dresidual, grad(m, LN1W, l * C), grad(m, LN1B, l * C), a->dln, residual, param(m, LN1W, l * C), a->ln1_mean + l * N, a->ln1_rstd + l * N, N, C);
+        layernorm_backward(d, a->dresidual, grad(m, LN1W, l * C), grad(m, LN1B, l * C), a->dln, x.residual, param(m, LN1W, l * C), a->ln1_mean + l * N, a->ln1_rstd + l * N, N, C);
         if (m->reduce_in_backward) top = gpt_reduce_layers(m, l, top);
     }
     dropout_backward(d, a->dresidual, p_hidden, dropout_seed(m, 0, SITE_EMBEDDING), NC);
