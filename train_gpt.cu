@@ -1307,7 +1307,7 @@ int main(int argc, char** argv) {
     double flops_per_token = gpt_flops_per_token(cfg.L, cfg.C, T, cfg.Vp);
 
     int64_t consumed = state.consumed_train, consumed_valid = state.consumed_valid, lr_samples = state.scheduler_samples;
-    int updates = state.adam_step, skipped = 0, nan_iters = 0, interval_iters = 0;
+    int updates = state.adam_step, skipped = 0, nan_iters = 0, interval_iters = 0, reported_memory = 0;
     double interval_loss = 0, interval_start = now_seconds(), interval_tokens = 0, last_norm = 0;
     float p_hidden = (float)args.hidden_dropout, p_attn = (float)args.attention_dropout;
     int dp = par.size[GROUP_DP];
@@ -1367,7 +1367,8 @@ int main(int argc, char** argv) {
             row.mfu = peak > 0 ? row.tflops / peak : 0.0;
             log_print(&row);
             log_file_train(&log_file, &row);
-            if (iteration == args.log_interval || (iteration == train_iters && iteration < args.log_interval)) print_memory_report(&model);
+            if (!reported_memory) print_memory_report(&model);  // after the first log line, as Megatron
+            reported_memory = 1;
             interval_loss = interval_tokens = 0;
             interval_iters = skipped = nan_iters = 0;
             interval_start = now_seconds();
