@@ -1,13 +1,15 @@
 /*
 test.h: the few helpers every test program shares.
 
-A test program calls check(...) / check_close(...) for each assertion and ends with
+A test program calls check(...) / check_close(...) for each assertion (random inputs from
+fill_normal, gradients to compare from central_differences) and ends with
 `return test_summary();`, which prints "N passed, N failed" (test/run_tests.sh adds
 these lines up) and exits non-zero if anything failed.
 */
 #ifndef MEGATRON_TEST_H
 #define MEGATRON_TEST_H
 
+#include "../megatron.h"
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -53,6 +55,29 @@ static int check_close(const char* name, const A* got, const B* want, size_t n, 
     char label[512];
     snprintf(label, sizeof(label), "%s (relative error %.2e)", name, err);
     return check(err <= tol, label, "above the tolerance %.1e (n=%zu)", tol, n);
+}
+
+// n draws of N(0, scale^2) from mt.
+template <typename real>
+static void fill_normal(real* x, size_t n, MT19937* mt, double scale) {
+    for (size_t i = 0; i < n; i++) x[i] = (real)(scale * mt_normal(mt));
+}
+
+// d loss() / d x[i] for each of the n elements, by central differences of step h (x is
+// restored). Returns a malloc'd array.
+template <typename F>
+static double* central_differences(double* x, size_t n, double h, F loss) {
+    double* grad = (double*)xmalloc(n * sizeof(double));
+    for (size_t i = 0; i < n; i++) {
+        double saved = x[i];
+        x[i] = saved + h;
+        double up = loss();
+        x[i] = saved - h;
+        double down = loss();
+        x[i] = saved;
+        grad[i] = (up - down) / (2 * h);
+    }
+    return grad;
 }
 
 static int test_summary(void) {

@@ -11,10 +11,6 @@ backward (dq, dk, dv checked apart), p = 0 and 0.1, plus bitwise determinism.
 #include "../megatron.h"
 #include "test.h"
 
-static void fill_normal(double* x, size_t n, MT19937* mt, double scale) {
-    for (size_t i = 0; i < n; i++) x[i] = scale * mt_normal(mt);
-}
-
 // out = dropout(softmax(mask(Q K^T / sqrt(HS)))) V with the whole T x T matrix in memory.
 static void attention_naive(double* out, double* lse, const double* qkv, float p, uint64_t seed, int B, int T, int NH, int HS) {
     int C = NH * HS;
@@ -79,7 +75,6 @@ static void test_cpu_backward_fd(int B, int T, int NH, int HS, float p) {
     double* lse = (double*)xmalloc(B * NH * T * sizeof(double));
     double* delta = (double*)xmalloc(B * NH * T * sizeof(double));
     double* dqkv = (double*)xmalloc(nqkv * sizeof(double));
-    double* numeric = (double*)xmalloc(nqkv * sizeof(double));
     fill_normal(qkv, nqkv, &mt, 1.0);
     fill_normal(G, N * C, &mt, 1.0);
     uint64_t seed = 4242;
@@ -87,18 +82,12 @@ static void test_cpu_backward_fd(int B, int T, int NH, int HS, float p) {
     attention_backward_cpu<double>(dqkv, delta, G, qkv, out, lse, p, seed, B, T, NH, HS);
     double* out2 = (double*)xmalloc(N * C * sizeof(double));
     double* lse2 = (double*)xmalloc(B * NH * T * sizeof(double));
-    double eps = 1e-6;
-    for (size_t e = 0; e < nqkv; e++) {
-        double keep = qkv[e], loss[2];
-        for (int side = 0; side < 2; side++) {
-            qkv[e] = keep + (side ? -eps : eps);
-            attention_forward_cpu<double>(out2, lse2, qkv, p, seed, B, T, NH, HS);
-            loss[side] = 0;
-            for (size_t i = 0; i < N * C; i++) loss[side] += out2[i] * G[i];
-        }
-        qkv[e] = keep;
-        numeric[e] = (loss[0] - loss[1]) / (2 * eps);
-    }
+    double* numeric = central_differences(qkv, nqkv, 1e-6, [&]() {
+        attention_forward_cpu<double>(out2, lse2, qkv, p, seed, B, T, NH, HS);
+        double loss = 0;
+        for (size_t i = 0; i < N * C; i++) loss += out2[i] * G[i];
+        return loss;
+    });
     char name[128];
     snprintf(name, sizeof(name), "cpu bwd vs finite differences B=%d T=%d NH=%d HS=%d p=%g", B, T, NH, HS, p);
     check_close(name, dqkv, numeric, nqkv, 1e-7);

@@ -58,21 +58,6 @@ static double* added(const double* got, const double* base, size_t n) {
     return d;
 }
 
-// The gradient of loss() with respect to each element of x, by central differences.
-template <typename F> static double* numeric_grad(double* x, size_t n, F loss) {
-    double* grad = host<double>(n);
-    const double h = 1e-6;
-    for (size_t i = 0; i < n; i++) {
-        double saved = x[i];
-        x[i] = saved + h;
-        double up = loss();
-        x[i] = saved - h;
-        double down = loss();
-        x[i] = saved;
-        grad[i] = (up - down) / (2 * h);
-    }
-    return grad;
-}
 
 #define FD_TOL 1e-6
 
@@ -90,8 +75,8 @@ static void test_embedding_fd(void) {
     double *dwte0 = host_normal<double>(V * C, 1), *dwpe0 = host_normal<double>(T * C, 1);
     double *dwte = host_copy(dwte0, V * C), *dwpe = host_copy(dwpe0, T * C);
     embedding_backward_cpu(dwte, dwpe, G, tokens, B, T, C);
-    check_close("embedding cpu fd dwte (+=)", added(dwte, dwte0, V * C), numeric_grad(wte, V * C, loss), V * C, FD_TOL);
-    check_close("embedding cpu fd dwpe (+=)", added(dwpe, dwpe0, T * C), numeric_grad(wpe, T * C, loss), T * C, FD_TOL);
+    check_close("embedding cpu fd dwte (+=)", added(dwte, dwte0, V * C), central_differences(wte, V * C, 1e-6, loss), V * C, FD_TOL);
+    check_close("embedding cpu fd dwpe (+=)", added(dwpe, dwpe0, T * C), central_differences(wpe, T * C, 1e-6, loss), T * C, FD_TOL);
     free_host();
 }
 
@@ -107,9 +92,9 @@ static void test_layernorm_fd(void) {
     double *dinp0 = host_normal<double>(N * C, 1), *dweight0 = host_normal<double>(C, 1), *dbias0 = host_normal<double>(C, 1);
     double *dinp = host_copy(dinp0, N * C), *dweight = host_copy(dweight0, C), *dbias = host_copy(dbias0, C);
     layernorm_backward_cpu(dinp, dweight, dbias, G, inp, weight, mean, rstd, N, C);
-    check_close("layernorm cpu fd dinp (+=)", added(dinp, dinp0, N * C), numeric_grad(inp, N * C, loss), N * C, FD_TOL);
-    check_close("layernorm cpu fd dweight (+=)", added(dweight, dweight0, C), numeric_grad(weight, C, loss), C, FD_TOL);
-    check_close("layernorm cpu fd dbias (+=)", added(dbias, dbias0, C), numeric_grad(bias, C, loss), C, FD_TOL);
+    check_close("layernorm cpu fd dinp (+=)", added(dinp, dinp0, N * C), central_differences(inp, N * C, 1e-6, loss), N * C, FD_TOL);
+    check_close("layernorm cpu fd dweight (+=)", added(dweight, dweight0, C), central_differences(weight, C, 1e-6, loss), C, FD_TOL);
+    check_close("layernorm cpu fd dbias (+=)", added(dbias, dbias0, C), central_differences(bias, C, 1e-6, loss), C, FD_TOL);
     free_host();
 }
 
@@ -121,7 +106,7 @@ static void test_gelu_fd(void) {
         return dot(out, G, n);
     };
     gelu_backward_cpu(dinp, inp, G, n);
-    check_close("gelu cpu fd dinp", dinp, numeric_grad(inp, n, loss), n, FD_TOL);
+    check_close("gelu cpu fd dinp", dinp, central_differences(inp, n, 1e-6, loss), n, FD_TOL);
     double x = 1.0, want = 0.5 * x * (1 + tanh(sqrt(2 / M_PI) * (x + 0.044715 * x * x * x)));
     check(fabs(gelu_value(x) - want) < 1e-15, "gelu cpu value at 1", "%.17g != %.17g", gelu_value(x), want);
     free_host();
@@ -141,9 +126,9 @@ static void test_residual_dropout_fd(void) {
     double *dresidual0 = host_normal<double>(n, 1), *dbias0 = host_normal<double>(C, 1);
     double *dresidual = host_copy(dresidual0, n), *dbias = host_copy(dbias0, C), *dx = host<double>(n);
     residual_dropout_backward_cpu(dresidual, dx, dbias, G, p, seed, N, C);
-    check_close("residual_dropout cpu fd dresidual (+=)", added(dresidual, dresidual0, n), numeric_grad(residual, n, loss), n, FD_TOL);
-    check_close("residual_dropout cpu fd dx", dx, numeric_grad(x, n, loss), n, FD_TOL);
-    check_close("residual_dropout cpu fd dbias (+=)", added(dbias, dbias0, C), numeric_grad(bias, C, loss), C, FD_TOL);
+    check_close("residual_dropout cpu fd dresidual (+=)", added(dresidual, dresidual0, n), central_differences(residual, n, 1e-6, loss), n, FD_TOL);
+    check_close("residual_dropout cpu fd dx", dx, central_differences(x, n, 1e-6, loss), n, FD_TOL);
+    check_close("residual_dropout cpu fd dbias (+=)", added(dbias, dbias0, C), central_differences(bias, C, 1e-6, loss), C, FD_TOL);
     int dropped = 0;
     for (size_t i = 0; i < n; i++) dropped += dx[i] == 0;
     check(dropped > 0 && dropped < (int)n, "residual_dropout cpu mask drops some, keeps some", "%d of %zu dropped", dropped, n);

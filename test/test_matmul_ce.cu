@@ -8,11 +8,6 @@ fp32, bf16 and fp16, gradient accumulation, bitwise determinism.
 #include "../megatron.h"
 #include "test.h"
 
-template <typename real>
-static void fill_normal(real* x, size_t n, MT19937* mt, double scale) {
-    for (size_t i = 0; i < n; i++) x[i] = (real)(scale * mt_normal(mt));
-}
-
 // The three products with plain loops in double.
 static void naive_forward(double* out, const double* inp, const double* weight, const double* bias, int N, int C, int OC) {
     for (int n = 0; n < N; n++)
@@ -89,7 +84,7 @@ static void test_matmul_finite_differences(void) {
     MT19937 mt;
     mt_seed(&mt, 7);
     double inp[N * C], w[OC * C], b[OC], R[N * OC], out[N * OC], dout[N * OC];
-    double dinp[N * C], dw[OC * C] = {0}, db[OC] = {0}, fd_inp[N * C], fd_w[OC * C], fd_b[OC];
+    double dinp[N * C], dw[OC * C] = {0}, db[OC] = {0};
     fill_normal(inp, N * C, &mt, 1.0);
     fill_normal(w, OC * C, &mt, 1.0);
     fill_normal(b, OC, &mt, 1.0);
@@ -103,24 +98,13 @@ static void test_matmul_finite_differences(void) {
     loss();
     for (int i = 0; i < N * OC; i++) dout[i] = R[i] + out[i];
     matmul_backward_cpu<double>(dinp, dw, db, dout, inp, w, N, C, OC);
-    const double eps = 1e-5;
-    auto central = [&](double* x, double* fd, int n) {
-        for (int i = 0; i < n; i++) {
-            double keep = x[i];
-            x[i] = keep + eps;
-            double plus = loss();
-            x[i] = keep - eps;
-            double minus = loss();
-            x[i] = keep;
-            fd[i] = (plus - minus) / (2 * eps);
-        }
-    };
-    central(inp, fd_inp, N * C);
-    central(w, fd_w, OC * C);
-    central(b, fd_b, OC);
+    double* fd_inp = central_differences(inp, N * C, 1e-5, loss);
+    double* fd_w = central_differences(w, OC * C, 1e-5, loss);
+    double* fd_b = central_differences(b, OC, 1e-5, loss);
     check_close("cpu matmul dinp vs finite differences", dinp, fd_inp, N * C, 1e-7);
     check_close("cpu matmul dweight vs finite differences", dw, fd_w, OC * C, 1e-7);
     check_close("cpu matmul dbias vs finite differences", db, fd_b, OC, 1e-7);
+    free(fd_inp); free(fd_w); free(fd_b);
 
     // gelu_out is gelu_tanh(out), and out keeps the pre-activation
     double gelu_out[N * OC], out_plain[N * OC], want[N * OC];
@@ -205,7 +189,7 @@ static void test_crossentropy_cpu(void) {
     const int N = 3, V = 7, Vp = 8;
     MT19937 mt;
     mt_seed(&mt, 5);
-    double logits[N * Vp], grad[N * Vp], fd[N * Vp], losses[N], dloss[N];
+    double logits[N * Vp], grad[N * Vp], losses[N], dloss[N];
     int targets[N] = {0, 6, 3};
     fill_normal(logits, N * Vp, &mt, 2.0);
     for (int n = 0; n < N; n++) dloss[n] = 0.5 + mt_uniform(&mt);
@@ -218,17 +202,9 @@ static void test_crossentropy_cpu(void) {
     };
     memcpy(grad, logits, sizeof(grad));
     crossentropy_forward_backward_cpu<double>(losses, grad, targets, dloss, N, V, Vp);
-    const double eps = 1e-5;
-    for (int i = 0; i < N * Vp; i++) {
-        double keep = logits[i];
-        logits[i] = keep + eps;
-        double plus = loss();
-        logits[i] = keep - eps;
-        double minus = loss();
-        logits[i] = keep;
-        fd[i] = (plus - minus) / (2 * eps);
-    }
+    double* fd = central_differences(logits, N * Vp, 1e-5, loss);
     check_close("cpu cross-entropy gradient vs finite differences", grad, fd, N * Vp, 1e-8);
+    free(fd);
     int pad_zero = 1;
     for (int n = 0; n < N; n++) pad_zero &= grad[n * Vp + V] == 0.0;
     check(pad_zero, "cpu cross-entropy gradient is 0 on padded columns", "nonzero");
