@@ -572,6 +572,16 @@ static float* gpt_gather_full_params(GPT* m) {
 // HF's Conv1D stores weights [in, out]; its c_attn columns are [q | k | v] over all
 // heads, where Megatron interleaves per head: [h0: q k v, h1: q k v, ...].
 
+// GPT-2's three plain linears per layer (Conv1D, weight [in, out]) and where they live here.
+static const struct { const char* w; const char* b; int which_w, which_b; } hf_linears[3] = {
+    {"attn.c_proj.weight", "attn.c_proj.bias", ATTPROJW, ATTPROJB},
+    {"mlp.c_fc.weight", "mlp.c_fc.bias", FCW, FCB},
+    {"mlp.c_proj.weight", "mlp.c_proj.bias", FCPROJW, FCPROJB},
+};
+
+// Their sizes chain C -> C, C -> F, F -> C: linear k maps hf_linear_in(k) to hf_linear_in(k + 1).
+static int hf_linear_in(const GPTConfig* c, int k) { return k == 2 ? c->F : c->C; }
+
 // Read HF-named tensors (each name preceded by `prefix`) into host floats in our
 // layout; the padded vocabulary rows stay 0.
 static void hf_read_params(const GPT* m, const SafeTensors* st, const char* prefix, float* host) {
@@ -603,18 +613,13 @@ static void hf_read_params(const GPT* m, const SafeTensors* st, const char* pref
                     for (int i = 0; i < C; i++) qkvw[(size_t)row * C + i] = tmp[(size_t)i * 3 * C + hf_col];
                     qkvb[row] = bias_in[hf_col];
                 }
-        struct { const char* w; const char* b; int which_w, which_b, in, out; } linears[] = {
-            {"attn.c_proj.weight", "attn.c_proj.bias", ATTPROJW, ATTPROJB, C, C},
-            {"mlp.c_fc.weight", "mlp.c_fc.bias", FCW, FCB, C, F},
-            {"mlp.c_proj.weight", "mlp.c_proj.bias", FCPROJW, FCPROJB, F, C},
-        };
         for (int k = 0; k < 3; k++) {
-            int in = linears[k].in, out = linears[k].out;
-            safetensors_read_floats(st, HF("transformer.h.%d.%s", l, linears[k].w), tmp, (size_t)in * out);
-            float* w = host + m->offsets[linears[k].which_w] + (size_t)l * in * out;
+            int in = hf_linear_in(c, k), out = hf_linear_in(c, k + 1);
+            safetensors_read_floats(st, HF("transformer.h.%d.%s", l, hf_linears[k].w), tmp, (size_t)in * out);
+            float* w = host + m->offsets[hf_linears[k].which_w] + (size_t)l * in * out;
             for (int o = 0; o < out; o++)
                 for (int i = 0; i < in; i++) w[(size_t)o * in + i] = tmp[(size_t)i * out + o];
-            safetensors_read_floats(st, HF("transformer.h.%d.%s", l, linears[k].b), host + m->offsets[linears[k].which_b] + (size_t)l * out, out);
+            safetensors_read_floats(st, HF("transformer.h.%d.%s", l, hf_linears[k].b), host + m->offsets[hf_linears[k].which_b] + (size_t)l * out, out);
         }
     }
     #undef HF
@@ -752,18 +757,13 @@ static void hf_write_params(const GPT* m, const float* host, SafeTensorsWriter* 
                 }
         HF_ADD(tmp, C, 3 * C, "transformer.h.%d.attn.c_attn.weight", l);
         HF_ADD(bias_out, 3 * C, 0, "transformer.h.%d.attn.c_attn.bias", l);
-        struct { const char* w; const char* b; int which_w, which_b, in, out; } linears[] = {
-            {"attn.c_proj.weight", "attn.c_proj.bias", ATTPROJW, ATTPROJB, C, C},
-            {"mlp.c_fc.weight", "mlp.c_fc.bias", FCW, FCB, C, F},
-            {"mlp.c_proj.weight", "mlp.c_proj.bias", FCPROJW, FCPROJB, F, C},
-        };
         for (int k = 0; k < 3; k++) {
-            int in = linears[k].in, out = linears[k].out;
-            const float* wt = host + m->offsets[linears[k].which_w] + (size_t)l * in * out;
+            int in = hf_linear_in(c, k), out = hf_linear_in(c, k + 1);
+            const float* wt = host + m->offsets[hf_linears[k].which_w] + (size_t)l * in * out;
             for (int o = 0; o < out; o++)
                 for (int i = 0; i < in; i++) tmp[(size_t)i * out + o] = wt[(size_t)o * in + i];
-            HF_ADD(tmp, in, out, "transformer.h.%d.%s", l, linears[k].w);
-            HF_ADD(host + m->offsets[linears[k].which_b] + (size_t)l * out, out, 0, "transformer.h.%d.%s", l, linears[k].b);
+            HF_ADD(tmp, in, out, "transformer.h.%d.%s", l, hf_linears[k].w);
+            HF_ADD(host + m->offsets[hf_linears[k].which_b] + (size_t)l * out, out, 0, "transformer.h.%d.%s", l, hf_linears[k].b);
         }
     }
     #undef HF_ADD
