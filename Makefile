@@ -5,6 +5,7 @@
 #   make GPU_ARCH=sm_90       Hopper (H100/H200) machine code
 #   make NO_CUDA=1            CPU-only even where nvcc exists
 #   make NO_MPI=1             one process only, even where mpicxx exists
+#   make NO_MHD=1             without the REST server, even where libmicrohttpd is installed
 # With MPI (OpenMPI's mpicxx found) the programs run as several ranks under mpirun/srun
 # (tensor and data parallelism); with nvcc and nccl.h the GPU ranks talk over NCCL.
 #   make test                 build and run the tests (CPU; GPU parts run where a GPU is found)
@@ -44,12 +45,21 @@ NCCL_FLAGS = -DUSE_NCCL -I$(dir $(NCCL_H))
 NCCL_LIBS = -L$(NCCL_LIB_DIR) -Xlinker -rpath -Xlinker $(NCCL_LIB_DIR) -lnccl
 endif
 
+# libmicrohttpd (Debian's libmicrohttpd-dev): the REST server (--port); without it --port is an error
+ifeq ($(NO_MHD),)
+MHD_H := $(firstword $(wildcard /usr/include/microhttpd.h /usr/local/include/microhttpd.h))
+endif
+ifneq ($(MHD_H),)
+MHD_FLAGS = -DUSE_MHD
+MHD_LIBS = -lmicrohttpd
+endif
+
 ifneq ($(HAVE_NVCC),)
-COMPILE = $(NVCC) $(NVCC_FLAGS) $(MPI_FLAGS) $(NCCL_FLAGS)
-LIBS = $(NVCC_LIBS) $(MPI_LIBS) $(NCCL_LIBS)
+COMPILE = $(NVCC) $(NVCC_FLAGS) $(MPI_FLAGS) $(NCCL_FLAGS) $(MHD_FLAGS)
+LIBS = $(NVCC_LIBS) $(MPI_LIBS) $(NCCL_LIBS) $(MHD_LIBS)
 else
-COMPILE = $(CXX) $(HOST_FLAGS) $(MPI_FLAGS) -x c++
-LIBS = -lm $(MPI_LIBS)
+COMPILE = $(CXX) $(HOST_FLAGS) $(MPI_FLAGS) $(MHD_FLAGS) -x c++
+LIBS = -lm $(MPI_LIBS) $(MHD_LIBS)
 endif
 
 HEADERS = megatron.h prepro/tokenizer.h prepro/unicode_tables.h

@@ -10,6 +10,7 @@ Everything GPT, BERT and T5 share lives here, in sections read top to bottom:
   4. optimizer    AdamW, global gradient norm and clipping, fp16 loss scaling
   5. checkpoint   safetensors files, written under temporary names and renamed
   6. training     learning-rate schedules, batch ramp-up, FLOPs and the log line
+  7. server       Megatron's REST text-generation API (PUT /api) over libmicrohttpd
 
 Conventions. Activations are rows of C features; a batch is laid out as Megatron
 lays it, [s, b, h]: row r = t*B + b. Letters: B batch, T sequence length, C hidden
@@ -4086,6 +4087,7 @@ static void adamw_update(const Device* d, void* params, float* master, const flo
 // and then the tensors' bytes; offsets count from the end of the header. Reading maps
 // the file and checks every offset once, so a bad file fails at open with one line.
 
+#include <setjmp.h>
 #include <signal.h>
 
 #define ST_MAX_DIMS 8
@@ -4146,10 +4148,31 @@ typedef struct {
     size_t n, i;
     const char* path;
     const char* kind;  // what the text is, for messages: "safetensors header JSON", "JSON"
+    jmp_buf* recover;  // set (by st_json_try): a malformed text jumps here instead of exiting
+    char error[192];   // then the message
+    char* pending;     // and the string being read, which st_json_try frees
 } StJson;
 
-static void st_json_fail(const StJson* j, const char* what) {
-    die("%s: malformed %s at byte %zu: %s", j->path, j->kind, j->i, what);
+static void st_json_fail(StJson* j, const char* what) {
+    if (!j->recover) die("%s: malformed %s at byte %zu: %s", j->path, j->kind, j->i, what);
+    snprintf(j->error, sizeof(j->error), "malformed %s at byte %zu: %s", j->kind, j->i, what);
+    longjmp(*j->recover, 1);
+}
+
+// Runs read(j, dest) and returns 0, or -1 with the message in j->error when the text is malformed:
+// for text from the network, which must not end the process. dest owns what was read either way.
+static int st_json_try(StJson* j, void (*read)(StJson*, void*), void* dest) {
+    jmp_buf recover;
+    if (setjmp(recover)) {
+        free(j->pending);
+        j->pending = NULL;
+        j->recover = NULL;
+        return -1;
+    }
+    j->recover = &recover;
+    read(j, dest);
+    j->recover = NULL;
+    return 0;
 }
 
 static void st_json_ws(StJson* j) {
@@ -4188,6 +4211,7 @@ static char* st_json_string(StJson* j) {
     while (end < j->n && j->s[end] != '"') end += j->s[end] == '\\' ? 2 : 1;
     char* out = (char*)xmalloc(end - j->i + 1);  // unescaping never grows a string
     size_t len = 0;
+    j->pending = out;
     for (;;) {
         if (j->i >= j->n) st_json_fail(j, "unterminated string");
         unsigned char c = j->s[j->i++];
@@ -4213,6 +4237,7 @@ static char* st_json_string(StJson* j) {
         else { out[len++] = 0xF0 | (cp >> 18); out[len++] = 0x80 | ((cp >> 12) & 0x3F); out[len++] = 0x80 | ((cp >> 6) & 0x3F); out[len++] = 0x80 | (cp & 0x3F); }
     }
     out[len] = 0;
+    j->pending = NULL;
     return out;
 }
 
@@ -4606,7 +4631,7 @@ static void st_writer_meta(SafeTensorsWriter* w, const char* key, const char* va
     w->n_meta++;
 }
 
-// A growing text buffer for the header.
+// A growing text buffer for JSON: the header here, the REST server's answers.
 typedef struct {
     char* s;
     size_t len, cap;
@@ -4616,7 +4641,7 @@ static void st_text_put(StText* b, const char* s, size_t n) {
     if (b->len + n + 1 > b->cap) {
         b->cap = 2 * (b->len + n + 1);
         b->s = (char*)realloc(b->s, b->cap);
-        if (!b->s) die("out of host memory building a safetensors header");
+        if (!b->s) die("out of host memory building a JSON text");
     }
     memcpy(b->s + b->len, s, n);
     b->len += n;
@@ -4698,6 +4723,29 @@ typedef struct {
     char** values;
 } JsonObject;
 
+static int st_json_digits(StJson* j) {
+    size_t start = j->i;
+    while (j->i < j->n && j->s[j->i] >= '0' && j->s[j->i] <= '9') j->i++;
+    return j->i > start;
+}
+
+// A number as JSON spells it: -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?
+static void st_json_number(StJson* j) {
+    if (st_json_peek(j) == '-') j->i++;
+    if (j->i >= j->n || j->s[j->i] < '0' || j->s[j->i] > '9') st_json_fail(j, "expected a value");
+    if (j->s[j->i] == '0') j->i++;
+    else st_json_digits(j);
+    if (j->i < j->n && j->s[j->i] == '.') {
+        j->i++;
+        if (!st_json_digits(j)) st_json_fail(j, "expected digits after '.'");
+    }
+    if (j->i < j->n && (j->s[j->i] == 'e' || j->s[j->i] == 'E')) {
+        j->i++;
+        if (j->i < j->n && (j->s[j->i] == '+' || j->s[j->i] == '-')) j->i++;
+        if (!st_json_digits(j)) st_json_fail(j, "expected digits in the exponent");
+    }
+}
+
 static void st_json_skip_value(StJson* j, int depth) {
     if (depth > 64) st_json_fail(j, "nested too deeply");
     int c = st_json_peek(j);
@@ -4718,9 +4766,31 @@ static void st_json_skip_value(StJson* j, int depth) {
         size_t len = strlen(literals[k]);
         if (j->n - j->i >= len && memcmp(j->s + j->i, literals[k], len) == 0) { j->i += len; return; }
     }
-    size_t start = j->i;  // a number
-    while (j->i < j->n && j->s[j->i] && strchr("+-.0123456789eE", j->s[j->i])) j->i++;
-    if (j->i == start) st_json_fail(j, "expected a value");
+    st_json_number(j);
+}
+
+// Reads j's text, one object, into the JsonObject dest, which owns each key as soon as it is read.
+static void json_object_fill(StJson* j, void* dest) {
+    JsonObject* o = (JsonObject*)dest;
+    st_json_expect(j, '{');
+    if (st_json_peek(j) != '}') for (;;) {
+        o->keys = (char**)realloc(o->keys, (o->n + 1) * sizeof(char*));
+        o->values = (char**)realloc(o->values, (o->n + 1) * sizeof(char*));
+        if (!o->keys || !o->values) die("out of host memory reading %s", j->path);
+        o->values[o->n] = NULL;
+        o->keys[o->n++] = st_json_string(j);
+        st_json_expect(j, ':');
+        st_json_ws(j);
+        size_t start = j->i;
+        st_json_skip_value(j, 0);
+        o->values[o->n - 1] = (char*)xmalloc(j->i - start + 1);
+        memcpy(o->values[o->n - 1], j->s + start, j->i - start);
+        o->values[o->n - 1][j->i - start] = 0;
+        if (st_json_peek(j) == '}') break;
+        st_json_expect(j, ',');
+    }
+    j->i++;
+    if (st_json_peek(j) != -1) st_json_fail(j, "text after the closing '}'");
 }
 
 static void json_object_read(JsonObject* o, const char* path) {
@@ -4734,26 +4804,7 @@ static void json_object_read(JsonObject* o, const char* path) {
     fclose(f);
     if (too_big) die("%s: larger than %zu bytes, not a config file", path, cap);
     StJson j = {text, n, 0, path, "JSON"};
-    st_json_expect(&j, '{');
-    if (st_json_peek(&j) != '}') for (;;) {
-        char* key = st_json_string(&j);
-        st_json_expect(&j, ':');
-        st_json_ws(&j);
-        size_t start = j.i;
-        st_json_skip_value(&j, 0);
-        o->keys = (char**)realloc(o->keys, (o->n + 1) * sizeof(char*));
-        o->values = (char**)realloc(o->values, (o->n + 1) * sizeof(char*));
-        if (!o->keys || !o->values) die("out of host memory reading %s", path);
-        o->keys[o->n] = key;
-        o->values[o->n] = (char*)xmalloc(j.i - start + 1);
-        memcpy(o->values[o->n], text + start, j.i - start);
-        o->values[o->n][j.i - start] = 0;
-        o->n++;
-        if (st_json_peek(&j) == '}') break;
-        st_json_expect(&j, ',');
-    }
-    j.i++;
-    if (st_json_peek(&j) != -1) st_json_fail(&j, "text after the closing '}'");
+    json_object_fill(&j, o);
     free(text);
 }
 
@@ -5074,5 +5125,425 @@ static void log_validation(LogFile* lf, int64_t iteration, double loss) {
     fflush(lf->f);
 }
 // <<< training
+
+// >>> server
+// ----------------------------------------------------------------------------
+// 7. server: Megatron-LM's REST text-generation server (megatron/text_generation_server.py,
+// started by tools/run_text_generation_server.py): PUT /api with a JSON body, answered in JSON.
+//
+//   request  {"prompts": ["..."], "tokens_to_generate": 64, "temperature": 1.0, "top_k": 0, "top_p": 0.0,
+//             "logprobs": false, "random_seed": 1234, "add_BOS": false, "no_log": false}
+//   answer   {"text": ["prompt and generation"], "segments": [["each", " token"]], "logprobs": [[...]] or null}
+//
+// Bad requests get HTTP 400 and one line of plain text, in Megatron's words. Keys the server does not
+// know are ignored, as Megatron ignores them; Megatron options that would change the answer and are not
+// implemented here (beam_width, stop_on_eol, stop_on_double_eol) get a 400 rather than being ignored.
+// HTTP is libmicrohttpd's (built with USE_MHD); the model is behind a GenerateFn, so this section knows
+// no GPT, and the tests drive it with a stand-in.
+
+#define SERVER_MAX_PROMPTS 128    // Megatron's limit
+#define SERVER_MAX_BODY (4 << 20)  // bytes of one request body
+
+typedef struct {
+    int n_prompts;
+    char** prompts;          // UTF-8, as sent
+    int tokens_to_generate;  // 64; 0 (with logprobs) scores the prompts
+    double temperature;      // (0, 100], 1.0
+    int top_k;               // 0..1000; 0: off, 1: greedy
+    double top_p;            // [0, 1]; 0: off; not together with top_k
+    int logprobs;            // answer log p of every token after the first
+    int64_t random_seed;     // 0..2^32-1; -1 when not given (the server's generator continues)
+    int add_BOS;             // begin each prompt with end-of-document
+    int no_log;              // leave the request out of the server's log
+} GenerateRequest;
+
+typedef struct {
+    char* text;       // the prompt and its generation, decoded (valid UTF-8)
+    int n_tokens;     // prompt and generated tokens
+    char** segments;  // each token decoded: Megatron's "segments"
+    float* logprobs;  // n_tokens - 1 values, log p(token i+1 | tokens 0..i); NULL unless asked
+} GeneratedText;
+
+typedef struct {
+    int n;                 // one per prompt
+    GeneratedText* items;  // malloc'd by the GenerateFn; server_response_free frees them
+} GenerateResponse;
+
+// What the program behind the server supplies: fills out->items[0..n) for req and returns 0, or
+// returns non-zero with a message in err (the client gets HTTP 400: a prompt too long for the
+// model, ...). Called on the thread that called server_run, one request at a time.
+typedef int (*GenerateFn)(void* ctx, const GenerateRequest* req, GenerateResponse* out, char* err, size_t err_cap);
+
+static void generate_request_free(GenerateRequest* r) {
+    for (int i = 0; i < r->n_prompts; i++) free(r->prompts[i]);
+    free(r->prompts);
+    memset(r, 0, sizeof(*r));
+}
+
+static void generate_response_free(GenerateResponse* r) {
+    for (int i = 0; i < r->n; i++) {
+        GeneratedText* g = &r->items[i];
+        for (int k = 0; g->segments && k < g->n_tokens; k++) free(g->segments[k]);
+        free(g->segments);
+        free(g->text);
+        free(g->logprobs);
+    }
+    free(r->items);
+    memset(r, 0, sizeof(*r));
+}
+
+// --- the request: the body's keys through JsonObject, then each value checked as Megatron does
+
+static int request_error(char* err, size_t cap, const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, cap, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+// Reads a JSON list of strings into the request's prompts.
+static void request_read_prompts(StJson* j, void* dest) {
+    GenerateRequest* r = (GenerateRequest*)dest;
+    st_json_expect(j, '[');
+    if (st_json_peek(j) == ']') { j->i++; return; }
+    for (;;) {
+        if (st_json_peek(j) != '"') st_json_fail(j, "not a string");
+        r->prompts = (char**)realloc(r->prompts, (r->n_prompts + 1) * sizeof(char*));
+        if (!r->prompts) die("out of host memory reading a request");
+        r->prompts[r->n_prompts] = st_json_string(j);
+        r->n_prompts++;
+        if (st_json_peek(j) == ']') { j->i++; return; }
+        st_json_expect(j, ',');
+    }
+}
+
+// The value of key, checked: 1 when it is absent (out unchanged) or of the type and range asked.
+// Values come from JsonObject, so they are well-formed JSON: a number starts with '-' or a digit.
+static int json_value_is_number(const char* v) { return v[0] == '-' || (v[0] >= '0' && v[0] <= '9'); }
+
+static int request_int(const JsonObject* o, const char* key, int64_t lo, int64_t hi, int64_t* out) {
+    const char* v = json_object_get(o, key);
+    if (!v) return 1;
+    int64_t x;
+    if (!json_value_is_number(v) || strpbrk(v, ".eE") || !parse_int64(v, &x) || x < lo || x > hi) return 0;
+    *out = x;
+    return 1;
+}
+
+static int request_number(const JsonObject* o, const char* key, double lo, double hi, double* out) {
+    const char* v = json_object_get(o, key);
+    if (!v) return 1;
+    if (!json_value_is_number(v)) return 0;
+    double x = strtod(v, NULL);
+    if (!(x >= lo && x <= hi)) return 0;
+    *out = x;
+    return 1;
+}
+
+static int request_bool(const JsonObject* o, const char* key, int* out) {
+    const char* v = json_object_get(o, key);
+    if (!v) return 1;
+    if (strcmp(v, "true") && strcmp(v, "false")) return 0;
+    *out = v[0] == 't';
+    return 1;
+}
+
+// Megatron's checks of text_generation_server.py's put(), in its order and words.
+static int request_check(const JsonObject* o, GenerateRequest* r, char* err, size_t cap) {
+    for (int i = 0; i < o->n; i++)
+        for (int k = 0; k < i; k++)
+            if (!strcmp(o->keys[i], o->keys[k])) return request_error(err, cap, "duplicate key \"%.64s\"", o->keys[i]);
+    const char* prompts = json_object_get(o, "prompts");
+    if (!prompts) return request_error(err, cap, "prompts argument required");
+    if (json_object_get(o, "max_len")) return request_error(err, cap, "max_len is no longer used.  Replace with tokens_to_generate");
+    if (json_object_get(o, "sentences")) return request_error(err, cap, "sentences is no longer used.  Replace with prompts");
+    StJson j = {prompts, strlen(prompts), 0, "request", "prompts"};
+    if (st_json_try(&j, request_read_prompts, r)) return request_error(err, cap, "prompts is not a list of strings");
+    if (r->n_prompts == 0) return request_error(err, cap, "prompts is empty");
+    if (r->n_prompts > SERVER_MAX_PROMPTS) return request_error(err, cap, "Maximum number of prompts is %d", SERVER_MAX_PROMPTS);
+    int64_t tokens = 64, top_k = 0, seed = -1;
+    if (!request_int(o, "tokens_to_generate", 0, INT32_MAX, &tokens))
+        return request_error(err, cap, "tokens_to_generate must be an integer greater than or equal to 0");
+    r->tokens_to_generate = (int)tokens;
+    if (!request_bool(o, "logprobs", &r->logprobs)) return request_error(err, cap, "logprobs must be a boolean value");
+    if (tokens == 0 && !r->logprobs) return request_error(err, cap, "tokens_to_generate=0 implies logprobs should be True");
+    if (!request_number(o, "temperature", DBL_MIN, 100.0, &r->temperature))  // (0, 100]
+        return request_error(err, cap, "temperature must be a positive number less than or equal to 100.0");
+    if (!request_int(o, "top_k", 0, 1000, &top_k))
+        return request_error(err, cap, "top_k must be an integer equal to or greater than 0 and less than or equal to 1000");
+    r->top_k = (int)top_k;
+    if (!request_number(o, "top_p", 0.0, 1.0, &r->top_p)) return request_error(err, cap, "top_p must be a number from 0 to 1.0");
+    if (r->top_p > 0 && r->top_k > 0) return request_error(err, cap, "cannot set both top-k and top-p samplings.");
+    if (!request_bool(o, "add_BOS", &r->add_BOS)) return request_error(err, cap, "add_BOS must be a boolean value");
+    for (int i = 0; i < r->n_prompts; i++)
+        if (!r->prompts[i][0] && !r->add_BOS) return request_error(err, cap, "Empty prompts require add_BOS=true");
+    const char* unsupported[] = {"stop_on_eol", "stop_on_double_eol"};
+    for (int i = 0; i < 2; i++) {
+        int on = 0;
+        if (!request_bool(o, unsupported[i], &on)) return request_error(err, cap, "%s must be a boolean value", unsupported[i]);
+        if (on) return request_error(err, cap, "%s is not supported by this server", unsupported[i]);
+    }
+    if (!request_int(o, "random_seed", 0, UINT32_MAX, &seed)) return request_error(err, cap, "random_seed must be an integer from 0 to 4294967295");
+    r->random_seed = seed;
+    if (!request_bool(o, "no_log", &r->no_log)) return request_error(err, cap, "no_log must be a boolean value");
+    if (json_object_get(o, "beam_width")) return request_error(err, cap, "beam search (beam_width) is not supported by this server");
+    return 0;
+}
+
+// A request body into r: 0, or -1 with the message for the client in err (r is then empty).
+static int generate_request_parse(const char* body, size_t n, GenerateRequest* r, char* err, size_t cap) {
+    memset(r, 0, sizeof(*r));
+    r->tokens_to_generate = 64;
+    r->temperature = 1.0;
+    r->random_seed = -1;
+    JsonObject o;
+    memset(&o, 0, sizeof(o));
+    StJson j = {body, n, 0, "request", "JSON"};
+    int status = st_json_try(&j, json_object_fill, &o) ? request_error(err, cap, "%s", j.error) : request_check(&o, r, err, cap);
+    json_object_free(&o);
+    if (status) generate_request_free(r);
+    return status;
+}
+
+// --- the answer
+
+// {"text": [...], "segments": [[...], ...], "logprobs": [[...], ...] or null}, malloc'd.
+static char* generate_response_json(const GenerateResponse* r, int with_logprobs, size_t* len) {
+    StText b = {NULL, 0, 0};
+    st_text_put(&b, "{\"text\": [", 10);
+    for (int i = 0; i < r->n; i++) {
+        if (i) st_text_put(&b, ", ", 2);
+        st_text_json_string(&b, r->items[i].text);
+    }
+    st_text_put(&b, "], \"segments\": [", 16);
+    for (int i = 0; i < r->n; i++) {
+        st_text_put(&b, i ? ", [" : "[", i ? 3 : 1);
+        for (int k = 0; k < r->items[i].n_tokens; k++) {
+            if (k) st_text_put(&b, ", ", 2);
+            st_text_json_string(&b, r->items[i].segments[k]);
+        }
+        st_text_put(&b, "]", 1);
+    }
+    st_text_put(&b, with_logprobs ? "], \"logprobs\": [" : "], \"logprobs\": null}", with_logprobs ? 16 : 20);
+    for (int i = 0; with_logprobs && i < r->n; i++) {
+        st_text_put(&b, i ? ", [" : "[", i ? 3 : 1);
+        for (int k = 0; k + 1 < r->items[i].n_tokens; k++) {
+            char number[32] = "null";  // for -inf: JSON has no infinity
+            float lp = r->items[i].logprobs[k];
+            if (isfinite(lp)) {
+                snprintf(number, sizeof(number), "%.9g", lp);
+                if (!strpbrk(number, ".e")) strcat(number, ".0");  // -1.0, not -1: a float to Python's json too
+            }
+            st_text_printf(&b, "%s%s", k ? ", " : "", number);
+        }
+        st_text_put(&b, "]", 1);
+    }
+    if (with_logprobs) st_text_put(&b, "]}", 2);
+    *len = b.len;
+    return b.s;
+}
+
+// --- flags
+
+typedef struct {
+    int port;                  // -1: no server
+    const char* bind_address;
+} ServerArgs;
+
+static int server_args_table(ServerArgs* s, ArgSpec* t) {
+    s->port = -1;
+    s->bind_address = "127.0.0.1";
+    t[0] = ArgSpec{"--port", ARG_INT, &s->port, "serve Megatron's REST API (PUT /api) on this port until killed (0: any free port)"};
+    t[1] = ArgSpec{"--bind-address", ARG_STRING, &s->bind_address, "numeric IPv4/IPv6 address the server listens on (127.0.0.1; 0.0.0.0: all)"};
+    return 2;
+}
+
+static void server_unavailable(void) { die("--port: built without libmicrohttpd (apt-get install libmicrohttpd-dev, then rebuild)"); }
+
+static void server_args_validate(const ServerArgs* s) {
+    if (s->port < -1 || s->port > 65535) arg_error("--port %d: expected 0 to 65535", s->port);
+#ifndef USE_MHD
+    if (s->port >= 0) server_unavailable();
+#endif
+}
+
+// --- HTTP: libmicrohttpd parses requests (headers, chunked bodies, Expect: 100-continue, keep-alive,
+// limits) on a thread per connection; those threads hand each valid request to the thread that
+// called server_run, which alone runs the model (its GPU, MPI and OpenMP state stay on one thread).
+
+#ifdef USE_MHD
+#include <arpa/inet.h>
+#include <microhttpd.h>
+#include <netdb.h>
+#include <pthread.h>
+
+// A request on its way from a connection's thread to the model's thread, and its answer.
+typedef struct {
+    const GenerateRequest* req;
+    GenerateResponse* out;
+    char* err;
+    size_t err_cap;
+    int status;  // the GenerateFn's
+    int done;
+} ServerJob;
+
+typedef struct {
+    GenerateFn generate;
+    void* ctx;
+    pthread_mutex_t lock;
+    pthread_cond_t changed;  // a job was posted or finished
+    ServerJob* job;          // the one posted or running; NULL when the model is free
+} Server;
+
+// A connection's request body, gathered over the handler's calls.
+typedef struct {
+    StText body;
+    int too_large;
+} ServerUpload;
+
+// Posts the job and waits for the model's thread to finish it; one job at a time.
+static void server_submit(Server* s, ServerJob* job) {
+    pthread_mutex_lock(&s->lock);
+    while (s->job) pthread_cond_wait(&s->changed, &s->lock);
+    s->job = job;
+    pthread_cond_broadcast(&s->changed);
+    while (!job->done) pthread_cond_wait(&s->changed, &s->lock);
+    pthread_mutex_unlock(&s->lock);
+}
+
+static enum MHD_Result server_reply(struct MHD_Connection* c, unsigned status, const char* text, size_t len, const char* type) {
+    struct MHD_Response* r = MHD_create_response_from_buffer(len, (void*)text, MHD_RESPMEM_MUST_COPY);
+    if (!r) return MHD_NO;
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, type);
+    if (status == MHD_HTTP_METHOD_NOT_ALLOWED) MHD_add_response_header(r, MHD_HTTP_HEADER_ALLOW, "PUT");
+    enum MHD_Result queued = MHD_queue_response(c, status, r);
+    MHD_destroy_response(r);
+    return queued;
+}
+
+static enum MHD_Result server_error(struct MHD_Connection* c, unsigned status, const char* message) {
+    char line[640];
+    int n = snprintf(line, sizeof(line), "%s\n", message);
+    if (status != MHD_HTTP_NOT_FOUND && status != MHD_HTTP_METHOD_NOT_ALLOWED) {
+        printf("PUT /api: %u %s\n", status, message);
+        fflush(stdout);
+    }
+    return server_reply(c, status, line, (size_t)n < sizeof(line) ? (size_t)n : sizeof(line) - 1, "text/plain; charset=utf-8");
+}
+
+// A complete PUT /api body: validated here, generated on the model's thread, answered.
+static enum MHD_Result server_answer(Server* s, struct MHD_Connection* c, const char* body, size_t len) {
+    GenerateRequest req;
+    char err[512];
+    if (generate_request_parse(body, len, &req, err, sizeof(err))) return server_error(c, MHD_HTTP_BAD_REQUEST, err);
+    double start = now_seconds();
+    GenerateResponse out = {req.n_prompts, (GeneratedText*)xcalloc(req.n_prompts, sizeof(GeneratedText))};
+    ServerJob job = {&req, &out, err, sizeof(err), 0, 0};
+    server_submit(s, &job);
+    enum MHD_Result queued;
+    if (job.status) {
+        queued = server_error(c, MHD_HTTP_BAD_REQUEST, err);
+    } else {
+        size_t n;
+        char* json = generate_response_json(&out, req.logprobs, &n);
+        queued = server_reply(c, MHD_HTTP_OK, json, n, "application/json");
+        free(json);
+        if (!req.no_log)
+            printf("PUT /api: 200, %d prompt%s, tokens_to_generate %d, %.2f s\n", req.n_prompts, req.n_prompts > 1 ? "s" : "",
+                   req.tokens_to_generate, now_seconds() - start);
+        fflush(stdout);
+    }
+    generate_response_free(&out);
+    generate_request_free(&req);
+    return queued;
+}
+
+// libmicrohttpd calls this once with the headers, once per piece of body, then once more.
+static enum MHD_Result server_handle(void* cls, struct MHD_Connection* c, const char* url, const char* method, const char* version,
+                                     const char* data, size_t* data_size, void** state) {
+    if (strcmp(url, "/api")) return server_error(c, MHD_HTTP_NOT_FOUND, "not found: the API is PUT /api");
+    if (strcmp(method, MHD_HTTP_METHOD_PUT)) return server_error(c, MHD_HTTP_METHOD_NOT_ALLOWED, "method not allowed: the API is PUT /api");
+    ServerUpload* up = (ServerUpload*)*state;
+    if (!up) {
+        *state = xcalloc(1, sizeof(ServerUpload));
+        return MHD_YES;
+    }
+    if (*data_size) {
+        up->too_large |= up->body.len + *data_size > SERVER_MAX_BODY;
+        if (!up->too_large) st_text_put(&up->body, data, *data_size);
+        *data_size = 0;
+        return MHD_YES;
+    }
+    if (up->too_large) {
+        char message[64];
+        snprintf(message, sizeof(message), "request body larger than %d bytes", SERVER_MAX_BODY);
+        return server_error(c, 413, message);  // Content Too Large
+    }
+    return server_answer((Server*)cls, c, up->body.s ? up->body.s : "", up->body.len);
+}
+
+static void server_completed(void* cls, struct MHD_Connection* c, void** state, enum MHD_RequestTerminationCode why) {
+    ServerUpload* up = (ServerUpload*)*state;
+    if (up) free(up->body.s);
+    free(up);
+    *state = NULL;
+}
+
+// --bind-address and --port as a socket address; returns whether it is IPv6.
+static int server_address(const ServerArgs* a, struct sockaddr_storage* out) {
+    struct addrinfo hints, *found;
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_flags = AI_NUMERICHOST | AI_PASSIVE;
+    hints.ai_socktype = SOCK_STREAM;
+    if (getaddrinfo(a->bind_address, NULL, &hints, &found)) arg_error("--bind-address %s: not a numeric IPv4 or IPv6 address", a->bind_address);
+    memset(out, 0, sizeof(*out));
+    memcpy(out, found->ai_addr, found->ai_addrlen);
+    freeaddrinfo(found);
+    int ipv6 = out->ss_family == AF_INET6;
+    if (ipv6) ((struct sockaddr_in6*)out)->sin6_port = htons((uint16_t)a->port);
+    else ((struct sockaddr_in*)out)->sin_port = htons((uint16_t)a->port);
+    return ipv6;
+}
+
+// Serves until the process is killed, running every generation on the calling thread. Prints
+// "serving PUT http://ADDRESS:PORT/api" once it listens (the port the system chose for --port 0).
+static void server_run(const ServerArgs* a, GenerateFn generate, void* ctx) {
+    struct sockaddr_storage addr;
+    int ipv6 = server_address(a, &addr);
+    Server s;
+    memset(&s, 0, sizeof(s));
+    s.generate = generate;
+    s.ctx = ctx;
+    pthread_mutex_init(&s.lock, NULL);
+    pthread_cond_init(&s.changed, NULL);
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION | MHD_USE_ERROR_LOG | (ipv6 ? MHD_USE_IPv6 : 0);
+    struct MHD_Daemon* daemon = MHD_start_daemon(flags, (uint16_t)a->port, NULL, NULL, server_handle, &s,
+                                                 MHD_OPTION_SOCK_ADDR, (struct sockaddr*)&addr,
+                                                 MHD_OPTION_CONNECTION_LIMIT, (unsigned)64,
+                                                 MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)120,
+                                                 MHD_OPTION_NOTIFY_COMPLETED, server_completed, NULL, MHD_OPTION_END);
+    if (!daemon) die("cannot serve on %s port %d (libmicrohttpd's reason above)", a->bind_address, a->port);
+    const union MHD_DaemonInfo* info = MHD_get_daemon_info(daemon, MHD_DAEMON_INFO_BIND_PORT);
+    printf("serving PUT http://%s%s%s:%u/api (Megatron's text generation API); stop with Ctrl-C\n", ipv6 ? "[" : "", a->bind_address,
+           ipv6 ? "]" : "", (unsigned)info->port);
+    fflush(stdout);
+    for (;;) {
+        pthread_mutex_lock(&s.lock);
+        while (!s.job) pthread_cond_wait(&s.changed, &s.lock);
+        ServerJob* job = s.job;
+        pthread_mutex_unlock(&s.lock);
+        job->status = generate(ctx, job->req, job->out, job->err, job->err_cap);
+        pthread_mutex_lock(&s.lock);
+        job->done = 1;
+        s.job = NULL;
+        pthread_cond_broadcast(&s.changed);
+        pthread_mutex_unlock(&s.lock);
+    }
+}
+#else
+static void server_run(const ServerArgs* a, GenerateFn generate, void* ctx) { server_unavailable(); }
+#endif
+// <<< server
 
 #endif  // MEGATRON_H
