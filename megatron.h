@@ -5174,6 +5174,11 @@ typedef struct {
 // model, ...). Called on the thread that called server_run, one request at a time.
 typedef int (*GenerateFn)(void* ctx, const GenerateRequest* req, GenerateResponse* out, char* err, size_t err_cap);
 
+// Called on the same thread after every idle_seconds without a request (may be NULL): a
+// tensor-parallel rank 0 tells the other ranks it is alive, so that their wait for the next
+// request never runs into --collective-timeout.
+typedef void (*IdleFn)(void* ctx);
+
 static void generate_request_free(GenerateRequest* r) {
     for (int i = 0; i < r->n_prompts; i++) free(r->prompts[i]);
     free(r->prompts);
@@ -5490,6 +5495,17 @@ static void server_completed(void* cls, struct MHD_Connection* c, void** state, 
     *state = NULL;
 }
 
+// Waits on s->changed (s->lock held) for at most `seconds`; returns whether the time ran out.
+static int server_wait(Server* s, double seconds) {
+    if (!(seconds > 0)) {
+        pthread_cond_wait(&s->changed, &s->lock);
+        return 0;
+    }
+    double until = now_seconds() + seconds;
+    struct timespec deadline = {(time_t)until, (long)((until - (time_t)until) * 1e9)};
+    return pthread_cond_timedwait(&s->changed, &s->lock, &deadline) == ETIMEDOUT;
+}
+
 // --bind-address and --port as a socket address; returns whether it is IPv6.
 static int server_address(const ServerArgs* a, struct sockaddr_storage* out) {
     struct addrinfo hints, *found;
@@ -5508,7 +5524,7 @@ static int server_address(const ServerArgs* a, struct sockaddr_storage* out) {
 
 // Serves until the process is killed, running every generation on the calling thread. Prints
 // "serving PUT http://ADDRESS:PORT/api" once it listens (the port the system chose for --port 0).
-static void server_run(const ServerArgs* a, GenerateFn generate, void* ctx) {
+static void server_run(const ServerArgs* a, GenerateFn generate, IdleFn idle, double idle_seconds, void* ctx) {
     struct sockaddr_storage addr;
     int ipv6 = server_address(a, &addr);
     Server s;
@@ -5516,7 +5532,10 @@ static void server_run(const ServerArgs* a, GenerateFn generate, void* ctx) {
     s.generate = generate;
     s.ctx = ctx;
     pthread_mutex_init(&s.lock, NULL);
-    pthread_cond_init(&s.changed, NULL);
+    pthread_condattr_t monotonic;  // idle deadlines on the clock now_seconds reads
+    pthread_condattr_init(&monotonic);
+    pthread_condattr_setclock(&monotonic, CLOCK_MONOTONIC);
+    pthread_cond_init(&s.changed, &monotonic);
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION | MHD_USE_ERROR_LOG | (ipv6 ? MHD_USE_IPv6 : 0);
     struct MHD_Daemon* daemon = MHD_start_daemon(flags, (uint16_t)a->port, NULL, NULL, server_handle, &s,
                                                  MHD_OPTION_SOCK_ADDR, (struct sockaddr*)&addr,
@@ -5530,9 +5549,14 @@ static void server_run(const ServerArgs* a, GenerateFn generate, void* ctx) {
     fflush(stdout);
     for (;;) {
         pthread_mutex_lock(&s.lock);
-        while (!s.job) pthread_cond_wait(&s.changed, &s.lock);
+        int idle_now = 0;
+        while (!s.job && !idle_now) idle_now = server_wait(&s, idle ? idle_seconds : 0);
         ServerJob* job = s.job;
         pthread_mutex_unlock(&s.lock);
+        if (!job) {
+            idle(ctx);
+            continue;
+        }
         job->status = generate(ctx, job->req, job->out, job->err, job->err_cap);
         pthread_mutex_lock(&s.lock);
         job->done = 1;
@@ -5542,7 +5566,7 @@ static void server_run(const ServerArgs* a, GenerateFn generate, void* ctx) {
     }
 }
 #else
-static void server_run(const ServerArgs* a, GenerateFn generate, void* ctx) { server_unavailable(); }
+static void server_run(const ServerArgs* a, GenerateFn generate, IdleFn idle, double idle_seconds, void* ctx) { server_unavailable(); }
 #endif
 // <<< server
 

@@ -16,7 +16,7 @@ HTTP side with curl.
 
 typedef struct {
     MT19937 rng;
-    int busy;
+    int busy, idle_calls;
 } FakeModel;
 
 static char* fake_strndup(const char* s, size_t n) {
@@ -69,6 +69,12 @@ static int fake_generate(void* ctx, const GenerateRequest* req, GenerateResponse
     usleep(20000);  // long enough for concurrent clients to queue up behind this one
     m->busy--;
     return 0;
+}
+
+// The first idle call says so in the log (test_server.sh looks for it).
+static void fake_idle(void* ctx) {
+    if (((FakeModel*)ctx)->idle_calls++ == 0) printf("stand-in model: idle\n");
+    fflush(stdout);
 }
 
 // --- parsing
@@ -232,7 +238,7 @@ int main(int argc, char** argv) {
         FakeModel m;
         memset(&m, 0, sizeof(m));
         mt_seed(&m.rng, 1234);
-        server_run(&args, fake_generate, &m);
+        server_run(&args, fake_generate, fake_idle, 0.05, &m);
     }
     test_valid_requests();
     test_refused_requests();

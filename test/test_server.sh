@@ -152,6 +152,8 @@ for s in "${seeds[@]}"; do
     { [ "$(cat "$W/code_$s")" = 200 ] && cmp -s "$W/alone_$s" "$W/together_$s"; } || bad="$bad $s"
 done
 [ -z "$bad" ] && ok "${#seeds[@]} concurrent clients get the answers they get one at a time" || fail "concurrent clients" "differ for seeds$bad"
+for _ in $(seq 100); do grep -q "^stand-in model: idle" "$W/fake.log" && break; sleep 0.1; done
+grep -q "^stand-in model: idle" "$W/fake.log" && ok "between requests the model's thread gets its idle calls" || fail "idle calls" "none in the log"
 kill -0 "$SERVER_PID" 2> /dev/null && ok "the server is still up after all that" || fail "server alive" "$(tail -n 3 "$W/fake.log")"
 grep -q "^PUT /api: 400 top_k must be" "$W/fake.log" && grep -q "^PUT /api: 200, 2 prompts, tokens_to_generate 16" "$W/fake.log" \
     && ok "the server logs each request in one line" || fail "server log" "$(tail -n 3 "$W/fake.log")"
