@@ -5137,7 +5137,8 @@ static void log_validation(LogFile* lf, int64_t iteration, double loss) {
 //
 // Bad requests get HTTP 400 and one line of plain text, in Megatron's words. Keys the server does not
 // know are ignored, as Megatron ignores them; Megatron options that would change the answer and are not
-// implemented here (beam_width, stop_on_eol, stop_on_double_eol) get a 400 rather than being ignored.
+// implemented here (beam_width, stop_on_eol, stop_on_double_eol, prevent_newline_after_colon,
+// top_p_decay, top_p_bound) get a 400 when they ask for anything but the default.
 // HTTP is libmicrohttpd's (built with USE_MHD); the model is behind a GenerateFn, so this section knows
 // no GPT, and the tests drive it with a stand-in.
 
@@ -5283,11 +5284,16 @@ static int request_check(const JsonObject* o, GenerateRequest* r, char* err, siz
     if (!request_bool(o, "add_BOS", &r->add_BOS)) return request_error(err, cap, "add_BOS must be a boolean value");
     for (int i = 0; i < r->n_prompts; i++)
         if (!r->prompts[i][0] && !r->add_BOS) return request_error(err, cap, "Empty prompts require add_BOS=true");
-    const char* unsupported[] = {"stop_on_eol", "stop_on_double_eol"};
-    for (int i = 0; i < 2; i++) {
+    const char* unsupported_switches[] = {"stop_on_eol", "stop_on_double_eol", "prevent_newline_after_colon"};
+    for (int i = 0; i < 3; i++) {
         int on = 0;
-        if (!request_bool(o, unsupported[i], &on)) return request_error(err, cap, "%s must be a boolean value", unsupported[i]);
-        if (on) return request_error(err, cap, "%s is not supported by this server", unsupported[i]);
+        if (!request_bool(o, unsupported_switches[i], &on)) return request_error(err, cap, "%s must be a boolean value", unsupported_switches[i]);
+        if (on) return request_error(err, cap, "%s is not supported by this server", unsupported_switches[i]);
+    }
+    const char* unsupported_numbers[] = {"top_p_decay", "top_p_bound"};  // 0: off
+    for (int i = 0; i < 2; i++) {
+        double off = 0;
+        if (!request_number(o, unsupported_numbers[i], 0.0, 0.0, &off)) return request_error(err, cap, "%s is not supported by this server", unsupported_numbers[i]);
     }
     if (!request_int(o, "random_seed", 0, UINT32_MAX, &seed)) return request_error(err, cap, "random_seed must be an integer from 0 to 4294967295");
     r->random_seed = seed;

@@ -97,7 +97,7 @@ static void test_valid_requests(void) {
     const char* full =
         " {\"prompts\": [\"a\", \"\", \"q\\\"\\\\\\/\\n\\t\\u00e9\\ud83d\\ude00\xe2\x88\x91\"], \"tokens_to_generate\": 0, \"logprobs\": true,\n"
         "  \"temperature\": 0.5e1, \"top_k\": 1000, \"top_p\": 0, \"random_seed\": 4294967295, \"add_BOS\": true, \"no_log\": true,\n"
-        "  \"stop_on_eol\": false, \"unknown_key\": {\"nested\": [1, -2.5E-3, null, \"x\"]}} \r\n";
+        "  \"stop_on_eol\": false, \"top_p_decay\": 0.0, \"stop_token\": 50256, \"unknown_key\": {\"nested\": [1, -2.5E-3, null, \"x\"]}} \r\n";
     status = parse(full, &r, err);
     check(status == 0 && r.n_prompts == 3, "every field", "status %d: %s", status, err);
     if (status == 0) {
@@ -164,6 +164,9 @@ static void test_refused_requests(void) {
         {"{\"prompts\": [\"a\"], \"add_BOS\": \"yes\"}", "add_BOS must be a boolean value"},
         {"{\"prompts\": [\"a\"], \"stop_on_eol\": true}", "stop_on_eol is not supported by this server"},
         {"{\"prompts\": [\"a\"], \"stop_on_double_eol\": true}", "stop_on_double_eol is not supported by this server"},
+        {"{\"prompts\": [\"a\"], \"prevent_newline_after_colon\": true}", "prevent_newline_after_colon is not supported by this server"},
+        {"{\"prompts\": [\"a\"], \"top_p\": 0.5, \"top_p_decay\": 0.9}", "top_p_decay is not supported by this server"},
+        {"{\"prompts\": [\"a\"], \"top_p\": 0.5, \"top_p_bound\": 0.1}", "top_p_bound is not supported by this server"},
         {"{\"prompts\": [\"a\"], \"random_seed\": -1}", "random_seed must be an integer from 0 to 4294967295"},
         {"{\"prompts\": [\"a\"], \"random_seed\": 4294967296}", "random_seed must be an integer from 0 to 4294967295"},
         {"{\"prompts\": [\"a\"], \"no_log\": null}", "no_log must be a boolean value"},
