@@ -5153,7 +5153,7 @@ typedef struct {
     int top_k;               // 0..1000; 0: off, 1: greedy
     double top_p;            // [0, 1]; 0: off; not together with top_k
     int logprobs;            // answer log p of every token after the first
-    int64_t random_seed;     // 0..2^32-1; -1 when not given (the server's generator continues)
+    int64_t random_seed;     // 0..2^32-1; -1 when not given (the program behind the server picks one)
     int add_BOS;             // begin each prompt with end-of-document
     int no_log;              // leave the request out of the server's log
 } GenerateRequest;
@@ -5167,7 +5167,7 @@ typedef struct {
 
 typedef struct {
     int n;                 // one per prompt
-    GeneratedText* items;  // malloc'd by the GenerateFn; server_response_free frees them
+    GeneratedText* items;  // filled by the GenerateFn (malloc'd); generate_response_free frees them
 } GenerateResponse;
 
 // What the program behind the server supplies: fills out->items[0..n) for req and returns 0, or
