@@ -1275,9 +1275,9 @@ static void print_memory_report(const GPT* m) {
            "other activation buffers %.2f MiB\n", plan, m->stored_bytes / mib, m->stored_bytes / mib / L, m->recompute_bytes / mib, other / mib);
     double s = m->T, b = m->B, h = m->cfg.C, a = m->cfg.NH, t = m->tp, sbh = s * b * h;
     printf("[memory] Megatron-3 per layer (s %d, b %d, h %d, a %d, t %d; 16-bit): none sbh(10+24/t+5as/ht) %.3f MiB | "
-           "selective sbh(10+24/t) %.3f MiB | full 2sbh %.3f MiB | this run stores %zu-byte activations\n",
+           "selective sbh(10+24/t) %.3f MiB | full 2sbh %.3f MiB | this run's activations are %zu-byte: x%g\n",
            m->T, m->B, m->cfg.C, m->cfg.NH, m->tp, sbh * (10 + 24 / t + 5 * a * s / (h * t)) / mib, sbh * (10 + 24 / t) / mib,
-           2 * sbh / mib, es);
+           2 * sbh / mib, es, es / 2.0);
 }
 
 // Data parallelism splits every global batch as Megatron's MegatronPretrainingSampler: of each
