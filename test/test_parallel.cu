@@ -6,7 +6,8 @@ alone): the conjugate operators f and g, the vocab-parallel cross-entropy agains
 single-device one, and a whole tiny GPT at t = 2 against the same GPT at t = 1 (logits, loss,
 every gradient gathered back into the full layout), with the collective counter checked against
 doc/parallelism.md: per layer 2 all-reduces forward and 2 backward. A build without MPI checks
-only that the single-rank path runs and says so.
+only that the single-rank path runs and says so. Where a GPU is found, rank 0 also runs every
+collective through a one-rank NCCL communicator (--debug-force-nccl's path).
 */
 #define TESTING
 #include "../train_gpt.cu"
@@ -149,6 +150,7 @@ static void test_nccl_one_rank(void) {
     Device gpu;
     device_init(&gpu, "cuda", DT_BF16);
     Parallel solo = *parallel_serial();
+    memset(solo.calls, 0, sizeof(solo.calls));  // the serial model's counts so far
     parallel_init_nccl(&solo, &gpu, 1);
     check(solo.nccl[GROUP_TP] && solo.nccl[GROUP_DP] && solo.nccl[GROUP_WORLD], "NCCL one-rank: a communicator per group", "missing");
     enum { N = 1000 };
@@ -203,8 +205,8 @@ int main(int argc, char** argv) {
     test_tensor_parallel_gpt(&cpu);
     printf("skip GPU tensor parallelism: needs several GPUs (run train_gpt under mpirun on a multi-GPU machine)\n");
 #ifdef HAVE_NCCL
-    if (gpu_available() && par.size[GROUP_WORLD] == 1) test_nccl_one_rank();
-    else printf("skip NCCL on one GPU: no GPU, or several ranks\n");
+    if (gpu_available() && par.rank[GROUP_WORLD] == 0) test_nccl_one_rank();  // a world of its own
+    else if (par.rank[GROUP_WORLD] == 0) printf("skip NCCL on one GPU: no GPU\n");
 #else
     printf("skip NCCL on one GPU: built without NCCL\n");
 #endif
