@@ -47,6 +47,7 @@ expect "recompute layers above the model's" 2 "--recompute-num-layers 3 is not i
 expect "recompute layers with selective" 2 "--recompute-num-layers needs --recompute-granularity full" "${RUN[@]}" \
     --recompute-granularity selective --recompute-num-layers 1
 expect "old and new recompute flags" 2 "--checkpoint-activations is an old name" "${RUN[@]}" --checkpoint-activations --recompute-granularity full
+expect "NCCL forced on the CPU" 2 "--debug-force-nccl needs a GPU" "${RUN[@]}" --debug-force-nccl
 expect "missing dataset" 1 "$WORK/nothing" "${RUN[@]}" --data-path "$WORK/nothing"
 head -c 50 "$PREFIX.idx" > "$WORK/cut.idx" && cp "$PREFIX.bin" "$WORK/cut.bin"
 expect "truncated .idx" 1 "cut.idx" "${RUN[@]}" --data-path "$WORK/cut"
