@@ -315,18 +315,24 @@ static void device_free(Device* d) {
     (void)d;
 }
 
+#ifdef __CUDACC__
+// One line naming the request and what the GPU has left, where an allocation failed.
+static void die_gpu_out_of_memory(size_t bytes) {
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    die("GPU out of memory: asked for %zu bytes (%.1f MiB) with %.1f MiB free of %.1f MiB (try a smaller --micro-batch-size, "
+        "or --recompute-granularity full)", bytes, bytes / 1048576.0, free_b / 1048576.0, total_b / 1048576.0);
+}
+#endif
+
 // Memory on the run's device: cudaMalloc on a GPU, malloc on the CPU.
 static void* dev_malloc(const Device* d, size_t bytes) {
 #ifdef __CUDACC__
     if (d->is_gpu) {
         void* p = NULL;
         cudaError_t err = cudaMalloc(&p, bytes ? bytes : 1);
-        if (err != cudaSuccess) {
-            size_t free_b = 0, total_b = 0;
-            cudaMemGetInfo(&free_b, &total_b);
-            die("GPU out of memory: asked for %.1f MiB with %.1f MiB free of %.1f MiB (try a smaller --micro-batch-size)",
-                bytes / 1048576.0, free_b / 1048576.0, total_b / 1048576.0);
-        }
+        if (err == cudaErrorMemoryAllocation) die_gpu_out_of_memory(bytes);
+        cudaCheck(err);
         return p;
     }
 #endif
@@ -472,10 +478,13 @@ typedef struct {
     int num_layers, hidden_size, ffn_hidden_size, num_attention_heads, seq_length, max_position_embeddings;
     int make_vocab_size_divisible_by, tensor_model_parallel_size;
     // parallelism (data_parallel_size is not a flag: world size / tensor-parallel size, set before args_validate)
-    int data_parallel_size, use_distributed_optimizer, use_cpu_initialization, debug_hang_rank;
+    int data_parallel_size, use_distributed_optimizer, use_cpu_initialization, debug_hang_rank, debug_force_nccl;
     double collective_timeout, ddp_bucket_size;
     const char* debug_dump_params;
     double hidden_dropout, attention_dropout, init_method_std;
+    // activation recomputation (Megatron-3 §5)
+    const char *recompute_granularity, *recompute_method;
+    int recompute_num_layers, recompute_activations, checkpoint_activations;
     // batch and schedule
     int micro_batch_size, global_batch_size;
     ArgList rampup_batch_size;
@@ -512,6 +521,7 @@ static void args_defaults(Args* a) {
     a->hidden_dropout = 0.1;
     a->attention_dropout = 0.1;
     a->init_method_std = 0.02;
+    a->recompute_num_layers = -1;  // not given: 1
     a->min_lr = 0.0;
     a->lr_decay_style = "linear";
     a->weight_decay = 0.01;
@@ -551,9 +561,15 @@ static int args_table(Args* a, ArgSpec* t) {
     ARG("--collective-timeout", ARG_FLOAT, collective_timeout, "seconds a collective waits for the other ranks before the run stops (600)");
     ARG("--debug-dump-params", ARG_STRING, debug_dump_params, "after training, write the full fp32 parameters (raw) here (tests)");
     ARG("--debug-hang-rank", ARG_INT, debug_hang_rank, "this rank stops before its first collective (tests the timeouts)");
+    ARG("--debug-force-nccl", ARG_FLAG, debug_force_nccl, "collectives run through NCCL even in groups of one rank (checks NCCL on one GPU)");
     ARG("--hidden-dropout", ARG_FLOAT, hidden_dropout, "dropout after embedding, attention and MLP (0.1)");
     ARG("--attention-dropout", ARG_FLOAT, attention_dropout, "dropout on attention probabilities (0.1)");
     ARG("--init-method-std", ARG_FLOAT, init_method_std, "std of the normal initialisation (0.02)");
+    ARG("--recompute-granularity", ARG_STRING, recompute_granularity, "full|selective (none). full: layers' forward runs again in the backward; selective: what every run does here (no s x s scores kept)");
+    ARG("--recompute-method", ARG_STRING, recompute_method, "with full: uniform (groups of N layers) or block (the first N layers)");
+    ARG("--recompute-num-layers", ARG_INT, recompute_num_layers, "N for --recompute-method (1)");
+    ARG("--recompute-activations", ARG_FLAG, recompute_activations, "= --recompute-granularity selective");
+    ARG("--checkpoint-activations", ARG_FLAG, checkpoint_activations, "old name of --recompute-granularity full --recompute-method uniform");
     ARG("--micro-batch-size", ARG_INT, micro_batch_size, "sequences per micro-batch");
     ARG("--global-batch-size", ARG_INT, global_batch_size, "sequences per iteration (default micro batch)");
     ARG("--rampup-batch-size", ARG_LIST, rampup_batch_size, "START INCR SAMPLES: grow the global batch");
@@ -603,6 +619,29 @@ static int args_table(Args* a, ArgSpec* t) {
 
 static void require_flag(int ok, const char* flag) {
     if (!ok) arg_error("%s is required", flag);
+}
+
+// Activation recomputation as Megatron's arguments.py and TransformerConfig check it; the two
+// old switches become the granularity/method pair they stand for.
+static void recompute_args_validate(Args* a) {
+    if (a->checkpoint_activations || a->recompute_activations) {
+        const char* old = a->checkpoint_activations ? "--checkpoint-activations" : "--recompute-activations";
+        if (a->checkpoint_activations && a->recompute_activations) arg_error("--checkpoint-activations and --recompute-activations are exclusive");
+        if (a->recompute_granularity || a->recompute_method) arg_error("%s is an old name for a --recompute-granularity: give one or the other", old);
+        a->recompute_granularity = a->checkpoint_activations ? "full" : "selective";
+        a->recompute_method = a->checkpoint_activations ? "uniform" : NULL;
+    }
+    const char *granularity = a->recompute_granularity, *method = a->recompute_method;
+    if (granularity && strcmp(granularity, "full") && strcmp(granularity, "selective"))
+        arg_error("--recompute-granularity '%s' is not one of full, selective", granularity);
+    if (method && strcmp(method, "uniform") && strcmp(method, "block")) arg_error("--recompute-method '%s' is not one of uniform, block", method);
+    int full = granularity && !strcmp(granularity, "full");
+    if (method && !full) arg_error("--recompute-method %s needs --recompute-granularity full", method);
+    if (full && !method) arg_error("--recompute-granularity full needs --recompute-method uniform or block");
+    if (a->recompute_num_layers != -1 && !full) arg_error("--recompute-num-layers needs --recompute-granularity full");
+    if (a->recompute_num_layers == -1) a->recompute_num_layers = 1;
+    if (a->recompute_num_layers < 1 || a->recompute_num_layers > a->num_layers)
+        arg_error("--recompute-num-layers %d is not in [1, --num-layers %d]", a->recompute_num_layers, a->num_layers);
 }
 
 // Checks Megatron would make (megatron/arguments.py), each naming its flag.
@@ -668,6 +707,7 @@ static void args_validate(Args* a) {
     if (a->data_path.n == 0) arg_error("--data-path is required");
     if (a->data_path.n > 1 && a->data_path.n % 2) arg_error("--data-path takes one PREFIX or pairs W1 PREFIX1 W2 PREFIX2 ...");
     if (a->sample_length < 0) arg_error("--sample-length must be >= 0");
+    recompute_args_validate(a);
 }
 // <<< arguments
 
@@ -1639,7 +1679,9 @@ static void* pool_alloc(const Device* d, size_t bytes) {
         pool_kept[d->device_id] = 1;
     }
     void* p = NULL;
-    cudaCheck(cudaMallocAsync(&p, bytes ? bytes : 1, d->stream));
+    cudaError_t err = cudaMallocAsync(&p, bytes ? bytes : 1, d->stream);
+    if (err == cudaErrorMemoryAllocation) die_gpu_out_of_memory(bytes);
+    cudaCheck(err);
     return p;
 }
 
@@ -3437,9 +3479,11 @@ static void rendezvous_unique_id(const Parallel* p, Group g, ncclUniqueId* id) {
 #endif
 
 // On GPUs: one NCCL communicator per group; each group's unique id travels from its rank 0 over
-// MPI, or through the file rendezvous.
-static void parallel_init_nccl(Parallel* p, const Device* d) {
-    if (p->size[GROUP_WORLD] == 1) return;
+// MPI, or through the file rendezvous. A world of one rank needs none, unless `force` asks
+// for them (--debug-force-nccl: then every collective runs through NCCL, a check on one GPU).
+static void parallel_init_nccl(Parallel* p, const Device* d, int force) {
+    if (force && !d->is_gpu) arg_error("--debug-force-nccl needs a GPU");
+    if (p->size[GROUP_WORLD] == 1 && !force) return;
     if (!d->is_gpu && p->mpi) return;
     if (!d->is_gpu) die("CPU ranks need MPI (mpirun); MEGATRON_RENDEZVOUS is for NCCL between GPUs");
 #ifdef HAVE_NCCL
@@ -3450,11 +3494,11 @@ static void parallel_init_nccl(Parallel* p, const Device* d) {
 #ifdef USE_MPI
         if (p->mpi) MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, p->comm[g]);
 #endif
-        if (!p->mpi) rendezvous_unique_id(p, (Group)g, &id);
+        if (!p->mpi && p->size[g] > 1) rendezvous_unique_id(p, (Group)g, &id);
         ncclCheck(ncclCommInitRank(&p->nccl[g], p->size[g], id, p->rank[g]));
     }
 #else
-    die("%d GPU ranks need a build with NCCL (nccl.h found by make next to nvcc)", p->size[GROUP_WORLD]);
+    die("%s needs a build with NCCL (nccl.h found by make next to nvcc)", force ? "--debug-force-nccl" : "several GPU ranks");
 #endif
 }
 
@@ -3553,10 +3597,20 @@ static void nccl_stage_out(const Parallel* p, const Device* d, void* buf, size_t
 static int use_nccl(const Parallel* p, const Device* d, Group g) { return p->nccl[g] && (d->is_gpu || !p->mpi); }
 #endif
 
+// A collective has nothing to do for no values, or in a group of one rank, unless
+// --debug-force-nccl gave that group a communicator (to run the NCCL path on one GPU).
+static int collective_is_noop(const Parallel* p, Group g, size_t n) {
+    if (n == 0) return 1;
+#ifdef HAVE_NCCL
+    if (p->nccl[g]) return 0;
+#endif
+    return p->size[g] == 1;
+}
+
 // buf (n values of dtype dt, on d) = the sum (or max) of buf over the group's ranks.
 static void all_reduce(Parallel* p, const Device* d, Group g, void* buf, size_t n, DType dt, ReduceOp op) {
     long id = ++p->calls[COLL_ALL_REDUCE][g];
-    if (p->size[g] == 1 || n == 0) return;
+    if (collective_is_noop(p, g, n)) return;
 #ifdef HAVE_NCCL
     if (use_nccl(p, d, g)) {
         size_t bytes = n * dtype_size(dt);
@@ -3581,7 +3635,7 @@ static void all_reduce(Parallel* p, const Device* d, Group g, void* buf, size_t 
 // the work queued so far; on the CPU it is MPI's nonblocking all-reduce.
 static void all_reduce_start(Parallel* p, const Device* d, Group g, float* buf, size_t n) {
     long id = ++p->calls[COLL_ALL_REDUCE][g];
-    if (p->size[g] == 1 || n == 0) return;
+    if (collective_is_noop(p, g, n)) return;
     if (p->pending == p->pending_cap) {
         p->pending_cap = p->pending_cap ? 2 * p->pending_cap : 64;
         p->pending_ids = (long*)realloc(p->pending_ids, p->pending_cap * sizeof(long));
@@ -3638,7 +3692,7 @@ static void all_reduce_finish(Parallel* p, const Device* d) {
 // is the sum of that block over the group (the other blocks are left undefined).
 static void reduce_scatter(Parallel* p, const Device* d, Group g, float* buf, size_t n) {
     long id = ++p->calls[COLL_REDUCE_SCATTER][g];
-    if (p->size[g] == 1 || n == 0) return;
+    if (collective_is_noop(p, g, n)) return;
 #ifdef HAVE_NCCL
     if (use_nccl(p, d, g)) {
         if (!d->is_gpu) die("reduce_scatter of host memory needs MPI");
@@ -3660,7 +3714,7 @@ static void reduce_scatter(Parallel* p, const Device* d, Group g, float* buf, si
 // buf holds size x n values of dtype dt; every rank's block buf[rank*n ..] goes to all ranks.
 static void all_gather(Parallel* p, const Device* d, Group g, void* buf, size_t n, DType dt) {
     long id = ++p->calls[COLL_ALL_GATHER][g];
-    if (p->size[g] == 1 || n == 0) return;
+    if (collective_is_noop(p, g, n)) return;
     size_t bytes = n * dtype_size(dt);
 #ifdef HAVE_NCCL
     if (use_nccl(p, d, g)) {
@@ -3683,7 +3737,7 @@ static void all_gather(Parallel* p, const Device* d, Group g, void* buf, size_t 
 // Host doubles (losses, squared norms): x = the sum over the group.
 static void all_reduce_host(Parallel* p, Group g, double* x, int n) {
     long id = ++p->calls[COLL_ALL_REDUCE][g];
-    if (p->size[g] == 1) return;
+    if (collective_is_noop(p, g, n)) return;
 #ifdef HAVE_NCCL
     if (!p->mpi) {
         void* staged = nccl_stage_in(p, parallel_host_device(), x, n * sizeof(double));
