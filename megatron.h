@@ -2279,9 +2279,16 @@ static void attention_backward_cpu(real* dqkv, real* delta, const real* dout, co
 // Query rows per step of the dk/dv loop: fewer for large heads, whose dk and dv
 // accumulators already fill most of the registers.
 __host__ __device__ constexpr int att_qtile(int HS) { return HS > 64 ? 32 : 64; }
-// dk/dv blocks per SM: capping small heads at 168 registers fits three instead of two
-// (a few bytes spill; measured 2-3% faster at HS 64 on an H200); large heads need them all.
-__host__ __device__ constexpr int att_dkdv_min_blocks(int HS) { return HS > 64 ? 1 : 3; }
+// dk/dv blocks per SM: on Hopper, capping small heads at 168 registers fits three instead of
+// two (a few bytes spill; measured 2-3% faster at HS 64 on an H200); large heads need them all.
+// Before Hopper three blocks do not fit in shared memory, so the cap would only spill.
+__host__ __device__ constexpr int att_dkdv_min_blocks(int HS) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+    return 1;
+#else
+    return HS > 64 ? 1 : 3;
+#endif
+}
 
 // 2^x, flushing results below 2^-126 to zero (one MUFU instruction)
 __device__ __forceinline__ float att_exp2(float x) {
