@@ -1743,15 +1743,11 @@ static void embedding_forward_cuda(const Device* d, void* out, const int* tokens
 
 // The backward groups rows by token without float atomics: sort the unique keys
 // (token << 32 | row), so each token's rows come out together and in increasing order, then
-// sum each token's run in a fixed order. Any correct sort of unique keys gives the same order, so a
-// plain bitonic sort does: tiles of BITONIC_TILE keys sort in shared memory, longer strides
-// take one global pass each.
-#define BITONIC_TILE 2048
-
-__global__ void embedding_sort_keys_kernel(uint64_t* keys, const int* tokens, int N, unsigned P) {
-    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < P) keys[i] = i < (unsigned)N ? ((uint64_t)(uint32_t)tokens[i] << 32) | i : UINT64_MAX;  // padding sorts last
-}
+// sum each token's run in a fixed order. Any correct sort of unique keys gives the same order.
+// Blocks sort tiles of up to EMBEDDING_TILE keys in shared memory (bitonic); then a key's
+// place in the whole order is the number of smaller keys: the sum over the tiles of its lower
+// bound in each (binary searches, added as integers, so exact).
+#define EMBEDDING_TILE 1024
 
 // Compare-exchange pair `pair` at distance j within sequences sorted in direction set by bit k.
 __device__ __forceinline__ void bitonic_exchange(uint64_t* keys, unsigned base, unsigned pair, unsigned j, unsigned k) {
@@ -1761,32 +1757,59 @@ __device__ __forceinline__ void bitonic_exchange(uint64_t* keys, unsigned base, 
     if ((a > b) == ascending) { keys[i] = b; keys[i + j] = a; }
 }
 
-// All steps with stride j < tile for merge sizes k_first .. k_last, in shared memory.
-__global__ void bitonic_tile_kernel(uint64_t* keys, unsigned k_first, unsigned k_last) {
-    __shared__ uint64_t tile[BITONIC_TILE];
+// Block b sorts the keys of rows b*n .. b*n+n-1, n = 2 * blockDim.x (rows past N pad: they sort last).
+__global__ void embedding_sort_tiles_kernel(uint64_t* tiles, const int* tokens, int N) {
+    __shared__ uint64_t tile[EMBEDDING_TILE];
     unsigned n = 2 * blockDim.x, base = blockIdx.x * n;
-    for (unsigned i = threadIdx.x; i < n; i += blockDim.x) tile[i] = keys[base + i];
+    for (unsigned i = threadIdx.x; i < n; i += blockDim.x)
+        tile[i] = base + i < (unsigned)N ? ((uint64_t)(uint32_t)tokens[base + i] << 32) | (base + i) : UINT64_MAX;
     __syncthreads();
-    for (unsigned k = k_first; k <= k_last; k *= 2)
-        for (unsigned j = (k < n ? k : n) / 2; j > 0; j /= 2) {
-            bitonic_exchange(tile, base, threadIdx.x, j, k);
+    for (unsigned k = 2; k <= n; k *= 2)
+        for (unsigned j = k / 2; j > 0; j /= 2) {
+            bitonic_exchange(tile, 0, threadIdx.x, j, k);
             __syncthreads();
         }
-    for (unsigned i = threadIdx.x; i < n; i += blockDim.x) keys[base + i] = tile[i];
+    for (unsigned i = threadIdx.x; i < n; i += blockDim.x) tiles[base + i] = tile[i];
 }
 
-__global__ void bitonic_global_kernel(uint64_t* keys, unsigned j, unsigned k) {
-    bitonic_exchange(keys, 0, blockIdx.x * blockDim.x + threadIdx.x, j, k);
-}
-
-// Sort keys[0 .. P), P a power of two.
-static void bitonic_sort(const Device* d, uint64_t* keys, unsigned P) {
-    unsigned tile = P < BITONIC_TILE ? P : BITONIC_TILE;
-    bitonic_tile_kernel<<<P / tile, tile / 2, 0, d->stream>>>(keys, 2, tile);
-    for (unsigned k = 2 * tile; k <= P; k *= 2) {
-        for (unsigned j = k / 2; j >= tile; j /= 2) bitonic_global_kernel<<<P / 2 / 256, 256, 0, d->stream>>>(keys, j, k);
-        bitonic_tile_kernel<<<P / tile, tile / 2, 0, d->stream>>>(keys, k, k);
+// How many of the n sorted keys a[] are below key.
+__device__ __forceinline__ unsigned lower_bound_u64(const uint64_t* a, unsigned n, uint64_t key) {
+    unsigned lo = 0, hi = n;
+    while (lo < hi) {
+        unsigned mid = (lo + hi) / 2;
+        if (a[mid] < key) lo = mid + 1;
+        else hi = mid;
     }
+    return lo;
+}
+
+// `lanes` consecutive threads (a power of two, at most 32) per key of the tiles: lane l adds the
+// key's lower bounds in tiles l, l + lanes, ...; the group's total is the key's place in sorted.
+__global__ void embedding_merge_tiles_kernel(uint64_t* sorted, const uint64_t* tiles, unsigned tile, unsigned n_tiles, unsigned lanes) {
+    unsigned t = blockIdx.x * blockDim.x + threadIdx.x, lane = t % lanes, index = t / lanes;
+    uint64_t key = index < n_tiles * tile ? tiles[index] : UINT64_MAX;
+    unsigned place = 0;
+    if (key != UINT64_MAX)
+        for (unsigned u = lane; u < n_tiles; u += lanes) place += lower_bound_u64(tiles + (size_t)u * tile, tile, key);
+    for (unsigned offset = lanes / 2; offset > 0; offset /= 2) place += __shfl_xor_sync(0xffffffffu, place, offset);
+    if (lane == 0 && key != UINT64_MAX) sorted[place] = key;
+}
+
+// Keys per tile: a power of two, at most EMBEDDING_TILE.
+static unsigned embedding_tile(int N) {
+    unsigned tile = 2;
+    while (tile < (unsigned)N && tile < EMBEDDING_TILE) tile *= 2;
+    return tile;
+}
+
+// sorted[0 .. N) = the keys of rows 0 .. N-1 in increasing order; tiles: scratch of
+// CEIL_DIV(N, tile) * tile keys.
+static void embedding_sort_keys(const Device* d, uint64_t* sorted, uint64_t* tiles, const int* tokens, int N) {
+    unsigned tile = embedding_tile(N), n_tiles = CEIL_DIV(N, tile), lanes = 1;
+    while (lanes < n_tiles && lanes < 32) lanes *= 2;
+    embedding_sort_tiles_kernel<<<n_tiles, tile / 2, 0, d->stream>>>(tiles, tokens, N);
+    embedding_merge_tiles_kernel<<<CEIL_DIV(n_tiles * tile * lanes, 256), 256, 0, d->stream>>>(sorted, tiles, tile, n_tiles, lanes);
+    cudaCheck(cudaGetLastError());
 }
 
 // The sorted keys are cut into segments of EMBEDDING_SEGMENT positions, so a frequent token's
@@ -1870,12 +1893,10 @@ __global__ void embedding_backward_wpe_kernel(float* dwpe, const T* dout, int B,
 
 static void embedding_backward_cuda(const Device* d, float* dwte, float* dwpe, const void* dout, const int* tokens, int B, int T, int C) {
     int N = B * T, segments = CEIL_DIV(N, EMBEDDING_SEGMENT);
-    unsigned P = 2;
-    while (P < (unsigned)N) P *= 2;
-    uint64_t* keys = (uint64_t*)pool_alloc(d, P * sizeof(uint64_t));
+    size_t n_tile_keys = (size_t)CEIL_DIV(N, embedding_tile(N)) * embedding_tile(N);
+    uint64_t* keys = (uint64_t*)pool_alloc(d, (N + n_tile_keys) * sizeof(uint64_t));  // sorted, then the tiles
     float* pieces = (float*)pool_alloc(d, 2 * (size_t)segments * C * sizeof(float));  // head, then tail
-    embedding_sort_keys_kernel<<<CEIL_DIV(P, 256), 256, 0, d->stream>>>(keys, tokens, N, P);
-    bitonic_sort(d, keys, P);
+    embedding_sort_keys(d, keys, keys + N, tokens, N);
     DTYPE_SWITCH(d->dtype, T_, {
         int vec = C % (16 / sizeof(T_)) == 0 && aligned16(dout) && aligned16(dwte) && aligned16(dwpe);
         VEC_SWITCH(vec, T_, W, {
@@ -2035,29 +2056,161 @@ static void column_sum(const Device* d, float* out, const float* partials, int r
     cudaCheck(cudaGetLastError());
 }
 
-// Every thread of the block gets (sum of a, sum of b) over the block, added in a fixed order.
-__device__ float2 block_sum2(float a, float b, float2* scratch /* shared, 32 */) {
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+// The rows of a block are shared among row teams: the threads with the same threadIdx.y.
+// Every thread of the block calls team_sum2 (a team of one warp needs no barrier); each
+// gets its team's (sum of a, sum of b), added in a fixed order.
+__device__ float2 team_sum2(float a, float b, float2* scratch /* shared, one per warp of the block */) {
     a = warp_sum(a);
     b = warp_sum(b);
-    if (lane == 0) scratch[warp] = make_float2(a, b);
+    if (blockDim.x == 32) return make_float2(a, b);
+    int warps = blockDim.x / 32, first = threadIdx.y * warps;
+    if (threadIdx.x % 32 == 0) scratch[first + threadIdx.x / 32] = make_float2(a, b);
     __syncthreads();
     float2 total = make_float2(0.0f, 0.0f);
-    for (int w = 0; w < blockDim.x / 32; w++) {
-        total.x += scratch[w].x;
-        total.y += scratch[w].y;
+    for (int w = 0; w < warps; w++) {
+        total.x += scratch[first + w].x;
+        total.y += scratch[first + w].y;
     }
     __syncthreads();  // the next call reuses scratch
     return total;
 }
 
-// Block i takes a contiguous chunk of rows, one row at a time with all its threads; each
-// thread owns W-wide channel groups and keeps their dweight/dbias sums in shared memory
-// (stored k-major, so neighbouring threads hit neighbouring banks). The chunk's sums go to
-// partial rows i (dweight) and gridDim.x + i (dbias) for column_sum.
+// Team 0 gets, in v, the sum over the block's row teams of each thread's K values: its own
+// first, then team 1's, 2's, ... in order, through `stage` ((blockDim.y - 1) * K * blockDim.x
+// shared floats, k-major so that neighbouring threads hit neighbouring banks). Every thread calls it.
+template <int K>
+__device__ void add_teams(float (&v)[K], float* stage) {
+    int x = threadIdx.x, y = threadIdx.y, S = blockDim.x;
+    if (blockDim.y == 1) return;
+    if (y > 0)
+        for (int k = 0; k < K; k++) stage[((y - 1) * K + k) * S + x] = v[k];
+    __syncthreads();
+    if (y == 0)
+        for (int t = 1; t < (int)blockDim.y; t++)
+            for (int k = 0; k < K; k++) v[k] += stage[((t - 1) * K + k) * S + x];
+    __syncthreads();
+}
+
+// LayerNorm backward with each row in registers. Block i takes a contiguous chunk of rows
+// (ROW_CHUNKS); its row teams of blockDim.x threads take turns at the rows, one row per team at
+// a time; a thread holds G channel groups of W (j = threadIdx.x + g * blockDim.x) of x, dout
+// and dinp, all loaded before the row's two sums, and keeps its channels' dweight and dbias sums
+// in registers across the chunk. The teams' sums are added in order and go to partial rows i
+// (dweight) and gridDim.x + i (dbias) for column_sum.
+#define LN_BWD_GROUPS 4     // most channel groups a thread holds
+#define LN_BWD_THREADS 256  // most threads of a block (and of a team)
+#define LN_BWD_TEAMS_THREADS 128  // threads the teams of a block add up to, when teams are small: with
+                                  // ~200 registers a thread, small blocks fill the register file better
+
+template <typename T, int W, int G>
+__global__ void __launch_bounds__(LN_BWD_THREADS) layernorm_backward_rows_kernel(T* dinp, float* partials, const T* dout, const T* inp, const T* weight,
+                                                                                const float* mean, const float* rstd, int N, int C) {
+    extern __shared__ float stage[];  // for add_teams
+    __shared__ float2 scratch[LN_BWD_THREADS / 32];
+    int S = blockDim.x, groups = C / W;
+    int r_begin = (int)((long)blockIdx.x * N / gridDim.x), r_end = (int)((long)(blockIdx.x + 1) * N / gridDim.x);
+    Vec<T, W> w[G];
+    float sums[G][2 * W];  // dweight (k < W) and dbias (k >= W) of this thread's channels
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        int j = threadIdx.x + g * S;
+        if (j < groups) w[g] = load_vec<W>(weight + j * W);
+        for (int k = 0; k < 2 * W; k++) sums[g][k] = 0.0f;
+    }
+    for (int r0 = r_begin; r0 < r_end; r0 += blockDim.y) {  // the same trip count for every team: team_sum2 has barriers
+        int r = r0 + threadIdx.y;
+        bool has_row = r < r_end;
+        Vec<T, W> xv[G], dyv[G], dxv[G];
+        float m = 0, s = 0, sum_g = 0, sum_gx = 0;  // g = dout * weight, the gradient of xhat
+        if (has_row) {
+            m = mean[r];
+            s = rstd[r];
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+                int j = threadIdx.x + g * S;
+                if (j >= groups) continue;
+                size_t at = (size_t)r * C + j * W;
+                xv[g] = load_vec<W>(inp + at);
+                dyv[g] = load_vec<W>(dout + at);
+                dxv[g] = load_vec<W>(dinp + at);
+            }
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+                if (threadIdx.x + g * S >= groups) continue;
+                for (int k = 0; k < W; k++) {
+                    float gk = to_float(dyv[g].v[k]) * to_float(w[g].v[k]);
+                    sum_g += gk;
+                    sum_gx += gk * (to_float(xv[g].v[k]) - m) * s;
+                }
+            }
+        }
+        float2 total = team_sum2(sum_g, sum_gx, scratch);
+        if (!has_row) continue;
+        float mean_g = total.x / C, mean_gx = total.y / C;
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            int j = threadIdx.x + g * S;
+            if (j >= groups) continue;
+            for (int k = 0; k < W; k++) {
+                float xhat = (to_float(xv[g].v[k]) - m) * s, dyk = to_float(dyv[g].v[k]);
+                dxv[g].v[k] = from_float<T>(to_float(dxv[g].v[k]) + s * (dyk * to_float(w[g].v[k]) - mean_g - xhat * mean_gx));
+                sums[g][k] += dyk * xhat;
+                sums[g][W + k] += dyk;
+            }
+            store_vec<W>(dinp + (size_t)r * C + j * W, dxv[g]);
+        }
+    }
+#pragma unroll
+    for (int g = 0; g < G; g++) add_teams<2 * W>(sums[g], stage);
+    if (threadIdx.y > 0) return;
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        int j = threadIdx.x + g * S;
+        if (j >= groups) continue;
+        Vec<float, W> dweight_part, dbias_part;
+        for (int k = 0; k < W; k++) {
+            dweight_part.v[k] = sums[g][k];
+            dbias_part.v[k] = sums[g][W + k];
+        }
+        store_vec<W>(partials + (size_t)blockIdx.x * C + j * W, dweight_part);
+        store_vec<W>(partials + ((size_t)gridDim.x + blockIdx.x) * C + j * W, dbias_part);
+    }
+}
+
+// Threads per row team of layernorm_backward_rows_kernel for rows of `groups` channel groups
+// (whole warps, at most LN_BWD_GROUPS groups each); 0 when a row is too wide for its registers.
+static int layernorm_backward_team(int groups) {
+    int team = 32 * CEIL_DIV(groups, 32 * LN_BWD_GROUPS);
+    return team <= LN_BWD_THREADS ? team : 0;
+}
+
 template <typename T, int W>
-__global__ void __launch_bounds__(1024) layernorm_backward_kernel(T* dinp, float* partials, const T* dout, const T* inp, const T* weight,
-                                                                  const float* mean, const float* rstd, int N, int C) {
+static void layernorm_backward_rows(const Device* d, float* partials, int chunks, T* dinp, const T* dout, const T* inp, const T* weight,
+                                    const float* mean, const float* rstd, int N, int C) {
+    int team = layernorm_backward_team(C / W), G = CEIL_DIV(C / W, team);
+    int teams = LN_BWD_TEAMS_THREADS / team, rows_per_block = CEIL_DIV(N, chunks);
+    if (teams > rows_per_block) teams = rows_per_block;
+    if (teams < 1) teams = 1;
+    dim3 block(team, teams);
+    size_t smem = (size_t)(teams - 1) * 2 * W * team * sizeof(float);
+#define LN_BWD_LAUNCH(GC) layernorm_backward_rows_kernel<T, W, GC><<<chunks, block, smem, d->stream>>>(dinp, partials, dout, inp, weight, mean, rstd, N, C)
+    switch (G) {
+        case 1: LN_BWD_LAUNCH(1); break;
+        case 2: LN_BWD_LAUNCH(2); break;
+        case 3: LN_BWD_LAUNCH(3); break;
+        default: LN_BWD_LAUNCH(4); break;
+    }
+#undef LN_BWD_LAUNCH
+    cudaCheck(cudaGetLastError());
+}
+
+// Rows too wide for registers: block i takes its chunk one row at a time with all its threads,
+// rereading the row (from L1) after the two sums; each thread owns W-wide channel groups and
+// keeps their dweight/dbias sums in shared memory (k-major, so neighbouring threads hit
+// neighbouring banks). Partial rows as layernorm_backward_rows_kernel.
+template <typename T, int W>
+__global__ void __launch_bounds__(1024) layernorm_backward_smem_kernel(T* dinp, float* partials, const T* dout, const T* inp, const T* weight,
+                                                                       const float* mean, const float* rstd, int N, int C) {
     extern __shared__ float channel_sums[];  // dweight [W][C/W], then dbias [W][C/W]
     __shared__ float2 scratch[32];
     int groups = C / W;
@@ -2076,7 +2229,7 @@ __global__ void __launch_bounds__(1024) layernorm_backward_kernel(T* dinp, float
                 sum_gx += g * (to_float(xv.v[k]) - m) * s;
             }
         }
-        float2 sums = block_sum2(sum_g, sum_gx, scratch);
+        float2 sums = team_sum2(sum_g, sum_gx, scratch);
         float mean_g = sums.x / C, mean_gx = sums.y / C;
         T* dx = dinp + (size_t)r * C;
         for (int j = threadIdx.x; j < groups; j += blockDim.x) {
@@ -2098,25 +2251,33 @@ __global__ void __launch_bounds__(1024) layernorm_backward_kernel(T* dinp, float
         }
 }
 
-static void layernorm_backward_cuda(const Device* d, void* dinp, float* dweight, float* dbias, const void* dout, const void* inp, const void* weight,
+template <typename T, int W>
+static void layernorm_backward_smem(const Device* d, float* partials, int chunks, T* dinp, const T* dout, const T* inp, const T* weight,
                                     const float* mean, const float* rstd, int N, int C) {
-    int chunks = row_chunks(N);
     size_t smem = 2 * (size_t)C * sizeof(float);
     if (smem > 48 * 1024) {  // above the default limit a kernel must opt in
         int smem_limit = 0;
         cudaCheck(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, d->device_id));
         if (smem + 32 * sizeof(float2) > (size_t)smem_limit) die("layernorm_backward: hidden size %d needs more shared memory than this GPU has", C);
+        cudaCheck(cudaFuncSetAttribute(layernorm_backward_smem_kernel<T, W>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     }
+    layernorm_backward_smem_kernel<T, W><<<chunks, row_threads(C / W, 1024), smem, d->stream>>>(dinp, partials, dout, inp, weight, mean, rstd, N, C);
+    cudaCheck(cudaGetLastError());
+}
+
+static void layernorm_backward_cuda(const Device* d, void* dinp, float* dweight, float* dbias, const void* dout, const void* inp, const void* weight,
+                                    const float* mean, const float* rstd, int N, int C) {
+    int chunks = row_chunks(N);
     float* partials = (float*)pool_alloc(d, 2 * (size_t)chunks * C * sizeof(float));
     DTYPE_SWITCH(d->dtype, T, {
         int vec = C % (16 / sizeof(T)) == 0 && aligned16(dinp) && aligned16(dout) && aligned16(inp) && aligned16(weight);
         VEC_SWITCH(vec, T, W, {
-            if (smem > 48 * 1024) cudaCheck(cudaFuncSetAttribute(layernorm_backward_kernel<T, W>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-            layernorm_backward_kernel<T, W><<<chunks, row_threads(C / W, 1024), smem, d->stream>>>(
-                (T*)dinp, partials, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
+            if (layernorm_backward_team(C / W))
+                layernorm_backward_rows<T, W>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
+            else
+                layernorm_backward_smem<T, W>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
         });
     });
-    cudaCheck(cudaGetLastError());
     column_sum(d, dweight, partials, chunks, C);
     column_sum(d, dbias, partials + (size_t)chunks * C, chunks, C);
     pool_free(d, partials);
@@ -3106,25 +3267,40 @@ static void residual_dropout_forward_cuda(const Device* d, void* out, const void
 
 // Block i takes a contiguous chunk of rows (see ROW_CHUNKS); each thread owns W channels and
 // walks down the chunk, so its dbias sums stay in registers, and writes them to partial row i.
+// The loads of RESIDUAL_BWD_ROWS rows are issued before any of their stores (which may alias
+// them, so the compiler would not move a later row's loads above them).
+#define RESIDUAL_BWD_ROWS 8
+
 template <typename T, int W>
-__global__ void __launch_bounds__(1024) residual_dropout_backward_kernel(T* dresidual, T* dx, float* partials, const T* dout, float p, uint64_t seed, int N, int C) {
+__global__ void __launch_bounds__(256) residual_dropout_backward_kernel(T* dresidual, T* dx, float* partials, const T* dout, float p, uint64_t seed, int N, int C) {
     int r_begin = (int)((long)blockIdx.x * N / gridDim.x), r_end = (int)((long)(blockIdx.x + 1) * N / gridDim.x);
     for (int c = threadIdx.x * W; c < C; c += blockDim.x * W) {
         float acc[W] = {0};
-        for (int r = r_begin; r < r_end; r++) {
-            size_t i = (size_t)r * C + c;
-            Vec<T, W> g = load_vec<W>(dout + i), dxv;
-            if (dresidual) {
-                Vec<T, W> res = load_vec<W>(dresidual + i);
-                for (int k = 0; k < W; k++) res.v[k] = from_float<T>(to_float(res.v[k]) + to_float(g.v[k]));
-                store_vec<W>(dresidual + i, res);
+        for (int r0 = r_begin; r0 < r_end; r0 += RESIDUAL_BWD_ROWS) {
+            Vec<T, W> g[RESIDUAL_BWD_ROWS], res[RESIDUAL_BWD_ROWS];
+#pragma unroll
+            for (int u = 0; u < RESIDUAL_BWD_ROWS; u++) {
+                if (r0 + u >= r_end) continue;
+                size_t i = (size_t)(r0 + u) * C + c;
+                g[u] = load_vec<W>(dout + i);
+                if (dresidual) res[u] = load_vec<W>(dresidual + i);
             }
-            for (int k = 0; k < W; k++) {
-                float gx = to_float(g.v[k]) * dropout_factor(seed, i + k, p);
-                acc[k] += gx;
-                dxv.v[k] = from_float<T>(gx);
+#pragma unroll
+            for (int u = 0; u < RESIDUAL_BWD_ROWS; u++) {
+                if (r0 + u >= r_end) continue;
+                size_t i = (size_t)(r0 + u) * C + c;
+                if (dresidual) {
+                    for (int k = 0; k < W; k++) res[u].v[k] = from_float<T>(to_float(res[u].v[k]) + to_float(g[u].v[k]));
+                    store_vec<W>(dresidual + i, res[u]);
+                }
+                Vec<T, W> dxv;
+                for (int k = 0; k < W; k++) {
+                    float gx = to_float(g[u].v[k]) * dropout_factor(seed, i + k, p);
+                    acc[k] += gx;
+                    dxv.v[k] = from_float<T>(gx);
+                }
+                store_vec<W>(dx + i, dxv);
             }
-            store_vec<W>(dx + i, dxv);
         }
         if (partials)
             for (int k = 0; k < W; k++) partials[(size_t)blockIdx.x * C + c + k] = acc[k];
@@ -3137,7 +3313,7 @@ static void residual_dropout_backward_cuda(const Device* d, void* dresidual, voi
     DTYPE_SWITCH(d->dtype, T, {
         int vec = C % (16 / sizeof(T)) == 0 && aligned16(dresidual) && aligned16(dx) && aligned16(dout);
         VEC_SWITCH(vec, T, W, {
-            residual_dropout_backward_kernel<T, W><<<chunks, row_threads(C / W, 1024), 0, d->stream>>>(
+            residual_dropout_backward_kernel<T, W><<<chunks, row_threads(C / W, 256), 0, d->stream>>>(
                 (T*)dresidual, (T*)dx, partials, (const T*)dout, p, seed, N, C);
         });
     });
