@@ -5,23 +5,25 @@
 #            NCCL at world size 1 (40 iterations bitwise equal with and without --debug-force-nccl)
 #   kernels  dev/cuda/run_all.sh (each kernel ladder against measured ceilings and PyTorch) and
 #            dev/profile_gpt.sh (GPU time per step by kernel family, ours beside PyTorch)
-#   bench    dev/bench_gpt.sh (tokens/s against torch.compile) and dev/bench_recompute.sh
-# Usage (repo root, data from $MEGATRON_DATA):  dev/gpu_check.sh [tests] [kernels] [bench]   (none: all)
+#   bench    dev/bench_gpt.sh (tokens/s against torch.compile)
+#   recompute  dev/bench_recompute.sh (the largest model that fits, with and without recompute)
+# Usage (repo root, data from $MEGATRON_DATA):  dev/gpu_check.sh [tests] [kernels] [bench] [recompute]
+# (none: all four; more than 10 minutes together, so the device tool needs two or three calls)
 # Logs go to $LOGS (out/gpu_check); the summary lines to stdout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STEPS=${*:-tests kernels bench}
+STEPS=${*:-tests kernels bench recompute}
 mkdir -p "${LOGS:=out/gpu_check}"
 LOGS=$(cd "$LOGS" && pwd)
 export MEGATRON_DATA=${MEGATRON_DATA:-$(cd .. && pwd)/shared/data}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 nvcc --version | tail -n 1
 start=$(date +%s)
-make -j"$(nproc)" GPU_ARCH=sm_90 all $(ls test/test_*.cu | sed 's|test/\(.*\)\.cu|build/\1|') > "$LOGS/build.log" 2>&1 \
-    || { tail -n 30 "$LOGS/build.log"; exit 1; }
+step() { case " $STEPS " in *" $1 "*) return 0 ;; esac; return 1; }
+targets=(all); step tests && targets+=($(ls test/test_*.cu | sed 's|test/\(.*\)\.cu|build/\1|'))
+make -j"$(nproc)" GPU_ARCH=sm_90 "${targets[@]}" > "$LOGS/build.log" 2>&1 || { tail -n 30 "$LOGS/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - start )) s"
 ./prepro/prepare_tinyshakespeare.sh data > /dev/null 2>&1 || echo "prepare_tinyshakespeare failed"
-step() { case " $STEPS " in *" $1 "*) return 0 ;; esac; return 1; }
 
 if step tests; then
     ./test/run_tests.sh > "$LOGS/tests.log" 2>&1
@@ -44,8 +46,6 @@ if step kernels; then
     OUT="$LOGS/dev_cuda" ./dev/cuda/run_all.sh 2>&1 | tee "$LOGS/dev_cuda.txt" | tail -n 60
     OUTDIR="$LOGS/profile" ./dev/profile_gpt.sh 2>&1 | tee "$LOGS/profile.txt"
 fi
-if step bench; then
-    OUTDIR="$LOGS/bench" ITERS=${ITERS:-30} ./dev/bench_gpt.sh 2>&1 | tail -n 12
-    OUTDIR="$LOGS/bench_recompute" DATA=data ./dev/bench_recompute.sh 2>&1 | tail -n 12
-fi
+if step bench; then OUTDIR="$LOGS/bench" ITERS=${ITERS:-30} ./dev/bench_gpt.sh 2>&1 | tail -n 12; fi
+if step recompute; then OUTDIR="$LOGS/bench_recompute" DATA=data ./dev/bench_recompute.sh 2>&1 | tail -n 12; fi
 echo "gpu_check: $(( $(date +%s) - start )) s"
