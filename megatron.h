@@ -5173,9 +5173,11 @@ static void bytes_put(Bytes* b, const char* p, size_t len) {
 // str.replace(from, to): matches found left to right, never overlapping.
 static void text_replace(Bytes* out, const char* s, size_t n, const char* from, const char* to) {
     size_t len = strlen(from), i = 0;
-    for (const char* p; (p = (const char*)memmem(s + i, n - i, from, len)); i = p - s + len) {
+    const char* p;
+    while ((p = (const char*)memmem(s + i, n - i, from, len)) != NULL) {
         bytes_put(out, s + i, p - s - i);
         bytes_put(out, to, strlen(to));
+        i = p - s + len;
     }
     bytes_put(out, s + i, n - i);
 }
@@ -5184,7 +5186,8 @@ static void text_replace(Bytes* out, const char* s, size_t n, const char* from, 
 // stripped of whitespace; the search goes on after that C.
 static void text_trim_pairs(Bytes* out, const char* s, size_t n, char open, char close) {
     size_t i = 0;
-    for (const char* p; (p = (const char*)memchr(s + i, open, n - i)); ) {
+    const char* p;
+    while ((p = (const char*)memchr(s + i, open, n - i)) != NULL) {
         const char* c = (const char*)memchr(p + 1, close, s + n - p - 1);
         if (!c) break;  // no C after this O: none after a later O either
         size_t begin = p + 1 - s, end = c - s;
@@ -5200,7 +5203,8 @@ static void text_trim_pairs(Bytes* out, const char* s, size_t n, char open, char
 // re.sub(r"/' [0-9]/", r"/'[0-9]/"): Megatron's rule as written, the literal "[0-9]" included.
 static void text_slash_quote_digit(Bytes* out, const char* s, size_t n) {
     size_t i = 0;
-    for (const char* p; (p = (const char*)memmem(s + i, n - i, "/' ", 3)); ) {
+    const char* p;
+    while ((p = (const char*)memmem(s + i, n - i, "/' ", 3)) != NULL) {
         size_t at = p - s;
         int match = at + 5 <= n && s[at + 3] >= '0' && s[at + 3] <= '9' && s[at + 4] == '/';
         bytes_put(out, s + i, at - i);
