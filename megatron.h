@@ -5097,10 +5097,9 @@ static void log_validation(LogFile* lf, int64_t iteration, double loss) {
 
 // >>> evaluation
 // ----------------------------------------------------------------------------
-// 7. evaluation: the model-independent parts of Megatron-LM's zero-shot GPT tasks
-// (tasks/zeroshot_gpt: datasets.py, detokenizer.py, evaluate.py): WikiText-103 perplexity over
-// sliding windows, renormalised to WikiText's words, and LAMBADA cloze accuracy. Megatron works
-// on Python str; here text is UTF-8 the caller has checked, read with Python's whitespace rules.
+// 7. evaluation: Megatron-LM's zero-shot GPT tasks (tasks/zeroshot_gpt), WikiText-103 perplexity and LAMBADA accuracy,
+// without the model: the detokenizer, windows, examples and figures. Text is UTF-8 the caller has checked,
+// read with Python's whitespace rules (Megatron works on Python str).
 
 // The evaluation flags (tasks/main.py's names and defaults).
 typedef struct {

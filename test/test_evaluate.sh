@@ -5,8 +5,10 @@
 # test/fixtures/eval.txt. WIKITEXT103 (windows of 64, stride 32) must give torch's summed loss,
 # average loss, perplexity and adjusted perplexity within 1e-5 (relative), and LAMBADA (plain and
 # --strict-lambada) torch's number of correct examples, also at TP=2 and DP=2 under mpirun. Then
-# bad input: one line on stderr and a non-zero exit.
+# bad input: one line on stderr and a non-zero exit. EVAL_DEVICE=cuda runs it all on a GPU (in
+# fp32, one rank).
 cd "$(dirname "$0")/.."
+DEVICE="${EVAL_DEVICE:-cpu}"
 DATA_DIR="${MEGATRON_DATA:-$(cd .. && pwd)/shared/data}"
 WORK=build/test_evaluate_sh
 FIXTURE=test/fixtures/eval.txt
@@ -24,11 +26,13 @@ want_sha=$(awk '$1 == "model_sha256" {print $2}' "$FIXTURE")
     fail "tiny model" "sha256 $sha, the fixture's is $want_sha: the figures below do not apply"
 
 TOK=(--vocab-file "$DATA_DIR/gpt2/encoder.json" --merge-file "$DATA_DIR/gpt2/vocab.bpe")
-EVAL=(./train_gpt --device cpu --load "$WORK/model" "${TOK[@]}" --micro-batch-size 4)
+EVAL=(./train_gpt --device "$DEVICE" --fp32 --load "$WORK/model" "${TOK[@]}" --micro-batch-size 4)
 WIKI=(--task WIKITEXT103 --valid-data "$WORK/wiki.test.tokens" --seq-length 64 --overlapping-eval 32)
 LAMBADA=(--task LAMBADA --valid-data "$WORK/lambada_test.jsonl")
 MPIRUN=()
-if command -v mpirun > /dev/null && ldd ./train_gpt 2> /dev/null | grep -q libmpi; then
+if [ "$DEVICE" != cpu ]; then
+    echo "skip TP=2 and DP=2 runs: CPU ranks only (EVAL_DEVICE=$DEVICE)"
+elif command -v mpirun > /dev/null && ldd ./train_gpt 2> /dev/null | grep -q libmpi; then
     MPIRUN=(mpirun --allow-run-as-root --oversubscribe --mca btl_vader_single_copy_mechanism none -x OMP_NUM_THREADS=1)
 else
     echo "skip TP=2 and DP=2 runs: mpirun not found or ./train_gpt built without MPI"
@@ -119,8 +123,8 @@ printf ' = Caf\xe9 = \n' > "$WORK/latin1.tokens"
 python3 -c "import json; print(json.dumps({'text': 'word ' * 200}))" > "$WORK/long.jsonl"
 expect "unknown task" 2 "--task 'RACE' is not one of WIKITEXT103, LAMBADA" "${EVAL[@]}" --task RACE --valid-data "$WORK/wiki.test.tokens"
 expect "task without data" 2 "needs one --valid-data file" "${EVAL[@]}" --task LAMBADA
-expect "task without a model" 2 "--task needs --load" ./train_gpt "${TOK[@]}" "${LAMBADA[@]}"
-expect "task without a tokenizer" 2 "needs the tokenizer" ./train_gpt --load "$WORK/model" "${LAMBADA[@]}"
+expect "task without a model" 2 "--task needs --load" ./train_gpt --device "$DEVICE" "${TOK[@]}" "${LAMBADA[@]}"
+expect "task without a tokenizer" 2 "needs the tokenizer" ./train_gpt --device "$DEVICE" --load "$WORK/model" "${LAMBADA[@]}"
 expect "stride 0" 2 "--overlapping-eval must be positive" "${EVAL[@]}" "${WIKI[@]}" --overlapping-eval 0
 expect "missing data file" 1 "cannot open --valid-data file '$WORK/nothere.tokens'" "${EVAL[@]}" --task WIKITEXT103 --valid-data "$WORK/nothere.tokens"
 expect "empty WikiText file" 1 "WIKITEXT103 needs at least 2" "${EVAL[@]}" --task WIKITEXT103 --valid-data "$WORK/empty.tokens"
