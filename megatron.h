@@ -10,6 +10,7 @@ Everything GPT, BERT and T5 share lives here, in sections read top to bottom:
   4. optimizer    AdamW, global gradient norm and clipping, fp16 loss scaling
   5. checkpoint   safetensors files, written under temporary names and renamed
   6. training     learning-rate schedules, batch ramp-up, FLOPs and the log line
+  7. evaluation   Megatron's zero-shot tasks: the WikiText detokenizer and windows, LAMBADA
 
 Conventions. Activations are rows of C features; a batch is laid out as Megatron
 lays it, [s, b, h]: row r = t*B + b. Letters: B batch, T sequence length, C hidden
@@ -643,14 +644,14 @@ static void recompute_args_validate(Args* a) {
         arg_error("--recompute-num-layers %d is not in [1, --num-layers %d]", a->recompute_num_layers, a->num_layers);
 }
 
-// Checks Megatron would make (megatron/arguments.py), each naming its flag.
-static void args_validate(Args* a) {
+// Checks Megatron would make (megatron/arguments.py), each naming its flag: first those of
+// the model, its layout and precision, which every mode (training, evaluation) needs.
+static void args_validate_model(Args* a) {
     require_flag(a->num_layers > 0, "--num-layers (a positive integer)");
     require_flag(a->hidden_size > 0, "--hidden-size (a positive integer)");
     require_flag(a->num_attention_heads > 0, "--num-attention-heads (a positive integer)");
     require_flag(a->seq_length > 0, "--seq-length (a positive integer)");
     require_flag(a->micro_batch_size > 0, "--micro-batch-size (a positive integer)");
-    require_flag(a->lr > 0, "--lr (a positive number)");
     if (a->hidden_size % a->num_attention_heads)
         arg_error("--num-attention-heads %d does not divide --hidden-size %d", a->num_attention_heads, a->hidden_size);
     if (a->ffn_hidden_size == 0) a->ffn_hidden_size = 4 * a->hidden_size;
@@ -663,8 +664,18 @@ static void args_validate(Args* a) {
     if (a->num_attention_heads % t)
         arg_error("--tensor-model-parallel-size %d does not divide --num-attention-heads %d", t, a->num_attention_heads);
     if (a->ffn_hidden_size % t) arg_error("--tensor-model-parallel-size %d does not divide --ffn-hidden-size %d", t, a->ffn_hidden_size);
-    if (a->ddp_bucket_size < 1) arg_error("--ddp-bucket-size must be at least 1");
     if (a->make_vocab_size_divisible_by <= 0) arg_error("--make-vocab-size-divisible-by must be positive");
+    if (a->bf16 + a->fp16 + a->fp32 > 1) arg_error("--bf16, --fp16 and --fp32 are exclusive");
+    if (strcmp(a->device, "auto") && strcmp(a->device, "cpu") && strcmp(a->device, "cuda"))
+        arg_error("--device '%s' is not one of auto, cpu, cuda", a->device);
+    if (a->log_interval <= 0) arg_error("--log-interval must be positive");
+}
+
+// The model's checks, then training's.
+static void args_validate(Args* a) {
+    args_validate_model(a);
+    require_flag(a->lr > 0, "--lr (a positive number)");
+    if (a->ddp_bucket_size < 1) arg_error("--ddp-bucket-size must be at least 1");
     if (a->global_batch_size == 0) a->global_batch_size = a->micro_batch_size;
     int dp = a->data_parallel_size;
     if (a->global_batch_size <= 0 || a->global_batch_size % (a->micro_batch_size * dp))
@@ -691,18 +702,14 @@ static void args_validate(Args* a) {
     if (a->lr_warmup_fraction < 0 || a->lr_warmup_fraction > 1) arg_error("--lr-warmup-fraction must be in [0, 1]");
     if (a->lr_warmup_fraction > 0 && (a->lr_warmup_iters || a->lr_warmup_samples))
         arg_error("--lr-warmup-fraction and --lr-warmup-iters/--lr-warmup-samples are exclusive");
-    if (a->bf16 + a->fp16 + a->fp32 > 1) arg_error("--bf16, --fp16 and --fp32 are exclusive");
     if (a->adam_beta1 < 0 || a->adam_beta1 >= 1 || a->adam_beta2 < 0 || a->adam_beta2 >= 1) arg_error("--adam-beta1/2 must be in [0, 1)");
     if (a->adam_eps <= 0) arg_error("--adam-eps must be positive");
     if (a->clip_grad < 0) arg_error("--clip-grad must be >= 0");
     if (a->weight_decay < 0) arg_error("--weight-decay must be >= 0");
-    if (a->log_interval <= 0) arg_error("--log-interval must be positive");
     if (a->eval_interval <= 0) arg_error("--eval-interval must be positive");
     if (a->eval_iters < 0) arg_error("--eval-iters must be >= 0");
     if (a->loss_scale < 0 || a->initial_loss_scale <= 0 || a->min_loss_scale <= 0) arg_error("loss scales must be positive");
     if (a->loss_scale_window <= 0 || a->hysteresis <= 0) arg_error("--loss-scale-window and --hysteresis must be positive");
-    if (strcmp(a->device, "auto") && strcmp(a->device, "cpu") && strcmp(a->device, "cuda"))
-        arg_error("--device '%s' is not one of auto, cpu, cuda", a->device);
     if (a->data_path.n == 0) arg_error("--data-path is required");
     if (a->data_path.n > 1 && a->data_path.n % 2) arg_error("--data-path takes one PREFIX or pairs W1 PREFIX1 W2 PREFIX2 ...");
     if (a->sample_length < 0) arg_error("--sample-length must be >= 0");
@@ -5314,5 +5321,374 @@ static void log_validation(LogFile* lf, int64_t iteration, double loss) {
     fflush(lf->f);
 }
 // <<< training
+
+// >>> evaluation
+// ----------------------------------------------------------------------------
+// 7. evaluation: Megatron-LM's zero-shot GPT tasks (tasks/zeroshot_gpt), WikiText-103 perplexity and LAMBADA accuracy,
+// without the model: the detokenizer, windows, examples and figures. Text is UTF-8 the caller has checked,
+// read with Python's whitespace rules (Megatron works on Python str).
+
+// The evaluation flags (tasks/main.py's names and defaults).
+typedef struct {
+    const char* task;      // WIKITEXT103 or LAMBADA
+    ArgList valid_data;    // one file
+    int overlapping_eval;  // WikiText window stride (32)
+    int strict_lambada;    // LAMBADA label: the whole last word
+} EvalArgs;
+
+static int eval_args_table(EvalArgs* e, ArgSpec* t) {
+    memset(e, 0, sizeof(*e));
+    e->overlapping_eval = 32;
+    int n = 0;
+    t[n++] = ArgSpec{"--task", ARG_STRING, &e->task, "evaluate --load instead of training: WIKITEXT103 (perplexity) or LAMBADA (accuracy)"};
+    t[n++] = ArgSpec{"--valid-data", ARG_LIST, &e->valid_data, "the task's file: wiki.test.tokens, or LAMBADA's jsonl"};
+    t[n++] = ArgSpec{"--overlapping-eval", ARG_INT, &e->overlapping_eval, "WIKITEXT103 window stride: targets scored per window after the first (32)"};
+    t[n++] = ArgSpec{"--strict-lambada", ARG_FLAG, &e->strict_lambada, "LAMBADA: predict every token of the last word, not only the last token"};
+    return n;
+}
+
+static void eval_args_validate(const EvalArgs* e) {
+    if (!e->task) {
+        if (e->valid_data.n || e->strict_lambada) arg_error("--valid-data and --strict-lambada need --task");
+        return;
+    }
+    if (strcmp(e->task, "WIKITEXT103") && strcmp(e->task, "LAMBADA")) arg_error("--task '%s' is not one of WIKITEXT103, LAMBADA", e->task);
+    if (e->valid_data.n != 1) arg_error("--task %s needs one --valid-data file", e->task);
+    if (e->overlapping_eval < 1) arg_error("--overlapping-eval must be positive");
+}
+
+// --- Python's whitespace (str.isspace, str.split(), str.strip() and the regex \s agree)
+
+// Bytes of the UTF-8 character that starts with lead byte c.
+static int utf8_char_bytes(unsigned char c) { return c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC0 ? 2 : 1; }
+
+// Bytes of the whitespace character at s[i] (s has n bytes), or 0. Python's set: \t\n\v\f\r,
+// the separators \x1c-\x1f, space, U+0085, U+00A0, U+1680, U+2000-U+200A, U+2028, U+2029,
+// U+202F, U+205F, U+3000.
+static int py_space_at(const char* s, size_t n, size_t i) {
+    const unsigned char* u = (const unsigned char*)s + i;
+    if ((u[0] >= 0x09 && u[0] <= 0x0D) || (u[0] >= 0x1C && u[0] <= 0x20)) return 1;
+    if (u[0] == 0xC2 && i + 1 < n) return u[1] == 0x85 || u[1] == 0xA0 ? 2 : 0;
+    if (u[0] < 0xE1 || u[0] > 0xE3 || i + 2 >= n) return 0;
+    uint32_t cp = (uint32_t)(u[0] & 0x0F) << 12 | (uint32_t)(u[1] & 0x3F) << 6 | (u[2] & 0x3F);
+    int space = cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200A) || cp == 0x2028 || cp == 0x2029 || cp == 0x202F ||
+                cp == 0x205F || cp == 0x3000;
+    return space ? 3 : 0;
+}
+
+// Narrows [*begin, *end) of s to what str.strip() keeps.
+static void py_strip(const char* s, size_t* begin, size_t* end) {
+    size_t i = *begin, last;
+    int k;
+    while (i < *end && (k = py_space_at(s, *end, i))) i += k;
+    *begin = last = i;
+    while (i < *end) {
+        k = py_space_at(s, *end, i);
+        i += k ? k : utf8_char_bytes((unsigned char)s[i]);
+        if (!k) last = i;
+    }
+    *end = last;
+}
+
+// --- the WikiText detokenizer (detokenizer.py's wikitext_detokenizer) and word count
+
+// A growing NUL-terminated byte string; start it zeroed.
+typedef struct {
+    char* s;
+    size_t n, cap;
+} Bytes;
+
+static void bytes_put(Bytes* b, const char* p, size_t len) {
+    if (b->n + len + 1 > b->cap) {
+        b->cap = (b->n + len + 1) * 2;
+        b->s = (char*)realloc(b->s, b->cap);
+        if (!b->s) die("out of host memory growing a text to %zu bytes", b->cap);
+    }
+    memcpy(b->s + b->n, p, len);
+    b->n += len;
+    b->s[b->n] = 0;
+}
+
+// str.replace(from, to): matches found left to right, never overlapping.
+static void text_replace(Bytes* out, const char* s, size_t n, const char* from, const char* to) {
+    size_t len = strlen(from), i = 0;
+    const char* p;
+    while ((p = (const char*)memmem(s + i, n - i, from, len)) != NULL) {
+        bytes_put(out, s + i, p - s - i);
+        bytes_put(out, to, strlen(to));
+        i = p - s + len;
+    }
+    bytes_put(out, s + i, n - i);
+}
+
+// re.sub(r"O\s*([^C]*?)\s*C", r"O\1C"): each O and the first C after it enclose their content
+// stripped of whitespace; the search goes on after that C.
+static void text_trim_pairs(Bytes* out, const char* s, size_t n, char open, char close) {
+    size_t i = 0;
+    const char* p;
+    while ((p = (const char*)memchr(s + i, open, n - i)) != NULL) {
+        const char* c = (const char*)memchr(p + 1, close, s + n - p - 1);
+        if (!c) break;  // no C after this O: none after a later O either
+        size_t begin = p + 1 - s, end = c - s;
+        py_strip(s, &begin, &end);
+        bytes_put(out, s + i, p + 1 - s - i);
+        bytes_put(out, s + begin, end - begin);
+        bytes_put(out, c, 1);
+        i = c + 1 - s;
+    }
+    bytes_put(out, s + i, n - i);
+}
+
+// re.sub(r"/' [0-9]/", r"/'[0-9]/"): Megatron's rule as written, the literal "[0-9]" included.
+static void text_slash_quote_digit(Bytes* out, const char* s, size_t n) {
+    size_t i = 0;
+    const char* p;
+    while ((p = (const char*)memmem(s + i, n - i, "/' ", 3)) != NULL) {
+        size_t at = p - s;
+        int match = at + 5 <= n && s[at + 3] >= '0' && s[at + 3] <= '9' && s[at + 4] == '/';
+        bytes_put(out, s + i, at - i);
+        bytes_put(out, match ? "/'[0-9]/" : "/", match ? 8 : 1);
+        i = at + (match ? 5 : 1);
+    }
+    bytes_put(out, s + i, n - i);
+}
+
+enum { DETOK_REPLACE, DETOK_PAIRS, DETOK_SLASH_DIGIT };
+static const struct { int kind; const char* a; const char* b; } wikitext_rules[] = {
+    {DETOK_REPLACE, "s '", "s'"}, {DETOK_SLASH_DIGIT, "", ""},                                     // contractions
+    {DETOK_REPLACE, " @-@ ", "-"}, {DETOK_REPLACE, " @,@ ", ","}, {DETOK_REPLACE, " @.@ ", "."},  // number separators
+    {DETOK_REPLACE, " : ", ": "}, {DETOK_REPLACE, " ; ", "; "}, {DETOK_REPLACE, " . ", ". "},     // punctuation
+    {DETOK_REPLACE, " ! ", "! "}, {DETOK_REPLACE, " ? ", "? "}, {DETOK_REPLACE, " , ", ", "},
+    {DETOK_PAIRS, "()", ""}, {DETOK_PAIRS, "[]", ""}, {DETOK_PAIRS, "{}", ""},                     // brackets and quotes
+    {DETOK_PAIRS, "\"\"", ""}, {DETOK_PAIRS, "''", ""},
+    {DETOK_REPLACE, "= = = =", "===="}, {DETOK_REPLACE, "= = =", "==="}, {DETOK_REPLACE, "= =", "=="},  // miscellaneous
+    {DETOK_REPLACE, " \xc2\xb0 ", "\xc2\xb0"}, {DETOK_REPLACE, " \n", "\n"}, {DETOK_REPLACE, "\n ", "\n"},
+    {DETOK_REPLACE, " N ", " 1 "}, {DETOK_REPLACE, " 's", "'s"},
+};
+
+// Megatron's wikitext_detokenizer: its rules in its order, each over the whole text. Returns a
+// new NUL-terminated string of *out_n bytes.
+static char* wikitext_detokenize(const char* text, size_t n, size_t* out_n) {
+    Bytes cur = {NULL, 0, 0};
+    bytes_put(&cur, text, n);
+    for (size_t r = 0; r < sizeof(wikitext_rules) / sizeof(wikitext_rules[0]); r++) {
+        Bytes next = {NULL, 0, 0};
+        bytes_put(&next, "", 0);
+        if (wikitext_rules[r].kind == DETOK_REPLACE) text_replace(&next, cur.s, cur.n, wikitext_rules[r].a, wikitext_rules[r].b);
+        else if (wikitext_rules[r].kind == DETOK_PAIRS) text_trim_pairs(&next, cur.s, cur.n, wikitext_rules[r].a[0], wikitext_rules[r].a[1]);
+        else text_slash_quote_digit(&next, cur.s, cur.n);
+        free(cur.s);
+        cur = next;
+    }
+    *out_n = cur.n;
+    return cur.s;
+}
+
+// num_original_tokens = len(text.strip().split(" ")), on the raw file: WikiText's words, where
+// a line end and its neighbours count as one more.
+static int64_t wikitext_word_count(const char* text, size_t n) {
+    size_t begin = 0, end = n;
+    py_strip(text, &begin, &end);
+    int64_t count = 1;
+    for (size_t i = begin; i < end; i++) count += text[i] == ' ';
+    return count;
+}
+
+// --- WikiText-103 windows (datasets.py's _LMDataset)
+
+// Window k holds tokens [k*stride, k*stride + s] (s + 1 tokens, EOD past the end). The first
+// window scores its s targets, each later one only its last `stride`, those after the previous
+// window's: every target is scored once, with at least s - stride tokens of context after the first window.
+typedef struct {
+    int64_t num_tokens, count;
+    int seq_len, stride;
+} LMWindows;
+
+static LMWindows lm_windows(int64_t num_tokens, int seq_len, int overlapping_eval) {
+    LMWindows w;
+    w.num_tokens = num_tokens;
+    w.seq_len = seq_len;
+    w.stride = overlapping_eval > 1 ? overlapping_eval : 1;
+    int64_t after_first = num_tokens - 1 - w.stride > 0 ? num_tokens - 1 - w.stride : 0;
+    w.count = CEIL_DIV(after_first, (int64_t)w.stride) + 1;
+    return w;
+}
+
+// Window k: out[s + 1] tokens and mask[s], 1 where target t (token t + 1) is scored.
+// Returns the number of scored targets.
+static int lm_window(const LMWindows* w, const int32_t* tokens, int64_t k, int32_t pad, int32_t* out, float* mask) {
+    int64_t start = k * w->stride;
+    int first_scored = k > 0 && w->seq_len > w->stride ? w->seq_len - w->stride : 0, scored = 0;
+    out[0] = start < w->num_tokens ? tokens[start] : pad;
+    for (int t = 1; t <= w->seq_len; t++) {
+        int real = start + t < w->num_tokens;
+        out[t] = real ? tokens[start + t] : pad;
+        mask[t - 1] = real && t - 1 >= first_scored ? 1.0f : 0.0f;
+        scored += real && t - 1 >= first_scored;
+    }
+    return scored;
+}
+
+// evaluate.py's figures from the loss summed over the num_tokenized - 1 targets.
+typedef struct {
+    double avg_loss, ppl, adjusted_ppl, token_ratio;
+} LMMetrics;
+
+static LMMetrics lm_metrics(double loss_sum, int64_t num_tokenized, int64_t num_original) {
+    LMMetrics r;
+    r.avg_loss = loss_sum / (double)(num_tokenized - 1);
+    r.ppl = exp(fmin(20.0, r.avg_loss));
+    // the same total loss per word instead of per BPE token
+    r.token_ratio = (double)(num_tokenized - 1) / (double)(num_original - 1);
+    r.adjusted_ppl = exp(fmin(20.0, r.avg_loss * r.token_ratio));
+    return r;
+}
+
+// Python's repr(float), as Megatron prints the token ratio: the fewest digits that read back
+// as x, positional for 1e-4 <= |x| < 1e16, else d.ddde+XX.
+static void python_float_repr(double x, char* buf, size_t cap) {
+    if (!isfinite(x)) { snprintf(buf, cap, "%s", x != x ? "nan" : x > 0 ? "inf" : "-inf"); return; }
+    char sci[40], digits[24];
+    for (int p = 1; p <= 17; p++) {
+        snprintf(sci, sizeof(sci), "%.*e", p - 1, x);
+        if (strtod(sci, NULL) == x) break;
+    }
+    int nd = 0, e10 = atoi(strchr(sci, 'e') + 1);
+    for (const char* c = sci + (sci[0] == '-'); *c != 'e'; c++)
+        if (*c != '.') digits[nd++] = *c;
+    while (nd > 1 && digits[nd - 1] == '0') nd--;
+    digits[nd] = 0;
+    const char* sign = sci[0] == '-' ? "-" : "";
+    if (e10 < -4 || e10 >= 16) snprintf(buf, cap, "%s%c%s%se%c%02d", sign, digits[0], nd > 1 ? "." : "", digits + 1, e10 < 0 ? '-' : '+', abs(e10));
+    else if (e10 < 0) snprintf(buf, cap, "%s0.%.*s%s", sign, -e10 - 1, "000", digits);
+    else if (nd > e10 + 1) snprintf(buf, cap, "%s%.*s.%s", sign, e10 + 1, digits, digits + e10 + 1);
+    else snprintf(buf, cap, "%s%s%.*s.0", sign, digits, e10 + 1 - nd, "000000000000000");
+}
+
+// --- LAMBADA (datasets.py's _LambadaDataset)
+
+// json.loads(line)["text"] of one JSON-lines record; `where` ("file:line") names it in errors.
+static char* jsonl_text_field(const char* line, size_t n, const char* where) {
+    StJson j = {line, n, 0, where, "JSON line"};
+    char* text = NULL;
+    st_json_expect(&j, '{');
+    if (st_json_peek(&j) != '}') for (;;) {
+        char* key = st_json_string(&j);
+        st_json_expect(&j, ':');
+        int is_text = strcmp(key, "text") == 0;
+        free(key);
+        if (is_text && st_json_peek(&j) != '"') st_json_fail(&j, "\"text\" is not a string");
+        if (is_text) { free(text); text = st_json_string(&j); }
+        else st_json_skip_value(&j, 0);
+        if (st_json_peek(&j) == '}') break;
+        st_json_expect(&j, ',');
+    }
+    j.i++;
+    if (st_json_peek(&j) != -1) st_json_fail(&j, "text after the closing '}'");
+    if (!text) die("%s: the record has no \"text\"", where);
+    return text;
+}
+
+// --strict-lambada's reading of a text: the last word (text.split()[-1]) and the context before
+// it, stripped (byte offsets). Returns 0 when the text has no word.
+typedef struct {
+    size_t context_begin, context_end, word_begin, word_end;
+} LambadaSplit;
+
+static int lambada_split_strict(const char* text, size_t n, LambadaSplit* sp) {
+    int found = 0;
+    memset(sp, 0, sizeof(*sp));
+    for (size_t i = 0; i < n;) {
+        int k = py_space_at(text, n, i);
+        if (k) { i += k; continue; }
+        sp->word_begin = i;
+        while (i < n && !py_space_at(text, n, i)) i += utf8_char_bytes((unsigned char)text[i]);
+        sp->word_end = i;
+        found = 1;
+    }
+    if (!found) return 0;
+    sp->context_begin = 0;
+    sp->context_end = sp->word_begin;
+    py_strip(text, &sp->context_begin, &sp->context_end);
+    return 1;
+}
+
+// Text to token ids with the run's tokenizer (which megatron.h does not know): a malloc'd array of *count ids.
+typedef int32_t* (*EncodeText)(const void* tokenizer, const char* text, size_t n, size_t* count);
+
+// One example: its tokens, the context's then the label's.
+typedef struct {
+    int32_t* tokens;
+    int num_context, num_label;
+} LambadaExample;
+
+// Megatron's get_tokens: the label is the text's last BPE token, or with --strict-lambada the
+// BPE tokens of " " + the last word, after those of the context. Megatron scores an empty
+// context's example as correct without looking (its first label token is never a target): an error here.
+static LambadaExample lambada_example(const char* text, size_t n, int strict, EncodeText encode, const void* tokenizer, const char* where) {
+    LambadaExample e;
+    LambadaSplit sp;
+    size_t n_context, n_label;
+    if (!strict) {
+        e.tokens = encode(tokenizer, text, n, &n_context);
+        if (n_context < 2) die("%s: the text has %zu tokens: no context before the label", where, n_context);
+        e.num_context = (int)n_context - 1;
+        e.num_label = 1;
+        return e;
+    }
+    if (!lambada_split_strict(text, n, &sp)) die("%s: the text has no word to predict", where);
+    int32_t* context = encode(tokenizer, text + sp.context_begin, sp.context_end - sp.context_begin, &n_context);
+    if (!n_context) die("%s: no context before the last word", where);
+    char* word = (char*)xmalloc(sp.word_end - sp.word_begin + 1);
+    word[0] = ' ';
+    memcpy(word + 1, text + sp.word_begin, sp.word_end - sp.word_begin);
+    int32_t* label = encode(tokenizer, word, sp.word_end - sp.word_begin + 1, &n_label);
+    e.tokens = (int32_t*)xmalloc((n_context + n_label) * sizeof(int32_t));
+    memcpy(e.tokens, context, n_context * sizeof(int32_t));
+    memcpy(e.tokens + n_context, label, n_label * sizeof(int32_t));
+    e.num_context = (int)n_context;
+    e.num_label = (int)n_label;
+    free(context);
+    free(label);
+    free(word);
+    return e;
+}
+
+// Every line of a LAMBADA JSON-lines file (its n bytes in text) as an example; *count of them.
+static LambadaExample* lambada_read(const char* path, const char* text, size_t n, int strict, EncodeText encode, const void* tokenizer,
+                                    int64_t* count) {
+    LambadaExample* all = NULL;
+    int64_t cap = 0, k = 0;
+    for (size_t i = 0; i < n; k++) {
+        const char* newline = (const char*)memchr(text + i, '\n', n - i);
+        size_t end = newline ? (size_t)(newline - text) : n;
+        char where[1100];
+        snprintf(where, sizeof(where), "%s:%lld", path, (long long)k + 1);
+        char* record = jsonl_text_field(text + i, end - i, where);
+        if (k == cap) {
+            cap = cap ? 2 * cap : 1024;
+            all = (LambadaExample*)realloc(all, cap * sizeof(LambadaExample));
+            if (!all) die("out of host memory reading %s", path);
+        }
+        all[k] = lambada_example(record, strlen(record), strict, encode, tokenizer, where);
+        free(record);
+        i = end + 1;
+    }
+    if (k == 0) die("%s: no examples (the file is empty)", path);
+    *count = k;
+    return all;
+}
+
+// Example e as Megatron's sample: out[T + 1] tokens (pad after the example) and mask[T], 1
+// where the target is a label token.
+static void lambada_window(const LambadaExample* e, int T, int32_t pad, int32_t* out, float* mask) {
+    int len = e->num_context + e->num_label;
+    out[0] = len > 0 ? e->tokens[0] : pad;
+    for (int t = 1; t <= T; t++) {
+        out[t] = t < len ? e->tokens[t] : pad;
+        mask[t - 1] = t >= e->num_context && t < len ? 1.0f : 0.0f;
+    }
+}
+// <<< evaluation
 
 #endif  // MEGATRON_H
