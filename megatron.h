@@ -2117,6 +2117,8 @@ static void layernorm_backward(const Device* d, void* dinp, float* dweight, floa
 //   out_i = sum_{j<=i} drop_ij * softmax_j(q_i . k_j / sqrt(HS)) * v_j
 // Attention dropout keeps prob (b,h,i,j) iff dropout_keep(seed, ((b*NH+h)*T+i)*T+j, p)
 // and scales kept ones by 1/(1-p); the backward regenerates the same mask.
+// Generation reads keys and values from a KV cache: attention_decode computes only the query
+// rows [pos, pos+n) of the same attention over rows [0, pos+n) (the forward's first = pos).
 // Backward (FlashAttention-2): with P the probabilities, M the dropout mask times
 // 1/(1-p), delta_i = dout_i . out_i = sum_j P_ij M_ij (dout_i . v_j):
 //   dv_j = sum_i P_ij M_ij dout_i,   dS_ij = P_ij (M_ij (dout_i . v_j) - delta_i),
@@ -2132,10 +2134,12 @@ static void attention_check(float p, int B, int T, int NH, int HS) {
     if (!(p >= 0.0f && p < 1.0f)) die("attention: dropout probability %g is not in [0, 1)", p);
 }
 
+// Query rows [first, T) of causal attention over qkv rows [0, T) (first = 0: all of them);
+// out holds those rows as [T-first, B, C], lse as [B, NH, T-first].
 template <typename real>
-static void attention_forward_cpu(real* out, real* lse, const real* qkv, float p, uint64_t seed,
+static void attention_forward_cpu(real* out, real* lse, const real* qkv, int first, float p, uint64_t seed,
                                   int B, int T, int NH, int HS) {
-    int C = NH * HS;
+    int C = NH * HS, rows = T - first;
     size_t ld = 3 * (size_t)C;
     real scale = 1 / sqrt((real)HS), keep_scale = 1 / (1 - (real)p);
 #pragma omp parallel
@@ -2146,7 +2150,7 @@ static void attention_forward_cpu(real* out, real* lse, const real* qkv, float p
             for (int h = 0; h < NH; h++) {
                 const real* head = qkv + (size_t)b * ld + h * 3 * HS;  // q of (t=0, b, h)
                 size_t tstride = (size_t)B * ld;
-                for (int i = 0; i < T; i++) {
+                for (int i = first; i < T; i++) {
                     const real* q = head + i * tstride;
                     real mx = -INFINITY;
                     for (int j = 0; j <= i; j++) {
@@ -2158,8 +2162,8 @@ static void attention_forward_cpu(real* out, real* lse, const real* qkv, float p
                     }
                     real sum = 0;
                     for (int j = 0; j <= i; j++) { att[j] = exp(att[j] - mx); sum += att[j]; }
-                    lse[((size_t)b * NH + h) * T + i] = mx + log(sum);
-                    real* o = out + ATT_ROW(i, b, B) * C + h * HS;
+                    lse[((size_t)b * NH + h) * rows + i - first] = mx + log(sum);
+                    real* o = out + ATT_ROW(i - first, b, B) * C + h * HS;
                     for (int d = 0; d < HS; d++) o[d] = 0;
                     uint64_t drop_row = ((uint64_t)(b * NH + h) * T + i) * T;
                     for (int j = 0; j <= i; j++) {
@@ -2375,8 +2379,9 @@ __device__ __forceinline__ void att_store_rows(F* g, size_t tstride, int t0, int
 
 // Forward: a block owns ATT_ROWS query rows of one (b, h), 16 per warp, and walks the key
 // tiles up to the diagonal with an online softmax (FlashAttention-2, Dao 2023, alg. 1).
+// Query rows [first, T) only; out and lse hold them from index 0 (see attention_forward_cpu).
 template <typename F, int HS>
-__global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(F* out, float* lse, const F* qkv, float p,
+__global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(F* out, float* lse, const F* qkv, int first, float p,
                                                                         uint32_t keep_min, uint64_t seed, int B, int T, int NH) {
     constexpr int LD = HS + ATT_PAD, BM = ATT_ROWS, BN = ATT_KTILE;
     extern __shared__ __align__(16) unsigned char att_smem[];
@@ -2390,7 +2395,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(F* out, 
     int C = NH * HS;
     size_t tstride = (size_t)B * 3 * C;
     const F* qg = qkv + (size_t)b * 3 * C + h * 3 * HS;
-    int q0 = qt * BM, wq0 = q0 + warp * 16;
+    int q0 = first + qt * BM, wq0 = q0 + warp * 16;
     int rows[2] = {wq0 + gr, wq0 + gr + 8};
     int n_kt = CEIL_DIV(min(T, q0 + BM), BN);
     float scale_log2 = rsqrtf((float)HS) * ATT_LOG2E;
@@ -2466,14 +2471,14 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(F* out, 
         l[r] += __shfl_xor_sync(0xffffffff, l[r], 1);
         l[r] += __shfl_xor_sync(0xffffffff, l[r], 2);
         inv[r] = 1.0f / ((1.0f - p) * l[r]);
-        if (q4 == 0 && rows[r] < T) lse[(size_t)bh * T + rows[r]] = (m[r] + log2f(l[r])) * ATT_LN2;
+        if (q4 == 0 && rows[r] < T) lse[(size_t)bh * (T - first) + rows[r] - first] = (m[r] + log2f(l[r])) * ATT_LN2;
     }
 #pragma unroll
     for (int n = 0; n < HS / 8; n++) {
         o[n][0] *= inv[0]; o[n][1] *= inv[0];
         o[n][2] *= inv[1]; o[n][3] *= inv[1];
     }
-    att_store_rows<F, HS>(out + (size_t)b * C + h * HS, (size_t)B * C, wq0, T, o, qs + warp * 16 * LD);
+    att_store_rows<F, HS>(out + (size_t)b * C + h * HS, (size_t)B * C, wq0 - first, T - first, o, qs + warp * 16 * LD);
 }
 
 // Backward, dq: a block owns ATT_ROWS query rows, walks the key tiles up to the diagonal and
@@ -2671,11 +2676,11 @@ __device__ __forceinline__ float att_warp_sum(float x) {
 #define ATT_F32_WARPS 8
 
 template <int HS>
-__global__ void attention_forward_f32_kernel(float* out, float* lse, const float* qkv, float p, uint64_t seed,
+__global__ void attention_forward_f32_kernel(float* out, float* lse, const float* qkv, int first, float p, uint64_t seed,
                                              int B, int T, int NH) {
-    int row = blockIdx.x * ATT_F32_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (row >= B * NH * T) return;
-    int bh = row / T, i = row % T, b = bh / NH, h = bh % NH, C = NH * HS;
+    int row = blockIdx.x * ATT_F32_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32, rows = T - first;
+    if (row >= B * NH * rows) return;
+    int bh = row / rows, i = first + row % rows, b = bh / NH, h = bh % NH, C = NH * HS;
     size_t tstride = (size_t)B * 3 * C;
     const float* head = qkv + (size_t)b * 3 * C + h * 3 * HS;
     float scale = 1.0f / sqrtf((float)HS), q[HS / 32], o[HS / 32] = {};
@@ -2693,7 +2698,7 @@ __global__ void attention_forward_f32_kernel(float* out, float* lse, const float
         for (int k = 0; k < HS / 32; k++) o[k] = o[k] * alpha + w * kj[HS + lane + 32 * k];
         m = m_new;
     }
-    float* orow = out + ATT_ROW(i, b, B) * C + h * HS;
+    float* orow = out + ATT_ROW(i - first, b, B) * C + h * HS;
     for (int k = 0; k < HS / 32; k++) orow[lane + 32 * k] = o[k] / ((1.0f - p) * l);
     if (lane == 0) lse[row] = m + logf(l);
 }
@@ -2809,16 +2814,17 @@ static void att_set_smem(K kernel, size_t bytes) {
 }
 
 template <typename F, int HS>
-static void attention_forward_launch(const Device* d, F* out, float* lse, const F* qkv, float p, uint64_t seed,
+static void attention_forward_launch(const Device* d, F* out, float* lse, const F* qkv, int first, float p, uint64_t seed,
                                      int B, int T, int NH) {
+    int rows = T - first;
     if constexpr (std::is_same<F, float>::value) {
-        attention_forward_f32_kernel<HS><<<CEIL_DIV(B * NH * T, ATT_F32_WARPS), ATT_F32_WARPS * 32, 0, d->stream>>>(
-            out, lse, qkv, p, seed, B, T, NH);
+        attention_forward_f32_kernel<HS><<<CEIL_DIV(B * NH * rows, ATT_F32_WARPS), ATT_F32_WARPS * 32, 0, d->stream>>>(
+            out, lse, qkv, first, p, seed, B, T, NH);
     } else {
         size_t smem = (size_t)(ATT_ROWS + 4 * ATT_KTILE) * (HS + ATT_PAD) * sizeof(F);
         att_set_smem(attention_forward_kernel<F, HS>, smem);
-        dim3 grid(CEIL_DIV(T, ATT_ROWS), B * NH);
-        attention_forward_kernel<F, HS><<<grid, ATT_THREADS, smem, d->stream>>>(out, lse, qkv, p, att_keep_threshold(p),
+        dim3 grid(CEIL_DIV(rows, ATT_ROWS), B * NH);
+        attention_forward_kernel<F, HS><<<grid, ATT_THREADS, smem, d->stream>>>(out, lse, qkv, first, p, att_keep_threshold(p),
                                                                                  seed, B, T, NH);
     }
     cudaCheck(cudaGetLastError());
@@ -2855,12 +2861,12 @@ static void att_check_aligned(const void* ptr, const char* name) {
     if ((uintptr_t)ptr % 16) die("attention: %s is not 16-byte aligned", name);
 }
 
-static void attention_forward_cuda(const Device* d, void* out, float* lse, const void* qkv, float p, uint64_t seed,
+static void attention_forward_cuda(const Device* d, void* out, float* lse, const void* qkv, int first, float p, uint64_t seed,
                                    int B, int T, int NH, int HS) {
     att_check_aligned(out, "out");
     att_check_aligned(qkv, "qkv");
     ATT_HS_SWITCH(HS, HSC, DTYPE_SWITCH(d->dtype, F,
-        attention_forward_launch<F, HSC>(d, (F*)out, lse, (const F*)qkv, p, seed, B, T, NH)));
+        attention_forward_launch<F, HSC>(d, (F*)out, lse, (const F*)qkv, first, p, seed, B, T, NH)));
 }
 
 static void attention_backward_cuda(const Device* d, void* dqkv, float* delta, const void* dout, const void* qkv,
@@ -2881,10 +2887,26 @@ static void attention_forward(const Device* d, void* out, float* lse, const void
                               int B, int T, int NH, int HS) {
     attention_check(p, B, T, NH, HS);
 #ifdef __CUDACC__
-    if (d->is_gpu) { attention_forward_cuda(d, out, lse, qkv, p, seed, B, T, NH, HS); return; }
+    if (d->is_gpu) { attention_forward_cuda(d, out, lse, qkv, 0, p, seed, B, T, NH, HS); return; }
 #endif
     (void)d;
-    attention_forward_cpu<float>((float*)out, lse, (const float*)qkv, p, seed, B, T, NH, HS);
+    attention_forward_cpu<float>((float*)out, lse, (const float*)qkv, 0, p, seed, B, T, NH, HS);
+}
+
+// A decode step: n new query rows at positions [pos, pos+n) attend to the KV cache's rows
+// [0, pos+n). The cache is a qkv tensor of up to maxT positions, [maxT, B, 3C] in the layout
+// above (q kept beside k and v, so the training kernels read it unchanged), whose rows
+// [pos, pos+n) the caller has just written. out [n, B, C] and lse [B, NH, n] as the forward's
+// rows [pos, pos+n); no dropout (inference).
+static void attention_decode(const Device* d, void* out, float* lse, const void* cache, int pos, int n,
+                             int B, int NH, int HS) {
+    if (pos < 0 || n < 1) die("attention_decode: bad rows pos=%d n=%d", pos, n);
+    attention_check(0.0f, B, pos + n, NH, HS);
+#ifdef __CUDACC__
+    if (d->is_gpu) { attention_forward_cuda(d, out, lse, cache, pos, 0.0f, 0, B, pos + n, NH, HS); return; }
+#endif
+    (void)d;
+    attention_forward_cpu<float>((float*)out, lse, (const float*)cache, pos, 0.0f, 0, B, pos + n, NH, HS);
 }
 
 // dqkv (=, written fully) from dout and the forward's out and lse; delta is fp32 [B, NH, T]
