@@ -604,8 +604,16 @@ static void require_flag(int ok, const char* flag) {
     if (!ok) arg_error("%s is required", flag);
 }
 
+// Where and in which precision to run (every mode checks these).
+static void args_validate_device(const Args* a) {
+    if (a->bf16 + a->fp16 + a->fp32 > 1) arg_error("--bf16, --fp16 and --fp32 are exclusive");
+    if (strcmp(a->device, "auto") && strcmp(a->device, "cpu") && strcmp(a->device, "cuda"))
+        arg_error("--device '%s' is not one of auto, cpu, cuda", a->device);
+}
+
 // Checks Megatron would make (megatron/arguments.py), each naming its flag.
 static void args_validate(Args* a) {
+    args_validate_device(a);
     require_flag(a->num_layers > 0, "--num-layers (a positive integer)");
     require_flag(a->hidden_size > 0, "--hidden-size (a positive integer)");
     require_flag(a->num_attention_heads > 0, "--num-attention-heads (a positive integer)");
@@ -652,7 +660,6 @@ static void args_validate(Args* a) {
     if (a->lr_warmup_fraction < 0 || a->lr_warmup_fraction > 1) arg_error("--lr-warmup-fraction must be in [0, 1]");
     if (a->lr_warmup_fraction > 0 && (a->lr_warmup_iters || a->lr_warmup_samples))
         arg_error("--lr-warmup-fraction and --lr-warmup-iters/--lr-warmup-samples are exclusive");
-    if (a->bf16 + a->fp16 + a->fp32 > 1) arg_error("--bf16, --fp16 and --fp32 are exclusive");
     if (a->adam_beta1 < 0 || a->adam_beta1 >= 1 || a->adam_beta2 < 0 || a->adam_beta2 >= 1) arg_error("--adam-beta1/2 must be in [0, 1)");
     if (a->adam_eps <= 0) arg_error("--adam-eps must be positive");
     if (a->clip_grad < 0) arg_error("--clip-grad must be >= 0");
@@ -662,11 +669,51 @@ static void args_validate(Args* a) {
     if (a->eval_iters < 0) arg_error("--eval-iters must be >= 0");
     if (a->loss_scale < 0 || a->initial_loss_scale <= 0 || a->min_loss_scale <= 0) arg_error("loss scales must be positive");
     if (a->loss_scale_window <= 0 || a->hysteresis <= 0) arg_error("--loss-scale-window and --hysteresis must be positive");
-    if (strcmp(a->device, "auto") && strcmp(a->device, "cpu") && strcmp(a->device, "cuda"))
-        arg_error("--device '%s' is not one of auto, cpu, cuda", a->device);
     if (a->data_path.n == 0) arg_error("--data-path is required");
     if (a->data_path.n > 1 && a->data_path.n % 2) arg_error("--data-path takes one PREFIX or pairs W1 PREFIX1 W2 PREFIX2 ...");
     if (a->sample_length < 0) arg_error("--sample-length must be >= 0");
+}
+
+// Text generation: Megatron's text-generation flags (tools/generate_samples_gpt.py; Megatron
+// spells two of them --top_k and --top_p, which are accepted too). With --prompt or
+// --sample-input-file, train_gpt generates from --load instead of training; the sampling flags
+// also shape the --sample-length text printed after training. --seed seeds the sampling.
+typedef struct {
+    const char *prompt, *sample_input_file, *sample_output_file;
+    int out_seq_length, top_k, greedy;
+    double temperature, top_p;
+} GenerationArgs;
+
+static int generation_args_table(GenerationArgs* g, ArgSpec* t) {
+    memset(g, 0, sizeof(*g));
+    g->out_seq_length = 1024;
+    g->temperature = 1.0;
+    int n = 0;
+    t[n++] = ArgSpec{"--prompt", ARG_STRING, &g->prompt, "generate from this text (token ids without a tokenizer) instead of training; needs --load"};
+    t[n++] = ArgSpec{"--sample-input-file", ARG_STRING, &g->sample_input_file, "generate from each line of this file instead of training; needs --load"};
+    t[n++] = ArgSpec{"--sample-output-file", ARG_STRING, &g->sample_output_file, "write the generated samples here (default: stdout)"};
+    t[n++] = ArgSpec{"--out-seq-length", ARG_INT, &g->out_seq_length, "tokens to generate per prompt (1024; fewer at end-of-document or a full position table)"};
+    t[n++] = ArgSpec{"--temperature", ARG_FLOAT, &g->temperature, "sampling temperature (1.0; 0 = greedy)"};
+    t[n++] = ArgSpec{"--top-k", ARG_INT, &g->top_k, "sample among the k most likely tokens (0 = off, 1 = greedy)"};
+    t[n++] = ArgSpec{"--top_k", ARG_INT, &g->top_k, "Megatron's spelling of --top-k"};
+    t[n++] = ArgSpec{"--top-p", ARG_FLOAT, &g->top_p, "sample among the most likely tokens holding probability p (0 = off)"};
+    t[n++] = ArgSpec{"--top_p", ARG_FLOAT, &g->top_p, "Megatron's spelling of --top-p"};
+    t[n++] = ArgSpec{"--greedy", ARG_FLAG, &g->greedy, "take the most likely token at every step"};
+    return n;
+}
+
+static void generation_args_validate(const GenerationArgs* g) {
+    if (g->prompt && g->sample_input_file) arg_error("--prompt and --sample-input-file are exclusive");
+    if (g->out_seq_length < 0) arg_error("--out-seq-length must be >= 0");
+    if (g->temperature < 0) arg_error("--temperature must be >= 0");
+    if (g->top_k < 0) arg_error("--top-k must be >= 0");
+    if (g->top_p < 0 || g->top_p > 1) arg_error("--top-p must be in [0, 1]");
+    if (g->top_k > 0 && g->top_p > 0) arg_error("--top-k and --top-p are exclusive (Megatron: cannot set both)");
+    if (g->greedy && (g->top_k > 1 || g->top_p > 0)) arg_error("--greedy and --top-k/--top-p are exclusive");
+}
+
+static void generation_args_check_vocab(const GenerationArgs* g, int vocab_size) {
+    if (g->top_k >= vocab_size) arg_error("--top-k %d is not below the vocabulary size %d", g->top_k, vocab_size);
 }
 // <<< arguments
 
@@ -5096,5 +5143,106 @@ static void log_validation(LogFile* lf, int64_t iteration, double loss) {
     fflush(lf->f);
 }
 // <<< training
+
+// >>> generation
+// ----------------------------------------------------------------------------
+// 7. generation: Megatron's text_generation sampling (megatron/text_generation/sampling.py),
+// on the host, over the fp32 logits of one position and the unpadded vocabulary of V tokens:
+//   greedy (top_k == 1, or temperature 0): the argmax, the first of equal maxima as torch.argmax;
+//   otherwise the logits are divided by the temperature, then either top-k keeps the logits
+//   >= the k-th largest (ties kept), or top-p walks the tokens by decreasing logit and removes
+//   each one whose predecessors' softmax mass already exceeds p (Megatron removes sorted positions
+//   whose cumulative probability is > p, shifted right by one: the token that crosses p stays,
+//   and so does the first); top-k and top-p are exclusive. One draw from the softmax of what is
+//   left follows (torch.multinomial; here the inverse CDF of one mt_uniform of the caller's
+//   MT19937, so a seed fixes the text).
+
+typedef struct {
+    double temperature;  // 1: the model's distribution; 0: greedy
+    int top_k;           // 0: off; 1: greedy
+    double top_p;        // 0: off; else in (0, 1]
+} SamplingParams;
+
+static SamplingParams sampling_from_args(const GenerationArgs* g) {
+    SamplingParams sp = {g->temperature, g->greedy ? 1 : g->top_k, g->top_p};
+    return sp;
+}
+
+// Megatron's asserts, as one-line errors (callers taking user input check first).
+static void sampling_check(const SamplingParams* sp, int V) {
+    if (!(sp->temperature >= 0)) die("sampling: temperature %g is negative", sp->temperature);
+    if (sp->top_k < 0 || sp->top_k >= V) die("sampling: top_k %d is not in [0, %d) (the vocabulary)", sp->top_k, V);
+    if (!(sp->top_p >= 0 && sp->top_p <= 1)) die("sampling: top_p %g is not in [0, 1]", sp->top_p);
+    if (sp->top_k > 0 && sp->top_p > 0) die("sampling: top_k and top_p are exclusive");
+}
+
+static int argmax_token(const float* logits, int V) {
+    int best = 0;
+    for (int i = 1; i < V; i++)
+        if (logits[i] > logits[best]) best = i;
+    return best;
+}
+
+typedef struct { double z; int i; } ScoredToken;
+
+static int scored_token_desc(const void* a, const void* b) {
+    const ScoredToken *x = (const ScoredToken*)a, *y = (const ScoredToken*)b;
+    if (x->z != y->z) return x->z < y->z ? 1 : -1;
+    return x->i - y->i;
+}
+
+// Sets z[i] = -inf for the tokens top-k or top-p removes (z: the tempered logits).
+static void sampling_filter(double* z, int V, const SamplingParams* sp) {
+    ScoredToken* order = (ScoredToken*)xmalloc((size_t)V * sizeof(ScoredToken));
+    for (int i = 0; i < V; i++) order[i] = ScoredToken{z[i], i};
+    qsort(order, V, sizeof(ScoredToken), scored_token_desc);
+    if (sp->top_k > 1) {
+        double kth = order[sp->top_k - 1].z;
+        for (int i = 0; i < V; i++)
+            if (z[i] < kth) z[i] = -INFINITY;
+    } else {
+        double sum = 0, before = 0;  // softmax mass of the tokens ahead in the order
+        for (int r = 0; r < V; r++) sum += exp(order[r].z - order[0].z);
+        for (int r = 0; r < V; r++) {
+            int removed = r > 0 && before > sp->top_p;
+            before += exp(order[r].z - order[0].z) / sum;
+            if (removed) z[order[r].i] = -INFINITY;
+        }
+    }
+    free(order);
+}
+
+// The next token (Megatron's sample()). Every tensor-parallel rank calls it on the same logits
+// with the same rng state, so all draw the same token.
+static int sample_token(const float* logits, int V, const SamplingParams* sp, MT19937* rng) {
+    sampling_check(sp, V);
+    if (sp->top_k == 1 || sp->temperature == 0) return argmax_token(logits, V);
+    double* z = (double*)xmalloc((size_t)V * sizeof(double));
+    for (int i = 0; i < V; i++) z[i] = logits[i] / sp->temperature;
+    if (sp->top_k > 1 || sp->top_p > 0) sampling_filter(z, V, sp);
+    double max = -INFINITY, sum = 0, acc = 0;
+    for (int i = 0; i < V; i++) max = fmax(max, z[i]);
+    for (int i = 0; i < V; i++) sum += exp(z[i] - max);
+    double u = mt_uniform(rng) * sum;
+    int token = -1;
+    for (int i = 0; i < V && (token < 0 || acc <= u); i++) {
+        double w = exp(z[i] - max);
+        if (w == 0) continue;
+        acc += w;
+        token = i;  // the last kept token also takes u when rounding leaves acc just under it
+    }
+    free(z);
+    return token;
+}
+
+// log softmax(logits)[token] over the V tokens: Megatron's output log-probabilities (of the
+// model's distribution, whatever the sampling).
+static double token_logprob(const float* logits, int V, int token) {
+    double max = -INFINITY, sum = 0;
+    for (int i = 0; i < V; i++) max = fmax(max, logits[i]);
+    for (int i = 0; i < V; i++) sum += exp((double)logits[i] - max);
+    return logits[token] - max - log(sum);
+}
+// <<< generation
 
 #endif  // MEGATRON_H
