@@ -471,7 +471,7 @@ typedef struct {
     int num_layers, hidden_size, ffn_hidden_size, num_attention_heads, seq_length, max_position_embeddings;
     int make_vocab_size_divisible_by, tensor_model_parallel_size;
     // parallelism (data_parallel_size is not a flag: world size / tensor-parallel size, set before args_validate)
-    int data_parallel_size, use_distributed_optimizer, use_cpu_initialization, debug_hang_rank;
+    int data_parallel_size, use_distributed_optimizer, use_cpu_initialization, debug_hang_rank, debug_force_nccl;
     double collective_timeout, ddp_bucket_size;
     const char* debug_dump_params;
     double hidden_dropout, attention_dropout, init_method_std;
@@ -550,6 +550,7 @@ static int args_table(Args* a, ArgSpec* t) {
     ARG("--collective-timeout", ARG_FLOAT, collective_timeout, "seconds a collective waits for the other ranks before the run stops (600)");
     ARG("--debug-dump-params", ARG_STRING, debug_dump_params, "after training, write the full fp32 parameters (raw) here (tests)");
     ARG("--debug-hang-rank", ARG_INT, debug_hang_rank, "this rank stops before its first collective (tests the timeouts)");
+    ARG("--debug-force-nccl", ARG_FLAG, debug_force_nccl, "collectives run through NCCL even in groups of one rank (checks NCCL on one GPU)");
     ARG("--hidden-dropout", ARG_FLOAT, hidden_dropout, "dropout after embedding, attention and MLP (0.1)");
     ARG("--attention-dropout", ARG_FLOAT, attention_dropout, "dropout on attention probabilities (0.1)");
     ARG("--init-method-std", ARG_FLOAT, init_method_std, "std of the normal initialisation (0.02)");
@@ -3505,9 +3506,11 @@ static void rendezvous_unique_id(const Parallel* p, Group g, ncclUniqueId* id) {
 #endif
 
 // On GPUs: one NCCL communicator per group; each group's unique id travels from its rank 0 over
-// MPI, or through the file rendezvous.
-static void parallel_init_nccl(Parallel* p, const Device* d) {
-    if (p->size[GROUP_WORLD] == 1) return;
+// MPI, or through the file rendezvous. A world of one rank needs none, unless `force` asks
+// for them (--debug-force-nccl: then every collective runs through NCCL, a check on one GPU).
+static void parallel_init_nccl(Parallel* p, const Device* d, int force) {
+    if (force && !d->is_gpu) arg_error("--debug-force-nccl needs a GPU");
+    if (p->size[GROUP_WORLD] == 1 && !force) return;
     if (!d->is_gpu && p->mpi) return;
     if (!d->is_gpu) die("CPU ranks need MPI (mpirun); MEGATRON_RENDEZVOUS is for NCCL between GPUs");
 #ifdef HAVE_NCCL
@@ -3518,11 +3521,11 @@ static void parallel_init_nccl(Parallel* p, const Device* d) {
 #ifdef USE_MPI
         if (p->mpi) MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, p->comm[g]);
 #endif
-        if (!p->mpi) rendezvous_unique_id(p, (Group)g, &id);
+        if (!p->mpi && p->size[g] > 1) rendezvous_unique_id(p, (Group)g, &id);
         ncclCheck(ncclCommInitRank(&p->nccl[g], p->size[g], id, p->rank[g]));
     }
 #else
-    die("%d GPU ranks need a build with NCCL (nccl.h found by make next to nvcc)", p->size[GROUP_WORLD]);
+    die("%s needs a build with NCCL (nccl.h found by make next to nvcc)", force ? "--debug-force-nccl" : "several GPU ranks");
 #endif
 }
 
@@ -3621,10 +3624,20 @@ static void nccl_stage_out(const Parallel* p, const Device* d, void* buf, size_t
 static int use_nccl(const Parallel* p, const Device* d, Group g) { return p->nccl[g] && (d->is_gpu || !p->mpi); }
 #endif
 
+// A collective has nothing to do for no values, or in a group of one rank, unless
+// --debug-force-nccl gave that group a communicator (to run the NCCL path on one GPU).
+static int collective_is_noop(const Parallel* p, Group g, size_t n) {
+    if (n == 0) return 1;
+#ifdef HAVE_NCCL
+    if (p->nccl[g]) return 0;
+#endif
+    return p->size[g] == 1;
+}
+
 // buf (n values of dtype dt, on d) = the sum (or max) of buf over the group's ranks.
 static void all_reduce(Parallel* p, const Device* d, Group g, void* buf, size_t n, DType dt, ReduceOp op) {
     long id = ++p->calls[COLL_ALL_REDUCE][g];
-    if (p->size[g] == 1 || n == 0) return;
+    if (collective_is_noop(p, g, n)) return;
 #ifdef HAVE_NCCL
     if (use_nccl(p, d, g)) {
         size_t bytes = n * dtype_size(dt);
@@ -3649,7 +3662,7 @@ static void all_reduce(Parallel* p, const Device* d, Group g, void* buf, size_t 
 // the work queued so far; on the CPU it is MPI's nonblocking all-reduce.
 static void all_reduce_start(Parallel* p, const Device* d, Group g, float* buf, size_t n) {
     long id = ++p->calls[COLL_ALL_REDUCE][g];
-    if (p->size[g] == 1 || n == 0) return;
+    if (collective_is_noop(p, g, n)) return;
     if (p->pending == p->pending_cap) {
         p->pending_cap = p->pending_cap ? 2 * p->pending_cap : 64;
         p->pending_ids = (long*)realloc(p->pending_ids, p->pending_cap * sizeof(long));
@@ -3706,7 +3719,7 @@ static void all_reduce_finish(Parallel* p, const Device* d) {
 // is the sum of that block over the group (the other blocks are left undefined).
 static void reduce_scatter(Parallel* p, const Device* d, Group g, float* buf, size_t n) {
     long id = ++p->calls[COLL_REDUCE_SCATTER][g];
-    if (p->size[g] == 1 || n == 0) return;
+    if (collective_is_noop(p, g, n)) return;
 #ifdef HAVE_NCCL
     if (use_nccl(p, d, g)) {
         if (!d->is_gpu) die("reduce_scatter of host memory needs MPI");
@@ -3728,7 +3741,7 @@ static void reduce_scatter(Parallel* p, const Device* d, Group g, float* buf, si
 // buf holds size x n values of dtype dt; every rank's block buf[rank*n ..] goes to all ranks.
 static void all_gather(Parallel* p, const Device* d, Group g, void* buf, size_t n, DType dt) {
     long id = ++p->calls[COLL_ALL_GATHER][g];
-    if (p->size[g] == 1 || n == 0) return;
+    if (collective_is_noop(p, g, n)) return;
     size_t bytes = n * dtype_size(dt);
 #ifdef HAVE_NCCL
     if (use_nccl(p, d, g)) {
@@ -3751,7 +3764,7 @@ static void all_gather(Parallel* p, const Device* d, Group g, void* buf, size_t 
 // Host doubles (losses, squared norms): x = the sum over the group.
 static void all_reduce_host(Parallel* p, Group g, double* x, int n) {
     long id = ++p->calls[COLL_ALL_REDUCE][g];
-    if (p->size[g] == 1) return;
+    if (collective_is_noop(p, g, n)) return;
 #ifdef HAVE_NCCL
     if (!p->mpi) {
         void* staged = nccl_stage_in(p, parallel_host_device(), x, n * sizeof(double));

@@ -1250,7 +1250,7 @@ static void dump_full_params(GPT* m, const char* path) {
 static void start_device(Device* dev, Parallel* par, const Args* args, int argc, char** argv) {
     parallel_select_gpu(par);
     device_init(dev, args->device, args->fp16 ? DT_F16 : args->fp32 ? DT_F32 : DT_BF16);
-    parallel_init_nccl(par, dev);
+    parallel_init_nccl(par, dev, args->debug_force_nccl);
     parallel_check_same_flags(par, argc, argv);
 #ifdef _OPENMP
     int threads = omp_get_max_threads();

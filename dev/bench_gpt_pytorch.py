@@ -13,6 +13,8 @@ i.e. 72 l h^2 + 12 l s h + 6 V h per token (what megatron.c's gpt_flops_per_toke
 against --peak-tflops (H100/H200 dense bf16: 989). --vocab is the padded vocabulary the
 model is built with (GPT-2's 50257 padded to a multiple of 128 is 50304).
 If a micro-batch does not fit, prints {"oom": true, ...} and exits 0.
+With --profile FILE, after the timed steps a few more run under torch.profiler and FILE gets
+each CUDA kernel's time per step (JSON {name: microseconds}; dev/profile_gpt.sh compares them).
 
   python dev/bench_gpt_pytorch.py --layers 12 --hidden 768 --heads 12 --seq 1024 --micro-batch 16
 """
@@ -122,6 +124,22 @@ def run(a, report):
                   tflops=tokens_per_s * flops_per_token(a) / 1e12,
                   mfu=tokens_per_s * flops_per_token(a) / (a.peak_tflops * 1e12),
                   peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, last_loss=loss.item())
+    if a.profile:
+        write_kernel_profile(a.profile, step, steps=3)
+
+
+def write_kernel_profile(path, step, steps):
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    per_step = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per_step[e.name] = per_step.get(e.name, 0.0) + e.time_range.elapsed_us() / steps
+    with open(path, "w") as f:
+        json.dump(per_step, f)
 
 
 def main():
@@ -138,6 +156,7 @@ def main():
     p.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm (0: off)")
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--profile", metavar="FILE", help="write each CUDA kernel's microseconds per step here")
     a = p.parse_args()
     if a.hidden % a.heads:
         p.error("--hidden %d is not divisible by --heads %d" % (a.hidden, a.heads))

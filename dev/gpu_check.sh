@@ -29,6 +29,15 @@ if [ "$WHAT" != bench ]; then
     sed -n '/---- sample/,/^----$/p' "$LOGS/quickstart.log" | head -n 12
     ITERS=300 ./dev/quickstart.sh --device cuda --fp16 --log-file out/quickstart_fp16.jsonl --sample-length 0 > "$LOGS/quickstart_fp16.log" 2>&1
     echo "fp16: $(grep -E 'validation loss|iteration +300/' "$LOGS/quickstart_fp16.log" | tail -n 2 | tr -s ' ')"
+    # NCCL with world size 1: every collective through one-rank communicators, losses bitwise as without
+    for mode in plain nccl nccl_distopt; do
+        extra=(); [ "$mode" != plain ] && extra+=(--debug-force-nccl); [ "$mode" = nccl_distopt ] && extra+=(--use-distributed-optimizer)
+        ITERS=40 ./dev/quickstart.sh --device cuda --log-interval 1 --sample-length 0 "${extra[@]}" > "$LOGS/nccl_$mode.log" 2>&1
+        grep -oE "lm loss: [^|]*\|.*grad norm: [^|]*" "$LOGS/nccl_$mode.log" > "$LOGS/nccl_$mode.losses"
+    done
+    if [ -s "$LOGS/nccl_plain.losses" ] && cmp -s "$LOGS/nccl_plain.losses" "$LOGS/nccl_nccl.losses" && cmp -s "$LOGS/nccl_plain.losses" "$LOGS/nccl_nccl_distopt.losses"; then
+        echo "NCCL world size 1: 40 iterations, losses and grad norms bitwise equal to the run without NCCL (plain and distributed optimizer)"
+    else echo "FAIL NCCL world size 1: losses differ or missing (see nccl_*.log)"; fi
 fi
 if [ "$WHAT" != tests ]; then
     OUTDIR="$LOGS/bench" ITERS=${ITERS:-30} ./dev/bench_gpt.sh 2>&1 | tail -n 12

@@ -17,6 +17,16 @@ these lines up) and exits non-zero if anything failed.
 
 static int tests_passed = 0, tests_failed = 0;
 
+#ifdef __CUDACC__
+// Whether a GPU is there for the tests' GPU parts (they print "skip ..." otherwise).
+static int gpu_available(void) {
+    int count = 0;
+    int found = cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+    cudaGetLastError();
+    return found;
+}
+#endif
+
 // One assertion: prints "ok" or "FAIL" with the name and, on failure, the detail.
 static int check(int ok, const char* name, const char* detail_fmt, ...) {
     if (ok) {

@@ -6,7 +6,8 @@ alone): the conjugate operators f and g, the vocab-parallel cross-entropy agains
 single-device one, and a whole tiny GPT at t = 2 against the same GPT at t = 1 (logits, loss,
 every gradient gathered back into the full layout), with the collective counter checked against
 doc/parallelism.md: per layer 2 all-reduces forward and 2 backward. A build without MPI checks
-only that the single-rank path runs and says so.
+only that the single-rank path runs and says so. Where a GPU is found, rank 0 also runs every
+collective through a one-rank NCCL communicator (--debug-force-nccl's path).
 */
 #define TESTING
 #include "../train_gpt.cu"
@@ -142,6 +143,43 @@ static void test_tensor_parallel_gpt(const Device* dev) {
     gpt_free(&tp);
 }
 
+#ifdef HAVE_NCCL
+// NCCL on one GPU (--debug-force-nccl): every collective goes through a one-rank communicator
+// and must leave its values as they are (the sum, max or gather over one rank).
+static void test_nccl_one_rank(void) {
+    Device gpu;
+    device_init(&gpu, "cuda", DT_BF16);
+    Parallel solo = *parallel_serial();
+    memset(solo.calls, 0, sizeof(solo.calls));  // the serial model's counts so far
+    parallel_init_nccl(&solo, &gpu, 1);
+    check(solo.nccl[GROUP_TP] && solo.nccl[GROUP_DP] && solo.nccl[GROUP_WORLD], "NCCL one-rank: a communicator per group", "missing");
+    enum { N = 1000 };
+    float host[N], back[N];
+    fill_random(host, N, 5, 3.0f);
+    float* x = (float*)dev_malloc(&gpu, N * sizeof(float));
+    dev_upload(&gpu, x, host, sizeof(host));
+    all_reduce(&solo, &gpu, GROUP_TP, x, N, DT_F32, REDUCE_SUM);
+    all_reduce(&solo, &gpu, GROUP_DP, x, N, DT_F32, REDUCE_MAX);
+    all_reduce_start(&solo, &gpu, GROUP_DP, x, N / 2);
+    all_reduce_start(&solo, &gpu, GROUP_DP, x + N / 2, N / 2);
+    all_reduce_finish(&solo, &gpu);
+    reduce_scatter(&solo, &gpu, GROUP_DP, x, N);
+    all_gather(&solo, &gpu, GROUP_TP, x, N, DT_F32);
+    all_gather(&solo, &gpu, GROUP_TP, x, N / 2, DT_BF16);  // N bf16 values: moves bits only
+    dev_download(&gpu, back, x, sizeof(back));
+    check_close("NCCL one-rank: all-reduce, bucketed all-reduce, reduce-scatter, all-gather keep the values", back, host, N, 0);
+    double sums[2] = {1.5, -2.25};
+    all_reduce_host(&solo, GROUP_DP, sums, 2);
+    check(sums[0] == 1.5 && sums[1] == -2.25, "NCCL one-rank: host all-reduce through the GPU", "got %g %g", sums[0], sums[1]);
+    long counted = solo.calls[COLL_ALL_REDUCE][GROUP_TP] + solo.calls[COLL_ALL_REDUCE][GROUP_DP] + solo.calls[COLL_REDUCE_SCATTER][GROUP_DP] +
+                   solo.calls[COLL_ALL_GATHER][GROUP_TP];
+    check(counted == 8, "NCCL one-rank: the collective counter counts each call", "counted %ld", counted);
+    dev_free(&gpu, x);
+    parallel_finalize(&solo);
+    device_free(&gpu);
+}
+#endif
+
 int main(int argc, char** argv) {
     (void)argc;
 #ifdef USE_MPI
@@ -166,6 +204,12 @@ int main(int argc, char** argv) {
     test_vocab_parallel_crossentropy(&cpu, 130, 256);
     test_tensor_parallel_gpt(&cpu);
     printf("skip GPU tensor parallelism: needs several GPUs (run train_gpt under mpirun on a multi-GPU machine)\n");
+#ifdef HAVE_NCCL
+    if (gpu_available() && par.rank[GROUP_WORLD] == 0) test_nccl_one_rank();  // a world of its own
+    else if (par.rank[GROUP_WORLD] == 0) printf("skip NCCL on one GPU: no GPU\n");
+#else
+    printf("skip NCCL on one GPU: built without NCCL\n");
+#endif
     int failed = test_summary();
     device_free(&cpu);
     parallel_finalize(&par);

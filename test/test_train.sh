@@ -38,6 +38,7 @@ expect "seq-length above positions" 2 "above --max-position-embeddings" "${RUN[@
 expect "no train length" 2 "--train-iters and --train-samples" ./train_gpt --data-path "$PREFIX" "${TOK[@]}" "${MODEL[@]}" --lr 1e-3
 expect "bad decay style" 2 "--lr-decay-style 'step'" "${RUN[@]}" --lr-decay-style step
 expect "bad device" 2 "--device 'tpu'" "${RUN[@]}" --device tpu
+expect "NCCL forced on the CPU" 2 "--debug-force-nccl needs a GPU" "${RUN[@]}" --debug-force-nccl
 expect "missing dataset" 1 "$WORK/nothing" "${RUN[@]}" --data-path "$WORK/nothing"
 head -c 50 "$PREFIX.idx" > "$WORK/cut.idx" && cp "$PREFIX.bin" "$WORK/cut.bin"
 expect "truncated .idx" 1 "cut.idx" "${RUN[@]}" --data-path "$WORK/cut"

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Where the time goes: GPU time per training step by kernel family, megatron.c (Nsight Compute's
+# gpu__time_duration of every kernel of a short run) beside PyTorch-compile (torch.profiler), for
+# GPT-2 124M at B16 x T1024 by default. Run on a GPU machine from the repo root after
+# `make GPU_ARCH=sm_90` and prepro/prepare_tinyshakespeare.sh:
+#   DATA=data dev/profile_gpt.sh            (MODEL=L:H:NH:T:V:MB to change the shape)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-data}
+OUTDIR=${OUTDIR:-out/profile}
+IFS=: read -r L H NH T V MB <<< "${MODEL:-12:768:12:1024:50304:16}"
+ITERS=3  # kernels of all three are timed; dev/profile_gpt.py divides by ITERS
+mkdir -p "$OUTDIR"
+ncu --clock-control none --csv --print-units base --metrics gpu__time_duration.sum \
+    ./train_gpt --device cuda --bf16 --data-path "$DATA/tinyshakespeare_text_document" --split 100,0,0 \
+    --vocab-size "$V" --num-layers "$L" --hidden-size "$H" --num-attention-heads "$NH" --seq-length "$T" \
+    --micro-batch-size "$MB" --global-batch-size "$MB" --train-iters "$ITERS" --lr 1e-4 \
+    --hidden-dropout 0 --attention-dropout 0 --log-interval 1 --eval-iters 0 --sample-length 0 \
+    > "$OUTDIR/ours_ncu.csv" 2> "$OUTDIR/ours_ncu.err" || { echo "ncu failed:"; tail -n 5 "$OUTDIR/ours_ncu.err"; }
+python3 dev/bench_gpt_pytorch.py --layers "$L" --hidden "$H" --heads "$NH" --seq "$T" --vocab "$V" --micro-batch "$MB" \
+    --steps 10 --profile "$OUTDIR/torch_kernels.json" > "$OUTDIR/torch.json" 2> "$OUTDIR/torch.err" || tail -n 5 "$OUTDIR/torch.err"
+python3 dev/profile_gpt.py "$OUTDIR/ours_ncu.csv" "$ITERS" "$OUTDIR/torch_kernels.json"
