@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one run (the lent H200's time is short):
 #   1. build for Hopper;  2. every test program, now with its GPU parts (each CUDA kernel
-#   against its CPU reference in fp32/bf16, the model against HF in fp32/bf16);
+#   against its CPU reference in fp32/bf16, the model against HF in fp32/bf16), and
+#   train_gpt's generation mode on the GPU (test/test_generation.sh);
 #   3. the attention benchmark;  4. the quick start on the GPU;  5. dev/bench_gpt.sh.
 # Usage (repo root, data from $MEGATRON_DATA):  dev/gpu_check.sh [tests|bench|all]
 # Logs go to $OUT (the device tool's folder) or out/gpu_check.
@@ -23,6 +24,8 @@ if [ "$WHAT" != bench ]; then
     ./test/run_tests.sh > "$LOGS/tests.log" 2>&1
     grep -E "^(FAIL|skip|-- )" "$LOGS/tests.log"
     tail -n 1 "$LOGS/tests.log"
+    GEN_DEVICE_FLAGS="--device cuda --fp32" ./test/test_generation.sh > "$LOGS/generation_gpu.log" 2>&1
+    echo "generation on the GPU: $(grep -E '^FAIL' "$LOGS/generation_gpu.log"; tail -n 1 "$LOGS/generation_gpu.log")"
     ./build/test_attention --bench 2>&1 | tail -n 8 | tee "$LOGS/attention_bench.log"
     ITERS=300 ./dev/quickstart.sh --device cuda > "$LOGS/quickstart.log" 2>&1
     grep -E "validation loss|iteration +300/" "$LOGS/quickstart.log" | tail -n 2
