@@ -314,18 +314,24 @@ static void device_free(Device* d) {
     (void)d;
 }
 
+#ifdef __CUDACC__
+// One line naming the request and what the GPU has left, where an allocation failed.
+static void die_gpu_out_of_memory(size_t bytes) {
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    die("GPU out of memory: asked for %zu bytes (%.1f MiB) with %.1f MiB free of %.1f MiB (try a smaller --micro-batch-size, "
+        "or --recompute-granularity full)", bytes, bytes / 1048576.0, free_b / 1048576.0, total_b / 1048576.0);
+}
+#endif
+
 // Memory on the run's device: cudaMalloc on a GPU, malloc on the CPU.
 static void* dev_malloc(const Device* d, size_t bytes) {
 #ifdef __CUDACC__
     if (d->is_gpu) {
         void* p = NULL;
         cudaError_t err = cudaMalloc(&p, bytes ? bytes : 1);
-        if (err != cudaSuccess) {
-            size_t free_b = 0, total_b = 0;
-            cudaMemGetInfo(&free_b, &total_b);
-            die("GPU out of memory: asked for %.1f MiB with %.1f MiB free of %.1f MiB (try a smaller --micro-batch-size)",
-                bytes / 1048576.0, free_b / 1048576.0, total_b / 1048576.0);
-        }
+        if (err == cudaErrorMemoryAllocation) die_gpu_out_of_memory(bytes);
+        cudaCheck(err);
         return p;
     }
 #endif
@@ -475,6 +481,9 @@ typedef struct {
     double collective_timeout, ddp_bucket_size;
     const char* debug_dump_params;
     double hidden_dropout, attention_dropout, init_method_std;
+    // activation recomputation (Megatron-3 §5)
+    const char *recompute_granularity, *recompute_method;
+    int recompute_num_layers, recompute_activations, checkpoint_activations;
     // batch and schedule
     int micro_batch_size, global_batch_size;
     ArgList rampup_batch_size;
@@ -511,6 +520,7 @@ static void args_defaults(Args* a) {
     a->hidden_dropout = 0.1;
     a->attention_dropout = 0.1;
     a->init_method_std = 0.02;
+    a->recompute_num_layers = -1;  // not given: 1
     a->min_lr = 0.0;
     a->lr_decay_style = "linear";
     a->weight_decay = 0.01;
@@ -554,6 +564,11 @@ static int args_table(Args* a, ArgSpec* t) {
     ARG("--hidden-dropout", ARG_FLOAT, hidden_dropout, "dropout after embedding, attention and MLP (0.1)");
     ARG("--attention-dropout", ARG_FLOAT, attention_dropout, "dropout on attention probabilities (0.1)");
     ARG("--init-method-std", ARG_FLOAT, init_method_std, "std of the normal initialisation (0.02)");
+    ARG("--recompute-granularity", ARG_STRING, recompute_granularity, "full|selective (none). full: layers' forward runs again in the backward; selective: what every run does here (no s x s scores kept)");
+    ARG("--recompute-method", ARG_STRING, recompute_method, "with full: uniform (groups of N layers) or block (the first N layers)");
+    ARG("--recompute-num-layers", ARG_INT, recompute_num_layers, "N for --recompute-method (1)");
+    ARG("--recompute-activations", ARG_FLAG, recompute_activations, "= --recompute-granularity selective");
+    ARG("--checkpoint-activations", ARG_FLAG, checkpoint_activations, "old name of --recompute-granularity full --recompute-method uniform");
     ARG("--micro-batch-size", ARG_INT, micro_batch_size, "sequences per micro-batch");
     ARG("--global-batch-size", ARG_INT, global_batch_size, "sequences per iteration (default micro batch)");
     ARG("--rampup-batch-size", ARG_LIST, rampup_batch_size, "START INCR SAMPLES: grow the global batch");
@@ -610,6 +625,29 @@ static void args_validate_device(const Args* a) {
     if (a->bf16 + a->fp16 + a->fp32 > 1) arg_error("--bf16, --fp16 and --fp32 are exclusive");
     if (strcmp(a->device, "auto") && strcmp(a->device, "cpu") && strcmp(a->device, "cuda"))
         arg_error("--device '%s' is not one of auto, cpu, cuda", a->device);
+}
+
+// Activation recomputation as Megatron's arguments.py and TransformerConfig check it; the two
+// old switches become the granularity/method pair they stand for.
+static void recompute_args_validate(Args* a) {
+    if (a->checkpoint_activations || a->recompute_activations) {
+        const char* old = a->checkpoint_activations ? "--checkpoint-activations" : "--recompute-activations";
+        if (a->checkpoint_activations && a->recompute_activations) arg_error("--checkpoint-activations and --recompute-activations are exclusive");
+        if (a->recompute_granularity || a->recompute_method) arg_error("%s is an old name for a --recompute-granularity: give one or the other", old);
+        a->recompute_granularity = a->checkpoint_activations ? "full" : "selective";
+        a->recompute_method = a->checkpoint_activations ? "uniform" : NULL;
+    }
+    const char *granularity = a->recompute_granularity, *method = a->recompute_method;
+    if (granularity && strcmp(granularity, "full") && strcmp(granularity, "selective"))
+        arg_error("--recompute-granularity '%s' is not one of full, selective", granularity);
+    if (method && strcmp(method, "uniform") && strcmp(method, "block")) arg_error("--recompute-method '%s' is not one of uniform, block", method);
+    int full = granularity && !strcmp(granularity, "full");
+    if (method && !full) arg_error("--recompute-method %s needs --recompute-granularity full", method);
+    if (full && !method) arg_error("--recompute-granularity full needs --recompute-method uniform or block");
+    if (a->recompute_num_layers != -1 && !full) arg_error("--recompute-num-layers needs --recompute-granularity full");
+    if (a->recompute_num_layers == -1) a->recompute_num_layers = 1;
+    if (a->recompute_num_layers < 1 || a->recompute_num_layers > a->num_layers)
+        arg_error("--recompute-num-layers %d is not in [1, --num-layers %d]", a->recompute_num_layers, a->num_layers);
 }
 
 // Checks Megatron would make (megatron/arguments.py), each naming its flag.
@@ -673,6 +711,7 @@ static void args_validate(Args* a) {
     if (a->data_path.n == 0) arg_error("--data-path is required");
     if (a->data_path.n > 1 && a->data_path.n % 2) arg_error("--data-path takes one PREFIX or pairs W1 PREFIX1 W2 PREFIX2 ...");
     if (a->sample_length < 0) arg_error("--sample-length must be >= 0");
+    recompute_args_validate(a);
 }
 
 // Text generation: Megatron's text-generation flags (tools/generate_samples_gpt.py; Megatron
@@ -1686,7 +1725,9 @@ static void* pool_alloc(const Device* d, size_t bytes) {
         pool_kept[d->device_id] = 1;
     }
     void* p = NULL;
-    cudaCheck(cudaMallocAsync(&p, bytes ? bytes : 1, d->stream));
+    cudaError_t err = cudaMallocAsync(&p, bytes ? bytes : 1, d->stream);
+    if (err == cudaErrorMemoryAllocation) die_gpu_out_of_memory(bytes);
+    cudaCheck(err);
     return p;
 }
 

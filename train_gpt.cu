@@ -100,24 +100,34 @@ static void tp_shard_copy(const GPTConfig* c, int t, int r, float* full, float* 
     }
 }
 
-// Activations of one micro-batch: N = B*T rows in [s, b, h] order (row t*B + b).
-// Per-layer tensors are stacked (L, N, ...). Storage is the run's dtype unless noted.
+// Activations of one micro-batch: N = B*T rows in [s, b, h] order (row t*B + b). Storage is the
+// run's dtype unless noted.
+
+// One transformer layer's activations: what its backward reads. A layer whose activations are
+// stored owns its buffers; the layers of a recomputed group share scratch buffers that the
+// backward refills by running the group's forward again (see the recompute plan below).
 typedef struct {
-    void* encoded;        // (N, C) embedding output after dropout: the residual stream into layer 0
-    void* ln1;            // (L, N, C)
-    float* ln1_mean;      // (L, N) fp32
-    float* ln1_rstd;      // (L, N) fp32
-    void* qkv;            // (L, N, 3C)
-    void* atty;           // (L, N, C) attention output, heads side by side
-    float* att_lse;       // (L, B, NH, T) fp32 log-sum-exp of each attention row
+    void* residual;       // (N, C) the residual stream into the layer
+    void* ln1;            // (N, C)
+    float* ln1_mean;      // (N) fp32
+    float* ln1_rstd;      // (N) fp32
+    void* qkv;            // (N, 3C)
+    void* atty;           // (N, C) attention output, heads side by side
+    float* att_lse;       // (B, NH, T) fp32 log-sum-exp of each attention row (no T x T scores are kept)
+    void* residual2;      // (N, C) residual stream after attention
+    void* ln2;            // (N, C)
+    float* ln2_mean;      // (N) fp32
+    float* ln2_rstd;      // (N) fp32
+    void* fch;            // (N, F) MLP pre-activation
+    void* fch_gelu;       // (N, F)
+    void* out;            // (N, C) residual stream after the MLP: the next layer's `residual`
+} LayerActs;
+
+typedef struct {
+    LayerActs* layer;     // (L) each layer's buffers
+    void* embedded;       // (N, C) embedding output after dropout: layer 0's residual
+    void* top;            // (N, C) the last layer's output, into the final LayerNorm
     float* att_delta;     // (B, NH, T) fp32 scratch of the attention backward
-    void* residual2;      // (L, N, C) residual stream after attention
-    void* ln2;            // (L, N, C)
-    float* ln2_mean;      // (L, N) fp32
-    float* ln2_rstd;      // (L, N) fp32
-    void* fch;            // (L, N, F) MLP pre-activation
-    void* fch_gelu;       // (L, N, F)
-    void* residual3;      // (L, N, C) residual stream after the MLP: the layer's output
     void* lnf;            // (N, C)
     float* lnf_mean;      // (N) fp32
     float* lnf_rstd;      // (N) fp32
@@ -139,7 +149,18 @@ typedef struct {
     int* vocab_tokens;    // (N) token - first row of this rank's vocabulary shard, or Vp/t for other ranks' tokens
     float* dwte_scratch;  // (Vp/t + 1, C) fp32: the embedding gradient before it joins the LM head's
     float* ce_stats;      // (3N) fp32: the vocab-parallel cross-entropy's max, sum of exp, target logit
+    void* base;           // the one allocation all of the above live in
 } Activations;
+
+// Activation recomputation (Megatron-3 §5; Megatron-LM's --recompute-granularity/-method).
+// full + uniform: the layers form groups of k (--recompute-num-layers, the last group may be
+// shorter) and only each group's input is kept from the forward; the backward runs the group's
+// forward again into k scratch layers, then its backward. full + block: the first k layers are
+// recomputed one at a time, the others stored. The dropout masks are a pure function of
+// (stream, layer, site), so the recomputed activations are bitwise the forward's. selective
+// (recompute only softmax(QK^T), its dropout and the product with V) is what every run does here:
+// flash attention never stores the s x s scores and its backward recomputes them.
+enum { RECOMPUTE_NONE, RECOMPUTE_SELECTIVE, RECOMPUTE_UNIFORM, RECOMPUTE_BLOCK };
 
 // With tensor parallelism (t ranks) the per-rank tensors have NH/t heads (C/t attention columns),
 // F/t MLP columns and Vp/t vocabulary rows: NHr, Cr, Fr, Vr below ("this rank's share").
@@ -163,7 +184,10 @@ typedef struct {
     float* adam_v;       // fp32, [opt_begin, opt_end)
     Activations acts;
     int B, T;            // the largest micro-batch the activations hold
-    size_t activation_bytes;
+    int recompute, recompute_layers;  // RECOMPUTE_*, --recompute-num-layers (set before gpt_alloc_activations)
+    size_t activation_bytes;  // all activation buffers, of which:
+    size_t stored_bytes;      //   those kept from the forward to the backward (layers and residual streams)
+    size_t recompute_bytes;   //   the scratch that recomputed layers share
     uint64_t dropout_stream;  // fixes this micro-batch's dropout masks (see gpt_set_dropout_stream)
     void* kv_cache;      // generation: (L, maxT, 3Cr) this rank's q, k, v of one sequence (see gpt_generate)
 } GPT;
@@ -270,19 +294,54 @@ static void gpt_init(GPT* m, double std, uint32_t seed) {
     free(host);
 }
 
-// Carve the activation buffers for micro-batches of up to B x T tokens.
+// The first layer of layer l's recompute group (l itself when l is stored or recomputed alone).
+static int recompute_group_start(const GPT* m, int l) {
+    return m->recompute == RECOMPUTE_UNIFORM ? l / m->recompute_layers * m->recompute_layers : l;
+}
+
+static int is_recomputed(const GPT* m, int l) {
+    return m->recompute == RECOMPUTE_UNIFORM || (m->recompute == RECOMPUTE_BLOCK && l < m->recompute_layers);
+}
+
+// Where a buffer goes and how many bytes it takes.
+typedef struct {
+    void** ptr;
+    size_t bytes;
+} Carve;
+
+// Points each entry at consecutive 256-byte aligned pieces of base (base NULL: only counts);
+// returns the bytes they take.
+static size_t carve(const Carve* table, size_t count, char* base) {
+    size_t total = 0;
+    for (size_t i = 0; i < count; i++) {
+        if (base) *table[i].ptr = base + total;
+        total += (table[i].bytes + 255) / 256 * 256;
+    }
+    return total;
+}
+
+// One layer's buffers (all but the residual streams) carved from base; returns their bytes.
+static size_t carve_layer(const GPT* m, LayerActs* x, size_t N, char* base) {
+    size_t C = m->cfg.C, F = m->Fr, Ca = m->Cr, NH = m->NHr, es = dtype_size(m->dev->dtype);
+    Carve table[] = {
+        {&x->ln1, N * C * es}, {(void**)&x->ln1_mean, N * 4}, {(void**)&x->ln1_rstd, N * 4}, {&x->qkv, N * 3 * Ca * es},
+        {&x->atty, N * Ca * es}, {(void**)&x->att_lse, N * NH * 4}, {&x->residual2, N * C * es}, {&x->ln2, N * C * es},
+        {(void**)&x->ln2_mean, N * 4}, {(void**)&x->ln2_rstd, N * 4}, {&x->fch, N * F * es}, {&x->fch_gelu, N * F * es},
+    };
+    return carve(table, sizeof(table) / sizeof(table[0]), base);
+}
+
+// Allocate the activation buffers for micro-batches of up to B x T tokens, as the recompute
+// plan (m->recompute) asks: stored layers and the residual streams that enter a group (or the
+// final LayerNorm) are kept from the forward to the backward; a recomputed group's layers share
+// scratch layers and the streams between them.
 static void gpt_alloc_activations(GPT* m, int B, int T) {
     const GPTConfig* c = &m->cfg;
-    size_t N = (size_t)B * T, L = c->L, C = c->C, F = m->Fr, Ca = m->Cr, NH = m->NHr, es = dtype_size(m->dev->dtype);
+    size_t N = (size_t)B * T, C = c->C, F = m->Fr, Ca = m->Cr, NH = m->NHr, es = dtype_size(m->dev->dtype);
     size_t tp_extra = m->tp > 1;  // the tensor-parallel buffers exist only when t > 1
     Activations* a = &m->acts;
-    struct { void** ptr; size_t bytes; } table[] = {
-        {&a->encoded, N * C * es}, {&a->ln1, L * N * C * es}, {(void**)&a->ln1_mean, L * N * 4}, {(void**)&a->ln1_rstd, L * N * 4},
-        {&a->qkv, L * N * 3 * Ca * es}, {&a->atty, L * N * Ca * es}, {(void**)&a->att_lse, L * N * NH * 4},
-        {(void**)&a->att_delta, N * NH * 4},
-        {&a->residual2, L * N * C * es}, {&a->ln2, L * N * C * es}, {(void**)&a->ln2_mean, L * N * 4},
-        {(void**)&a->ln2_rstd, L * N * 4}, {&a->fch, L * N * F * es}, {&a->fch_gelu, L * N * F * es},
-        {&a->residual3, L * N * C * es}, {&a->lnf, N * C * es}, {(void**)&a->lnf_mean, N * 4}, {(void**)&a->lnf_rstd, N * 4},
+    Carve table[] = {
+        {(void**)&a->att_delta, N * NH * 4}, {&a->lnf, N * C * es}, {(void**)&a->lnf_mean, N * 4}, {(void**)&a->lnf_rstd, N * 4},
         {&a->logits, N * m->Vr * es}, {(void**)&a->losses, N * 4}, {(void**)&a->tokens, N * 4}, {(void**)&a->targets, N * 4},
         {(void**)&a->dloss, N * 4}, {&a->proj, N * C * es}, {&a->dresidual, N * C * es}, {&a->dproj, N * C * es},
         {&a->dln, N * C * es}, {&a->datty, N * Ca * es}, {&a->dqkv, N * 3 * Ca * es}, {&a->dfch, N * F * es},
@@ -290,16 +349,41 @@ static void gpt_alloc_activations(GPT* m, int B, int T) {
         {(void**)&a->vocab_tokens, tp_extra * N * 4}, {(void**)&a->dwte_scratch, tp_extra * (m->Vr + 1) * C * 4},
         {(void**)&a->ce_stats, tp_extra * 3 * N * 4},
     };
-    size_t count = sizeof(table) / sizeof(table[0]), total = 0;
-    for (size_t i = 0; i < count; i++) total += (table[i].bytes + 255) / 256 * 256;
-    char* base = (char*)dev_malloc(m->dev, total);
-    for (size_t i = 0; i < count; i++) {
-        *table[i].ptr = base;
-        base += (table[i].bytes + 255) / 256 * 256;
+    int L = c->L, stored_layers = 0, scratch_layers = 0, stored_streams = 1;  // the final LayerNorm's input is always kept
+    for (int l = 0; l < L; l++) {
+        int depth = l - recompute_group_start(m, l);
+        if (!is_recomputed(m, l)) stored_layers++;
+        else if (depth + 1 > scratch_layers) scratch_layers = depth + 1;
+        stored_streams += depth == 0;
     }
+    int scratch_streams = scratch_layers > 0 ? scratch_layers - 1 : 0;
+    size_t layer_bytes = carve_layer(m, NULL, N, NULL), stream_bytes = (N * C * es + 255) / 256 * 256;
+    m->stored_bytes = stored_layers * layer_bytes + stored_streams * stream_bytes;
+    m->recompute_bytes = scratch_layers * layer_bytes + scratch_streams * stream_bytes;
+    size_t other_bytes = carve(table, sizeof(table) / sizeof(table[0]), NULL);
+    m->activation_bytes = m->stored_bytes + m->recompute_bytes + other_bytes;
+    char* base = (char*)dev_malloc(m->dev, m->activation_bytes);
+    char *stored = base, *scratch = base + m->stored_bytes, *scratch_streams_at = scratch + scratch_layers * layer_bytes;
+    carve(table, sizeof(table) / sizeof(table[0]), scratch + m->recompute_bytes);
+    a->base = base;
+    a->layer = (LayerActs*)xcalloc(L > 0 ? L : 1, sizeof(LayerActs));
+    for (int l = 0; l < L; l++) {
+        LayerActs* x = &a->layer[l];
+        int depth = l - recompute_group_start(m, l);
+        if (is_recomputed(m, l)) carve_layer(m, x, N, scratch + depth * layer_bytes);
+        else stored += carve_layer(m, x, N, stored);
+        if (depth == 0) {
+            x->residual = stored;
+            stored += stream_bytes;
+        } else {
+            x->residual = scratch_streams_at + (depth - 1) * stream_bytes;
+        }
+    }
+    a->top = stored;
+    for (int l = 0; l < L; l++) a->layer[l].out = l + 1 < L ? a->layer[l + 1].residual : a->top;
+    a->embedded = L > 0 ? a->layer[0].residual : a->top;
     m->B = B;
     m->T = T;
-    m->activation_bytes = total;
 }
 
 // Dropout masks are a pure function of (stream, layer, site, element), so a
@@ -322,73 +406,62 @@ static uint64_t attention_dropout_seed(const GPT* m, int layer) {
     return dropout_seed(m, layer + m->tp_rank * m->cfg.L, SITE_ATTENTION_PROBS);
 }
 
-// One layer's slices of the stacked activations, for a micro-batch of N rows.
-typedef struct {
-    void *residual, *ln1, *qkv, *atty, *residual2, *ln2, *fch, *fch_gelu, *residual3;
-} LayerActs;
-
-static LayerActs layer_acts(const GPT* m, int l, int N) {
-    const Activations* a = &m->acts;
-    size_t NC = (size_t)N * m->cfg.C, NCa = (size_t)N * m->Cr, NF = (size_t)N * m->Fr;
-    LayerActs x;
-    x.residual = l == 0 ? a->encoded : at(m, a->residual3, (l - 1) * NC);
-    x.ln1 = at(m, a->ln1, l * NC);
-    x.qkv = at(m, a->qkv, l * 3 * NCa);
-    x.atty = at(m, a->atty, l * NCa);
-    x.residual2 = at(m, a->residual2, l * NC);
-    x.ln2 = at(m, a->ln2, l * NC);
-    x.fch = at(m, a->fch, l * NF);
-    x.fch_gelu = at(m, a->fch_gelu, l * NF);
-    x.residual3 = at(m, a->residual3, l * NC);
-    return x;
-}
-
 // Layer l's KV cache from position pos on: the qkv rows of one sequence, in attention's layout.
 static void* kv_rows(const GPT* m, int l, int pos) {
     return at(m, m->kv_cache, ((size_t)l * m->cfg.maxT + pos) * 3 * m->Cr);
 }
 
-// Forward through the transformer to the logits, for B x T tokens already in acts.tokens.
-// Generation (`cached`, B = 1): the tokens sit at positions [pos, pos + T) of one sequence; their
-// q, k, v go to the KV cache, and attention reads positions [0, pos + T) from it.
-static void gpt_forward_at(GPT* m, int B, int T, int cached, int pos, float p_hidden, float p_attn) {
+// One transformer layer (Megatron-1 §3: pre-LN attention and MLP, each f -> column-parallel ->
+// row-parallel -> g under tensor parallelism), from x->residual to x->out. The forward pass runs
+// it for every layer, and the backward again for the layers of a recomputed group.
+// Generation (cache_pos >= 0, B = 1): the rows are positions [cache_pos, cache_pos + T) of one
+// sequence; their q, k, v go to the KV cache and attention reads [0, cache_pos + T) from it.
+// Training: cache_pos = -1.
+static void layer_forward(GPT* m, int l, int B, int T, int cache_pos, float p_hidden, float p_attn) {
+    const GPTConfig* c = &m->cfg;
+    const Device* d = m->dev;
+    const LayerActs* x = &m->acts.layer[l];
+    void* proj = m->acts.proj;
+    int N = B * T, C = c->C, F = m->Fr, Ca = m->Cr;
+    size_t NC = (size_t)N * C;
+    // attention: f, column-parallel QKV (this rank's heads), row-parallel projection, g
+    layernorm_forward(d, x->ln1, x->ln1_mean, x->ln1_rstd, x->residual, param(m, LN1W, l * C), param(m, LN1B, l * C), N, C);
+    void* qkv = cache_pos >= 0 ? kv_rows(m, l, cache_pos) : x->qkv;
+    matmul_forward(d, qkv, x->ln1, param(m, QKVW, (size_t)l * 3 * Ca * C), param(m, QKVB, l * 3 * Ca), N, C, 3 * Ca, NULL);
+    if (cache_pos >= 0) attention_decode(d, x->atty, x->att_lse, kv_rows(m, l, 0), cache_pos, T, 1, m->NHr, c->HS);
+    else attention_forward(d, x->atty, x->att_lse, x->qkv, p_attn, attention_dropout_seed(m, l), B, T, m->NHr, c->HS);
+    matmul_forward(d, proj, x->atty, param(m, ATTPROJW, (size_t)l * C * Ca), NULL, N, Ca, C, NULL);
+    tp_g_forward(m->par, d, proj, NC);
+    residual_dropout_forward(d, x->residual2, x->residual, proj, param(m, ATTPROJB, l * C), p_hidden, dropout_seed(m, l, SITE_ATTENTION_OUT), N, C);
+    // MLP: f, column-parallel first linear + GeLU, row-parallel second linear, g
+    layernorm_forward(d, x->ln2, x->ln2_mean, x->ln2_rstd, x->residual2, param(m, LN2W, l * C), param(m, LN2B, l * C), N, C);
+    matmul_forward(d, x->fch, x->ln2, param(m, FCW, (size_t)l * F * C), param(m, FCB, l * F), N, C, F, x->fch_gelu);
+    matmul_forward(d, proj, x->fch_gelu, param(m, FCPROJW, (size_t)l * C * F), NULL, N, F, C, NULL);
+    tp_g_forward(m->par, d, proj, NC);
+    residual_dropout_forward(d, x->out, x->residual2, proj, param(m, FCPROJB, l * C), p_hidden, dropout_seed(m, l, SITE_MLP_OUT), N, C);
+}
+
+// Forward through the transformer to the logits, for B x T tokens already in acts.tokens;
+// cache_pos as in layer_forward (generation's first position, or -1).
+static void gpt_forward_at(GPT* m, int B, int T, int cache_pos, float p_hidden, float p_attn) {
     const GPTConfig* c = &m->cfg;
     const Device* d = m->dev;
     Activations* a = &m->acts;
-    int N = B * T, C = c->C, F = m->Fr, Ca = m->Cr;
+    int N = B * T, C = c->C;
     size_t NC = (size_t)N * C;
-    void* wpe = param(m, WPE, (size_t)pos * C);
-    if (m->tp == 1) embedding_forward(d, a->encoded, a->tokens, param(m, WTE, 0), wpe, B, T, C);
+    void* wpe = param(m, WPE, (size_t)(cache_pos > 0 ? cache_pos : 0) * C);  // the row of the first position
+    if (m->tp == 1) embedding_forward(d, a->embedded, a->tokens, param(m, WTE, 0), wpe, B, T, C);
     else {  // VocabParallelEmbedding: the g all-reduce sums each rank's rows
-        vocab_embedding_forward(d, a->encoded, a->vocab_tokens, param(m, WTE, 0), m->tp_rank == 0 ? wpe : NULL, m->Vr, B, T, C);
-        tp_g_forward(m->par, d, a->encoded, NC);
+        vocab_embedding_forward(d, a->embedded, a->vocab_tokens, param(m, WTE, 0), m->tp_rank == 0 ? wpe : NULL, m->Vr, B, T, C);
+        tp_g_forward(m->par, d, a->embedded, NC);
     }
-    dropout_forward(d, a->encoded, p_hidden, dropout_seed(m, 0, SITE_EMBEDDING), NC);
-    for (int l = 0; l < c->L; l++) {
-        LayerActs x = layer_acts(m, l, N);
-        // attention: f, column-parallel QKV (this rank's heads), row-parallel projection, g
-        layernorm_forward(d, x.ln1, a->ln1_mean + l * N, a->ln1_rstd + l * N, x.residual, param(m, LN1W, l * C), param(m, LN1B, l * C), N, C);
-        void* qkv = cached ? kv_rows(m, l, pos) : x.qkv;
-        matmul_forward(d, qkv, x.ln1, param(m, QKVW, (size_t)l * 3 * Ca * C), param(m, QKVB, l * 3 * Ca), N, C, 3 * Ca, NULL);
-        float* lse = a->att_lse + (size_t)l * N * m->NHr;
-        if (cached) attention_decode(d, x.atty, lse, kv_rows(m, l, 0), pos, T, 1, m->NHr, c->HS);
-        else attention_forward(d, x.atty, lse, x.qkv, p_attn, attention_dropout_seed(m, l), B, T, m->NHr, c->HS);
-        matmul_forward(d, a->proj, x.atty, param(m, ATTPROJW, (size_t)l * C * Ca), NULL, N, Ca, C, NULL);
-        tp_g_forward(m->par, d, a->proj, NC);
-        residual_dropout_forward(d, x.residual2, x.residual, a->proj, param(m, ATTPROJB, l * C), p_hidden, dropout_seed(m, l, SITE_ATTENTION_OUT), N, C);
-        // MLP: f, column-parallel first linear + GeLU, row-parallel second linear, g
-        layernorm_forward(d, x.ln2, a->ln2_mean + l * N, a->ln2_rstd + l * N, x.residual2, param(m, LN2W, l * C), param(m, LN2B, l * C), N, C);
-        matmul_forward(d, x.fch, x.ln2, param(m, FCW, (size_t)l * F * C), param(m, FCB, l * F), N, C, F, x.fch_gelu);
-        matmul_forward(d, a->proj, x.fch_gelu, param(m, FCPROJW, (size_t)l * C * F), NULL, N, F, C, NULL);
-        tp_g_forward(m->par, d, a->proj, NC);
-        residual_dropout_forward(d, x.residual3, x.residual2, a->proj, param(m, FCPROJB, l * C), p_hidden, dropout_seed(m, l, SITE_MLP_OUT), N, C);
-    }
-    void* last = c->L ? at(m, a->residual3, (c->L - 1) * NC) : a->encoded;
-    layernorm_forward(d, a->lnf, a->lnf_mean, a->lnf_rstd, last, param(m, LNFW, 0), param(m, LNFB, 0), N, C);
+    dropout_forward(d, a->embedded, p_hidden, dropout_seed(m, 0, SITE_EMBEDDING), NC);
+    for (int l = 0; l < c->L; l++) layer_forward(m, l, B, T, cache_pos, p_hidden, p_attn);
+    layernorm_forward(d, a->lnf, a->lnf_mean, a->lnf_rstd, a->top, param(m, LNFW, 0), param(m, LNFB, 0), N, C);
     matmul_forward(d, a->logits, a->lnf, param(m, WTE, 0), NULL, N, C, m->Vr, NULL);  // f, then this rank's vocabulary columns
 }
 
-static void gpt_forward(GPT* m, int B, int T, float p_hidden, float p_attn) { gpt_forward_at(m, B, T, 0, 0, p_hidden, p_attn); }
+static void gpt_forward(GPT* m, int B, int T, float p_hidden, float p_attn) { gpt_forward_at(m, B, T, -1, p_hidden, p_attn); }
 
 // Data parallelism without the distributed optimizer: during the last micro-batch's backward,
 // once layer l's gradients are final, start the all-reduce of layers [l, top] when they hold
@@ -408,36 +481,50 @@ static int gpt_reduce_layers(GPT* m, int l, int top) {
     return l - 1;
 }
 
-// Backward from d(logits) (left in acts.logits by the fused cross-entropy) to
-// every parameter gradient, accumulating (+=) into m->grads.
+// One layer's backward: from d(x->out) in acts.dresidual to d(x->residual) there, parameter
+// gradients accumulated (+=). g's backward is the identity, f's the all-reduce of dln.
+static void layer_backward(GPT* m, int l, int B, int T, float p_hidden, float p_attn) {
+    const GPTConfig* c = &m->cfg;
+    const Device* d = m->dev;
+    Activations* a = &m->acts;
+    const LayerActs* x = &a->layer[l];
+    int N = B * T, C = c->C, F = m->Fr, Ca = m->Cr;
+    size_t NC = (size_t)N * C;
+    // MLP: x->out = x->residual2 + dropout(x->fch_gelu @ fcprojw^T + fcprojb)
+    residual_dropout_backward(d, a->dresidual, a->dproj, grad(m, FCPROJB, l * C), a->dresidual, p_hidden, dropout_seed(m, l, SITE_MLP_OUT), N, C);
+    matmul_backward(d, a->dfch_gelu, grad(m, FCPROJW, (size_t)l * C * F), NULL, a->dproj, x->fch_gelu, param(m, FCPROJW, (size_t)l * C * F), N, F, C);
+    gelu_backward(d, a->dfch, x->fch, a->dfch_gelu, (size_t)N * F);
+    matmul_backward(d, a->dln, grad(m, FCW, (size_t)l * F * C), grad(m, FCB, l * F), a->dfch, x->ln2, param(m, FCW, (size_t)l * F * C), N, C, F);
+    tp_f_backward(m->par, d, a->dln, NC);
+    layernorm_backward(d, a->dresidual, grad(m, LN2W, l * C), grad(m, LN2B, l * C), a->dln, x->residual2, param(m, LN2W, l * C), x->ln2_mean, x->ln2_rstd, N, C);
+    // attention: x->residual2 = x->residual + dropout(x->atty @ attprojw^T + attprojb)
+    residual_dropout_backward(d, a->dresidual, a->dproj, grad(m, ATTPROJB, l * C), a->dresidual, p_hidden, dropout_seed(m, l, SITE_ATTENTION_OUT), N, C);
+    matmul_backward(d, a->datty, grad(m, ATTPROJW, (size_t)l * C * Ca), NULL, a->dproj, x->atty, param(m, ATTPROJW, (size_t)l * C * Ca), N, Ca, C);
+    attention_backward(d, a->dqkv, a->att_delta, a->datty, x->qkv, x->atty, x->att_lse, p_attn, attention_dropout_seed(m, l), B, T, m->NHr, c->HS);
+    matmul_backward(d, a->dln, grad(m, QKVW, (size_t)l * 3 * Ca * C), grad(m, QKVB, l * 3 * Ca), a->dqkv, x->ln1, param(m, QKVW, (size_t)l * 3 * Ca * C), N, C, 3 * Ca);
+    tp_f_backward(m->par, d, a->dln, NC);
+    layernorm_backward(d, a->dresidual, grad(m, LN1W, l * C), grad(m, LN1B, l * C), a->dln, x->residual, param(m, LN1W, l * C), x->ln1_mean, x->ln1_rstd, N, C);
+}
+
+// Backward from d(logits) (left in acts.logits by the fused cross-entropy) to every parameter
+// gradient, accumulating (+=) into m->grads. Reaching the top layer of a recomputed group, the
+// group's forward runs again (tensor parallelism: with its g all-reduces) to refill its buffers.
 static void gpt_backward(GPT* m, int B, int T, float p_hidden, float p_attn) {
     const GPTConfig* c = &m->cfg;
     const Device* d = m->dev;
     Activations* a = &m->acts;
-    int N = B * T, C = c->C, F = m->Fr, Ca = m->Cr;
+    int N = B * T, C = c->C;
     size_t NC = (size_t)N * C;
-    void* last = c->L ? at(m, a->residual3, (c->L - 1) * NC) : a->encoded;
     int top = c->L - 1;  // the highest layer whose gradients are not being reduced yet
     matmul_backward(d, a->dln, grad(m, WTE, 0), NULL, a->logits, a->lnf, param(m, WTE, 0), N, C, m->Vr);
     tp_f_backward(m->par, d, a->dln, NC);
     dev_zero(d, a->dresidual, NC * dtype_size(d->dtype));
-    layernorm_backward(d, a->dresidual, grad(m, LNFW, 0), grad(m, LNFB, 0), a->dln, last, param(m, LNFW, 0), a->lnf_mean, a->lnf_rstd, N, C);
+    layernorm_backward(d, a->dresidual, grad(m, LNFW, 0), grad(m, LNFB, 0), a->dln, a->top, param(m, LNFW, 0), a->lnf_mean, a->lnf_rstd, N, C);
     for (int l = c->L - 1; l >= 0; l--) {
-        LayerActs x = layer_acts(m, l, N);
-        // MLP (g's backward is the identity, f's the all-reduce of dln): x.residual3 = x.residual2 + dropout(x.fch_gelu @ fcprojw^T + fcprojb)
-        residual_dropout_backward(d, a->dresidual, a->dproj, grad(m, FCPROJB, l * C), a->dresidual, p_hidden, dropout_seed(m, l, SITE_MLP_OUT), N, C);
-        matmul_backward(d, a->dfch_gelu, grad(m, FCPROJW, (size_t)l * C * F), NULL, a->dproj, x.fch_gelu, param(m, FCPROJW, (size_t)l * C * F), N, F, C);
-        gelu_backward(d, a->dfch, x.fch, a->dfch_gelu, (size_t)N * F);
-        matmul_backward(d, a->dln, grad(m, FCW, (size_t)l * F * C), grad(m, FCB, l * F), a->dfch, x.ln2, param(m, FCW, (size_t)l * F * C), N, C, F);
-        tp_f_backward(m->par, d, a->dln, NC);
-        layernorm_backward(d, a->dresidual, grad(m, LN2W, l * C), grad(m, LN2B, l * C), a->dln, x.residual2, param(m, LN2W, l * C), a->ln2_mean + l * N, a->ln2_rstd + l * N, N, C);
-        // attention: x.residual2 = x.residual + dropout(x.atty @ attprojw^T + attprojb)
-        residual_dropout_backward(d, a->dresidual, a->dproj, grad(m, ATTPROJB, l * C), a->dresidual, p_hidden, dropout_seed(m, l, SITE_ATTENTION_OUT), N, C);
-        matmul_backward(d, a->datty, grad(m, ATTPROJW, (size_t)l * C * Ca), NULL, a->dproj, x.atty, param(m, ATTPROJW, (size_t)l * C * Ca), N, Ca, C);
-        attention_backward(d, a->dqkv, a->att_delta, a->datty, x.qkv, x.atty, a->att_lse + (size_t)l * N * m->NHr, p_attn, attention_dropout_seed(m, l), B, T, m->NHr, c->HS);
-        matmul_backward(d, a->dln, grad(m, QKVW, (size_t)l * 3 * Ca * C), grad(m, QKVB, l * 3 * Ca), a->dqkv, x.ln1, param(m, QKVW, (size_t)l * 3 * Ca * C), N, C, 3 * Ca);
-        tp_f_backward(m->par, d, a->dln, NC);
-        layernorm_backward(d, a->dresidual, grad(m, LN1W, l * C), grad(m, LN1B, l * C), a->dln, x.residual, param(m, LN1W, l * C), a->ln1_mean + l * N, a->ln1_rstd + l * N, N, C);
+        int group_top = l + 1 == c->L || recompute_group_start(m, l + 1) == l + 1;
+        if (is_recomputed(m, l) && group_top)
+            for (int r = recompute_group_start(m, l); r <= l; r++) layer_forward(m, r, B, T, -1, p_hidden, p_attn);
+        layer_backward(m, l, B, T, p_hidden, p_attn);
         if (m->reduce_in_backward) top = gpt_reduce_layers(m, l, top);
     }
     dropout_backward(d, a->dresidual, p_hidden, dropout_seed(m, 0, SITE_EMBEDDING), NC);
@@ -658,7 +745,7 @@ static void gpt_load_hf(GPT* m, const SafeTensors* st) {
 // T tokens of one sequence at positions [pos, pos + T) through the model, joining the cache.
 static void gpt_forward_cached(GPT* m, const int* tokens, int pos, int T) {
     gpt_upload_tokens(m, tokens, T);
-    gpt_forward_at(m, 1, T, 1, pos, 0.0f, 0.0f);
+    gpt_forward_at(m, 1, T, pos, 0.0f, 0.0f);
 }
 
 // Row r's logits of the whole (padded) vocabulary in fp32 on the host, from every rank's shard;
@@ -719,7 +806,8 @@ static void gpt_free(GPT* m) {
     dev_free(d, m->adam_m);
     dev_free(d, m->adam_v);
     if (m->master) dev_free(d, m->master);
-    if (m->acts.encoded) dev_free(d, m->acts.encoded);
+    if (m->acts.base) dev_free(d, m->acts.base);
+    free(m->acts.layer);
     if (m->kv_cache) dev_free(d, m->kv_cache);
 }
 
@@ -1200,19 +1288,40 @@ static void export_hf(const CkptSource* src, const CheckpointArgs* ca) {
 // ----------------------------------------------------------------------------
 // The training loop (megatron/training.py: pretrain -> train -> train_step).
 
+// The recompute plan --recompute-granularity/-method ask for (checked by args_validate).
+static int recompute_mode(const Args* a) {
+    if (!a->recompute_granularity) return RECOMPUTE_NONE;
+    if (!strcmp(a->recompute_granularity, "selective")) return RECOMPUTE_SELECTIVE;
+    return !strcmp(a->recompute_method, "uniform") ? RECOMPUTE_UNIFORM : RECOMPUTE_BLOCK;
+}
+
 static void print_memory_report(const GPT* m) {
     double mib = 1048576.0;
     size_t n = m->num_params, es = dtype_size(m->dev->dtype);
     printf("[memory] parameters %.1f MiB | gradients %.1f MiB | optimizer %.1f MiB | activations %.1f MiB",
            n * es / mib, n * 4 / mib, (m->opt_end - m->opt_begin) * (m->master ? 12 : 8) / mib, m->activation_bytes / mib);
 #ifdef __CUDACC__
-    if (m->dev->is_gpu) {
+    if (m->dev->is_gpu) {  // the stream-ordered pool keeps what it took, so this is the peak so far
         size_t free_b, total_b;
         cudaCheck(cudaMemGetInfo(&free_b, &total_b));
         printf(" | GPU in use %.1f MiB of %.1f MiB", (total_b - free_b) / mib, total_b / mib);
     }
 #endif
     printf("\n");
+    // activations per layer: measured (allocated) beside Megatron-3's formulas (§4.1, §5)
+    int L = m->cfg.L, k = m->recompute_layers;
+    char plan[96];
+    if (m->recompute == RECOMPUTE_UNIFORM) snprintf(plan, sizeof(plan), "full, uniform groups of %d layer%s", k, k > 1 ? "s" : "");
+    else if (m->recompute == RECOMPUTE_BLOCK) snprintf(plan, sizeof(plan), "full, block: the first %d of %d layers", k, L);
+    else snprintf(plan, sizeof(plan), "%s (flash attention keeps no s x s scores: selective's memory)", m->recompute ? "selective" : "none");
+    size_t other = m->activation_bytes - m->stored_bytes - m->recompute_bytes;
+    printf("[memory] recompute %s | activations kept for the backward %.2f MiB = %.3f MiB per layer | recompute scratch %.2f MiB | "
+           "other activation buffers %.2f MiB\n", plan, m->stored_bytes / mib, m->stored_bytes / mib / L, m->recompute_bytes / mib, other / mib);
+    double s = m->T, b = m->B, h = m->cfg.C, a = m->cfg.NH, t = m->tp, sbh = s * b * h;
+    printf("[memory] Megatron-3 per layer (s %d, b %d, h %d, a %d, t %d; 16-bit): none sbh(10+24/t+5as/ht) %.3f MiB | "
+           "selective sbh(10+24/t) %.3f MiB | full 2sbh %.3f MiB | this run's activations are %zu-byte: x%g\n",
+           m->T, m->B, m->cfg.C, m->cfg.NH, m->tp, sbh * (10 + 24 / t + 5 * a * s / (h * t)) / mib, sbh * (10 + 24 / t) / mib,
+           2 * sbh / mib, es, es / 2.0);
 }
 
 // Data parallelism splits every global batch as Megatron's MegatronPretrainingSampler: of each
@@ -1479,6 +1588,8 @@ int main(int argc, char** argv) {
     memset(&state, 0, sizeof(state));
     state.scaler = loss_scaler_from_args(&args, dev.dtype == DT_F16);
     if (have_source) checkpoint_load(&model, &source, &ckpt, &state);
+    model.recompute = recompute_mode(&args);
+    model.recompute_layers = args.recompute_num_layers;
     gpt_alloc_activations(&model, B, T);
     printf("model: %d layers, hidden %d, %d heads, ffn %d, vocab %d (padded %d), %zu parameters\n", cfg.L, cfg.C, cfg.NH, cfg.F,
            cfg.V, cfg.Vp, model.num_params);

@@ -129,46 +129,112 @@ static void test_against_hf(const Device* dev, const char* tag, double tol_logit
     safetensors_close(&st);
 }
 
-// Two identical runs give bitwise identical losses and weights (dropout on).
+// What a few training steps left: the loss and every gradient of each step, the final weights.
+typedef struct {
+    float losses[3];
+    float* grads;    // (3, num_params)
+    float* weights;  // (num_params)
+    size_t n;
+    size_t stored_bytes, recompute_bytes;
+} Trained;
+
+// 3 steps (dropout 0.1 on both sites, AdamW) of a freshly initialised model under a recompute plan.
+static Trained train_steps(const Device* dev, const GPTConfig* cfg, int B, int T, int recompute, int k) {
+    int N = B * T;
+    Trained r;
+    GPT m;
+    gpt_build(&m, cfg, dev);
+    gpt_init(&m, 0.02, 7);
+    m.recompute = recompute;
+    m.recompute_layers = k;
+    gpt_alloc_activations(&m, B, T);
+    HostBatch h;
+    h.mask = (float*)xmalloc(N * sizeof(float));
+    h.dloss = (float*)xmalloc(N * sizeof(float));
+    h.losses = (float*)xmalloc(N * sizeof(float));
+    int* x = (int*)xmalloc(N * sizeof(int));
+    int* y = (int*)xmalloc(N * sizeof(int));
+    for (int i = 0; i < N; i++) { x[i] = (i * 37 + 11) % cfg->V; y[i] = (i * 53 + 5) % cfg->V; h.mask[i] = 1; }
+    dev_upload(dev, m.acts.tokens, x, N * sizeof(int));
+    dev_upload(dev, m.acts.targets, y, N * sizeof(int));
+    Args args;
+    args_defaults(&args);
+    r.n = m.num_params;
+    r.grads = (float*)xmalloc(3 * r.n * sizeof(float));
+    r.weights = (float*)xmalloc(r.n * sizeof(float));
+    for (int step = 0; step < 3; step++) {
+        dev_zero(dev, m.grads, m.num_params * sizeof(float));
+        gpt_set_dropout_stream(&m, 1234, step, 0);
+        r.losses[step] = (float)gpt_micro_step(&m, &h, B, T, N, 1.0, 0.1f, 0.1f);
+        dev_download(dev, r.grads + step * r.n, m.grads, r.n * sizeof(float));
+        gpt_update(&m, 1e-3f, &args, 0.01f, 1.0f, step + 1);
+    }
+    download_floats(&m, r.weights, m.params, r.n);
+    r.stored_bytes = m.stored_bytes;
+    r.recompute_bytes = m.recompute_bytes;
+    free(h.mask); free(h.dloss); free(h.losses); free(x); free(y);
+    gpt_free(&m);
+    return r;
+}
+
+static int trained_equal(const Trained* a, const Trained* b) {
+    return !memcmp(a->losses, b->losses, sizeof(a->losses)) && !memcmp(a->grads, b->grads, 3 * a->n * sizeof(float)) &&
+           !memcmp(a->weights, b->weights, a->n * sizeof(float));
+}
+
+static void trained_free(Trained* t) {
+    free(t->grads);
+    free(t->weights);
+}
+
+// Two identical runs give bitwise identical losses, gradients and weights (dropout on).
 static void test_determinism(const Device* dev, const char* tag) {
     GPTConfig cfg = tiny_config();
-    int B = 2, T = 16, N = B * T;
-    float loss[2][3];
-    float* weights[2];
-    size_t n = 0;
-    for (int run = 0; run < 2; run++) {
-        GPT m;
-        gpt_build(&m, &cfg, dev);
-        gpt_init(&m, 0.02, 7);
-        gpt_alloc_activations(&m, B, T);
-        HostBatch h;
-        h.mask = (float*)xmalloc(N * sizeof(float));
-        h.dloss = (float*)xmalloc(N * sizeof(float));
-        h.losses = (float*)xmalloc(N * sizeof(float));
-        int x[32], y[32];
-        for (int i = 0; i < N; i++) { x[i] = (i * 37 + 11) % cfg.V; y[i] = (i * 53 + 5) % cfg.V; h.mask[i] = 1; }
-        dev_upload(dev, m.acts.tokens, x, sizeof(x));
-        dev_upload(dev, m.acts.targets, y, sizeof(y));
-        Args args;
-        args_defaults(&args);
-        for (int step = 0; step < 3; step++) {
-            dev_zero(dev, m.grads, m.num_params * sizeof(float));
-            gpt_set_dropout_stream(&m, 1234, step, 0);
-            loss[run][step] = (float)gpt_micro_step(&m, &h, B, T, N, 1.0, 0.1f, 0.1f);
-            gpt_update(&m, 1e-3f, &args, 0.01f, 1.0f, step + 1);
-        }
-        n = m.num_params;
-        weights[run] = (float*)xmalloc(n * sizeof(float));
-        download_floats(&m, weights[run], m.params, m.num_params);
-        free(h.mask); free(h.dloss); free(h.losses);
-        gpt_free(&m);
-    }
+    Trained runs[2] = {train_steps(dev, &cfg, 2, 16, RECOMPUTE_NONE, 1), train_steps(dev, &cfg, 2, 16, RECOMPUTE_NONE, 1)};
     char name[128];
-    snprintf(name, sizeof(name), "%s two runs with dropout: bitwise equal losses and weights", tag);
-    check(!memcmp(loss[0], loss[1], sizeof(loss[0])) && !memcmp(weights[0], weights[1], n * sizeof(float)), name,
-          "losses %.9g %.9g", loss[0][2], loss[1][2]);
-    check(loss[0][2] < loss[0][0], "training steps lower the loss", "%.5f -> %.5f", loss[0][0], loss[0][2]);
-    free(weights[0]); free(weights[1]);
+    snprintf(name, sizeof(name), "%s two runs with dropout: bitwise equal losses, gradients and weights", tag);
+    check(trained_equal(&runs[0], &runs[1]), name, "losses %.9g %.9g", runs[0].losses[2], runs[1].losses[2]);
+    check(runs[0].losses[2] < runs[0].losses[0], "training steps lower the loss", "%.5f -> %.5f", runs[0].losses[0], runs[0].losses[2]);
+    trained_free(&runs[0]);
+    trained_free(&runs[1]);
+}
+
+// Activation recomputation (Megatron-3 §5): with dropout on, every plan gives bitwise the losses,
+// gradients and weights of storing everything, and keeps exactly the buffers it should: a layer's
+// 12 buffers (ln1 + its 2 statistics, qkv, atty, lse, residual2, ln2 + 2 statistics, fch, fch_gelu)
+// for each stored layer, one residual stream per stored layer or recomputed group plus the final
+// LayerNorm's input; scratch for the largest recomputed group.
+static void test_recompute(const Device* dev, const char* tag) {
+    GPTConfig cfg = tiny_config();
+    cfg.L = 4;
+    int B = 2, T = 32;
+    size_t N = (size_t)B * T, C = cfg.C, F = cfg.F, es = dtype_size(dev->dtype), L = cfg.L;
+    // N = 64 rows: every buffer is a multiple of the 256-byte alignment, so the sizes add up exactly
+    size_t layer = N * (7 * C * es + 2 * F * es + 4 * 4 + 4 * cfg.NH), stream = N * C * es;
+    struct { int mode, k; const char* name; size_t stored, scratch; } plans[] = {
+        {RECOMPUTE_NONE, 1, "none", L * layer + (L + 1) * stream, 0},
+        {RECOMPUTE_SELECTIVE, 1, "selective", L * layer + (L + 1) * stream, 0},
+        {RECOMPUTE_UNIFORM, 1, "full uniform, groups of 1", (L + 1) * stream, layer},
+        {RECOMPUTE_UNIFORM, 2, "full uniform, groups of 2", 3 * stream, 2 * layer + stream},
+        {RECOMPUTE_UNIFORM, 3, "full uniform, groups of 3 and 1", 3 * stream, 3 * layer + 2 * stream},
+        {RECOMPUTE_UNIFORM, 4, "full uniform, one group of 4", 2 * stream, 4 * layer + 3 * stream},
+        {RECOMPUTE_BLOCK, 1, "full block, first 1", 3 * layer + (L + 1) * stream, layer},
+        {RECOMPUTE_BLOCK, 3, "full block, first 3", 1 * layer + (L + 1) * stream, layer},
+        {RECOMPUTE_BLOCK, 4, "full block, all 4", (L + 1) * stream, layer},
+    };
+    Trained ref = train_steps(dev, &cfg, B, T, RECOMPUTE_NONE, 1);
+    char name[256];
+    for (size_t i = 0; i < sizeof(plans) / sizeof(plans[0]); i++) {
+        Trained r = train_steps(dev, &cfg, B, T, plans[i].mode, plans[i].k);
+        snprintf(name, sizeof(name), "%s recompute %s: bitwise the losses, gradients and weights of none (dropout on, 3 steps)", tag, plans[i].name);
+        check(trained_equal(&r, &ref), name, "losses %.9g vs %.9g", r.losses[2], ref.losses[2]);
+        snprintf(name, sizeof(name), "%s recompute %s: keeps %zu bytes for the backward (%.0f per layer), %zu bytes of scratch", tag,
+                 plans[i].name, plans[i].stored, (double)plans[i].stored / L, plans[i].scratch);
+        check(r.stored_bytes == plans[i].stored && r.recompute_bytes == plans[i].scratch, name, "allocated %zu and %zu", r.stored_bytes,
+              r.recompute_bytes);
+        trained_free(&r);
+    }
+    trained_free(&ref);
 }
 
 int main(void) {
@@ -176,6 +242,7 @@ int main(void) {
     device_init(&cpu, "cpu", DT_F32);
     test_against_hf(&cpu, "cpu fp32", 1e-5, 1e-4, 1e-4);
     test_determinism(&cpu, "cpu");
+    test_recompute(&cpu, "cpu");
 #ifdef __CUDACC__
     Device gpu;
     int count = 0;
@@ -183,9 +250,11 @@ int main(void) {
         device_init(&gpu, "cuda", DT_F32);
         test_against_hf(&gpu, "gpu fp32", 1e-5, 1e-4, 1e-4);
         test_determinism(&gpu, "gpu fp32");
+        test_recompute(&gpu, "gpu fp32");
         gpu.dtype = DT_BF16;
         test_against_hf(&gpu, "gpu bf16", 2e-2, 5e-2, 2e-2);
         test_determinism(&gpu, "gpu bf16");
+        test_recompute(&gpu, "gpu bf16");
         device_free(&gpu);
     } else {
         printf("skip gpu model tests: no GPU\n");

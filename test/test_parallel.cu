@@ -5,9 +5,10 @@ Runs as 2 MPI processes (started with mpirun, or it starts itself under mpirun w
 alone): the conjugate operators f and g, the vocab-parallel cross-entropy against the fused
 single-device one, and a whole tiny GPT at t = 2 against the same GPT at t = 1 (logits, loss,
 every gradient gathered back into the full layout), with the collective counter checked against
-doc/parallelism.md: per layer 2 all-reduces forward and 2 backward. A build without MPI checks
-only that the single-rank path runs and says so. Where a GPU is found, rank 0 also runs every
-collective through a one-rank NCCL communicator (--debug-force-nccl's path).
+doc/parallelism.md: per layer 2 all-reduces forward and 2 backward, plus the forward's 2 again for
+each layer that activation recomputation re-runs. A build without MPI checks only that the
+single-rank path runs and says so. Where a GPU is found, rank 0 also runs every collective
+through a one-rank NCCL communicator (--debug-force-nccl's path).
 */
 #define TESTING
 #include "../train_gpt.cu"
@@ -72,8 +73,9 @@ static void test_vocab_parallel_crossentropy(const Device* dev, int V, int Vp) {
     free(full); free(shard); free(want);
 }
 
-// The tiny GPT at t = par's TP size against the same GPT on one rank: logits, loss, gradients.
-static void test_tensor_parallel_gpt(const Device* dev) {
+// The tiny GPT at t = par's TP size against the same GPT on one rank: logits, loss, gradients,
+// both under the same activation-recompute plan.
+static void test_tensor_parallel_gpt(const Device* dev, int recompute, int k, const char* plan) {
     GPTConfig cfg;
     cfg.L = 2; cfg.C = 64; cfg.NH = 4; cfg.HS = 16; cfg.F = 256; cfg.V = 200; cfg.Vp = 256; cfg.maxT = 32;
     int B = 2, T = 16, N = B * T, t = par.size[GROUP_TP];
@@ -82,6 +84,8 @@ static void test_tensor_parallel_gpt(const Device* dev) {
     gpt_build_parallel(&tp, &cfg, dev, &par, 0);
     gpt_init(&one, 0.02, 7);
     gpt_init(&tp, 0.02, 7);
+    one.recompute = tp.recompute = recompute;
+    one.recompute_layers = tp.recompute_layers = k;
     gpt_alloc_activations(&one, B, T);
     gpt_alloc_activations(&tp, B, T);
     int tokens[32], targets[32];
@@ -112,8 +116,8 @@ static void test_tensor_parallel_gpt(const Device* dev) {
         gpt_backward(m, B, T, 0.1f, 0.0f);
         backward_calls = tp_all_reduces() - before;
     }
-    char name[160];
-    snprintf(name, sizeof(name), "GPT at t = %d: loss equals t = 1's", t);
+    char name[200];
+    snprintf(name, sizeof(name), "GPT at t = %d, recompute %s: loss equals t = 1's", t, plan);
     check(fabs(loss[1] - loss[0]) <= 1e-6 * fabs(loss[0]), name, "t=%d %.9f, t=1 %.9f", t, loss[1], loss[0]);
     // gradients gathered into the full layout
     size_t n = tp.num_params, full_n = one.num_params;
@@ -125,18 +129,21 @@ static void test_tensor_parallel_gpt(const Device* dev) {
     for (int r = 0; r < t; r++) tp_shard_copy(&cfg, t, r, got, shards + (size_t)r * n, 0);
     dev_download(dev, want, one.grads, full_n * sizeof(float));
     for (int i = 0; i < NUM_PARAMS; i++) {
-        snprintf(name, sizeof(name), "GPT at t = %d: gradient of %s equals t = 1's", t, param_names[i]);
+        snprintf(name, sizeof(name), "GPT at t = %d, recompute %s: gradient of %s equals t = 1's", t, plan, param_names[i]);
         check_close(name, got + one.offsets[i], want + one.offsets[i], one.sizes[i], 1e-5);
     }
     // the parameters themselves: t = 1 and t ranks start from the same full weights
     float* full = gpt_gather_full_params(&tp);
     dev_download(dev, want, one.params, full_n * sizeof(float));
     check(!memcmp(full, want, full_n * sizeof(float)), "gathered t-rank initial weights are bitwise the t = 1 weights", "differ");
-    long layers = cfg.L;
-    snprintf(name, sizeof(name), "collective counter: forward = 2 per layer + the embedding's g (%ld)", 2 * layers + 1);
+    // the backward's recompute runs those layers' forward again, g all-reduces included (as Megatron's checkpoint)
+    long layers = cfg.L, recomputed = 0;
+    for (int l = 0; l < cfg.L; l++) recomputed += is_recomputed(&tp, l);
+    snprintf(name, sizeof(name), "collective counter, recompute %s: forward = 2 per layer + the embedding's g (%ld)", plan, 2 * layers + 1);
     check(forward_calls == 2 * layers + 1, name, "counted %ld", forward_calls);
-    snprintf(name, sizeof(name), "collective counter: backward = 2 per layer + the LM head's f (%ld)", 2 * layers + 1);
-    check(backward_calls == 2 * layers + 1, name, "counted %ld", backward_calls);
+    snprintf(name, sizeof(name), "collective counter, recompute %s: backward = 2 per layer + the LM head's f + 2 per recomputed layer (%ld)", plan,
+             2 * layers + 1 + 2 * recomputed);
+    check(backward_calls == 2 * layers + 1 + 2 * recomputed, name, "counted %ld", backward_calls);
     free(shards); free(got); free(want); free(full);
     free(h.mask); free(h.dloss); free(h.losses);
     gpt_free(&one);
@@ -202,7 +209,9 @@ int main(int argc, char** argv) {
     test_conjugate_operators(&cpu);
     test_vocab_parallel_crossentropy(&cpu, 200, 256);
     test_vocab_parallel_crossentropy(&cpu, 130, 256);
-    test_tensor_parallel_gpt(&cpu);
+    test_tensor_parallel_gpt(&cpu, RECOMPUTE_NONE, 1, "none");
+    test_tensor_parallel_gpt(&cpu, RECOMPUTE_UNIFORM, 1, "full uniform 1");
+    test_tensor_parallel_gpt(&cpu, RECOMPUTE_BLOCK, 1, "full block 1");
     printf("skip GPU tensor parallelism: needs several GPUs (run train_gpt under mpirun on a multi-GPU machine)\n");
 #ifdef HAVE_NCCL
     if (gpu_available() && par.rank[GROUP_WORLD] == 0) test_nccl_one_rank();  // a world of its own

@@ -4,6 +4,7 @@
 # TP=2, TP=4, DP=2, TP=2 x DP=2 and the distributed optimizer: every loss within 1e-5
 # (relative) of the reference and the gathered parameters after training equal; then the
 # bad inputs: t not dividing heads / ffn / world size, mismatched flags, a hanging rank.
+# Activation recomputation at TP=2 and TP=2 x DP=2 is bitwise the run without it.
 # The vocabulary is padded to the same size at every t (--make-vocab-size-divisible-by 512/t;
 # Megatron pads to a multiple of 128 x t), so all runs start from the same full weights.
 cd "$(dirname "$0")/.."
@@ -71,6 +72,17 @@ run tp2dp2_distopt 4 2 --use-distributed-optimizer && compare tp2dp2_distopt tp2
     fail "TP=2 x DP=2 distributed optimizer run" "$(grep -m1 error "$WORK/tp2dp2_distopt.out")"
 run dp2_distopt 2 1 --use-distributed-optimizer --ddp-bucket-size 1000 && compare dp2_distopt dp2 1e-6 ||
     fail "DP=2 distributed optimizer run" "$(grep -m1 error "$WORK/dp2_distopt.out")"
+# activation recomputation (the backward re-runs layers' forward, g all-reduces included) gives
+# bitwise the run that stores everything: TP=2 with both dropouts on, and TP=2 x DP=2 while the
+# data-parallel gradient all-reduces run during the backward
+DROP=(--attention-dropout 0.1)
+run tp2_drop 2 2 "${DROP[@]}" || fail "TP=2 run with attention dropout" "$(grep -m1 error "$WORK/tp2_drop.out")"
+run tp2_full 2 2 "${DROP[@]}" --recompute-granularity full --recompute-method uniform && compare tp2_full tp2_drop 0 ||
+    fail "TP=2 full uniform recompute run" "$(grep -m1 error "$WORK/tp2_full.out")"
+run tp2_block 2 2 "${DROP[@]}" --recompute-granularity full --recompute-method block --recompute-num-layers 1 &&
+    compare tp2_block tp2_drop 0 || fail "TP=2 full block recompute run" "$(grep -m1 error "$WORK/tp2_block.out")"
+run tp2dp2_full 4 2 --ddp-bucket-size 70000 --checkpoint-activations && compare tp2dp2_full tp2dp2 0 ||
+    fail "TP=2 x DP=2 --checkpoint-activations run" "$(grep -m1 error "$WORK/tp2dp2_full.out")"
 grep -q "parallel: world size 4 = tensor-parallel 2 x data-parallel 2, distributed optimizer" "$WORK/tp2dp2_distopt.out" &&
     ok "rank layout line: world size 4 = tensor-parallel 2 x data-parallel 2" || fail "rank layout line" "$(grep parallel "$WORK/tp2dp2_distopt.out")"
 

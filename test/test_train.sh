@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # train_gpt as a user runs it, on the CPU: flag and data errors (one-line message,
-# non-zero exit), the log file, a diverging run stopped at its step, and a real
+# non-zero exit), the log file, the memory report, a diverging run stopped at its step, and a real
 # learning check on tiny Shakespeare (GPT-2 BPE).
 cd "$(dirname "$0")/.."
 DATA_DIR="${MEGATRON_DATA:-$(cd .. && pwd)/shared/data}"
@@ -38,6 +38,15 @@ expect "seq-length above positions" 2 "above --max-position-embeddings" "${RUN[@
 expect "no train length" 2 "--train-iters and --train-samples" ./train_gpt --data-path "$PREFIX" "${TOK[@]}" "${MODEL[@]}" --lr 1e-3
 expect "bad decay style" 2 "--lr-decay-style 'step'" "${RUN[@]}" --lr-decay-style step
 expect "bad device" 2 "--device 'tpu'" "${RUN[@]}" --device tpu
+expect "recompute method without full" 2 "--recompute-method uniform needs --recompute-granularity full" "${RUN[@]}" --recompute-method uniform
+expect "full recompute without a method" 2 "--recompute-granularity full needs --recompute-method" "${RUN[@]}" --recompute-granularity full
+expect "bad recompute granularity" 2 "--recompute-granularity 'partial'" "${RUN[@]}" --recompute-granularity partial
+expect "bad recompute method" 2 "--recompute-method 'even'" "${RUN[@]}" --recompute-granularity full --recompute-method even
+expect "recompute layers above the model's" 2 "--recompute-num-layers 3 is not in \[1, --num-layers 2\]" "${RUN[@]}" \
+    --recompute-granularity full --recompute-method block --recompute-num-layers 3
+expect "recompute layers with selective" 2 "--recompute-num-layers needs --recompute-granularity full" "${RUN[@]}" \
+    --recompute-granularity selective --recompute-num-layers 1
+expect "old and new recompute flags" 2 "--checkpoint-activations is an old name" "${RUN[@]}" --checkpoint-activations --recompute-granularity full
 expect "NCCL forced on the CPU" 2 "--debug-force-nccl needs a GPU" "${RUN[@]}" --debug-force-nccl
 expect "missing dataset" 1 "$WORK/nothing" "${RUN[@]}" --data-path "$WORK/nothing"
 head -c 50 "$PREFIX.idx" > "$WORK/cut.idx" && cp "$PREFIX.bin" "$WORK/cut.bin"
@@ -58,6 +67,13 @@ assert all(r['lm_loss'] > 0 for r in rows) and rows[2]['consumed_samples'] == 32
 "${RUN[@]}" --train-iters 2 --log-interval 1 --log-file "$WORK/log.csv" > /dev/null 2>&1
 if [ "$(head -n 1 "$WORK/log.csv" | cut -d, -f1-3)" = "kind,iteration,consumed_samples" ] && [ "$(wc -l < "$WORK/log.csv")" -eq 3 ]; then
     ok "--log-file writes CSV"; else fail "--log-file writes CSV" "$(cat "$WORK/log.csv")"; fi
+
+# the memory report with full recompute: what is kept per layer beside Megatron-3's formulas
+"${RUN[@]}" --recompute-granularity full --recompute-method uniform --log-interval 1 > "$WORK/recompute.txt" 2>&1
+if grep -q "^\[memory\] recompute full, uniform groups of 1 layer | activations kept for the backward 0.38 MiB = 0.188 MiB per layer" "$WORK/recompute.txt" &&
+   grep -q "^\[memory\] Megatron-3 per layer (s 64, b 8, h 64, a 4, t 1; 16-bit): none sbh(10+24/t+5as/ht) 1.688 MiB | selective sbh(10+24/t) 1.062 MiB | full 2sbh 0.062 MiB | this run.s activations are 4-byte: x2" "$WORK/recompute.txt"; then
+    ok "memory report with full recompute: $(grep -m1 'per layer' "$WORK/recompute.txt" | cut -c1-120)..."
+else fail "memory report with full recompute" "$(grep memory "$WORK/recompute.txt")"; fi
 
 # learning check: validation loss from 10.8 (uniform over 50257) to under LEARN_MAX
 LEARN_MAX=${LEARN_MAX:-6.5}
