@@ -9,6 +9,7 @@
 # (tensor and data parallelism); with nvcc and nccl.h the GPU ranks talk over NCCL.
 #   make test                 build and run the tests (CPU; GPU parts run where a GPU is found)
 #   make quickstart           prepare tiny Shakespeare, train a small GPT, print a sample
+#   make dev-cuda GPU_ARCH=sm_90   the kernel ladders in dev/cuda (dev/cuda/run_all.sh runs them)
 
 CXX ?= g++
 NVCC ?= nvcc
@@ -55,7 +56,7 @@ endif
 HEADERS = megatron.h prepro/tokenizer.h prepro/unicode_tables.h
 TESTS = $(patsubst test/%.cu,build/%,$(wildcard test/test_*.cu))
 
-.PHONY: all test quickstart clean
+.PHONY: all test quickstart dev-cuda clean
 
 all: train_gpt prepro/preprocess_data
 
@@ -76,5 +77,9 @@ quickstart: all
 	./prepro/prepare_tinyshakespeare.sh data
 	./dev/quickstart.sh
 
+dev-cuda:
+	$(MAKE) -C dev/cuda GPU_ARCH=$(GPU_ARCH)
+
 clean:
 	rm -rf build train_gpt prepro/preprocess_data
+	$(MAKE) -C dev/cuda clean

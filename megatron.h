@@ -10,6 +10,7 @@ Everything GPT, BERT and T5 share lives here, in sections read top to bottom:
   4. optimizer    AdamW, global gradient norm and clipping, fp16 loss scaling
   5. checkpoint   safetensors files, written under temporary names and renamed
   6. training     learning-rate schedules, batch ramp-up, FLOPs and the log line
+  7. evaluation   Megatron's zero-shot tasks: the WikiText detokenizer and windows, LAMBADA
 
 Conventions. Activations are rows of C features; a batch is laid out as Megatron
 lays it, [s, b, h]: row r = t*B + b. Letters: B batch, T sequence length, C hidden
@@ -620,13 +621,6 @@ static void require_flag(int ok, const char* flag) {
     if (!ok) arg_error("%s is required", flag);
 }
 
-// Where and in which precision to run (every mode checks these).
-static void args_validate_device(const Args* a) {
-    if (a->bf16 + a->fp16 + a->fp32 > 1) arg_error("--bf16, --fp16 and --fp32 are exclusive");
-    if (strcmp(a->device, "auto") && strcmp(a->device, "cpu") && strcmp(a->device, "cuda"))
-        arg_error("--device '%s' is not one of auto, cpu, cuda", a->device);
-}
-
 // Activation recomputation as Megatron's arguments.py and TransformerConfig check it; the two
 // old switches become the granularity/method pair they stand for.
 static void recompute_args_validate(Args* a) {
@@ -650,15 +644,14 @@ static void recompute_args_validate(Args* a) {
         arg_error("--recompute-num-layers %d is not in [1, --num-layers %d]", a->recompute_num_layers, a->num_layers);
 }
 
-// Checks Megatron would make (megatron/arguments.py), each naming its flag.
-static void args_validate(Args* a) {
-    args_validate_device(a);
+// Checks Megatron would make (megatron/arguments.py), each naming its flag: first those of
+// the model, its layout and precision, which every mode (training, evaluation) needs.
+static void args_validate_model(Args* a) {
     require_flag(a->num_layers > 0, "--num-layers (a positive integer)");
     require_flag(a->hidden_size > 0, "--hidden-size (a positive integer)");
     require_flag(a->num_attention_heads > 0, "--num-attention-heads (a positive integer)");
     require_flag(a->seq_length > 0, "--seq-length (a positive integer)");
     require_flag(a->micro_batch_size > 0, "--micro-batch-size (a positive integer)");
-    require_flag(a->lr > 0, "--lr (a positive number)");
     if (a->hidden_size % a->num_attention_heads)
         arg_error("--num-attention-heads %d does not divide --hidden-size %d", a->num_attention_heads, a->hidden_size);
     if (a->ffn_hidden_size == 0) a->ffn_hidden_size = 4 * a->hidden_size;
@@ -671,8 +664,18 @@ static void args_validate(Args* a) {
     if (a->num_attention_heads % t)
         arg_error("--tensor-model-parallel-size %d does not divide --num-attention-heads %d", t, a->num_attention_heads);
     if (a->ffn_hidden_size % t) arg_error("--tensor-model-parallel-size %d does not divide --ffn-hidden-size %d", t, a->ffn_hidden_size);
-    if (a->ddp_bucket_size < 1) arg_error("--ddp-bucket-size must be at least 1");
     if (a->make_vocab_size_divisible_by <= 0) arg_error("--make-vocab-size-divisible-by must be positive");
+    if (a->bf16 + a->fp16 + a->fp32 > 1) arg_error("--bf16, --fp16 and --fp32 are exclusive");
+    if (strcmp(a->device, "auto") && strcmp(a->device, "cpu") && strcmp(a->device, "cuda"))
+        arg_error("--device '%s' is not one of auto, cpu, cuda", a->device);
+    if (a->log_interval <= 0) arg_error("--log-interval must be positive");
+}
+
+// The model's checks, then training's.
+static void args_validate(Args* a) {
+    args_validate_model(a);
+    require_flag(a->lr > 0, "--lr (a positive number)");
+    if (a->ddp_bucket_size < 1) arg_error("--ddp-bucket-size must be at least 1");
     if (a->global_batch_size == 0) a->global_batch_size = a->micro_batch_size;
     int dp = a->data_parallel_size;
     if (a->global_batch_size <= 0 || a->global_batch_size % (a->micro_batch_size * dp))
@@ -703,7 +706,6 @@ static void args_validate(Args* a) {
     if (a->adam_eps <= 0) arg_error("--adam-eps must be positive");
     if (a->clip_grad < 0) arg_error("--clip-grad must be >= 0");
     if (a->weight_decay < 0) arg_error("--weight-decay must be >= 0");
-    if (a->log_interval <= 0) arg_error("--log-interval must be positive");
     if (a->eval_interval <= 0) arg_error("--eval-interval must be positive");
     if (a->eval_iters < 0) arg_error("--eval-iters must be >= 0");
     if (a->loss_scale < 0 || a->initial_loss_scale <= 0 || a->min_loss_scale <= 0) arg_error("loss scales must be positive");
@@ -1790,15 +1792,11 @@ static void embedding_forward_cuda(const Device* d, void* out, const int* tokens
 
 // The backward groups rows by token without float atomics: sort the unique keys
 // (token << 32 | row), so each token's rows come out together and in increasing order, then
-// sum each token's run in a fixed order. Any correct sort of unique keys gives the same order, so a
-// plain bitonic sort does: tiles of BITONIC_TILE keys sort in shared memory, longer strides
-// take one global pass each.
-#define BITONIC_TILE 2048
-
-__global__ void embedding_sort_keys_kernel(uint64_t* keys, const int* tokens, int N, unsigned P) {
-    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < P) keys[i] = i < (unsigned)N ? ((uint64_t)(uint32_t)tokens[i] << 32) | i : UINT64_MAX;  // padding sorts last
-}
+// sum each token's run in a fixed order. Any correct sort of unique keys gives the same order.
+// Blocks sort tiles of up to EMBEDDING_TILE keys in shared memory (bitonic); then a key's
+// place in the whole order is the number of smaller keys: the sum over the tiles of its lower
+// bound in each (binary searches, added as integers, so exact).
+#define EMBEDDING_TILE 1024
 
 // Compare-exchange pair `pair` at distance j within sequences sorted in direction set by bit k.
 __device__ __forceinline__ void bitonic_exchange(uint64_t* keys, unsigned base, unsigned pair, unsigned j, unsigned k) {
@@ -1808,32 +1806,59 @@ __device__ __forceinline__ void bitonic_exchange(uint64_t* keys, unsigned base, 
     if ((a > b) == ascending) { keys[i] = b; keys[i + j] = a; }
 }
 
-// All steps with stride j < tile for merge sizes k_first .. k_last, in shared memory.
-__global__ void bitonic_tile_kernel(uint64_t* keys, unsigned k_first, unsigned k_last) {
-    __shared__ uint64_t tile[BITONIC_TILE];
+// Block b sorts the keys of rows b*n .. b*n+n-1, n = 2 * blockDim.x (rows past N pad: they sort last).
+__global__ void embedding_sort_tiles_kernel(uint64_t* tiles, const int* tokens, int N) {
+    __shared__ uint64_t tile[EMBEDDING_TILE];
     unsigned n = 2 * blockDim.x, base = blockIdx.x * n;
-    for (unsigned i = threadIdx.x; i < n; i += blockDim.x) tile[i] = keys[base + i];
+    for (unsigned i = threadIdx.x; i < n; i += blockDim.x)
+        tile[i] = base + i < (unsigned)N ? ((uint64_t)(uint32_t)tokens[base + i] << 32) | (base + i) : UINT64_MAX;
     __syncthreads();
-    for (unsigned k = k_first; k <= k_last; k *= 2)
-        for (unsigned j = (k < n ? k : n) / 2; j > 0; j /= 2) {
-            bitonic_exchange(tile, base, threadIdx.x, j, k);
+    for (unsigned k = 2; k <= n; k *= 2)
+        for (unsigned j = k / 2; j > 0; j /= 2) {
+            bitonic_exchange(tile, 0, threadIdx.x, j, k);
             __syncthreads();
         }
-    for (unsigned i = threadIdx.x; i < n; i += blockDim.x) keys[base + i] = tile[i];
+    for (unsigned i = threadIdx.x; i < n; i += blockDim.x) tiles[base + i] = tile[i];
 }
 
-__global__ void bitonic_global_kernel(uint64_t* keys, unsigned j, unsigned k) {
-    bitonic_exchange(keys, 0, blockIdx.x * blockDim.x + threadIdx.x, j, k);
-}
-
-// Sort keys[0 .. P), P a power of two.
-static void bitonic_sort(const Device* d, uint64_t* keys, unsigned P) {
-    unsigned tile = P < BITONIC_TILE ? P : BITONIC_TILE;
-    bitonic_tile_kernel<<<P / tile, tile / 2, 0, d->stream>>>(keys, 2, tile);
-    for (unsigned k = 2 * tile; k <= P; k *= 2) {
-        for (unsigned j = k / 2; j >= tile; j /= 2) bitonic_global_kernel<<<P / 2 / 256, 256, 0, d->stream>>>(keys, j, k);
-        bitonic_tile_kernel<<<P / tile, tile / 2, 0, d->stream>>>(keys, k, k);
+// How many of the n sorted keys a[] are below key.
+__device__ __forceinline__ unsigned lower_bound_u64(const uint64_t* a, unsigned n, uint64_t key) {
+    unsigned lo = 0, hi = n;
+    while (lo < hi) {
+        unsigned mid = (lo + hi) / 2;
+        if (a[mid] < key) lo = mid + 1;
+        else hi = mid;
     }
+    return lo;
+}
+
+// `lanes` consecutive threads (a power of two, at most 32) per key of the tiles: lane l adds the
+// key's lower bounds in tiles l, l + lanes, ...; the group's total is the key's place in sorted.
+__global__ void embedding_merge_tiles_kernel(uint64_t* sorted, const uint64_t* tiles, unsigned tile, unsigned n_tiles, unsigned lanes) {
+    unsigned t = blockIdx.x * blockDim.x + threadIdx.x, lane = t % lanes, index = t / lanes;
+    uint64_t key = index < n_tiles * tile ? tiles[index] : UINT64_MAX;
+    unsigned place = 0;
+    if (key != UINT64_MAX)
+        for (unsigned u = lane; u < n_tiles; u += lanes) place += lower_bound_u64(tiles + (size_t)u * tile, tile, key);
+    for (unsigned offset = lanes / 2; offset > 0; offset /= 2) place += __shfl_xor_sync(0xffffffffu, place, offset);
+    if (lane == 0 && key != UINT64_MAX) sorted[place] = key;
+}
+
+// Keys per tile: a power of two, at most EMBEDDING_TILE.
+static unsigned embedding_tile(int N) {
+    unsigned tile = 2;
+    while (tile < (unsigned)N && tile < EMBEDDING_TILE) tile *= 2;
+    return tile;
+}
+
+// sorted[0 .. N) = the keys of rows 0 .. N-1 in increasing order; tiles: scratch of
+// CEIL_DIV(N, tile) * tile keys.
+static void embedding_sort_keys(const Device* d, uint64_t* sorted, uint64_t* tiles, const int* tokens, int N) {
+    unsigned tile = embedding_tile(N), n_tiles = CEIL_DIV(N, tile), lanes = 1;
+    while (lanes < n_tiles && lanes < 32) lanes *= 2;
+    embedding_sort_tiles_kernel<<<n_tiles, tile / 2, 0, d->stream>>>(tiles, tokens, N);
+    embedding_merge_tiles_kernel<<<CEIL_DIV(n_tiles * tile * lanes, 256), 256, 0, d->stream>>>(sorted, tiles, tile, n_tiles, lanes);
+    cudaCheck(cudaGetLastError());
 }
 
 // The sorted keys are cut into segments of EMBEDDING_SEGMENT positions, so a frequent token's
@@ -1917,12 +1942,10 @@ __global__ void embedding_backward_wpe_kernel(float* dwpe, const T* dout, int B,
 
 static void embedding_backward_cuda(const Device* d, float* dwte, float* dwpe, const void* dout, const int* tokens, int B, int T, int C) {
     int N = B * T, segments = CEIL_DIV(N, EMBEDDING_SEGMENT);
-    unsigned P = 2;
-    while (P < (unsigned)N) P *= 2;
-    uint64_t* keys = (uint64_t*)pool_alloc(d, P * sizeof(uint64_t));
+    size_t n_tile_keys = (size_t)CEIL_DIV(N, embedding_tile(N)) * embedding_tile(N);
+    uint64_t* keys = (uint64_t*)pool_alloc(d, (N + n_tile_keys) * sizeof(uint64_t));  // sorted, then the tiles
     float* pieces = (float*)pool_alloc(d, 2 * (size_t)segments * C * sizeof(float));  // head, then tail
-    embedding_sort_keys_kernel<<<CEIL_DIV(P, 256), 256, 0, d->stream>>>(keys, tokens, N, P);
-    bitonic_sort(d, keys, P);
+    embedding_sort_keys(d, keys, keys + N, tokens, N);
     DTYPE_SWITCH(d->dtype, T_, {
         int vec = C % (16 / sizeof(T_)) == 0 && aligned16(dout) && aligned16(dwte) && aligned16(dwpe);
         VEC_SWITCH(vec, T_, W, {
@@ -2082,29 +2105,161 @@ static void column_sum(const Device* d, float* out, const float* partials, int r
     cudaCheck(cudaGetLastError());
 }
 
-// Every thread of the block gets (sum of a, sum of b) over the block, added in a fixed order.
-__device__ float2 block_sum2(float a, float b, float2* scratch /* shared, 32 */) {
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+// The rows of a block are shared among row teams: the threads with the same threadIdx.y.
+// Every thread of the block calls team_sum2 (a team of one warp needs no barrier); each
+// gets its team's (sum of a, sum of b), added in a fixed order.
+__device__ float2 team_sum2(float a, float b, float2* scratch /* shared, one per warp of the block */) {
     a = warp_sum(a);
     b = warp_sum(b);
-    if (lane == 0) scratch[warp] = make_float2(a, b);
+    if (blockDim.x == 32) return make_float2(a, b);
+    int warps = blockDim.x / 32, first = threadIdx.y * warps;
+    if (threadIdx.x % 32 == 0) scratch[first + threadIdx.x / 32] = make_float2(a, b);
     __syncthreads();
     float2 total = make_float2(0.0f, 0.0f);
-    for (int w = 0; w < blockDim.x / 32; w++) {
-        total.x += scratch[w].x;
-        total.y += scratch[w].y;
+    for (int w = 0; w < warps; w++) {
+        total.x += scratch[first + w].x;
+        total.y += scratch[first + w].y;
     }
     __syncthreads();  // the next call reuses scratch
     return total;
 }
 
-// Block i takes a contiguous chunk of rows, one row at a time with all its threads; each
-// thread owns W-wide channel groups and keeps their dweight/dbias sums in shared memory
-// (stored k-major, so neighbouring threads hit neighbouring banks). The chunk's sums go to
-// partial rows i (dweight) and gridDim.x + i (dbias) for column_sum.
+// Team 0 gets, in v, the sum over the block's row teams of each thread's K values: its own
+// first, then team 1's, 2's, ... in order, through `stage` ((blockDim.y - 1) * K * blockDim.x
+// shared floats, k-major so that neighbouring threads hit neighbouring banks). Every thread calls it.
+template <int K>
+__device__ void add_teams(float (&v)[K], float* stage) {
+    int x = threadIdx.x, y = threadIdx.y, S = blockDim.x;
+    if (blockDim.y == 1) return;
+    if (y > 0)
+        for (int k = 0; k < K; k++) stage[((y - 1) * K + k) * S + x] = v[k];
+    __syncthreads();
+    if (y == 0)
+        for (int t = 1; t < (int)blockDim.y; t++)
+            for (int k = 0; k < K; k++) v[k] += stage[((t - 1) * K + k) * S + x];
+    __syncthreads();
+}
+
+// LayerNorm backward with each row in registers. Block i takes a contiguous chunk of rows
+// (ROW_CHUNKS); its row teams of blockDim.x threads take turns at the rows, one row per team at
+// a time; a thread holds G channel groups of W (j = threadIdx.x + g * blockDim.x) of x, dout
+// and dinp, all loaded before the row's two sums, and keeps its channels' dweight and dbias sums
+// in registers across the chunk. The teams' sums are added in order and go to partial rows i
+// (dweight) and gridDim.x + i (dbias) for column_sum.
+#define LN_BWD_GROUPS 4     // most channel groups a thread holds
+#define LN_BWD_THREADS 256  // most threads of a block (and of a team)
+#define LN_BWD_TEAMS_THREADS 128  // threads the teams of a block add up to, when teams are small: with
+                                  // ~200 registers a thread, small blocks fill the register file better
+
+template <typename T, int W, int G>
+__global__ void __launch_bounds__(LN_BWD_THREADS) layernorm_backward_rows_kernel(T* dinp, float* partials, const T* dout, const T* inp, const T* weight,
+                                                                                const float* mean, const float* rstd, int N, int C) {
+    extern __shared__ float stage[];  // for add_teams
+    __shared__ float2 scratch[LN_BWD_THREADS / 32];
+    int S = blockDim.x, groups = C / W;
+    int r_begin = (int)((long)blockIdx.x * N / gridDim.x), r_end = (int)((long)(blockIdx.x + 1) * N / gridDim.x);
+    Vec<T, W> w[G];
+    float sums[G][2 * W];  // dweight (k < W) and dbias (k >= W) of this thread's channels
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        int j = threadIdx.x + g * S;
+        if (j < groups) w[g] = load_vec<W>(weight + j * W);
+        for (int k = 0; k < 2 * W; k++) sums[g][k] = 0.0f;
+    }
+    for (int r0 = r_begin; r0 < r_end; r0 += blockDim.y) {  // the same trip count for every team: team_sum2 has barriers
+        int r = r0 + threadIdx.y;
+        bool has_row = r < r_end;
+        Vec<T, W> xv[G], dyv[G], dxv[G];
+        float m = 0, s = 0, sum_g = 0, sum_gx = 0;  // g = dout * weight, the gradient of xhat
+        if (has_row) {
+            m = mean[r];
+            s = rstd[r];
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+                int j = threadIdx.x + g * S;
+                if (j >= groups) continue;
+                size_t at = (size_t)r * C + j * W;
+                xv[g] = load_vec<W>(inp + at);
+                dyv[g] = load_vec<W>(dout + at);
+                dxv[g] = load_vec<W>(dinp + at);
+            }
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+                if (threadIdx.x + g * S >= groups) continue;
+                for (int k = 0; k < W; k++) {
+                    float gk = to_float(dyv[g].v[k]) * to_float(w[g].v[k]);
+                    sum_g += gk;
+                    sum_gx += gk * (to_float(xv[g].v[k]) - m) * s;
+                }
+            }
+        }
+        float2 total = team_sum2(sum_g, sum_gx, scratch);
+        if (!has_row) continue;
+        float mean_g = total.x / C, mean_gx = total.y / C;
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            int j = threadIdx.x + g * S;
+            if (j >= groups) continue;
+            for (int k = 0; k < W; k++) {
+                float xhat = (to_float(xv[g].v[k]) - m) * s, dyk = to_float(dyv[g].v[k]);
+                dxv[g].v[k] = from_float<T>(to_float(dxv[g].v[k]) + s * (dyk * to_float(w[g].v[k]) - mean_g - xhat * mean_gx));
+                sums[g][k] += dyk * xhat;
+                sums[g][W + k] += dyk;
+            }
+            store_vec<W>(dinp + (size_t)r * C + j * W, dxv[g]);
+        }
+    }
+#pragma unroll
+    for (int g = 0; g < G; g++) add_teams<2 * W>(sums[g], stage);
+    if (threadIdx.y > 0) return;
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        int j = threadIdx.x + g * S;
+        if (j >= groups) continue;
+        Vec<float, W> dweight_part, dbias_part;
+        for (int k = 0; k < W; k++) {
+            dweight_part.v[k] = sums[g][k];
+            dbias_part.v[k] = sums[g][W + k];
+        }
+        store_vec<W>(partials + (size_t)blockIdx.x * C + j * W, dweight_part);
+        store_vec<W>(partials + ((size_t)gridDim.x + blockIdx.x) * C + j * W, dbias_part);
+    }
+}
+
+// Threads per row team of layernorm_backward_rows_kernel for rows of `groups` channel groups
+// (whole warps, at most LN_BWD_GROUPS groups each); 0 when a row is too wide for its registers.
+static int layernorm_backward_team(int groups) {
+    int team = 32 * CEIL_DIV(groups, 32 * LN_BWD_GROUPS);
+    return team <= LN_BWD_THREADS ? team : 0;
+}
+
 template <typename T, int W>
-__global__ void __launch_bounds__(1024) layernorm_backward_kernel(T* dinp, float* partials, const T* dout, const T* inp, const T* weight,
-                                                                  const float* mean, const float* rstd, int N, int C) {
+static void layernorm_backward_rows(const Device* d, float* partials, int chunks, T* dinp, const T* dout, const T* inp, const T* weight,
+                                    const float* mean, const float* rstd, int N, int C) {
+    int team = layernorm_backward_team(C / W), G = CEIL_DIV(C / W, team);
+    int teams = LN_BWD_TEAMS_THREADS / team, rows_per_block = CEIL_DIV(N, chunks);
+    if (teams > rows_per_block) teams = rows_per_block;
+    if (teams < 1) teams = 1;
+    dim3 block(team, teams);
+    size_t smem = (size_t)(teams - 1) * 2 * W * team * sizeof(float);
+#define LN_BWD_LAUNCH(GC) layernorm_backward_rows_kernel<T, W, GC><<<chunks, block, smem, d->stream>>>(dinp, partials, dout, inp, weight, mean, rstd, N, C)
+    switch (G) {
+        case 1: LN_BWD_LAUNCH(1); break;
+        case 2: LN_BWD_LAUNCH(2); break;
+        case 3: LN_BWD_LAUNCH(3); break;
+        default: LN_BWD_LAUNCH(4); break;
+    }
+#undef LN_BWD_LAUNCH
+    cudaCheck(cudaGetLastError());
+}
+
+// Rows too wide for registers: block i takes its chunk one row at a time with all its threads,
+// rereading the row (from L1) after the two sums; each thread owns W-wide channel groups and
+// keeps their dweight/dbias sums in shared memory (k-major, so neighbouring threads hit
+// neighbouring banks). Partial rows as layernorm_backward_rows_kernel.
+template <typename T, int W>
+__global__ void __launch_bounds__(1024) layernorm_backward_smem_kernel(T* dinp, float* partials, const T* dout, const T* inp, const T* weight,
+                                                                       const float* mean, const float* rstd, int N, int C) {
     extern __shared__ float channel_sums[];  // dweight [W][C/W], then dbias [W][C/W]
     __shared__ float2 scratch[32];
     int groups = C / W;
@@ -2123,7 +2278,7 @@ __global__ void __launch_bounds__(1024) layernorm_backward_kernel(T* dinp, float
                 sum_gx += g * (to_float(xv.v[k]) - m) * s;
             }
         }
-        float2 sums = block_sum2(sum_g, sum_gx, scratch);
+        float2 sums = team_sum2(sum_g, sum_gx, scratch);
         float mean_g = sums.x / C, mean_gx = sums.y / C;
         T* dx = dinp + (size_t)r * C;
         for (int j = threadIdx.x; j < groups; j += blockDim.x) {
@@ -2145,25 +2300,33 @@ __global__ void __launch_bounds__(1024) layernorm_backward_kernel(T* dinp, float
         }
 }
 
-static void layernorm_backward_cuda(const Device* d, void* dinp, float* dweight, float* dbias, const void* dout, const void* inp, const void* weight,
+template <typename T, int W>
+static void layernorm_backward_smem(const Device* d, float* partials, int chunks, T* dinp, const T* dout, const T* inp, const T* weight,
                                     const float* mean, const float* rstd, int N, int C) {
-    int chunks = row_chunks(N);
     size_t smem = 2 * (size_t)C * sizeof(float);
     if (smem > 48 * 1024) {  // above the default limit a kernel must opt in
         int smem_limit = 0;
         cudaCheck(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, d->device_id));
         if (smem + 32 * sizeof(float2) > (size_t)smem_limit) die("layernorm_backward: hidden size %d needs more shared memory than this GPU has", C);
+        cudaCheck(cudaFuncSetAttribute(layernorm_backward_smem_kernel<T, W>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     }
+    layernorm_backward_smem_kernel<T, W><<<chunks, row_threads(C / W, 1024), smem, d->stream>>>(dinp, partials, dout, inp, weight, mean, rstd, N, C);
+    cudaCheck(cudaGetLastError());
+}
+
+static void layernorm_backward_cuda(const Device* d, void* dinp, float* dweight, float* dbias, const void* dout, const void* inp, const void* weight,
+                                    const float* mean, const float* rstd, int N, int C) {
+    int chunks = row_chunks(N);
     float* partials = (float*)pool_alloc(d, 2 * (size_t)chunks * C * sizeof(float));
     DTYPE_SWITCH(d->dtype, T, {
         int vec = C % (16 / sizeof(T)) == 0 && aligned16(dinp) && aligned16(dout) && aligned16(inp) && aligned16(weight);
         VEC_SWITCH(vec, T, W, {
-            if (smem > 48 * 1024) cudaCheck(cudaFuncSetAttribute(layernorm_backward_kernel<T, W>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-            layernorm_backward_kernel<T, W><<<chunks, row_threads(C / W, 1024), smem, d->stream>>>(
-                (T*)dinp, partials, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
+            if (layernorm_backward_team(C / W))
+                layernorm_backward_rows<T, W>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
+            else
+                layernorm_backward_smem<T, W>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
         });
     });
-    cudaCheck(cudaGetLastError());
     column_sum(d, dweight, partials, chunks, C);
     column_sum(d, dbias, partials + (size_t)chunks * C, chunks, C);
     pool_free(d, partials);
@@ -2330,6 +2493,16 @@ static void attention_backward_cpu(real* dqkv, real* delta, const real* dout, co
 // Query rows per step of the dk/dv loop: fewer for large heads, whose dk and dv
 // accumulators already fill most of the registers.
 __host__ __device__ constexpr int att_qtile(int HS) { return HS > 64 ? 32 : 64; }
+// dk/dv blocks per SM: on Hopper, capping small heads at 168 registers fits three instead of
+// two (a few bytes spill; measured 2-3% faster at HS 64 on an H200); large heads need them all.
+// Before Hopper three blocks do not fit in shared memory, so the cap would only spill.
+__host__ __device__ constexpr int att_dkdv_min_blocks(int HS) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+    return 1;
+#else
+    return HS > 64 ? 1 : 3;
+#endif
+}
 
 // 2^x, flushing results below 2^-126 to zero (one MUFU instruction)
 __device__ __forceinline__ float att_exp2(float x) {
@@ -2671,9 +2844,9 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(F* d
 // the diagonal to the end, accumulating dk and dv in registers (no atomics anywhere).
 // It works on transposed tiles, S^T = K Q^T, so each warp's rows are its own keys.
 template <typename F, int HS>
-__global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkdv_kernel(F* dqkv, const float* delta, const F* dout,
-                                                                              const F* qkv, const float* lse, float p,
-                                                                              uint32_t keep_min, uint64_t seed, int B, int T, int NH) {
+__global__ void __launch_bounds__(ATT_THREADS, att_dkdv_min_blocks(HS))
+attention_backward_dkdv_kernel(F* dqkv, const float* delta, const F* dout, const F* qkv, const float* lse, float p,
+                               uint32_t keep_min, uint64_t seed, int B, int T, int NH) {
     constexpr int LD = HS + ATT_PAD, BM = att_qtile(HS), BN = ATT_ROWS;
     extern __shared__ __align__(16) unsigned char att_smem[];
     F* ks = (F*)att_smem;      // [BN][LD]
@@ -3165,25 +3338,40 @@ static void residual_dropout_forward_cuda(const Device* d, void* out, const void
 
 // Block i takes a contiguous chunk of rows (see ROW_CHUNKS); each thread owns W channels and
 // walks down the chunk, so its dbias sums stay in registers, and writes them to partial row i.
+// The loads of RESIDUAL_BWD_ROWS rows are issued before any of their stores (which may alias
+// them, so the compiler would not move a later row's loads above them).
+#define RESIDUAL_BWD_ROWS 8
+
 template <typename T, int W>
-__global__ void __launch_bounds__(1024) residual_dropout_backward_kernel(T* dresidual, T* dx, float* partials, const T* dout, float p, uint64_t seed, int N, int C) {
+__global__ void __launch_bounds__(256) residual_dropout_backward_kernel(T* dresidual, T* dx, float* partials, const T* dout, float p, uint64_t seed, int N, int C) {
     int r_begin = (int)((long)blockIdx.x * N / gridDim.x), r_end = (int)((long)(blockIdx.x + 1) * N / gridDim.x);
     for (int c = threadIdx.x * W; c < C; c += blockDim.x * W) {
         float acc[W] = {0};
-        for (int r = r_begin; r < r_end; r++) {
-            size_t i = (size_t)r * C + c;
-            Vec<T, W> g = load_vec<W>(dout + i), dxv;
-            if (dresidual) {
-                Vec<T, W> res = load_vec<W>(dresidual + i);
-                for (int k = 0; k < W; k++) res.v[k] = from_float<T>(to_float(res.v[k]) + to_float(g.v[k]));
-                store_vec<W>(dresidual + i, res);
+        for (int r0 = r_begin; r0 < r_end; r0 += RESIDUAL_BWD_ROWS) {
+            Vec<T, W> g[RESIDUAL_BWD_ROWS], res[RESIDUAL_BWD_ROWS];
+#pragma unroll
+            for (int u = 0; u < RESIDUAL_BWD_ROWS; u++) {
+                if (r0 + u >= r_end) continue;
+                size_t i = (size_t)(r0 + u) * C + c;
+                g[u] = load_vec<W>(dout + i);
+                if (dresidual) res[u] = load_vec<W>(dresidual + i);
             }
-            for (int k = 0; k < W; k++) {
-                float gx = to_float(g.v[k]) * dropout_factor(seed, i + k, p);
-                acc[k] += gx;
-                dxv.v[k] = from_float<T>(gx);
+#pragma unroll
+            for (int u = 0; u < RESIDUAL_BWD_ROWS; u++) {
+                if (r0 + u >= r_end) continue;
+                size_t i = (size_t)(r0 + u) * C + c;
+                if (dresidual) {
+                    for (int k = 0; k < W; k++) res[u].v[k] = from_float<T>(to_float(res[u].v[k]) + to_float(g[u].v[k]));
+                    store_vec<W>(dresidual + i, res[u]);
+                }
+                Vec<T, W> dxv;
+                for (int k = 0; k < W; k++) {
+                    float gx = to_float(g[u].v[k]) * dropout_factor(seed, i + k, p);
+                    acc[k] += gx;
+                    dxv.v[k] = from_float<T>(gx);
+                }
+                store_vec<W>(dx + i, dxv);
             }
-            store_vec<W>(dx + i, dxv);
         }
         if (partials)
             for (int k = 0; k < W; k++) partials[(size_t)blockIdx.x * C + c + k] = acc[k];
@@ -3196,7 +3384,7 @@ static void residual_dropout_backward_cuda(const Device* d, void* dresidual, voi
     DTYPE_SWITCH(d->dtype, T, {
         int vec = C % (16 / sizeof(T)) == 0 && aligned16(dresidual) && aligned16(dx) && aligned16(dout);
         VEC_SWITCH(vec, T, W, {
-            residual_dropout_backward_kernel<T, W><<<chunks, row_threads(C / W, 1024), 0, d->stream>>>(
+            residual_dropout_backward_kernel<T, W><<<chunks, row_threads(C / W, 256), 0, d->stream>>>(
                 (T*)dresidual, (T*)dx, partials, (const T*)dout, p, seed, N, C);
         });
     });
@@ -5298,5 +5486,374 @@ static double token_logprob(const float* logits, int V, int token) {
     return logits[token] - max - log(sum);
 }
 // <<< generation
+
+// >>> evaluation
+// ----------------------------------------------------------------------------
+// 7. evaluation: Megatron-LM's zero-shot GPT tasks (tasks/zeroshot_gpt), WikiText-103 perplexity and LAMBADA accuracy,
+// without the model: the detokenizer, windows, examples and figures. Text is UTF-8 the caller has checked,
+// read with Python's whitespace rules (Megatron works on Python str).
+
+// The evaluation flags (tasks/main.py's names and defaults).
+typedef struct {
+    const char* task;      // WIKITEXT103 or LAMBADA
+    ArgList valid_data;    // one file
+    int overlapping_eval;  // WikiText window stride (32)
+    int strict_lambada;    // LAMBADA label: the whole last word
+} EvalArgs;
+
+static int eval_args_table(EvalArgs* e, ArgSpec* t) {
+    memset(e, 0, sizeof(*e));
+    e->overlapping_eval = 32;
+    int n = 0;
+    t[n++] = ArgSpec{"--task", ARG_STRING, &e->task, "evaluate --load instead of training: WIKITEXT103 (perplexity) or LAMBADA (accuracy)"};
+    t[n++] = ArgSpec{"--valid-data", ARG_LIST, &e->valid_data, "the task's file: wiki.test.tokens, or LAMBADA's jsonl"};
+    t[n++] = ArgSpec{"--overlapping-eval", ARG_INT, &e->overlapping_eval, "WIKITEXT103 window stride: targets scored per window after the first (32)"};
+    t[n++] = ArgSpec{"--strict-lambada", ARG_FLAG, &e->strict_lambada, "LAMBADA: predict every token of the last word, not only the last token"};
+    return n;
+}
+
+static void eval_args_validate(const EvalArgs* e) {
+    if (!e->task) {
+        if (e->valid_data.n || e->strict_lambada) arg_error("--valid-data and --strict-lambada need --task");
+        return;
+    }
+    if (strcmp(e->task, "WIKITEXT103") && strcmp(e->task, "LAMBADA")) arg_error("--task '%s' is not one of WIKITEXT103, LAMBADA", e->task);
+    if (e->valid_data.n != 1) arg_error("--task %s needs one --valid-data file", e->task);
+    if (e->overlapping_eval < 1) arg_error("--overlapping-eval must be positive");
+}
+
+// --- Python's whitespace (str.isspace, str.split(), str.strip() and the regex \s agree)
+
+// Bytes of the UTF-8 character that starts with lead byte c.
+static int utf8_char_bytes(unsigned char c) { return c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC0 ? 2 : 1; }
+
+// Bytes of the whitespace character at s[i] (s has n bytes), or 0. Python's set: \t\n\v\f\r,
+// the separators \x1c-\x1f, space, U+0085, U+00A0, U+1680, U+2000-U+200A, U+2028, U+2029,
+// U+202F, U+205F, U+3000.
+static int py_space_at(const char* s, size_t n, size_t i) {
+    const unsigned char* u = (const unsigned char*)s + i;
+    if ((u[0] >= 0x09 && u[0] <= 0x0D) || (u[0] >= 0x1C && u[0] <= 0x20)) return 1;
+    if (u[0] == 0xC2 && i + 1 < n) return u[1] == 0x85 || u[1] == 0xA0 ? 2 : 0;
+    if (u[0] < 0xE1 || u[0] > 0xE3 || i + 2 >= n) return 0;
+    uint32_t cp = (uint32_t)(u[0] & 0x0F) << 12 | (uint32_t)(u[1] & 0x3F) << 6 | (u[2] & 0x3F);
+    int space = cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200A) || cp == 0x2028 || cp == 0x2029 || cp == 0x202F ||
+                cp == 0x205F || cp == 0x3000;
+    return space ? 3 : 0;
+}
+
+// Narrows [*begin, *end) of s to what str.strip() keeps.
+static void py_strip(const char* s, size_t* begin, size_t* end) {
+    size_t i = *begin, last;
+    int k;
+    while (i < *end && (k = py_space_at(s, *end, i))) i += k;
+    *begin = last = i;
+    while (i < *end) {
+        k = py_space_at(s, *end, i);
+        i += k ? k : utf8_char_bytes((unsigned char)s[i]);
+        if (!k) last = i;
+    }
+    *end = last;
+}
+
+// --- the WikiText detokenizer (detokenizer.py's wikitext_detokenizer) and word count
+
+// A growing NUL-terminated byte string; start it zeroed.
+typedef struct {
+    char* s;
+    size_t n, cap;
+} Bytes;
+
+static void bytes_put(Bytes* b, const char* p, size_t len) {
+    if (b->n + len + 1 > b->cap) {
+        b->cap = (b->n + len + 1) * 2;
+        b->s = (char*)realloc(b->s, b->cap);
+        if (!b->s) die("out of host memory growing a text to %zu bytes", b->cap);
+    }
+    memcpy(b->s + b->n, p, len);
+    b->n += len;
+    b->s[b->n] = 0;
+}
+
+// str.replace(from, to): matches found left to right, never overlapping.
+static void text_replace(Bytes* out, const char* s, size_t n, const char* from, const char* to) {
+    size_t len = strlen(from), i = 0;
+    const char* p;
+    while ((p = (const char*)memmem(s + i, n - i, from, len)) != NULL) {
+        bytes_put(out, s + i, p - s - i);
+        bytes_put(out, to, strlen(to));
+        i = p - s + len;
+    }
+    bytes_put(out, s + i, n - i);
+}
+
+// re.sub(r"O\s*([^C]*?)\s*C", r"O\1C"): each O and the first C after it enclose their content
+// stripped of whitespace; the search goes on after that C.
+static void text_trim_pairs(Bytes* out, const char* s, size_t n, char open, char close) {
+    size_t i = 0;
+    const char* p;
+    while ((p = (const char*)memchr(s + i, open, n - i)) != NULL) {
+        const char* c = (const char*)memchr(p + 1, close, s + n - p - 1);
+        if (!c) break;  // no C after this O: none after a later O either
+        size_t begin = p + 1 - s, end = c - s;
+        py_strip(s, &begin, &end);
+        bytes_put(out, s + i, p + 1 - s - i);
+        bytes_put(out, s + begin, end - begin);
+        bytes_put(out, c, 1);
+        i = c + 1 - s;
+    }
+    bytes_put(out, s + i, n - i);
+}
+
+// re.sub(r"/' [0-9]/", r"/'[0-9]/"): Megatron's rule as written, the literal "[0-9]" included.
+static void text_slash_quote_digit(Bytes* out, const char* s, size_t n) {
+    size_t i = 0;
+    const char* p;
+    while ((p = (const char*)memmem(s + i, n - i, "/' ", 3)) != NULL) {
+        size_t at = p - s;
+        int match = at + 5 <= n && s[at + 3] >= '0' && s[at + 3] <= '9' && s[at + 4] == '/';
+        bytes_put(out, s + i, at - i);
+        bytes_put(out, match ? "/'[0-9]/" : "/", match ? 8 : 1);
+        i = at + (match ? 5 : 1);
+    }
+    bytes_put(out, s + i, n - i);
+}
+
+enum { DETOK_REPLACE, DETOK_PAIRS, DETOK_SLASH_DIGIT };
+static const struct { int kind; const char* a; const char* b; } wikitext_rules[] = {
+    {DETOK_REPLACE, "s '", "s'"}, {DETOK_SLASH_DIGIT, "", ""},                                     // contractions
+    {DETOK_REPLACE, " @-@ ", "-"}, {DETOK_REPLACE, " @,@ ", ","}, {DETOK_REPLACE, " @.@ ", "."},  // number separators
+    {DETOK_REPLACE, " : ", ": "}, {DETOK_REPLACE, " ; ", "; "}, {DETOK_REPLACE, " . ", ". "},     // punctuation
+    {DETOK_REPLACE, " ! ", "! "}, {DETOK_REPLACE, " ? ", "? "}, {DETOK_REPLACE, " , ", ", "},
+    {DETOK_PAIRS, "()", ""}, {DETOK_PAIRS, "[]", ""}, {DETOK_PAIRS, "{}", ""},                     // brackets and quotes
+    {DETOK_PAIRS, "\"\"", ""}, {DETOK_PAIRS, "''", ""},
+    {DETOK_REPLACE, "= = = =", "===="}, {DETOK_REPLACE, "= = =", "==="}, {DETOK_REPLACE, "= =", "=="},  // miscellaneous
+    {DETOK_REPLACE, " \xc2\xb0 ", "\xc2\xb0"}, {DETOK_REPLACE, " \n", "\n"}, {DETOK_REPLACE, "\n ", "\n"},
+    {DETOK_REPLACE, " N ", " 1 "}, {DETOK_REPLACE, " 's", "'s"},
+};
+
+// Megatron's wikitext_detokenizer: its rules in its order, each over the whole text. Returns a
+// new NUL-terminated string of *out_n bytes.
+static char* wikitext_detokenize(const char* text, size_t n, size_t* out_n) {
+    Bytes cur = {NULL, 0, 0};
+    bytes_put(&cur, text, n);
+    for (size_t r = 0; r < sizeof(wikitext_rules) / sizeof(wikitext_rules[0]); r++) {
+        Bytes next = {NULL, 0, 0};
+        bytes_put(&next, "", 0);
+        if (wikitext_rules[r].kind == DETOK_REPLACE) text_replace(&next, cur.s, cur.n, wikitext_rules[r].a, wikitext_rules[r].b);
+        else if (wikitext_rules[r].kind == DETOK_PAIRS) text_trim_pairs(&next, cur.s, cur.n, wikitext_rules[r].a[0], wikitext_rules[r].a[1]);
+        else text_slash_quote_digit(&next, cur.s, cur.n);
+        free(cur.s);
+        cur = next;
+    }
+    *out_n = cur.n;
+    return cur.s;
+}
+
+// num_original_tokens = len(text.strip().split(" ")), on the raw file: WikiText's words, where
+// a line end and its neighbours count as one more.
+static int64_t wikitext_word_count(const char* text, size_t n) {
+    size_t begin = 0, end = n;
+    py_strip(text, &begin, &end);
+    int64_t count = 1;
+    for (size_t i = begin; i < end; i++) count += text[i] == ' ';
+    return count;
+}
+
+// --- WikiText-103 windows (datasets.py's _LMDataset)
+
+// Window k holds tokens [k*stride, k*stride + s] (s + 1 tokens, EOD past the end). The first
+// window scores its s targets, each later one only its last `stride`, those after the previous
+// window's: every target is scored once, with at least s - stride tokens of context after the first window.
+typedef struct {
+    int64_t num_tokens, count;
+    int seq_len, stride;
+} LMWindows;
+
+static LMWindows lm_windows(int64_t num_tokens, int seq_len, int overlapping_eval) {
+    LMWindows w;
+    w.num_tokens = num_tokens;
+    w.seq_len = seq_len;
+    w.stride = overlapping_eval > 1 ? overlapping_eval : 1;
+    int64_t after_first = num_tokens - 1 - w.stride > 0 ? num_tokens - 1 - w.stride : 0;
+    w.count = CEIL_DIV(after_first, (int64_t)w.stride) + 1;
+    return w;
+}
+
+// Window k: out[s + 1] tokens and mask[s], 1 where target t (token t + 1) is scored.
+// Returns the number of scored targets.
+static int lm_window(const LMWindows* w, const int32_t* tokens, int64_t k, int32_t pad, int32_t* out, float* mask) {
+    int64_t start = k * w->stride;
+    int first_scored = k > 0 && w->seq_len > w->stride ? w->seq_len - w->stride : 0, scored = 0;
+    out[0] = start < w->num_tokens ? tokens[start] : pad;
+    for (int t = 1; t <= w->seq_len; t++) {
+        int real = start + t < w->num_tokens;
+        out[t] = real ? tokens[start + t] : pad;
+        mask[t - 1] = real && t - 1 >= first_scored ? 1.0f : 0.0f;
+        scored += real && t - 1 >= first_scored;
+    }
+    return scored;
+}
+
+// evaluate.py's figures from the loss summed over the num_tokenized - 1 targets.
+typedef struct {
+    double avg_loss, ppl, adjusted_ppl, token_ratio;
+} LMMetrics;
+
+static LMMetrics lm_metrics(double loss_sum, int64_t num_tokenized, int64_t num_original) {
+    LMMetrics r;
+    r.avg_loss = loss_sum / (double)(num_tokenized - 1);
+    r.ppl = exp(fmin(20.0, r.avg_loss));
+    // the same total loss per word instead of per BPE token
+    r.token_ratio = (double)(num_tokenized - 1) / (double)(num_original - 1);
+    r.adjusted_ppl = exp(fmin(20.0, r.avg_loss * r.token_ratio));
+    return r;
+}
+
+// Python's repr(float), as Megatron prints the token ratio: the fewest digits that read back
+// as x, positional for 1e-4 <= |x| < 1e16, else d.ddde+XX.
+static void python_float_repr(double x, char* buf, size_t cap) {
+    if (!isfinite(x)) { snprintf(buf, cap, "%s", x != x ? "nan" : x > 0 ? "inf" : "-inf"); return; }
+    char sci[40], digits[24];
+    for (int p = 1; p <= 17; p++) {
+        snprintf(sci, sizeof(sci), "%.*e", p - 1, x);
+        if (strtod(sci, NULL) == x) break;
+    }
+    int nd = 0, e10 = atoi(strchr(sci, 'e') + 1);
+    for (const char* c = sci + (sci[0] == '-'); *c != 'e'; c++)
+        if (*c != '.') digits[nd++] = *c;
+    while (nd > 1 && digits[nd - 1] == '0') nd--;
+    digits[nd] = 0;
+    const char* sign = sci[0] == '-' ? "-" : "";
+    if (e10 < -4 || e10 >= 16) snprintf(buf, cap, "%s%c%s%se%c%02d", sign, digits[0], nd > 1 ? "." : "", digits + 1, e10 < 0 ? '-' : '+', abs(e10));
+    else if (e10 < 0) snprintf(buf, cap, "%s0.%.*s%s", sign, -e10 - 1, "000", digits);
+    else if (nd > e10 + 1) snprintf(buf, cap, "%s%.*s.%s", sign, e10 + 1, digits, digits + e10 + 1);
+    else snprintf(buf, cap, "%s%s%.*s.0", sign, digits, e10 + 1 - nd, "000000000000000");
+}
+
+// --- LAMBADA (datasets.py's _LambadaDataset)
+
+// json.loads(line)["text"] of one JSON-lines record; `where` ("file:line") names it in errors.
+static char* jsonl_text_field(const char* line, size_t n, const char* where) {
+    StJson j = {line, n, 0, where, "JSON line"};
+    char* text = NULL;
+    st_json_expect(&j, '{');
+    if (st_json_peek(&j) != '}') for (;;) {
+        char* key = st_json_string(&j);
+        st_json_expect(&j, ':');
+        int is_text = strcmp(key, "text") == 0;
+        free(key);
+        if (is_text && st_json_peek(&j) != '"') st_json_fail(&j, "\"text\" is not a string");
+        if (is_text) { free(text); text = st_json_string(&j); }
+        else st_json_skip_value(&j, 0);
+        if (st_json_peek(&j) == '}') break;
+        st_json_expect(&j, ',');
+    }
+    j.i++;
+    if (st_json_peek(&j) != -1) st_json_fail(&j, "text after the closing '}'");
+    if (!text) die("%s: the record has no \"text\"", where);
+    return text;
+}
+
+// --strict-lambada's reading of a text: the last word (text.split()[-1]) and the context before
+// it, stripped (byte offsets). Returns 0 when the text has no word.
+typedef struct {
+    size_t context_begin, context_end, word_begin, word_end;
+} LambadaSplit;
+
+static int lambada_split_strict(const char* text, size_t n, LambadaSplit* sp) {
+    int found = 0;
+    memset(sp, 0, sizeof(*sp));
+    for (size_t i = 0; i < n;) {
+        int k = py_space_at(text, n, i);
+        if (k) { i += k; continue; }
+        sp->word_begin = i;
+        while (i < n && !py_space_at(text, n, i)) i += utf8_char_bytes((unsigned char)text[i]);
+        sp->word_end = i;
+        found = 1;
+    }
+    if (!found) return 0;
+    sp->context_begin = 0;
+    sp->context_end = sp->word_begin;
+    py_strip(text, &sp->context_begin, &sp->context_end);
+    return 1;
+}
+
+// Text to token ids with the run's tokenizer (which megatron.h does not know): a malloc'd array of *count ids.
+typedef int32_t* (*EncodeText)(const void* tokenizer, const char* text, size_t n, size_t* count);
+
+// One example: its tokens, the context's then the label's.
+typedef struct {
+    int32_t* tokens;
+    int num_context, num_label;
+} LambadaExample;
+
+// Megatron's get_tokens: the label is the text's last BPE token, or with --strict-lambada the
+// BPE tokens of " " + the last word, after those of the context. Megatron scores an empty
+// context's example as correct without looking (its first label token is never a target): an error here.
+static LambadaExample lambada_example(const char* text, size_t n, int strict, EncodeText encode, const void* tokenizer, const char* where) {
+    LambadaExample e;
+    LambadaSplit sp;
+    size_t n_context, n_label;
+    if (!strict) {
+        e.tokens = encode(tokenizer, text, n, &n_context);
+        if (n_context < 2) die("%s: the text has %zu tokens: no context before the label", where, n_context);
+        e.num_context = (int)n_context - 1;
+        e.num_label = 1;
+        return e;
+    }
+    if (!lambada_split_strict(text, n, &sp)) die("%s: the text has no word to predict", where);
+    int32_t* context = encode(tokenizer, text + sp.context_begin, sp.context_end - sp.context_begin, &n_context);
+    if (!n_context) die("%s: no context before the last word", where);
+    char* word = (char*)xmalloc(sp.word_end - sp.word_begin + 1);
+    word[0] = ' ';
+    memcpy(word + 1, text + sp.word_begin, sp.word_end - sp.word_begin);
+    int32_t* label = encode(tokenizer, word, sp.word_end - sp.word_begin + 1, &n_label);
+    e.tokens = (int32_t*)xmalloc((n_context + n_label) * sizeof(int32_t));
+    memcpy(e.tokens, context, n_context * sizeof(int32_t));
+    memcpy(e.tokens + n_context, label, n_label * sizeof(int32_t));
+    e.num_context = (int)n_context;
+    e.num_label = (int)n_label;
+    free(context);
+    free(label);
+    free(word);
+    return e;
+}
+
+// Every line of a LAMBADA JSON-lines file (its n bytes in text) as an example; *count of them.
+static LambadaExample* lambada_read(const char* path, const char* text, size_t n, int strict, EncodeText encode, const void* tokenizer,
+                                    int64_t* count) {
+    LambadaExample* all = NULL;
+    int64_t cap = 0, k = 0;
+    for (size_t i = 0; i < n; k++) {
+        const char* newline = (const char*)memchr(text + i, '\n', n - i);
+        size_t end = newline ? (size_t)(newline - text) : n;
+        char where[1100];
+        snprintf(where, sizeof(where), "%s:%lld", path, (long long)k + 1);
+        char* record = jsonl_text_field(text + i, end - i, where);
+        if (k == cap) {
+            cap = cap ? 2 * cap : 1024;
+            all = (LambadaExample*)realloc(all, cap * sizeof(LambadaExample));
+            if (!all) die("out of host memory reading %s", path);
+        }
+        all[k] = lambada_example(record, strlen(record), strict, encode, tokenizer, where);
+        free(record);
+        i = end + 1;
+    }
+    if (k == 0) die("%s: no examples (the file is empty)", path);
+    *count = k;
+    return all;
+}
+
+// Example e as Megatron's sample: out[T + 1] tokens (pad after the example) and mask[T], 1
+// where the target is a label token.
+static void lambada_window(const LambadaExample* e, int T, int32_t pad, int32_t* out, float* mask) {
+    int len = e->num_context + e->num_label;
+    out[0] = len > 0 ? e->tokens[0] : pad;
+    for (int t = 1; t <= T; t++) {
+        out[t] = t < len ? e->tokens[t] : pad;
+        mask[t - 1] = t >= e->num_context && t < len ? 1.0f : 0.0f;
+    }
+}
+// <<< evaluation
 
 #endif  // MEGATRON_H

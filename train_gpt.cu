@@ -1284,6 +1284,290 @@ static void export_hf(const CkptSource* src, const CheckpointArgs* ca) {
     device_free(&cpu);
 }
 
+// ----------------------------------------------------------------------------
+// Start-up that training and the evaluation tasks share.
+
+// The ranks (tensor-parallel fastest); only world rank 0 prints.
+static void start_ranks(Args* args, Parallel* par) {
+    parallel_init(par, args->tensor_model_parallel_size, args->collective_timeout);
+    if (par->rank[GROUP_WORLD] != 0 && !freopen("/dev/null", "w", stdout)) die("cannot silence stdout");  // rank 0 prints the log
+    args->data_parallel_size = par->size[GROUP_DP];
+}
+
+// This rank's device, once the flags are checked.
+static void start_device(const Args* args, Parallel* par, Device* dev, int argc, char** argv) {
+    parallel_select_gpu(par);
+    device_init(dev, args->device, args->fp16 ? DT_F16 : args->fp32 ? DT_F32 : DT_BF16);
+    parallel_init_nccl(par, dev, args->debug_force_nccl);
+    parallel_check_same_flags(par, argc, argv);
+#ifdef _OPENMP
+    int threads = omp_get_max_threads();
+#else
+    int threads = 1;
+#endif
+    printf("device: %s (%s%s, %d CPU threads)\n", dev->name, dtype_name(dev->dtype), dev->is_gpu ? "" : ", the CPU path", threads);
+    if (!dev->is_gpu && (args->bf16 || args->fp16)) printf("note: the CPU path computes in fp32; --bf16/--fp16 apply on GPUs\n");
+    printf("parallel: world size %d = tensor-parallel %d x data-parallel %d%s\n", par->size[GROUP_WORLD], par->size[GROUP_TP], par->size[GROUP_DP],
+           args->use_distributed_optimizer ? ", distributed optimizer" : "");
+}
+
+// GPT-2's BPE from --vocab-file/--merge-file, or NULL when neither is given.
+static Tokenizer* load_tokenizer(const Args* args) {
+    if (!args->vocab_file && !args->merge_file) return NULL;
+    int type = tokenizer_type_from_name(args->tokenizer_type);
+    if (type != TOK_GPT2BPE) arg_error("--tokenizer-type %s: train_gpt uses GPT2BPETokenizer", args->tokenizer_type);
+    if (!args->vocab_file || !args->merge_file) arg_error("GPT2BPETokenizer needs both --vocab-file and --merge-file");
+    return tokenizer_load(type, args->vocab_file, args->merge_file);
+}
+
+static GPTConfig gpt_config_from_args(const Args* args, int vocab_size) {
+    GPTConfig cfg;
+    cfg.L = args->num_layers;
+    cfg.C = args->hidden_size;
+    cfg.NH = args->num_attention_heads;
+    cfg.HS = cfg.C / cfg.NH;
+    cfg.F = args->ffn_hidden_size;
+    cfg.V = vocab_size;
+    int multiple = args->make_vocab_size_divisible_by * args->tensor_model_parallel_size;
+    cfg.Vp = CEIL_DIV(vocab_size, multiple) * multiple;
+    cfg.maxT = args->max_position_embeddings;
+    return cfg;
+}
+
+// ----------------------------------------------------------------------------
+// Zero-shot evaluation (Megatron's tasks/zeroshot_gpt/evaluate.py): --task WIKITEXT103, the loss
+// summed over sliding windows, or LAMBADA, greedy predictions of each text's last word.
+// Data-parallel ranks take every dp-th micro-batch; each window or example counts once.
+
+static int32_t* encode_text(const void* tokenizer, const char* text, size_t n, size_t* count) {
+    TokenList ids = {NULL, 0, 0};
+    tokenizer_encode((const Tokenizer*)tokenizer, text, n, &ids);
+    *count = ids.len;
+    return ids.ids;
+}
+
+// A --valid-data file; it must be UTF-8, as Megatron's Python reads it.
+static char* read_utf8_file(const char* path, size_t* n) {
+    char* text = tok_read_file(path, "--valid-data file", n);
+    int bad, k;
+    for (size_t i = 0; i < *n; i += k)
+        if (!(k = utf8_sequence((const unsigned char*)text + i, *n - i, &bad))) die("%s: invalid UTF-8 at byte %zu", path, i);
+    return text;
+}
+
+// Evaluation needs the weights only.
+static void gpt_drop_training_state(GPT* m) {
+    float** state[4] = {&m->grads, &m->adam_m, &m->adam_v, &m->master};
+    for (int i = 0; i < 4; i++) {
+        if (*state[i]) dev_free(m->dev, *state[i]);
+        *state[i] = NULL;
+    }
+}
+
+// B samples of T + 1 tokens (rows of `samples`) and their masks (rows of T) laid out in [s, b]
+// order in h and uploaded as inputs and targets.
+static void upload_samples(GPT* m, HostBatch* h, const int32_t* samples, const float* masks, int B, int T) {
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            h->tokens[t * B + b] = samples[(size_t)b * (T + 1) + t];
+            h->targets[t * B + b] = samples[(size_t)b * (T + 1) + t + 1];
+            h->mask[t * B + b] = masks[(size_t)b * T + t];
+        }
+    gpt_upload_tokens(m, h->tokens, B * T);
+    dev_upload(m->dev, m->acts.targets, h->targets, B * T * sizeof(int));
+}
+
+// Greedy predictions at rows of the last forward's logits: the argmax over the real vocabulary,
+// the lowest id on ties (as torch.argmax). With tensor parallelism every rank holds a vocabulary
+// shard of each row, so the shards of these rows are gathered first (Megatron: parallel_output=False).
+static void gpt_argmax_rows(GPT* m, const int* rows, int n, int* out) {
+    size_t es = dtype_size(m->dev->dtype), Vr = m->Vr;
+    void* stored = xmalloc(Vr * es);
+    float* shards = (float*)xmalloc((size_t)m->tp * n * Vr * sizeof(float));  // [rank][row][Vr]
+    for (int i = 0; i < n; i++) {
+        dev_download(m->dev, stored, at(m, m->acts.logits, (size_t)rows[i] * Vr), Vr * es);
+        dtype_to_floats(shards + ((size_t)m->tp_rank * n + i) * Vr, stored, Vr, m->dev->dtype);
+    }
+    all_gather(m->par, parallel_host_device(), GROUP_TP, shards, (size_t)n * Vr, DT_F32);
+    for (int i = 0; i < n; i++) {
+        int best = 0;
+        float best_logit = -INFINITY;
+        for (int v = 0; v < m->cfg.V; v++) {
+            float x = shards[((size_t)(v / Vr) * n + i) * Vr + v % Vr];
+            if (x > best_logit) { best_logit = x; best = v; }
+        }
+        out[i] = best;
+    }
+    free(stored);
+    free(shards);
+}
+
+// Megatron's result block: the line between two rules of dashes one longer than it.
+static void print_eval_results(const char* line) {
+    size_t width = strlen(line) + 1;
+    char* rule = (char*)xmalloc(width + 1);
+    memset(rule, '-', width);
+    rule[width] = 0;
+    printf("%s\n%s\n%s\n", rule, line, rule);
+    free(rule);
+}
+
+static HostBatch host_batch_alloc(int B, int T) {
+    HostBatch h;
+    size_t N = (size_t)B * T;
+    h.tokens = (int*)xmalloc(N * sizeof(int));
+    h.targets = (int*)xmalloc(N * sizeof(int));
+    h.mask = (float*)xmalloc(N * sizeof(float));
+    h.dloss = (float*)xmalloc(N * sizeof(float));
+    h.losses = (float*)xmalloc(N * sizeof(float));
+    h.sample = (int32_t*)xmalloc((T + 1) * sizeof(int32_t));
+    return h;
+}
+
+static void host_batch_free(HostBatch* h) {
+    free(h->tokens); free(h->targets); free(h->mask); free(h->dloss); free(h->losses); free(h->sample);
+}
+
+// The loss summed over every window's scored targets (micro-batches of B windows).
+static double wikitext_loss_sum(GPT* m, const LMWindows* w, const int32_t* tokens, int eod, int B, int log_interval) {
+    Parallel* p = m->par;
+    int T = w->seq_len;
+    HostBatch h = host_batch_alloc(B, T);
+    int32_t* samples = (int32_t*)xmalloc((size_t)B * (T + 1) * sizeof(int32_t));
+    float* masks = (float*)xmalloc((size_t)B * T * sizeof(float));
+    double sum = 0;
+    int64_t batches = CEIL_DIV(w->count, (int64_t)B);
+    for (int64_t k = p->rank[GROUP_DP], local = 0; k < batches; k += p->size[GROUP_DP], local++) {
+        if (local % log_interval == 0) printf("> working on iteration: %lld\n", (long long)local);
+        int nb = (int)(w->count - k * B < B ? w->count - k * B : B);
+        for (int b = 0; b < nb; b++) lm_window(w, tokens, k * B + b, eod, samples + (size_t)b * (T + 1), masks + (size_t)b * T);
+        upload_samples(m, &h, samples, masks, nb, T);
+        sum += gpt_micro_step(m, &h, nb, T, 1.0, 0.0, 0.0f, 0.0f);  // count 1: the masked sum of the losses
+    }
+    all_reduce_host(p, GROUP_DP, &sum, 1);
+    free(samples);
+    free(masks);
+    host_batch_free(&h);
+    return sum;
+}
+
+static void evaluate_wikitext(GPT* m, const Tokenizer* tokenizer, const char* path, int seq_len, int stride, int B, int log_interval) {
+    size_t n, detok_n, num_tokenized;
+    char* raw = read_utf8_file(path, &n);
+    int64_t num_original = wikitext_word_count(raw, n);
+    char* text = wikitext_detokenize(raw, n, &detok_n);
+    int32_t* tokens = encode_text(tokenizer, text, detok_n, &num_tokenized);
+    printf(" > number of original tokens: %lld, number of detokenized tokens: %zu\n", (long long)num_original, num_tokenized);
+    if (num_tokenized < 2 || num_original < 2)
+        die("%s: %lld words, %zu tokens: WIKITEXT103 needs at least 2 of each", path, (long long)num_original, num_tokenized);
+    LMWindows w = lm_windows((int64_t)num_tokenized, seq_len, stride);
+    double loss_sum = wikitext_loss_sum(m, &w, tokens, tokenizer_eod(tokenizer), B, log_interval);
+    LMMetrics r = lm_metrics(loss_sum, (int64_t)num_tokenized, num_original);
+    char ratio[48], line[512];
+    python_float_repr(r.token_ratio, ratio, sizeof(ratio));
+    snprintf(line, sizeof(line), " validation results on WIKITEXT103 | avg loss: %.4E | ppl: %.4E | adjusted ppl: %.4E | token ratio: %s |",
+             r.avg_loss, r.ppl, r.adjusted_ppl, ratio);
+    print_eval_results(line);
+    printf(" > full precision: loss sum %.17g over %zu targets, %lld windows | avg loss %.12e | ppl %.12e | adjusted ppl %.12e\n",
+           loss_sum, num_tokenized - 1, (long long)w.count, r.avg_loss, r.ppl, r.adjusted_ppl);
+    free(raw);
+    free(text);
+    free(tokens);
+}
+
+// Examples whose every label token is the model's greedy prediction (micro-batches of B
+// examples, each batch as long as its longest example: with causal attention the padding
+// after an example does not change its logits).
+static int64_t lambada_correct(GPT* m, const LambadaExample* ex, int64_t count, int eod, int B, int log_interval) {
+    Parallel* p = m->par;
+    int T = m->T;
+    HostBatch h = host_batch_alloc(B, T);
+    int32_t* samples = (int32_t*)xmalloc((size_t)B * (T + 1) * sizeof(int32_t));
+    float* masks = (float*)xmalloc((size_t)B * T * sizeof(float));
+    int *rows = (int*)xmalloc((size_t)B * T * sizeof(int)), *predicted = (int*)xmalloc((size_t)B * T * sizeof(int));
+    int* all_right = (int*)xmalloc(B * sizeof(int));
+    double correct = 0;
+    int64_t batches = CEIL_DIV(count, (int64_t)B);
+    for (int64_t k = p->rank[GROUP_DP], local = 0; k < batches; k += p->size[GROUP_DP], local++) {
+        if (local % log_interval == 0) printf("> working on iteration: %lld\n", (long long)local);
+        const LambadaExample* e = ex + k * B;
+        int nb = (int)(count - k * B < B ? count - k * B : B), Tb = 1;
+        for (int b = 0; b < nb; b++) Tb = e[b].num_context + e[b].num_label - 1 > Tb ? e[b].num_context + e[b].num_label - 1 : Tb;
+        for (int b = 0; b < nb; b++) lambada_window(&e[b], Tb, eod, samples + (size_t)b * (Tb + 1), masks + (size_t)b * Tb);
+        upload_samples(m, &h, samples, masks, nb, Tb);
+        gpt_forward(m, nb, Tb, 0.0f, 0.0f);
+        int n = 0;
+        for (int i = 0; i < nb * Tb; i++)
+            if (h.mask[i] != 0.0f) rows[n++] = i;
+        gpt_argmax_rows(m, rows, n, predicted);
+        for (int b = 0; b < nb; b++) all_right[b] = 1;
+        for (int i = 0; i < n; i++) all_right[rows[i] % nb] &= predicted[i] == h.targets[rows[i]];
+        for (int b = 0; b < nb; b++) correct += all_right[b];
+    }
+    all_reduce_host(p, GROUP_DP, &correct, 1);
+    free(samples); free(masks); free(rows); free(predicted); free(all_right);
+    host_batch_free(&h);
+    return (int64_t)correct;
+}
+
+static void evaluate_lambada(GPT* m, const Tokenizer* tokenizer, const char* path, int strict, int seq_len, int B, int log_interval) {
+    printf("> building lambada dataset from %s ...\n", path);
+    size_t n;
+    int64_t count;
+    char* text = read_utf8_file(path, &n);
+    LambadaExample* ex = lambada_read(path, text, n, strict, encode_text, tokenizer, &count);
+    for (int64_t i = 0; i < count; i++)
+        if (ex[i].num_context + ex[i].num_label > seq_len + 1)
+            die("%s:%lld: %d tokens, more than --seq-length %d + 1", path, (long long)i + 1, ex[i].num_context + ex[i].num_label, seq_len);
+    printf(" > found %lld samples.\n", (long long)count);
+    int64_t correct = lambada_correct(m, ex, count, tokenizer_eod(tokenizer), B, log_interval);
+    char line[512];
+    snprintf(line, sizeof(line), " validation results on LAMBADA | number correct: %.4E | total examples: %.4E | avg accuracy: %.4E",
+             (double)correct, (double)count, (double)correct / count);
+    print_eval_results(line);
+    printf(" > full precision: %lld correct of %lld (%s) | accuracy %.12e\n", (long long)correct, (long long)count,
+           strict ? "strict" : "last token", (double)correct / count);
+    for (int64_t i = 0; i < count; i++) free(ex[i].tokens);
+    free(ex);
+    free(text);
+}
+
+// --task: the --load model on one of Megatron's zero-shot tasks, with Megatron's result lines.
+static void run_eval_task(const EvalArgs* e, Args* args, const CheckpointArgs* ckpt, const CkptSource* source, int argc, char** argv) {
+    if (!source) arg_error("--task needs --load: a checkpoint directory or a Hugging Face GPT-2 directory");
+    checkpoint_apply_config(source, args, NULL);
+    if (!args->seq_length) args->seq_length = args->max_position_embeddings;
+    if (!args->micro_batch_size) args->micro_batch_size = 1;
+    Tokenizer* tokenizer = load_tokenizer(args);
+    if (!tokenizer) arg_error("--task %s needs the tokenizer: --vocab-file and --merge-file", e->task);
+    Parallel par;
+    start_ranks(args, &par);
+    args_validate_model(args);
+    recompute_args_validate(args);  // checked, though a forward pass alone recomputes nothing
+    Device dev;
+    start_device(args, &par, &dev, argc, argv);
+    GPTConfig cfg = gpt_config_from_args(args, tokenizer_vocab_size(tokenizer));
+    GPT model;
+    gpt_build_parallel(&model, &cfg, &dev, &par, 0);
+    CheckpointArgs weights_only = *ckpt;
+    weights_only.finetune = 1;
+    TrainState unused;
+    memset(&unused, 0, sizeof(unused));
+    checkpoint_load(&model, source, &weights_only, &unused);
+    gpt_drop_training_state(&model);
+    gpt_alloc_activations(&model, args->micro_batch_size, args->seq_length);
+    const char* path = e->valid_data.values[0];
+    if (!strcmp(e->task, "WIKITEXT103"))
+        evaluate_wikitext(&model, tokenizer, path, args->seq_length, e->overlapping_eval, args->micro_batch_size, args->log_interval);
+    else
+        evaluate_lambada(&model, tokenizer, path, e->strict_lambada, args->seq_length, args->micro_batch_size, args->log_interval);
+    printf("done :-)\n");
+    gpt_free(&model);
+    tokenizer_free(tokenizer);
+    device_free(&dev);
+    parallel_finalize(&par);
+}
+
 #ifndef TESTING
 // ----------------------------------------------------------------------------
 // The training loop (megatron/training.py: pretrain -> train -> train_step).
@@ -1353,51 +1637,6 @@ static void dump_full_params(GPT* m, const char* path) {
         if (!f || fwrite(full, sizeof(float), n, f) != n || fclose(f)) die("cannot write %s: %s", path, strerror(errno));
     }
     free(full);
-}
-
-// The device (and NCCL) of this rank, checked flags across ranks, and the start-up lines.
-static void start_device(Device* dev, Parallel* par, const Args* args, int argc, char** argv) {
-    parallel_select_gpu(par);
-    device_init(dev, args->device, args->fp16 ? DT_F16 : args->fp32 ? DT_F32 : DT_BF16);
-    parallel_init_nccl(par, dev, args->debug_force_nccl);
-    parallel_check_same_flags(par, argc, argv);
-#ifdef _OPENMP
-    int threads = omp_get_max_threads();
-#else
-    int threads = 1;
-#endif
-    printf("device: %s (%s%s, %d CPU threads)\n", dev->name, dtype_name(dev->dtype), dev->is_gpu ? "" : ", the CPU path", threads);
-    if (!dev->is_gpu && (args->bf16 || args->fp16)) printf("note: the CPU path computes in fp32; --bf16/--fp16 apply on GPUs\n");
-    printf("parallel: world size %d = tensor-parallel %d x data-parallel %d%s\n", par->size[GROUP_WORLD], par->size[GROUP_TP],
-           par->size[GROUP_DP], args->use_distributed_optimizer ? ", distributed optimizer" : "");
-}
-
-// The GPT-2 BPE tokenizer of --vocab-file/--merge-file (NULL without them), which then fixes the vocabulary.
-static Tokenizer* tokenizer_from_args(const Args* args, int* vocab_size) {
-    Tokenizer* tokenizer = NULL;
-    if (args->vocab_file || args->merge_file) {
-        int type = tokenizer_type_from_name(args->tokenizer_type);
-        if (type != TOK_GPT2BPE) arg_error("--tokenizer-type %s: train_gpt uses GPT2BPETokenizer", args->tokenizer_type);
-        if (!args->vocab_file || !args->merge_file) arg_error("GPT2BPETokenizer needs both --vocab-file and --merge-file");
-        tokenizer = tokenizer_load(type, args->vocab_file, args->merge_file);
-        *vocab_size = tokenizer_vocab_size(tokenizer);
-    }
-    if (*vocab_size <= 0) arg_error("give --vocab-file/--merge-file or --vocab-size");
-    return tokenizer;
-}
-
-static GPTConfig gpt_config_from_args(const Args* args, int vocab_size) {
-    GPTConfig cfg;
-    cfg.L = args->num_layers;
-    cfg.C = args->hidden_size;
-    cfg.NH = args->num_attention_heads;
-    cfg.HS = cfg.C / cfg.NH;
-    cfg.F = args->ffn_hidden_size;
-    cfg.V = vocab_size;
-    int multiple = args->make_vocab_size_divisible_by * args->tensor_model_parallel_size;
-    cfg.Vp = CEIL_DIV(vocab_size, multiple) * multiple;
-    cfg.maxT = args->max_position_embeddings;
-    return cfg;
 }
 
 // ----------------------------------------------------------------------------
@@ -1474,30 +1713,37 @@ static void prompt_tokens(const Tokenizer* tok, const char* text, const GPTConfi
         arg_error("%s: the prompt has %zu tokens, more than the model's %d positions (--max-position-embeddings)", where, ids->len, c->maxT);
 }
 
-static int generate_mode(Args* args, const GenerationArgs* g, const CheckpointArgs* ckpt, const CkptSource* src, int vocab_size,
-                         Parallel* par, int argc, char** argv) {
+static int generate_mode(const GenerationArgs* g, Args* args, const CheckpointArgs* ckpt, const CkptSource* src, int vocab_size,
+                         int argc, char** argv) {
     if (!src) arg_error("%s needs --load (a checkpoint directory or a Hugging Face GPT-2 directory)", g->prompt ? "--prompt" : "--sample-input-file");
-    args_validate_device(args);
-    if (par->size[GROUP_DP] > 1)
-        arg_error("generation runs one copy of the model: start --tensor-model-parallel-size ranks (%d), not %d", par->size[GROUP_TP], par->size[GROUP_WORLD]);
+    checkpoint_apply_config(src, args, args->vocab_file || args->merge_file ? NULL : &vocab_size);
+    if (!args->seq_length) args->seq_length = args->max_position_embeddings;  // prompt tokens per forward pass
+    if (!args->micro_batch_size) args->micro_batch_size = 1;
     char** prompts = NULL;
     int n_prompts = read_prompts(g, &prompts);
+    Parallel par;
+    start_ranks(args, &par);
+    args_validate_model(args);
+    if (par.size[GROUP_DP] > 1)
+        arg_error("generation runs one copy of the model: start --tensor-model-parallel-size ranks (%d), not %d", par.size[GROUP_TP], par.size[GROUP_WORLD]);
     FILE* out = stdout;
-    if (g->sample_output_file && par->rank[GROUP_WORLD] == 0 && !(out = fopen(g->sample_output_file, "wb")))
+    if (g->sample_output_file && par.rank[GROUP_WORLD] == 0 && !(out = fopen(g->sample_output_file, "wb")))
         arg_error("--sample-output-file %s: %s", g->sample_output_file, strerror(errno));
     Device dev;
-    start_device(&dev, par, args, argc, argv);
-    Tokenizer* tok = tokenizer_from_args(args, &vocab_size);
+    start_device(args, &par, &dev, argc, argv);
+    Tokenizer* tok = load_tokenizer(args);
+    if (tok) vocab_size = tokenizer_vocab_size(tok);
     generation_args_check_vocab(g, vocab_size);
     GPTConfig cfg = gpt_config_from_args(args, vocab_size);
     GPT model;
-    gpt_build_parallel(&model, &cfg, &dev, par, 0);
+    gpt_build_parallel(&model, &cfg, &dev, &par, 0);
     TrainState unused;
     memset(&unused, 0, sizeof(unused));
     CheckpointArgs weights_only = *ckpt;
     weights_only.finetune = 1;
     checkpoint_load(&model, src, &weights_only, &unused);
-    gpt_alloc_activations(&model, 1, cfg.maxT);
+    gpt_drop_training_state(&model);
+    gpt_alloc_activations(&model, 1, args->seq_length);
 
     int eod = tok ? tokenizer_eod(tok) : cfg.V - 1;
     SamplingParams sp = sampling_from_args(g);
@@ -1526,7 +1772,7 @@ static int generate_mode(Args* args, const GenerationArgs* g, const CheckpointAr
     gpt_free(&model);
     if (tok) tokenizer_free(tok);
     device_free(&dev);
-    parallel_finalize(par);
+    parallel_finalize(&par);
     return 0;
 }
 
@@ -1541,9 +1787,12 @@ int main(int argc, char** argv) {
     n_specs += checkpoint_args_table(&ckpt, specs + n_specs);
     GenerationArgs gen;
     n_specs += generation_args_table(&gen, specs + n_specs);
+    EvalArgs eval;
+    n_specs += eval_args_table(&eval, specs + n_specs);
     args_parse(argc, argv, specs, n_specs);
     checkpoint_args_validate(&ckpt);
     generation_args_validate(&gen);
+    eval_args_validate(&eval);
     CkptSource source;
     int have_source = ckpt.load && checkpoint_find(ckpt.load, ckpt.save, &source);
     if (ckpt.export_hf) {  // a single-process tool: before any parallel start-up
@@ -1551,17 +1800,21 @@ int main(int argc, char** argv) {
         export_hf(&source, &ckpt);
         return 0;
     }
+    if (eval.task) {
+        run_eval_task(&eval, &args, &ckpt, have_source ? &source : NULL, argc, argv);
+        return 0;
+    }
+    if (gen.prompt || gen.sample_input_file) return generate_mode(&gen, &args, &ckpt, have_source ? &source : NULL, vocab_size, argc, argv);
     if (have_source) checkpoint_apply_config(&source, &args, args.vocab_file || args.merge_file ? NULL : &vocab_size);
     Parallel par;
-    parallel_init(&par, args.tensor_model_parallel_size, args.collective_timeout);
-    if (par.rank[GROUP_WORLD] != 0 && !freopen("/dev/null", "w", stdout)) die("cannot silence stdout");  // rank 0 prints the log
-    args.data_parallel_size = par.size[GROUP_DP];
-    if (gen.prompt || gen.sample_input_file) return generate_mode(&args, &gen, &ckpt, have_source ? &source : NULL, vocab_size, &par, argc, argv);
+    start_ranks(&args, &par);
     args_validate(&args);
-
     Device dev;
-    start_device(&dev, &par, &args, argc, argv);
-    Tokenizer* tokenizer = tokenizer_from_args(&args, &vocab_size);
+    start_device(&args, &par, &dev, argc, argv);
+
+    Tokenizer* tokenizer = load_tokenizer(&args);
+    if (tokenizer) vocab_size = tokenizer_vocab_size(tokenizer);
+    if (vocab_size <= 0) arg_error("give --vocab-file/--merge-file or --vocab-size");
     int eod = tokenizer ? tokenizer_eod(tokenizer) : vocab_size - 1;
     generation_args_check_vocab(&gen, vocab_size);
     GPTConfig cfg = gpt_config_from_args(&args, vocab_size);
@@ -1594,13 +1847,7 @@ int main(int argc, char** argv) {
     printf("model: %d layers, hidden %d, %d heads, ffn %d, vocab %d (padded %d), %zu parameters\n", cfg.L, cfg.C, cfg.NH, cfg.F,
            cfg.V, cfg.Vp, model.num_params);
 
-    HostBatch h;
-    h.tokens = (int*)xmalloc(B * T * sizeof(int));
-    h.targets = (int*)xmalloc(B * T * sizeof(int));
-    h.mask = (float*)xmalloc(B * T * sizeof(float));
-    h.dloss = (float*)xmalloc(B * T * sizeof(float));
-    h.losses = (float*)xmalloc(B * T * sizeof(float));
-    h.sample = (int32_t*)xmalloc((T + 1) * sizeof(int32_t));
+    HostBatch h = host_batch_alloc(B, T);
 
     LRSchedule schedule = lr_schedule_from_args(&args, train_samples);
     LossScaler scaler = state.scaler;
@@ -1698,7 +1945,7 @@ int main(int argc, char** argv) {
     if (args.debug_dump_params) dump_full_params(&model, args.debug_dump_params);
     if (log_file.f) fclose(log_file.f);
     for (int i = 0; i < 3; i++) gpt_sampleset_free(&sets[i]);
-    free(h.tokens); free(h.targets); free(h.mask); free(h.dloss); free(h.losses); free(h.sample);
+    host_batch_free(&h);
     gpt_free(&model);
     if (tokenizer) tokenizer_free(tokenizer);
     device_free(&dev);

@@ -8,7 +8,7 @@
 #   bert-uncased     vocab-uncased.txt              (bert-large-uncased)
 #   bert-cased       vocab-cased.txt                (bert-large-cased)
 #   lambada          lambada_test.jsonl             (OpenAI's LAMBADA test set)
-#   wikitext-103     wikitext-103-v1.zip, unpacked to wikitext-103/wiki.{train,valid,test}.tokens
+#   wikitext-103     wikitext-103-v1.zip, unpacked to wikitext-103/wiki.{train,valid,test}.tokens (WIKITEXT103's test set)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DATA="${MEGATRON_DATA:-$ROOT/../shared/data}"
@@ -62,8 +62,9 @@ case "$NAME" in
         fetch lambada_test.jsonl lambada/lambada_test.jsonl https://github.com/cybertronai/bflm/raw/master/lambada_test.jsonl \
             4aa8d02cd17c719165fc8a7887fddd641f43fcafa4b1c806ca8abc31fabdb226 ;;
     wikitext-103)
-        zip="$(fetch wikitext-103-v1.zip wikitext/wikitext-103-v1.zip \
-            https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip "")"
+        # the original https://s3.amazonaws.com/research.metamind.io/wikitext/ copy is gone (403);
+        # this is the mirror of WikiText's author that the datasets library and pytorch/examples use
+        zip="$(fetch wikitext-103-v1.zip wikitext/wikitext-103-v1.zip https://wikitext.smerity.com/wikitext-103-v1.zip "")"
         if [ ! -s "$DEST/wikitext-103/wiki.test.tokens" ]; then
             python3 -m zipfile -e "$zip" "$DEST" || die "wikitext-103: cannot unpack $zip"
         fi

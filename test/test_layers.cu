@@ -428,15 +428,18 @@ static void test_gpu(void) {
     DType dtypes[] = {DT_F32, DT_BF16, DT_F16};
     for (DType dt : dtypes) {
         test_embedding_gpu(dt, 4, 64, 768, 97);     // 16-byte path
-        test_embedding_gpu(dt, 8, 300, 64, 1000);   // > BITONIC_TILE rows: global sort passes
+        test_embedding_gpu(dt, 8, 300, 64, 1000);   // 3 sort tiles, the last one padded
+        test_embedding_gpu(dt, 8, 1024, 256, 5000); // 8 sort tiles
         test_embedding_gpu(dt, 3, 5, 37, 11);       // scalar fallback
         test_layernorm_gpu(dt, 1000, 768);
-        test_layernorm_gpu(dt, 50, 5000);           // more channel groups than threads
+        test_layernorm_gpu(dt, 50, 5000);           // fp32: rows too wide for registers (shared-memory kernel)
+        test_layernorm_gpu(dt, 4100, 2304);         // several rows per block, teams of 3 warps
         test_layernorm_gpu(dt, 37, 37);
         test_gelu_gpu(dt, 100000);
         test_gelu_gpu(dt, 1001);
         test_residual_dropout_gpu(dt, 300, 768);
         test_residual_dropout_gpu(dt, 7, 37);
+        test_residual_dropout_gpu(dt, 4100, 768);   // several row batches per block, the last one short
         test_adamw_gpu(dt, 4096 * 3);
         test_adamw_gpu(dt, 1001);
     }

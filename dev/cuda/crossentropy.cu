@@ -1,0 +1,115 @@
+/*
+dev/cuda/crossentropy.cu: the fused softmax cross-entropy over the vocabulary (loss and, in
+place of the bf16 logits, their gradient), from a three-pass kernel to megatron.h's. The check
+runs on CHECK_ROWS rows (every column), the timing on all B T rows.
+    make -C dev/cuda crossentropy && dev/cuda/crossentropy
+*/
+#include "common.h"
+
+#define CHECK_ROWS 1024
+
+// ---------------------------------------------------------------- v1: three passes
+
+// The block's maximum (is_max) or sum of v, the same in every thread.
+__device__ float block_reduce(float v, bool is_max, float* scratch /* shared, 32 */) {
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int offset = 16; offset > 0; offset /= 2) {
+        float other = __shfl_xor_sync(0xffffffffu, v, offset);
+        v = is_max ? fmaxf(v, other) : v + other;
+    }
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float total = scratch[0];
+    for (int w = 1; w < (int)blockDim.x / 32; w++) total = is_max ? fmaxf(total, scratch[w]) : total + scratch[w];
+    __syncthreads();
+    return total;
+}
+
+// A block per row: the row's maximum, then its sum of exp, then the gradient: three reads of
+// the row (the second and third mostly from L2), one value per load.
+template <typename T>
+__global__ void crossentropy_v1_kernel(float* losses, T* logits, const int* targets, const float* dloss, int V, int Vp) {
+    __shared__ float scratch[32];
+    int n = blockIdx.x, target = targets[n];
+    T* x = logits + (size_t)n * Vp;
+    float x_target = to_float(x[target]);  // before the gradient overwrites it
+    float m = -FLT_MAX, s = 0;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) m = fmaxf(m, to_float(x[i]));
+    m = block_reduce(m, true, scratch);
+    for (int i = threadIdx.x; i < V; i += blockDim.x) s += expf(to_float(x[i]) - m);
+    s = block_reduce(s, false, scratch);
+    if (threadIdx.x == 0) losses[n] = logf(s) + m - x_target;
+    for (int i = threadIdx.x; i < Vp; i += blockDim.x)
+        x[i] = from_float<T>(i < V ? expf(to_float(x[i]) - m) / s * dloss[n] - (i == target ? dloss[n] : 0.0f) : 0.0f);
+}
+
+static void crossentropy_v1(const Device* d, float* losses, void* logits, const int* targets, const float* dloss, int N, int V, int Vp) {
+    DTYPE_SWITCH(d->dtype, T, crossentropy_v1_kernel<T><<<N, 1024, 0, d->stream>>>(losses, (T*)logits, targets, dloss, V, Vp));
+    cudaCheck(cudaGetLastError());
+}
+
+// ---------------------------------------------------------------- the ladder
+
+static const struct {
+    const char *version, *what;
+    void (*fn)(const Device*, float*, void*, const int*, const float*, int, int, int);
+} VERSIONS[] = {
+    {"v1", "a block per row: max, sum of exp, gradient: three reads of the row", crossentropy_v1},
+    {"v2", "megatron.h: online softmax (max and sum in one read), 16-byte loads, then the gradient", crossentropy_forward_backward},
+};
+
+static int* random_targets(int n, int V, uint32_t seed) {
+    MT19937 mt;
+    mt_seed(&mt, seed);
+    int* t = halloc<int>(n);
+    for (int i = 0; i < n; i++) t[i] = (int)(mt_uniform(&mt) * V);
+    return t;
+}
+
+static void run_shape(const Shape* sh) {
+    DType dt = DT_BF16;
+    int N = sh->B * sh->T, V = sh->V, Vp = sh->Vp, Nc = CHECK_ROWS;
+    size_t es = dtype_size(dt);
+    bench.dev.dtype = dt;
+
+    size_t ncheck = (size_t)Nc * Vp;
+    float *logits = host_random(ncheck, dt, 31, 2), *dloss = halloc<float>(Nc);
+    int* targets = random_targets(Nc, V, 32);
+    for (int n = 0; n < Nc; n++) dloss[n] = 1.0f / Nc;
+    double *grad_ref = to_double(logits, ncheck), *losses_ref = halloc<double>(Nc);
+    crossentropy_forward_backward_cpu(losses_ref, grad_ref, targets, to_double(dloss, Nc), Nc, V, Vp);
+    void* d_logits = dalloc(ncheck * es);
+    float *d_losses = (float*)dalloc(Nc * sizeof(float)), *d_dloss = (float*)upload(dloss, Nc, DT_F32);
+    int* d_targets = (int*)dalloc(Nc * sizeof(int));
+    dev_upload(&bench.dev, d_targets, targets, Nc * sizeof(int));
+
+    // timing: all rows, logits random on the device (the gradient overwrites them; the time does not depend on the values)
+    int* t_targets_host = random_targets(N, V, 33);
+    float* t_dloss_host = halloc<float>(N);
+    for (int n = 0; n < N; n++) t_dloss_host[n] = 1.0f / N;
+    void* t_logits = device_random((size_t)N * Vp, dt, 34, 4);
+    float *t_losses = (float*)dalloc(N * sizeof(float)), *t_dloss = (float*)upload(t_dloss_host, N, DT_F32);
+    int* t_targets = (int*)dalloc(N * sizeof(int));
+    dev_upload(&bench.dev, t_targets, t_targets_host, N * sizeof(int));
+    double bytes = 2.0 * N * Vp * es + 3.0 * N * sizeof(float);
+
+    for (const auto& v : VERSIONS) {
+        upload_to(d_logits, logits, ncheck, dt);
+        poison(d_losses, Nc * sizeof(float));
+        v.fn(&bench.dev, d_losses, d_logits, d_targets, d_dloss, Nc, V, Vp);
+        Check c = check_start();
+        check_output(&c, download(d_losses, Nc, DT_F32), losses_ref, Nc, TOL_F32);
+        check_output(&c, download(d_logits, ncheck, dt), grad_ref, ncheck, TOL_BF16);
+        double us = time_us([&] { v.fn(&bench.dev, t_losses, t_logits, t_targets, t_dloss, N, V, Vp); });
+        report("crossentropy", sh->name, v.version, v.what, us, bytes, 0, c);
+    }
+    free_all();
+    free_host_all();
+}
+
+int main(void) {
+    bench_init(0);
+    print_header("softmax cross-entropy, forward and backward fused (bf16 logits)");
+    for (int s = 0; s < N_SHAPES; s++) run_shape(&SHAPES[s]);
+    return bench_finish();
+}
