@@ -3338,40 +3338,25 @@ static void residual_dropout_forward_cuda(const Device* d, void* out, const void
 
 // Block i takes a contiguous chunk of rows (see ROW_CHUNKS); each thread owns W channels and
 // walks down the chunk, so its dbias sums stay in registers, and writes them to partial row i.
-// The loads of RESIDUAL_BWD_ROWS rows are issued before any of their stores (which may alias
-// them, so the compiler would not move a later row's loads above them).
-#define RESIDUAL_BWD_ROWS 8
-
 template <typename T, int W>
-__global__ void __launch_bounds__(256) residual_dropout_backward_kernel(T* dresidual, T* dx, float* partials, const T* dout, float p, uint64_t seed, int N, int C) {
+__global__ void __launch_bounds__(1024) residual_dropout_backward_kernel(T* dresidual, T* dx, float* partials, const T* dout, float p, uint64_t seed, int N, int C) {
     int r_begin = (int)((long)blockIdx.x * N / gridDim.x), r_end = (int)((long)(blockIdx.x + 1) * N / gridDim.x);
     for (int c = threadIdx.x * W; c < C; c += blockDim.x * W) {
         float acc[W] = {0};
-        for (int r0 = r_begin; r0 < r_end; r0 += RESIDUAL_BWD_ROWS) {
-            Vec<T, W> g[RESIDUAL_BWD_ROWS], res[RESIDUAL_BWD_ROWS];
-#pragma unroll
-            for (int u = 0; u < RESIDUAL_BWD_ROWS; u++) {
-                if (r0 + u >= r_end) continue;
-                size_t i = (size_t)(r0 + u) * C + c;
-                g[u] = load_vec<W>(dout + i);
-                if (dresidual) res[u] = load_vec<W>(dresidual + i);
+        for (int r = r_begin; r < r_end; r++) {
+            size_t i = (size_t)r * C + c;
+            Vec<T, W> g = load_vec<W>(dout + i), dxv;
+            if (dresidual) {
+                Vec<T, W> res = load_vec<W>(dresidual + i);
+                for (int k = 0; k < W; k++) res.v[k] = from_float<T>(to_float(res.v[k]) + to_float(g.v[k]));
+                store_vec<W>(dresidual + i, res);
             }
-#pragma unroll
-            for (int u = 0; u < RESIDUAL_BWD_ROWS; u++) {
-                if (r0 + u >= r_end) continue;
-                size_t i = (size_t)(r0 + u) * C + c;
-                if (dresidual) {
-                    for (int k = 0; k < W; k++) res[u].v[k] = from_float<T>(to_float(res[u].v[k]) + to_float(g[u].v[k]));
-                    store_vec<W>(dresidual + i, res[u]);
-                }
-                Vec<T, W> dxv;
-                for (int k = 0; k < W; k++) {
-                    float gx = to_float(g[u].v[k]) * dropout_factor(seed, i + k, p);
-                    acc[k] += gx;
-                    dxv.v[k] = from_float<T>(gx);
-                }
-                store_vec<W>(dx + i, dxv);
+            for (int k = 0; k < W; k++) {
+                float gx = to_float(g.v[k]) * dropout_factor(seed, i + k, p);
+                acc[k] += gx;
+                dxv.v[k] = from_float<T>(gx);
             }
+            store_vec<W>(dx + i, dxv);
         }
         if (partials)
             for (int k = 0; k < W; k++) partials[(size_t)blockIdx.x * C + c + k] = acc[k];
@@ -3384,7 +3369,7 @@ static void residual_dropout_backward_cuda(const Device* d, void* dresidual, voi
     DTYPE_SWITCH(d->dtype, T, {
         int vec = C % (16 / sizeof(T)) == 0 && aligned16(dresidual) && aligned16(dx) && aligned16(dout);
         VEC_SWITCH(vec, T, W, {
-            residual_dropout_backward_kernel<T, W><<<chunks, row_threads(C / W, 256), 0, d->stream>>>(
+            residual_dropout_backward_kernel<T, W><<<chunks, row_threads(C / W, 1024), 0, d->stream>>>(
                 (T*)dresidual, (T*)dx, partials, (const T*)dout, p, seed, N, C);
         });
     });

@@ -70,42 +70,6 @@ static void residual_backward_v1(const Device* d, void* dx, float* dbias, const 
     cudaCheck(cudaGetLastError());
 }
 
-// v2, the previous megatron.h kernel (less its dresidual part, which the training call does not
-// use): block i walks its chunk of rows (ROW_CHUNKS) a row at a time, each thread W channels, so
-// the dbias sums stay in registers; partial rows, then column_sum. A row's store may alias the
-// next row's load, so one row's load is in flight per thread.
-template <typename T, int W>
-__global__ void __launch_bounds__(1024) residual_backward_v2_kernel(T* dx, float* partials, const T* dout, float p, uint64_t seed, int N, int C) {
-    int r_begin = (int)((long)blockIdx.x * N / gridDim.x), r_end = (int)((long)(blockIdx.x + 1) * N / gridDim.x);
-    for (int c = threadIdx.x * W; c < C; c += blockDim.x * W) {
-        float acc[W] = {0};
-        for (int r = r_begin; r < r_end; r++) {
-            size_t i = (size_t)r * C + c;
-            Vec<T, W> g = load_vec<W>(dout + i), dxv;
-            for (int k = 0; k < W; k++) {
-                float gx = to_float(g.v[k]) * dropout_factor(seed, i + k, p);
-                acc[k] += gx;
-                dxv.v[k] = from_float<T>(gx);
-            }
-            store_vec<W>(dx + i, dxv);
-        }
-        for (int k = 0; k < W; k++) partials[(size_t)blockIdx.x * C + c + k] = acc[k];
-    }
-}
-
-static void residual_backward_v2(const Device* d, void* dx, float* dbias, const void* dout, float p, uint64_t seed, int N, int C) {
-    int chunks = row_chunks(N);
-    float* partials = (float*)pool_alloc(d, (size_t)chunks * C * sizeof(float));
-    DTYPE_SWITCH(d->dtype, T, {
-        int vec = C % (16 / sizeof(T)) == 0 && aligned16(dx) && aligned16(dout);
-        VEC_SWITCH(vec, T, W, residual_backward_v2_kernel<T, W><<<chunks, row_threads(C / W, 1024), 0, d->stream>>>(
-            (T*)dx, partials, (const T*)dout, p, seed, N, C));
-    });
-    cudaCheck(cudaGetLastError());
-    column_sum(d, dbias, partials, chunks, C);
-    pool_free(d, partials);
-}
-
 static void residual_backward_megatron(const Device* d, void* dx, float* dbias, const void* dout, float p, uint64_t seed, int N, int C) {
     residual_dropout_backward(d, NULL, dx, dbias, dout, p, seed, N, C);
 }
@@ -134,8 +98,7 @@ static const struct {
     void (*fn)(const Device*, void*, float*, const void*, float, uint64_t, int, int);
 } RESIDUAL_BACKWARD[] = {
     {"v1", "dx one element per thread + a thread per channel for dbias (dout read twice)", residual_backward_v1},
-    {"v2", "previous megatron.h: a block per chunk of rows, one row's loads in flight per thread", residual_backward_v2},
-    {"v3", "megatron.h: the same with 8 rows' loads issued before their stores", residual_backward_megatron},
+    {"v2", "megatron.h: a block per chunk of rows, one row's loads in flight per thread", residual_backward_megatron},
 };
 
 static void run_gelu(const Shape* sh) {
