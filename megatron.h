@@ -10,8 +10,9 @@ Everything GPT, BERT and T5 share lives here, in sections read top to bottom:
   4. optimizer    AdamW, global gradient norm and clipping, fp16 loss scaling
   5. checkpoint   safetensors files, written under temporary names and renamed
   6. training     learning-rate schedules, batch ramp-up, FLOPs and the log line
-  7. evaluation   Megatron's zero-shot tasks: the WikiText detokenizer and windows, LAMBADA
-  8. server       Megatron's REST text-generation API (PUT /api) over libmicrohttpd
+  7. generation   Megatron's sampling: greedy, temperature, top-k, top-p
+  8. evaluation   Megatron's zero-shot tasks: the WikiText detokenizer and windows, LAMBADA
+  9. server       Megatron's REST text-generation API (PUT /api) over libmicrohttpd
 
 Conventions. Activations are rows of C features; a batch is laid out as Megatron
 lays it, [s, b, h]: row r = t*B + b. Letters: B batch, T sequence length, C hidden
@@ -715,6 +716,48 @@ static void args_validate(Args* a) {
     if (a->data_path.n > 1 && a->data_path.n % 2) arg_error("--data-path takes one PREFIX or pairs W1 PREFIX1 W2 PREFIX2 ...");
     if (a->sample_length < 0) arg_error("--sample-length must be >= 0");
     recompute_args_validate(a);
+}
+
+// Text generation: Megatron's text-generation flags (tools/generate_samples_gpt.py; Megatron
+// spells two of them --top_k and --top_p, which are accepted too). With --prompt or
+// --sample-input-file, train_gpt generates from --load instead of training; the sampling flags
+// also shape the --sample-length text printed after training. --seed seeds the sampling.
+typedef struct {
+    const char *prompt, *sample_input_file, *sample_output_file;
+    int out_seq_length, top_k, greedy;
+    double temperature, top_p;
+} GenerationArgs;
+
+static int generation_args_table(GenerationArgs* g, ArgSpec* t) {
+    memset(g, 0, sizeof(*g));
+    g->out_seq_length = 1024;
+    g->temperature = 1.0;
+    int n = 0;
+    t[n++] = ArgSpec{"--prompt", ARG_STRING, &g->prompt, "generate from this text (token ids without a tokenizer) instead of training; needs --load"};
+    t[n++] = ArgSpec{"--sample-input-file", ARG_STRING, &g->sample_input_file, "generate from each line of this file instead of training; needs --load"};
+    t[n++] = ArgSpec{"--sample-output-file", ARG_STRING, &g->sample_output_file, "write the generated samples here (default: stdout)"};
+    t[n++] = ArgSpec{"--out-seq-length", ARG_INT, &g->out_seq_length, "tokens to generate per prompt (1024; fewer at end-of-document or a full position table)"};
+    t[n++] = ArgSpec{"--temperature", ARG_FLOAT, &g->temperature, "sampling temperature (1.0; 0 = greedy)"};
+    t[n++] = ArgSpec{"--top-k", ARG_INT, &g->top_k, "sample among the k most likely tokens (0 = off, 1 = greedy)"};
+    t[n++] = ArgSpec{"--top_k", ARG_INT, &g->top_k, "Megatron's spelling of --top-k"};
+    t[n++] = ArgSpec{"--top-p", ARG_FLOAT, &g->top_p, "sample among the most likely tokens holding probability p (0 = off)"};
+    t[n++] = ArgSpec{"--top_p", ARG_FLOAT, &g->top_p, "Megatron's spelling of --top-p"};
+    t[n++] = ArgSpec{"--greedy", ARG_FLAG, &g->greedy, "take the most likely token at every step"};
+    return n;
+}
+
+static void generation_args_validate(const GenerationArgs* g) {
+    if (g->prompt && g->sample_input_file) arg_error("--prompt and --sample-input-file are exclusive");
+    if (g->out_seq_length < 0) arg_error("--out-seq-length must be >= 0");
+    if (g->temperature < 0) arg_error("--temperature must be >= 0");
+    if (g->top_k < 0) arg_error("--top-k must be >= 0");
+    if (g->top_p < 0 || g->top_p > 1) arg_error("--top-p must be in [0, 1]");
+    if (g->top_k > 0 && g->top_p > 0) arg_error("--top-k and --top-p are exclusive (Megatron: cannot set both)");
+    if (g->greedy && (g->top_k > 1 || g->top_p > 0)) arg_error("--greedy and --top-k/--top-p are exclusive");
+}
+
+static void generation_args_check_vocab(const GenerationArgs* g, int vocab_size) {
+    if (g->top_k >= vocab_size) arg_error("--top-k %d is not below the vocabulary size %d", g->top_k, vocab_size);
 }
 // <<< arguments
 
@@ -2328,6 +2371,8 @@ static void layernorm_backward(const Device* d, void* dinp, float* dweight, floa
 //   out_i = sum_{j<=i} drop_ij * softmax_j(q_i . k_j / sqrt(HS)) * v_j
 // Attention dropout keeps prob (b,h,i,j) iff dropout_keep(seed, ((b*NH+h)*T+i)*T+j, p)
 // and scales kept ones by 1/(1-p); the backward regenerates the same mask.
+// Generation reads keys and values from a KV cache: attention_decode computes only the query
+// rows [pos, pos+n) of the same attention over rows [0, pos+n) (the forward's first = pos).
 // Backward (FlashAttention-2): with P the probabilities, M the dropout mask times
 // 1/(1-p), delta_i = dout_i . out_i = sum_j P_ij M_ij (dout_i . v_j):
 //   dv_j = sum_i P_ij M_ij dout_i,   dS_ij = P_ij (M_ij (dout_i . v_j) - delta_i),
@@ -2343,10 +2388,12 @@ static void attention_check(float p, int B, int T, int NH, int HS) {
     if (!(p >= 0.0f && p < 1.0f)) die("attention: dropout probability %g is not in [0, 1)", p);
 }
 
+// Query rows [first, T) of causal attention over qkv rows [0, T) (first = 0: all of them);
+// out holds those rows as [T-first, B, C], lse as [B, NH, T-first].
 template <typename real>
-static void attention_forward_cpu(real* out, real* lse, const real* qkv, float p, uint64_t seed,
+static void attention_forward_cpu(real* out, real* lse, const real* qkv, int first, float p, uint64_t seed,
                                   int B, int T, int NH, int HS) {
-    int C = NH * HS;
+    int C = NH * HS, rows = T - first;
     size_t ld = 3 * (size_t)C;
     real scale = 1 / sqrt((real)HS), keep_scale = 1 / (1 - (real)p);
 #pragma omp parallel
@@ -2357,7 +2404,7 @@ static void attention_forward_cpu(real* out, real* lse, const real* qkv, float p
             for (int h = 0; h < NH; h++) {
                 const real* head = qkv + (size_t)b * ld + h * 3 * HS;  // q of (t=0, b, h)
                 size_t tstride = (size_t)B * ld;
-                for (int i = 0; i < T; i++) {
+                for (int i = first; i < T; i++) {
                     const real* q = head + i * tstride;
                     real mx = -INFINITY;
                     for (int j = 0; j <= i; j++) {
@@ -2369,8 +2416,8 @@ static void attention_forward_cpu(real* out, real* lse, const real* qkv, float p
                     }
                     real sum = 0;
                     for (int j = 0; j <= i; j++) { att[j] = exp(att[j] - mx); sum += att[j]; }
-                    lse[((size_t)b * NH + h) * T + i] = mx + log(sum);
-                    real* o = out + ATT_ROW(i, b, B) * C + h * HS;
+                    lse[((size_t)b * NH + h) * rows + i - first] = mx + log(sum);
+                    real* o = out + ATT_ROW(i - first, b, B) * C + h * HS;
                     for (int d = 0; d < HS; d++) o[d] = 0;
                     uint64_t drop_row = ((uint64_t)(b * NH + h) * T + i) * T;
                     for (int j = 0; j <= i; j++) {
@@ -2596,8 +2643,9 @@ __device__ __forceinline__ void att_store_rows(F* g, size_t tstride, int t0, int
 
 // Forward: a block owns ATT_ROWS query rows of one (b, h), 16 per warp, and walks the key
 // tiles up to the diagonal with an online softmax (FlashAttention-2, Dao 2023, alg. 1).
+// Query rows [first, T) only; out and lse hold them from index 0 (see attention_forward_cpu).
 template <typename F, int HS>
-__global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(F* out, float* lse, const F* qkv, float p,
+__global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(F* out, float* lse, const F* qkv, int first, float p,
                                                                         uint32_t keep_min, uint64_t seed, int B, int T, int NH) {
     constexpr int LD = HS + ATT_PAD, BM = ATT_ROWS, BN = ATT_KTILE;
     extern __shared__ __align__(16) unsigned char att_smem[];
@@ -2611,7 +2659,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(F* out, 
     int C = NH * HS;
     size_t tstride = (size_t)B * 3 * C;
     const F* qg = qkv + (size_t)b * 3 * C + h * 3 * HS;
-    int q0 = qt * BM, wq0 = q0 + warp * 16;
+    int q0 = first + qt * BM, wq0 = q0 + warp * 16;
     int rows[2] = {wq0 + gr, wq0 + gr + 8};
     int n_kt = CEIL_DIV(min(T, q0 + BM), BN);
     float scale_log2 = rsqrtf((float)HS) * ATT_LOG2E;
@@ -2687,14 +2735,14 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(F* out, 
         l[r] += __shfl_xor_sync(0xffffffff, l[r], 1);
         l[r] += __shfl_xor_sync(0xffffffff, l[r], 2);
         inv[r] = 1.0f / ((1.0f - p) * l[r]);
-        if (q4 == 0 && rows[r] < T) lse[(size_t)bh * T + rows[r]] = (m[r] + log2f(l[r])) * ATT_LN2;
+        if (q4 == 0 && rows[r] < T) lse[(size_t)bh * (T - first) + rows[r] - first] = (m[r] + log2f(l[r])) * ATT_LN2;
     }
 #pragma unroll
     for (int n = 0; n < HS / 8; n++) {
         o[n][0] *= inv[0]; o[n][1] *= inv[0];
         o[n][2] *= inv[1]; o[n][3] *= inv[1];
     }
-    att_store_rows<F, HS>(out + (size_t)b * C + h * HS, (size_t)B * C, wq0, T, o, qs + warp * 16 * LD);
+    att_store_rows<F, HS>(out + (size_t)b * C + h * HS, (size_t)B * C, wq0 - first, T - first, o, qs + warp * 16 * LD);
 }
 
 // Backward, dq: a block owns ATT_ROWS query rows, walks the key tiles up to the diagonal and
@@ -2892,11 +2940,11 @@ __device__ __forceinline__ float att_warp_sum(float x) {
 #define ATT_F32_WARPS 8
 
 template <int HS>
-__global__ void attention_forward_f32_kernel(float* out, float* lse, const float* qkv, float p, uint64_t seed,
+__global__ void attention_forward_f32_kernel(float* out, float* lse, const float* qkv, int first, float p, uint64_t seed,
                                              int B, int T, int NH) {
-    int row = blockIdx.x * ATT_F32_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (row >= B * NH * T) return;
-    int bh = row / T, i = row % T, b = bh / NH, h = bh % NH, C = NH * HS;
+    int row = blockIdx.x * ATT_F32_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32, rows = T - first;
+    if (row >= B * NH * rows) return;
+    int bh = row / rows, i = first + row % rows, b = bh / NH, h = bh % NH, C = NH * HS;
     size_t tstride = (size_t)B * 3 * C;
     const float* head = qkv + (size_t)b * 3 * C + h * 3 * HS;
     float scale = 1.0f / sqrtf((float)HS), q[HS / 32], o[HS / 32] = {};
@@ -2914,7 +2962,7 @@ __global__ void attention_forward_f32_kernel(float* out, float* lse, const float
         for (int k = 0; k < HS / 32; k++) o[k] = o[k] * alpha + w * kj[HS + lane + 32 * k];
         m = m_new;
     }
-    float* orow = out + ATT_ROW(i, b, B) * C + h * HS;
+    float* orow = out + ATT_ROW(i - first, b, B) * C + h * HS;
     for (int k = 0; k < HS / 32; k++) orow[lane + 32 * k] = o[k] / ((1.0f - p) * l);
     if (lane == 0) lse[row] = m + logf(l);
 }
@@ -3030,16 +3078,17 @@ static void att_set_smem(K kernel, size_t bytes) {
 }
 
 template <typename F, int HS>
-static void attention_forward_launch(const Device* d, F* out, float* lse, const F* qkv, float p, uint64_t seed,
+static void attention_forward_launch(const Device* d, F* out, float* lse, const F* qkv, int first, float p, uint64_t seed,
                                      int B, int T, int NH) {
+    int rows = T - first;
     if constexpr (std::is_same<F, float>::value) {
-        attention_forward_f32_kernel<HS><<<CEIL_DIV(B * NH * T, ATT_F32_WARPS), ATT_F32_WARPS * 32, 0, d->stream>>>(
-            out, lse, qkv, p, seed, B, T, NH);
+        attention_forward_f32_kernel<HS><<<CEIL_DIV(B * NH * rows, ATT_F32_WARPS), ATT_F32_WARPS * 32, 0, d->stream>>>(
+            out, lse, qkv, first, p, seed, B, T, NH);
     } else {
         size_t smem = (size_t)(ATT_ROWS + 4 * ATT_KTILE) * (HS + ATT_PAD) * sizeof(F);
         att_set_smem(attention_forward_kernel<F, HS>, smem);
-        dim3 grid(CEIL_DIV(T, ATT_ROWS), B * NH);
-        attention_forward_kernel<F, HS><<<grid, ATT_THREADS, smem, d->stream>>>(out, lse, qkv, p, att_keep_threshold(p),
+        dim3 grid(CEIL_DIV(rows, ATT_ROWS), B * NH);
+        attention_forward_kernel<F, HS><<<grid, ATT_THREADS, smem, d->stream>>>(out, lse, qkv, first, p, att_keep_threshold(p),
                                                                                  seed, B, T, NH);
     }
     cudaCheck(cudaGetLastError());
@@ -3076,12 +3125,12 @@ static void att_check_aligned(const void* ptr, const char* name) {
     if ((uintptr_t)ptr % 16) die("attention: %s is not 16-byte aligned", name);
 }
 
-static void attention_forward_cuda(const Device* d, void* out, float* lse, const void* qkv, float p, uint64_t seed,
+static void attention_forward_cuda(const Device* d, void* out, float* lse, const void* qkv, int first, float p, uint64_t seed,
                                    int B, int T, int NH, int HS) {
     att_check_aligned(out, "out");
     att_check_aligned(qkv, "qkv");
     ATT_HS_SWITCH(HS, HSC, DTYPE_SWITCH(d->dtype, F,
-        attention_forward_launch<F, HSC>(d, (F*)out, lse, (const F*)qkv, p, seed, B, T, NH)));
+        attention_forward_launch<F, HSC>(d, (F*)out, lse, (const F*)qkv, first, p, seed, B, T, NH)));
 }
 
 static void attention_backward_cuda(const Device* d, void* dqkv, float* delta, const void* dout, const void* qkv,
@@ -3102,10 +3151,26 @@ static void attention_forward(const Device* d, void* out, float* lse, const void
                               int B, int T, int NH, int HS) {
     attention_check(p, B, T, NH, HS);
 #ifdef __CUDACC__
-    if (d->is_gpu) { attention_forward_cuda(d, out, lse, qkv, p, seed, B, T, NH, HS); return; }
+    if (d->is_gpu) { attention_forward_cuda(d, out, lse, qkv, 0, p, seed, B, T, NH, HS); return; }
 #endif
     (void)d;
-    attention_forward_cpu<float>((float*)out, lse, (const float*)qkv, p, seed, B, T, NH, HS);
+    attention_forward_cpu<float>((float*)out, lse, (const float*)qkv, 0, p, seed, B, T, NH, HS);
+}
+
+// A decode step: n new query rows at positions [pos, pos+n) attend to the KV cache's rows
+// [0, pos+n). The cache is a qkv tensor of up to maxT positions, [maxT, B, 3C] in the layout
+// above (q kept beside k and v, so the training kernels read it unchanged), whose rows
+// [pos, pos+n) the caller has just written. out [n, B, C] and lse [B, NH, n] as the forward's
+// rows [pos, pos+n); no dropout (inference).
+static void attention_decode(const Device* d, void* out, float* lse, const void* cache, int pos, int n,
+                             int B, int NH, int HS) {
+    if (pos < 0 || n < 1) die("attention_decode: bad rows pos=%d n=%d", pos, n);
+    attention_check(0.0f, B, pos + n, NH, HS);
+#ifdef __CUDACC__
+    if (d->is_gpu) { attention_forward_cuda(d, out, lse, cache, pos, 0.0f, 0, B, pos + n, NH, HS); return; }
+#endif
+    (void)d;
+    attention_forward_cpu<float>((float*)out, lse, (const float*)cache, pos, 0.0f, 0, B, pos + n, NH, HS);
 }
 
 // dqkv (=, written fully) from dout and the forward's out and lse; delta is fp32 [B, NH, T]
@@ -5358,9 +5423,110 @@ static void log_validation(LogFile* lf, int64_t iteration, double loss) {
 }
 // <<< training
 
+// >>> generation
+// ----------------------------------------------------------------------------
+// 7. generation: Megatron's text_generation sampling (megatron/text_generation/sampling.py),
+// on the host, over the fp32 logits of one position and the unpadded vocabulary of V tokens:
+//   greedy (top_k == 1, or temperature 0): the argmax, the first of equal maxima as torch.argmax;
+//   otherwise the logits are divided by the temperature, then either top-k keeps the logits
+//   >= the k-th largest (ties kept), or top-p walks the tokens by decreasing logit and removes
+//   each one whose predecessors' softmax mass already exceeds p (Megatron removes sorted positions
+//   whose cumulative probability is > p, shifted right by one: the token that crosses p stays,
+//   and so does the first); top-k and top-p are exclusive. One draw from the softmax of what is
+//   left follows (torch.multinomial; here the inverse CDF of one mt_uniform of the caller's
+//   MT19937, so a seed fixes the text).
+
+typedef struct {
+    double temperature;  // 1: the model's distribution; 0: greedy
+    int top_k;           // 0: off; 1: greedy
+    double top_p;        // 0: off; else in (0, 1]
+} SamplingParams;
+
+static SamplingParams sampling_from_args(const GenerationArgs* g) {
+    SamplingParams sp = {g->temperature, g->greedy ? 1 : g->top_k, g->top_p};
+    return sp;
+}
+
+// Megatron's asserts, as one-line errors (callers taking user input check first).
+static void sampling_check(const SamplingParams* sp, int V) {
+    if (!(sp->temperature >= 0)) die("sampling: temperature %g is negative", sp->temperature);
+    if (sp->top_k < 0 || sp->top_k >= V) die("sampling: top_k %d is not in [0, %d) (the vocabulary)", sp->top_k, V);
+    if (!(sp->top_p >= 0 && sp->top_p <= 1)) die("sampling: top_p %g is not in [0, 1]", sp->top_p);
+    if (sp->top_k > 0 && sp->top_p > 0) die("sampling: top_k and top_p are exclusive");
+}
+
+static int argmax_token(const float* logits, int V) {
+    int best = 0;
+    for (int i = 1; i < V; i++)
+        if (logits[i] > logits[best]) best = i;
+    return best;
+}
+
+typedef struct { double z; int i; } ScoredToken;
+
+static int scored_token_desc(const void* a, const void* b) {
+    const ScoredToken *x = (const ScoredToken*)a, *y = (const ScoredToken*)b;
+    if (x->z != y->z) return x->z < y->z ? 1 : -1;
+    return x->i - y->i;
+}
+
+// Sets z[i] = -inf for the tokens top-k or top-p removes (z: the tempered logits).
+static void sampling_filter(double* z, int V, const SamplingParams* sp) {
+    ScoredToken* order = (ScoredToken*)xmalloc((size_t)V * sizeof(ScoredToken));
+    for (int i = 0; i < V; i++) order[i] = ScoredToken{z[i], i};
+    qsort(order, V, sizeof(ScoredToken), scored_token_desc);
+    if (sp->top_k > 1) {
+        double kth = order[sp->top_k - 1].z;
+        for (int i = 0; i < V; i++)
+            if (z[i] < kth) z[i] = -INFINITY;
+    } else {
+        double sum = 0, before = 0;  // softmax mass of the tokens ahead in the order
+        for (int r = 0; r < V; r++) sum += exp(order[r].z - order[0].z);
+        for (int r = 0; r < V; r++) {
+            int removed = r > 0 && before > sp->top_p;
+            before += exp(order[r].z - order[0].z) / sum;
+            if (removed) z[order[r].i] = -INFINITY;
+        }
+    }
+    free(order);
+}
+
+// The next token (Megatron's sample()). Every tensor-parallel rank calls it on the same logits
+// with the same rng state, so all draw the same token.
+static int sample_token(const float* logits, int V, const SamplingParams* sp, MT19937* rng) {
+    sampling_check(sp, V);
+    if (sp->top_k == 1 || sp->temperature == 0) return argmax_token(logits, V);
+    double* z = (double*)xmalloc((size_t)V * sizeof(double));
+    for (int i = 0; i < V; i++) z[i] = logits[i] / sp->temperature;
+    if (sp->top_k > 1 || sp->top_p > 0) sampling_filter(z, V, sp);
+    double max = -INFINITY, sum = 0, acc = 0;
+    for (int i = 0; i < V; i++) max = fmax(max, z[i]);
+    for (int i = 0; i < V; i++) sum += exp(z[i] - max);
+    double u = mt_uniform(rng) * sum;
+    int token = -1;
+    for (int i = 0; i < V && (token < 0 || acc <= u); i++) {
+        double w = exp(z[i] - max);
+        if (w == 0) continue;
+        acc += w;
+        token = i;  // the last kept token also takes u when rounding leaves acc just under it
+    }
+    free(z);
+    return token;
+}
+
+// log softmax(logits)[token] over the V tokens: Megatron's output log-probabilities (of the
+// model's distribution, whatever the sampling).
+static double token_logprob(const float* logits, int V, int token) {
+    double max = -INFINITY, sum = 0;
+    for (int i = 0; i < V; i++) max = fmax(max, logits[i]);
+    for (int i = 0; i < V; i++) sum += exp((double)logits[i] - max);
+    return logits[token] - max - log(sum);
+}
+// <<< generation
+
 // >>> evaluation
 // ----------------------------------------------------------------------------
-// 7. evaluation: Megatron-LM's zero-shot GPT tasks (tasks/zeroshot_gpt), WikiText-103 perplexity and LAMBADA accuracy,
+// 8. evaluation: Megatron-LM's zero-shot GPT tasks (tasks/zeroshot_gpt), WikiText-103 perplexity and LAMBADA accuracy,
 // without the model: the detokenizer, windows, examples and figures. Text is UTF-8 the caller has checked,
 // read with Python's whitespace rules (Megatron works on Python str).
 
@@ -5729,7 +5895,7 @@ static void lambada_window(const LambadaExample* e, int T, int32_t pad, int32_t*
 
 // >>> server
 // ----------------------------------------------------------------------------
-// 8. server: Megatron-LM's REST text-generation server (megatron/text_generation_server.py,
+// 9. server: Megatron-LM's REST text-generation server (megatron/text_generation_server.py,
 // started by tools/run_text_generation_server.py): PUT /api with a JSON body, answered in JSON.
 //
 //   request  {"prompts": ["..."], "tokens_to_generate": 64, "temperature": 1.0, "top_k": 0, "top_p": 0.0,

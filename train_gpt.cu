@@ -189,6 +189,7 @@ typedef struct {
     size_t stored_bytes;      //   those kept from the forward to the backward (layers and residual streams)
     size_t recompute_bytes;   //   the scratch that recomputed layers share
     uint64_t dropout_stream;  // fixes this micro-batch's dropout masks (see gpt_set_dropout_stream)
+    void* kv_cache;      // generation: (L, maxT, 3Cr) this rank's q, k, v of one sequence (see gpt_generate)
 } GPT;
 
 // Address of element `index` of a dtype-storage buffer.
@@ -405,10 +406,18 @@ static uint64_t attention_dropout_seed(const GPT* m, int layer) {
     return dropout_seed(m, layer + m->tp_rank * m->cfg.L, SITE_ATTENTION_PROBS);
 }
 
+// Layer l's KV cache from position pos on: the qkv rows of one sequence, in attention's layout.
+static void* kv_rows(const GPT* m, int l, int pos) {
+    return at(m, m->kv_cache, ((size_t)l * m->cfg.maxT + pos) * 3 * m->Cr);
+}
+
 // One transformer layer (Megatron-1 §3: pre-LN attention and MLP, each f -> column-parallel ->
 // row-parallel -> g under tensor parallelism), from x->residual to x->out. The forward pass runs
 // it for every layer, and the backward again for the layers of a recomputed group.
-static void layer_forward(GPT* m, int l, int B, int T, float p_hidden, float p_attn) {
+// Generation (cache_pos >= 0, B = 1): the rows are positions [cache_pos, cache_pos + T) of one
+// sequence; their q, k, v go to the KV cache and attention reads [0, cache_pos + T) from it.
+// Training: cache_pos = -1.
+static void layer_forward(GPT* m, int l, int B, int T, int cache_pos, float p_hidden, float p_attn) {
     const GPTConfig* c = &m->cfg;
     const Device* d = m->dev;
     const LayerActs* x = &m->acts.layer[l];
@@ -417,8 +426,10 @@ static void layer_forward(GPT* m, int l, int B, int T, float p_hidden, float p_a
     size_t NC = (size_t)N * C;
     // attention: f, column-parallel QKV (this rank's heads), row-parallel projection, g
     layernorm_forward(d, x->ln1, x->ln1_mean, x->ln1_rstd, x->residual, param(m, LN1W, l * C), param(m, LN1B, l * C), N, C);
-    matmul_forward(d, x->qkv, x->ln1, param(m, QKVW, (size_t)l * 3 * Ca * C), param(m, QKVB, l * 3 * Ca), N, C, 3 * Ca, NULL);
-    attention_forward(d, x->atty, x->att_lse, x->qkv, p_attn, attention_dropout_seed(m, l), B, T, m->NHr, c->HS);
+    void* qkv = cache_pos >= 0 ? kv_rows(m, l, cache_pos) : x->qkv;
+    matmul_forward(d, qkv, x->ln1, param(m, QKVW, (size_t)l * 3 * Ca * C), param(m, QKVB, l * 3 * Ca), N, C, 3 * Ca, NULL);
+    if (cache_pos >= 0) attention_decode(d, x->atty, x->att_lse, kv_rows(m, l, 0), cache_pos, T, 1, m->NHr, c->HS);
+    else attention_forward(d, x->atty, x->att_lse, x->qkv, p_attn, attention_dropout_seed(m, l), B, T, m->NHr, c->HS);
     matmul_forward(d, proj, x->atty, param(m, ATTPROJW, (size_t)l * C * Ca), NULL, N, Ca, C, NULL);
     tp_g_forward(m->par, d, proj, NC);
     residual_dropout_forward(d, x->residual2, x->residual, proj, param(m, ATTPROJB, l * C), p_hidden, dropout_seed(m, l, SITE_ATTENTION_OUT), N, C);
@@ -430,23 +441,27 @@ static void layer_forward(GPT* m, int l, int B, int T, float p_hidden, float p_a
     residual_dropout_forward(d, x->out, x->residual2, proj, param(m, FCPROJB, l * C), p_hidden, dropout_seed(m, l, SITE_MLP_OUT), N, C);
 }
 
-// Forward through the transformer to the logits, for B x T tokens already in acts.tokens.
-static void gpt_forward(GPT* m, int B, int T, float p_hidden, float p_attn) {
+// Forward through the transformer to the logits, for B x T tokens already in acts.tokens;
+// cache_pos as in layer_forward (generation's first position, or -1).
+static void gpt_forward_at(GPT* m, int B, int T, int cache_pos, float p_hidden, float p_attn) {
     const GPTConfig* c = &m->cfg;
     const Device* d = m->dev;
     Activations* a = &m->acts;
     int N = B * T, C = c->C;
     size_t NC = (size_t)N * C;
-    if (m->tp == 1) embedding_forward(d, a->embedded, a->tokens, param(m, WTE, 0), param(m, WPE, 0), B, T, C);
+    void* wpe = param(m, WPE, (size_t)(cache_pos > 0 ? cache_pos : 0) * C);  // the row of the first position
+    if (m->tp == 1) embedding_forward(d, a->embedded, a->tokens, param(m, WTE, 0), wpe, B, T, C);
     else {  // VocabParallelEmbedding: the g all-reduce sums each rank's rows
-        vocab_embedding_forward(d, a->embedded, a->vocab_tokens, param(m, WTE, 0), m->tp_rank == 0 ? param(m, WPE, 0) : NULL, m->Vr, B, T, C);
+        vocab_embedding_forward(d, a->embedded, a->vocab_tokens, param(m, WTE, 0), m->tp_rank == 0 ? wpe : NULL, m->Vr, B, T, C);
         tp_g_forward(m->par, d, a->embedded, NC);
     }
     dropout_forward(d, a->embedded, p_hidden, dropout_seed(m, 0, SITE_EMBEDDING), NC);
-    for (int l = 0; l < c->L; l++) layer_forward(m, l, B, T, p_hidden, p_attn);
+    for (int l = 0; l < c->L; l++) layer_forward(m, l, B, T, cache_pos, p_hidden, p_attn);
     layernorm_forward(d, a->lnf, a->lnf_mean, a->lnf_rstd, a->top, param(m, LNFW, 0), param(m, LNFB, 0), N, C);
     matmul_forward(d, a->logits, a->lnf, param(m, WTE, 0), NULL, N, C, m->Vr, NULL);  // f, then this rank's vocabulary columns
 }
+
+static void gpt_forward(GPT* m, int B, int T, float p_hidden, float p_attn) { gpt_forward_at(m, B, T, -1, p_hidden, p_attn); }
 
 // Data parallelism without the distributed optimizer: during the last micro-batch's backward,
 // once layer l's gradients are final, start the all-reduce of layers [l, top] when they hold
@@ -508,7 +523,7 @@ static void gpt_backward(GPT* m, int B, int T, float p_hidden, float p_attn) {
     for (int l = c->L - 1; l >= 0; l--) {
         int group_top = l + 1 == c->L || recompute_group_start(m, l + 1) == l + 1;
         if (is_recomputed(m, l) && group_top)
-            for (int r = recompute_group_start(m, l); r <= l; r++) layer_forward(m, r, B, T, p_hidden, p_attn);
+            for (int r = recompute_group_start(m, l); r <= l; r++) layer_forward(m, r, B, T, -1, p_hidden, p_attn);
         layer_backward(m, l, B, T, p_hidden, p_attn);
         if (m->reduce_in_backward) top = gpt_reduce_layers(m, l, top);
     }
@@ -721,39 +736,67 @@ static void gpt_load_hf(GPT* m, const SafeTensors* st) {
 }
 
 // ----------------------------------------------------------------------------
-// Text generation for the sample printed after training: the model reads the
-// last T tokens and draws the next one from softmax(logits / temperature).
+// Text generation with a KV cache (Megatron's text_generation/generation.py with its
+// inference_params): the prompt goes through the model once, in chunks of up to the activations'
+// B x T rows, leaving every layer's q, k, v in m->kv_cache; then each new token is one row
+// through the model that attends to the cache. With tensor parallelism each rank caches its own
+// heads, the last row's vocabulary shards are gathered, and every rank draws the same token.
 
-static int sample_next(const float* logits, int V, double temperature, MT19937* rng) {
-    double max = -INFINITY, sum = 0;
-    for (int i = 0; i < V; i++) max = fmax(max, logits[i]);
-    for (int i = 0; i < V; i++) sum += exp((logits[i] - max) / temperature);
-    double u = mt_uniform(rng) * sum, acc = 0;
-    for (int i = 0; i < V; i++) {
-        acc += exp((logits[i] - max) / temperature);
-        if (acc >= u) return i;
-    }
-    return V - 1;
+// T tokens of one sequence at positions [pos, pos + T) through the model, joining the cache.
+static void gpt_forward_cached(GPT* m, const int* tokens, int pos, int T) {
+    gpt_upload_tokens(m, tokens, T);
+    gpt_forward_at(m, 1, T, pos, 0.0f, 0.0f);
 }
 
-static void gpt_generate(GPT* m, int* out, int prompt_len, int total_len, uint32_t seed) {
-    const GPTConfig* c = &m->cfg;
+// Row r's logits of the whole (padded) vocabulary in fp32 on the host, from every rank's shard;
+// `scratch` holds Vr values of the run's dtype.
+static void gpt_logits_row(GPT* m, int r, float* logits, void* scratch) {
     size_t es = dtype_size(m->dev->dtype);
-    void* row = xmalloc((size_t)m->Vr * es);
+    dev_download(m->dev, scratch, at(m, m->acts.logits, (size_t)r * m->Vr), (size_t)m->Vr * es);
+    dtype_to_floats(logits + (size_t)m->tp_rank * m->Vr, scratch, m->Vr, m->dev->dtype);
+    all_gather(m->par, parallel_host_device(), GROUP_TP, logits, m->Vr, DT_F32);
+}
+
+// Continues tokens[0, prompt_len) by up to max_new tokens (tokens has room for prompt_len +
+// max_new) and returns the final length. It stops after producing `eod`, or when the sequence
+// fills the position table (Megatron refuses such requests instead). logprobs (NULL: not wanted)
+// gets log p(tokens[i+1] | tokens[0..i]) for i < length - 1, of the model's own distribution
+// (Megatron's output log-probabilities). A prompt of 1 to maxT tokens inside the vocabulary is
+// the caller's to check. Every tensor-parallel rank calls it with the same arguments and rng state.
+static int gpt_generate(GPT* m, int* tokens, int prompt_len, int max_new, const SamplingParams* sp, MT19937* rng, int eod,
+                        float* logprobs) {
+    const GPTConfig* c = &m->cfg;
+    if (prompt_len < 1 || prompt_len > c->maxT) die("generation: a prompt of %d tokens; the model takes 1 to %d", prompt_len, c->maxT);
+    for (int i = 0; i < prompt_len; i++)
+        if (tokens[i] < 0 || tokens[i] >= c->V) die("generation: prompt token %d is %d, outside the vocabulary of %d", i, tokens[i], c->V);
+    if (max_new < 0) die("generation: %d tokens to generate", max_new);
+    sampling_check(sp, c->V);
+    size_t es = dtype_size(m->dev->dtype);
+    if (!m->kv_cache) m->kv_cache = dev_malloc(m->dev, (size_t)c->L * c->maxT * 3 * m->Cr * es);
     float* logits = (float*)xmalloc((size_t)c->Vp * sizeof(float));
-    MT19937 rng;
-    mt_seed(&rng, seed);
-    for (int n = prompt_len; n < total_len; n++) {
-        int T = n < m->T ? n : m->T;
-        gpt_upload_tokens(m, out + n - T, T);
-        gpt_forward(m, 1, T, 0.0f, 0.0f);
-        dev_download(m->dev, row, at(m, m->acts.logits, (size_t)(T - 1) * m->Vr), (size_t)m->Vr * es);
-        dtype_to_floats(logits + (size_t)m->tp_rank * m->Vr, row, m->Vr, m->dev->dtype);
-        all_gather(m->par, parallel_host_device(), GROUP_TP, logits, m->Vr, DT_F32);  // the last row's vocabulary shards
-        out[n] = sample_next(logits, c->V, 1.0, &rng);
+    void* scratch = xmalloc((size_t)m->Vr * es);
+    int chunk = m->B * m->T, n = 0;
+    for (int pos = 0; pos < prompt_len; pos += n) {
+        n = prompt_len - pos < chunk ? prompt_len - pos : chunk;
+        gpt_forward_cached(m, tokens + pos, pos, n);
+        for (int r = 0; logprobs && r < n && pos + r + 1 < prompt_len; r++) {
+            gpt_logits_row(m, r, logits, scratch);
+            logprobs[pos + r] = (float)token_logprob(logits, c->V, tokens[pos + r + 1]);
+        }
+    }
+    gpt_logits_row(m, n - 1, logits, scratch);
+    int len = prompt_len, end = prompt_len + max_new < c->maxT ? prompt_len + max_new : c->maxT;
+    while (len < end) {
+        int next = sample_token(logits, c->V, sp, rng);
+        if (logprobs) logprobs[len - 1] = (float)token_logprob(logits, c->V, next);
+        tokens[len++] = next;
+        if (next == eod || len == end) break;
+        gpt_forward_cached(m, tokens + len - 1, len - 1, 1);
+        gpt_logits_row(m, 0, logits, scratch);
     }
     free(logits);
-    free(row);
+    free(scratch);
+    return len;
 }
 
 static void gpt_free(GPT* m) {
@@ -765,6 +808,7 @@ static void gpt_free(GPT* m) {
     if (m->master) dev_free(d, m->master);
     if (m->acts.base) dev_free(d, m->acts.base);
     free(m->acts.layer);
+    if (m->kv_cache) dev_free(d, m->kv_cache);
 }
 
 // Hugging Face GPT-2 files from the hub (saved from GPT2Model) name tensors without the
@@ -1595,6 +1639,143 @@ static void dump_full_params(GPT* m, const char* path) {
     free(full);
 }
 
+// ----------------------------------------------------------------------------
+// Generation mode (--prompt / --sample-input-file with --load): Megatron's
+// tools/generate_samples_gpt.py instead of training.
+
+// Token ids as text through the tokenizer, or as numbers without one.
+static void write_tokens(FILE* f, const Tokenizer* tok, const int* ids, int n) {
+    if (tok) {
+        char* text = tokenizer_decode(tok, ids, n);
+        fputs(text, f);
+        free(text);
+    } else {
+        for (int i = 0; i < n; i++) fprintf(f, i ? " %d" : "%d", ids[i]);
+    }
+}
+
+// --sample-length after training: text from a document boundary on, with the sampling flags,
+// running on past the ends of documents (to the position table at most).
+static void print_sample(GPT* m, const Tokenizer* tok, int eod, int n, const GenerationArgs* g, uint32_t seed) {
+    int* text = (int*)xmalloc((1 + (size_t)n) * sizeof(int));
+    text[0] = eod;
+    MT19937 rng;
+    mt_seed(&rng, seed);
+    SamplingParams sp = sampling_from_args(g);
+    int len = gpt_generate(m, text, 1, n, &sp, &rng, -1, NULL);
+    printf("---- sample (%d tokens) ----\n", len - 1);
+    write_tokens(stdout, tok, text + 1, len - 1);
+    printf("\n----\n");
+    free(text);
+}
+
+// The prompts: --prompt, or the lines of --sample-input-file (a last newline ends the last line).
+static int read_prompts(const GenerationArgs* g, char*** prompts) {
+    if (g->prompt) {
+        *prompts = (char**)xmalloc(sizeof(char*));
+        (*prompts)[0] = strdup(g->prompt);
+        return 1;
+    }
+    FILE* f = fopen(g->sample_input_file, "rb");
+    if (!f) arg_error("--sample-input-file %s: %s", g->sample_input_file, strerror(errno));
+    int n = 0, cap = 0;
+    char* line = NULL;
+    size_t line_cap = 0;
+    ssize_t len;
+    while ((len = getline(&line, &line_cap, f)) >= 0) {
+        while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r')) line[--len] = 0;
+        if (n == cap) *prompts = (char**)realloc(*prompts, (cap = cap ? 2 * cap : 16) * sizeof(char*));
+        (*prompts)[n++] = strdup(line);
+    }
+    free(line);
+    fclose(f);
+    if (n == 0) arg_error("--sample-input-file %s is empty: one prompt per line", g->sample_input_file);
+    return n;
+}
+
+// A prompt's token ids: its text through the tokenizer, or (no tokenizer) token ids separated by
+// blanks. An empty prompt starts from a document boundary. `where` names it in errors.
+static void prompt_tokens(const Tokenizer* tok, const char* text, const GPTConfig* c, int eod, const char* where, TokenList* ids) {
+    ids->len = 0;
+    if (tok) tokenizer_encode(tok, text, strlen(text), ids);
+    else {
+        char* copy = strdup(text);
+        for (char* word = strtok(copy, " \t"); word; word = strtok(NULL, " \t")) {
+            int64_t id;
+            if (!parse_int64(word, &id) || id < 0 || id >= c->V)
+                arg_error("%s: '%.20s' is not a token id below %d (without --vocab-file prompts are token ids)", where, word, c->V);
+            token_list_push(ids, (int32_t)id);
+        }
+        free(copy);
+    }
+    if (ids->len == 0) token_list_push(ids, eod);
+    if (ids->len > (size_t)c->maxT)
+        arg_error("%s: the prompt has %zu tokens, more than the model's %d positions (--max-position-embeddings)", where, ids->len, c->maxT);
+}
+
+static int generate_mode(const GenerationArgs* g, Args* args, const CheckpointArgs* ckpt, const CkptSource* src, int vocab_size,
+                         int argc, char** argv) {
+    if (!src) arg_error("%s needs --load (a checkpoint directory or a Hugging Face GPT-2 directory)", g->prompt ? "--prompt" : "--sample-input-file");
+    checkpoint_apply_config(src, args, args->vocab_file || args->merge_file ? NULL : &vocab_size);
+    if (!args->seq_length) args->seq_length = args->max_position_embeddings;  // prompt tokens per forward pass
+    if (!args->micro_batch_size) args->micro_batch_size = 1;
+    char** prompts = NULL;
+    int n_prompts = read_prompts(g, &prompts);
+    Parallel par;
+    start_ranks(args, &par);
+    args_validate_model(args);
+    if (par.size[GROUP_DP] > 1)
+        arg_error("generation runs one copy of the model: start --tensor-model-parallel-size ranks (%d), not %d", par.size[GROUP_TP], par.size[GROUP_WORLD]);
+    FILE* out = stdout;
+    if (g->sample_output_file && par.rank[GROUP_WORLD] == 0 && !(out = fopen(g->sample_output_file, "wb")))
+        arg_error("--sample-output-file %s: %s", g->sample_output_file, strerror(errno));
+    Device dev;
+    start_device(args, &par, &dev, argc, argv);
+    Tokenizer* tok = load_tokenizer(args);
+    if (tok) vocab_size = tokenizer_vocab_size(tok);
+    generation_args_check_vocab(g, vocab_size);
+    GPTConfig cfg = gpt_config_from_args(args, vocab_size);
+    GPT model;
+    gpt_build_parallel(&model, &cfg, &dev, &par, 0);
+    TrainState unused;
+    memset(&unused, 0, sizeof(unused));
+    CheckpointArgs weights_only = *ckpt;
+    weights_only.finetune = 1;
+    checkpoint_load(&model, src, &weights_only, &unused);
+    gpt_drop_training_state(&model);
+    gpt_alloc_activations(&model, 1, args->seq_length);
+
+    int eod = tok ? tokenizer_eod(tok) : cfg.V - 1;
+    SamplingParams sp = sampling_from_args(g);
+    MT19937 rng;
+    mt_seed(&rng, (uint32_t)args->seed);
+    TokenList ids = {};
+    for (int k = 0; k < n_prompts; k++) {
+        char where[1100];
+        if (g->prompt) snprintf(where, sizeof(where), "--prompt");
+        else snprintf(where, sizeof(where), "--sample-input-file %s line %d", g->sample_input_file, k + 1);
+        prompt_tokens(tok, prompts[k], &cfg, eod, where, &ids);
+        int* tokens = (int*)xmalloc((ids.len + (size_t)g->out_seq_length) * sizeof(int));
+        for (size_t i = 0; i < ids.len; i++) tokens[i] = ids.ids[i];
+        int len = gpt_generate(&model, tokens, (int)ids.len, g->out_seq_length, &sp, &rng, eod, NULL);
+        // as generate_samples_gpt.py writes each sample: the context, then the continuation
+        fprintf(out, "\nContext: %s\n\nMegatron-LM: ", prompts[k]);
+        write_tokens(out, tok, tokens + ids.len, len - (int)ids.len);
+        fprintf(out, "\n");
+        fflush(out);
+        free(tokens);
+        free(prompts[k]);
+    }
+    if (out != stdout && fclose(out)) die("cannot write %s: %s", g->sample_output_file, strerror(errno));
+    free(ids.ids);
+    free(prompts);
+    gpt_free(&model);
+    if (tok) tokenizer_free(tok);
+    device_free(&dev);
+    parallel_finalize(&par);
+    return 0;
+}
+
 int main(int argc, char** argv) {
     Args args;
     ArgSpec specs[MAX_ARGS];
@@ -1604,10 +1785,13 @@ int main(int argc, char** argv) {
     specs[n_specs++] = ArgSpec{"--vocab-size", ARG_INT, &vocab_size, "vocabulary size when no tokenizer files are given"};
     CheckpointArgs ckpt;
     n_specs += checkpoint_args_table(&ckpt, specs + n_specs);
+    GenerationArgs gen;
+    n_specs += generation_args_table(&gen, specs + n_specs);
     EvalArgs eval;
     n_specs += eval_args_table(&eval, specs + n_specs);
     args_parse(argc, argv, specs, n_specs);
     checkpoint_args_validate(&ckpt);
+    generation_args_validate(&gen);
     eval_args_validate(&eval);
     CkptSource source;
     int have_source = ckpt.load && checkpoint_find(ckpt.load, ckpt.save, &source);
@@ -1620,6 +1804,7 @@ int main(int argc, char** argv) {
         run_eval_task(&eval, &args, &ckpt, have_source ? &source : NULL, argc, argv);
         return 0;
     }
+    if (gen.prompt || gen.sample_input_file) return generate_mode(&gen, &args, &ckpt, have_source ? &source : NULL, vocab_size, argc, argv);
     if (have_source) checkpoint_apply_config(&source, &args, args.vocab_file || args.merge_file ? NULL : &vocab_size);
     Parallel par;
     start_ranks(&args, &par);
@@ -1631,6 +1816,7 @@ int main(int argc, char** argv) {
     if (tokenizer) vocab_size = tokenizer_vocab_size(tokenizer);
     if (vocab_size <= 0) arg_error("give --vocab-file/--merge-file or --vocab-size");
     int eod = tokenizer ? tokenizer_eod(tokenizer) : vocab_size - 1;
+    generation_args_check_vocab(&gen, vocab_size);
     GPTConfig cfg = gpt_config_from_args(&args, vocab_size);
     int B = args.micro_batch_size, T = args.seq_length;
 
@@ -1754,23 +1940,7 @@ int main(int argc, char** argv) {
         }
     }
 
-    if (args.sample_length > 0) {
-        int total = 1 + args.sample_length;
-        int* text = (int*)xmalloc(total * sizeof(int));
-        text[0] = eod;  // start from a document boundary
-        gpt_generate(&model, text, 1, total, (uint32_t)args.seed);
-        printf("---- sample (%d tokens) ----\n", args.sample_length);
-        if (tokenizer) {
-            char* s = tokenizer_decode(tokenizer, text + 1, args.sample_length);
-            printf("%s\n", s);
-            free(s);
-        } else {
-            for (int i = 1; i < total; i++) printf("%d ", text[i]);
-            printf("\n");
-        }
-        printf("----\n");
-        free(text);
-    }
+    if (args.sample_length > 0) print_sample(&model, tokenizer, eod, args.sample_length, &gen, (uint32_t)args.seed);
 
     if (args.debug_dump_params) dump_full_params(&model, args.debug_dump_params);
     if (log_file.f) fclose(log_file.f);

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in as few device calls as its time limit allows. Steps:
 #   tests    every test program with its GPU parts (each CUDA kernel against its CPU reference,
-#            the model against HF, resume, recompute, generation), the quick start on the GPU, and
+#            the model against HF, resume, recompute, generation, evaluation), the quick start on the GPU, and
 #            NCCL at world size 1 (40 iterations bitwise equal with and without --debug-force-nccl)
 #   kernels  dev/cuda/run_all.sh (each kernel ladder against measured ceilings and PyTorch) and
 #            dev/profile_gpt.sh (GPU time per step by kernel family, ours beside PyTorch)
@@ -29,6 +29,10 @@ if step tests; then
     ./test/run_tests.sh > "$LOGS/tests.log" 2>&1
     grep -E "^(FAIL|skip|-- )" "$LOGS/tests.log"
     tail -n 1 "$LOGS/tests.log"
+    GEN_DEVICE_FLAGS="--device cuda --fp32" ./test/test_generation.sh > "$LOGS/generation_gpu.log" 2>&1
+    echo "generation on the GPU: $(grep -E '^FAIL' "$LOGS/generation_gpu.log"; tail -n 1 "$LOGS/generation_gpu.log")"
+    EVAL_DEVICE=cuda ./test/test_evaluate.sh > "$LOGS/evaluate_gpu.log" 2>&1
+    echo "evaluation on the GPU: $(grep -E '^FAIL' "$LOGS/evaluate_gpu.log"; tail -n 1 "$LOGS/evaluate_gpu.log")"
     ITERS=300 ./dev/quickstart.sh --device cuda > "$LOGS/quickstart.log" 2>&1
     grep -E "validation loss|iteration +300/" "$LOGS/quickstart.log" | tail -n 2
     sed -n '/---- sample/,/^----$/p' "$LOGS/quickstart.log" | head -n 12

@@ -6,6 +6,8 @@ probabilities, and its backward against central finite differences in double, wi
 without attention dropout. GPU (when one is found): CUDA against the CPU reference run
 in double on the same (dtype-rounded) inputs, fp32 / bf16 / fp16, forward (out, lse) and
 backward (dq, dk, dv checked apart), p = 0 and 0.1, plus bitwise determinism.
+Decode steps (the KV cache): attention_decode's rows equal the full forward's rows, bitwise on
+the CPU, on every device and dtype.
 `--bench` also times the bf16 kernels on GPT-2 124M's shape (and a 1.7B-like one).
 */
 #include "../megatron.h"
@@ -54,7 +56,7 @@ static void test_cpu_forward(int B, int T, int NH, int HS, float p) {
     double *out = (double*)xmalloc(N * C * sizeof(double)), *out_ref = (double*)xmalloc(N * C * sizeof(double));
     double *lse = (double*)xmalloc(B * NH * T * sizeof(double)), *lse_ref = (double*)xmalloc(B * NH * T * sizeof(double));
     fill_normal(qkv, N * 3 * C, &mt, 1.0);
-    attention_forward_cpu<double>(out, lse, qkv, p, 77, B, T, NH, HS);
+    attention_forward_cpu<double>(out, lse, qkv, 0, p, 77, B, T, NH, HS);
     attention_naive(out_ref, lse_ref, qkv, p, 77, B, T, NH, HS);
     char name[128];
     snprintf(name, sizeof(name), "cpu fwd vs naive out B=%d T=%d NH=%d HS=%d p=%g", B, T, NH, HS, p);
@@ -78,12 +80,12 @@ static void test_cpu_backward_fd(int B, int T, int NH, int HS, float p) {
     fill_normal(qkv, nqkv, &mt, 1.0);
     fill_normal(G, N * C, &mt, 1.0);
     uint64_t seed = 4242;
-    attention_forward_cpu<double>(out, lse, qkv, p, seed, B, T, NH, HS);
+    attention_forward_cpu<double>(out, lse, qkv, 0, p, seed, B, T, NH, HS);
     attention_backward_cpu<double>(dqkv, delta, G, qkv, out, lse, p, seed, B, T, NH, HS);
     double* out2 = (double*)xmalloc(N * C * sizeof(double));
     double* lse2 = (double*)xmalloc(B * NH * T * sizeof(double));
     double* numeric = central_differences(qkv, nqkv, 1e-6, [&]() {
-        attention_forward_cpu<double>(out2, lse2, qkv, p, seed, B, T, NH, HS);
+        attention_forward_cpu<double>(out2, lse2, qkv, 0, p, seed, B, T, NH, HS);
         double loss = 0;
         for (size_t i = 0; i < N * C; i++) loss += out2[i] * G[i];
         return loss;
@@ -107,7 +109,7 @@ static void test_cpu_dispatch(int B, int T, int NH, int HS, float p) {
     for (size_t i = 0; i < nqkv + N * C; i++) xf[i] = (float)x[i], x[i] = xf[i];
     double *out = (double*)xmalloc(N * C * sizeof(double)), *lse = (double*)xmalloc(nlse * sizeof(double));
     double *delta = (double*)xmalloc(nlse * sizeof(double)), *dqkv = (double*)xmalloc(nqkv * sizeof(double));
-    attention_forward_cpu<double>(out, lse, x, p, 3, B, T, NH, HS);
+    attention_forward_cpu<double>(out, lse, x, 0, p, 3, B, T, NH, HS);
     attention_backward_cpu<double>(dqkv, delta, x + nqkv, x, out, lse, p, 3, B, T, NH, HS);
     float *outf = (float*)xmalloc(N * C * sizeof(float)), *lsef = (float*)xmalloc(nlse * sizeof(float));
     float *deltaf = (float*)xmalloc(nlse * sizeof(float)), *dqkvf = (float*)xmalloc(nqkv * sizeof(float));
@@ -120,6 +122,47 @@ static void test_cpu_dispatch(int B, int T, int NH, int HS, float p) {
     check_close(name, dqkvf, dqkv, nqkv, 1e-5);
     free(x); free(xf); free(out); free(lse); free(delta); free(dqkv); free(outf); free(lsef); free(deltaf); free(dqkvf);
     device_free(&d);
+}
+
+// A KV cache of maxT rows whose rows from pos+n on are NaN (they must not be read): attention_decode
+// of the query rows [pos, pos+n) against attention_forward over rows [0, pos+n) of the same cache.
+static void test_decode(const Device* d, int B, int maxT, int NH, int HS, int pos, int n) {
+    DType dt = d->dtype;
+    size_t C = (size_t)NH * HS, T = (size_t)pos + n, ncache = (size_t)maxT * B * 3 * C, es = dtype_size(dt);
+    MT19937 mt;
+    mt_seed(&mt, 31 + pos + 7 * n);
+    float* host = (float*)xmalloc(ncache * sizeof(float));
+    fill_normal(host, T * B * 3 * C, &mt, 1.0);
+    for (size_t i = T * B * 3 * C; i < ncache; i++) host[i] = NAN;
+    void* stored = xmalloc(ncache * es);
+    floats_to_dtype(stored, host, ncache, dt);
+    void* cache = dev_malloc(d, ncache * es);
+    dev_upload(d, cache, stored, ncache * es);
+    void *full = dev_malloc(d, T * B * C * es), *rows = dev_malloc(d, (size_t)n * B * C * es);
+    float *lse_full = (float*)dev_malloc(d, T * B * NH * 4), *lse_rows = (float*)dev_malloc(d, (size_t)n * B * NH * 4);
+    attention_forward(d, full, lse_full, cache, 0.0f, 0, B, (int)T, NH, HS);
+    attention_decode(d, rows, lse_rows, cache, pos, n, B, NH, HS);
+    void* buf = xmalloc(T * B * C * es);
+    float *want = (float*)xmalloc(T * B * C * sizeof(float)), *got = (float*)xmalloc((size_t)n * B * C * sizeof(float));
+    dev_download(d, buf, full, T * B * C * es);
+    dtype_to_floats(want, buf, T * B * C, dt);
+    dev_download(d, buf, rows, (size_t)n * B * C * es);
+    dtype_to_floats(got, buf, (size_t)n * B * C, dt);
+    float *lse_want = (float*)xmalloc(T * B * NH * 4), *lse_got = (float*)xmalloc((size_t)n * B * NH * 4);
+    dev_download(d, lse_want, lse_full, T * B * NH * 4);
+    dev_download(d, lse_got, lse_rows, (size_t)n * B * NH * 4);
+    for (size_t bh = 0; bh < (size_t)B * NH; bh++) memmove(lse_want + bh * n, lse_want + bh * T + pos, n * 4);
+    // the same arithmetic per row: bitwise on the CPU; on a GPU the tiles start elsewhere
+    double tol = !d->is_gpu ? 0.0 : dt == DT_F32 ? 1e-6 : 1e-3;
+    char name[160];
+    snprintf(name, sizeof(name), "%s %s decode out = full rows B=%d NH=%d HS=%d pos=%d n=%d", d->is_gpu ? "gpu" : "cpu",
+             dtype_name(dt), B, NH, HS, pos, n);
+    check_close(name, got, want + (size_t)pos * B * C, (size_t)n * B * C, tol);
+    snprintf(name, sizeof(name), "%s %s decode lse = full rows B=%d NH=%d HS=%d pos=%d n=%d", d->is_gpu ? "gpu" : "cpu",
+             dtype_name(dt), B, NH, HS, pos, n);
+    check_close(name, lse_got, lse_want, (size_t)n * B * NH, tol);
+    dev_free(d, cache); dev_free(d, full); dev_free(d, rows); dev_free(d, lse_full); dev_free(d, lse_rows);
+    free(host); free(stored); free(buf); free(want); free(got); free(lse_want); free(lse_got);
 }
 
 #ifdef __CUDACC__
@@ -198,7 +241,7 @@ static void test_gpu_case(Device* d, int B, int T, int NH, int HS, float p) {
     double* lse_ref = (double*)xmalloc(nlse * sizeof(double));
     double* delta_ref = (double*)xmalloc(nlse * sizeof(double));
     double* dqkv_ref = (double*)xmalloc(nqkv * sizeof(double));
-    attention_forward_cpu<double>(out_ref, lse_ref, qkv_d, p, seed, B, T, NH, HS);
+    attention_forward_cpu<double>(out_ref, lse_ref, qkv_d, 0, p, seed, B, T, NH, HS);
     attention_backward_cpu<double>(dqkv_ref, delta_ref, dout_d, qkv_d, out_ref, lse_ref, p, seed, B, T, NH, HS);
 
     void *qkv_g = dev_malloc(d, nqkv * es), *dout_g = dev_malloc(d, nout * es), *out_g = dev_malloc(d, nout * es);
@@ -327,6 +370,12 @@ int main(int argc, char** argv) {
     test_cpu_backward_fd(1, 9, 1, 8, 0.2f);
     test_cpu_dispatch(2, 64, 4, 32, 0.0f);
     test_cpu_dispatch(2, 100, 2, 48, 0.1f);
+    Device cpu;
+    device_init(&cpu, "cpu", DT_F32);
+    test_decode(&cpu, 1, 40, 2, 8, 0, 7);    // a prefill
+    test_decode(&cpu, 1, 40, 2, 8, 17, 1);   // one new token
+    test_decode(&cpu, 2, 40, 3, 8, 10, 5);   // a chunk, two sequences
+    device_free(&cpu);
 #ifdef __CUDACC__
     test_keep_threshold();
     int gpus = 0;
@@ -337,12 +386,15 @@ int main(int argc, char** argv) {
     }
     static const int shapes[][4] = {{2, 64, 4, 32}, {1, 200, 2, 64}, {2, 256, 3, 96}, {1, 128, 2, 128}, {4, 1024, 12, 64}};
     static const DType dtypes[] = {DT_F32, DT_BF16, DT_F16};
+    // decode: B, maxT, NH, HS, pos, n (rows from the middle of a tile, several key tiles, a prefill)
+    static const int decodes[][6] = {{1, 256, 2, 64, 0, 100}, {1, 256, 2, 64, 130, 1}, {2, 256, 3, 32, 70, 9}, {1, 1024, 4, 128, 1000, 1}};
     for (int t = 0; t < 3; t++) {
         Device d;
         device_init(&d, "cuda", dtypes[t]);
         for (int s = 0; s < 5; s++)
             for (int q = 0; q < 2; q++)
                 test_gpu_case(&d, shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3], q ? 0.1f : 0.0f);
+        for (int s = 0; s < 4; s++) test_decode(&d, decodes[s][0], decodes[s][1], decodes[s][2], decodes[s][3], decodes[s][4], decodes[s][5]);
         device_free(&d);
     }
     if (want_bench) {

@@ -135,7 +135,7 @@ static void run_shape(const Shape* sh) {
     float *qkv = host_random(nqkv, DT_BF16, 11), *dout = host_random(nout, DT_BF16, 12);
     double *qkv_d = to_double(qkv, nqkv), *out_ref = halloc<double>(nout), *lse_ref = halloc<double>(nlse);
     double *dqkv_ref = halloc<double>(nqkv), *delta_ref = halloc<double>(nlse);
-    attention_forward_cpu(out_ref, lse_ref, qkv_d, 0.0f, 0, Bc, T, NH, HS);
+    attention_forward_cpu(out_ref, lse_ref, qkv_d, 0, 0.0f, 0, Bc, T, NH, HS);
     float *out_in = halloc<float>(nout), *lse_in = halloc<float>(nlse);  // the backward's inputs: the reference forward's
     for (size_t i = 0; i < nout; i++) out_in[i] = (float)out_ref[i];
     for (size_t i = 0; i < nlse; i++) lse_in[i] = (float)lse_ref[i];
