@@ -6124,6 +6124,9 @@ static char* generate_response_json(const GenerateResponse* r, int with_logprobs
 
 // --- flags
 
+#include <arpa/inet.h>
+#include <netdb.h>
+
 typedef struct {
     int port;                  // -1: no server
     const char* bind_address;
@@ -6139,11 +6142,29 @@ static int server_args_table(ServerArgs* s, ArgSpec* t) {
 
 static void server_unavailable(void) { die("--port: built without libmicrohttpd (apt-get install libmicrohttpd-dev, then rebuild)"); }
 
+// --bind-address and --port as a socket address; returns whether it is IPv6.
+static int server_address(const ServerArgs* a, struct sockaddr_storage* out) {
+    struct addrinfo hints, *found;
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_flags = AI_NUMERICHOST | AI_PASSIVE;
+    hints.ai_socktype = SOCK_STREAM;
+    if (getaddrinfo(a->bind_address, NULL, &hints, &found)) arg_error("--bind-address %s: not a numeric IPv4 or IPv6 address", a->bind_address);
+    memset(out, 0, sizeof(*out));
+    memcpy(out, found->ai_addr, found->ai_addrlen);
+    freeaddrinfo(found);
+    int ipv6 = out->ss_family == AF_INET6;
+    if (ipv6) ((struct sockaddr_in6*)out)->sin6_port = htons((uint16_t)a->port);
+    else ((struct sockaddr_in*)out)->sin_port = htons((uint16_t)a->port);
+    return ipv6;
+}
+
 static void server_args_validate(const ServerArgs* s) {
     if (s->port < -1 || s->port > 65535) arg_error("--port %d: expected 0 to 65535", s->port);
 #ifndef USE_MHD
     if (s->port >= 0) server_unavailable();
 #endif
+    struct sockaddr_storage unused;
+    if (s->port >= 0) server_address(s, &unused);
 }
 
 // --- HTTP: libmicrohttpd parses requests (headers, chunked bodies, Expect: 100-continue, keep-alive,
@@ -6151,9 +6172,7 @@ static void server_args_validate(const ServerArgs* s) {
 // called server_run, which alone runs the model (its GPU, MPI and OpenMP state stay on one thread).
 
 #ifdef USE_MHD
-#include <arpa/inet.h>
 #include <microhttpd.h>
-#include <netdb.h>
 #include <pthread.h>
 
 // A request on its way from a connection's thread to the model's thread, and its answer.
@@ -6172,6 +6191,8 @@ typedef struct {
     pthread_mutex_t lock;
     pthread_cond_t changed;  // a job was posted or finished
     ServerJob* job;          // the one posted or running; NULL when the model is free
+    int listening;
+    char start_error[256];   // libmicrohttpd's last message before it listened
 } Server;
 
 // A connection's request body, gathered over the handler's calls.
@@ -6268,6 +6289,19 @@ static void server_completed(void* cls, struct MHD_Connection* c, void** state, 
     *state = NULL;
 }
 
+// libmicrohttpd's messages: the reason it could not start goes into our one-line error; later
+// ones (a connection it had to drop, ...) are printed as they come.
+static void server_log(void* cls, const char* fmt, va_list ap) {
+    Server* s = (Server*)cls;
+    char line[256];
+    vsnprintf(line, sizeof(line), fmt, ap);
+    line[strcspn(line, "\n")] = 0;
+    pthread_mutex_lock(&s->lock);
+    if (s->listening) fprintf(stderr, "libmicrohttpd: %s\n", line);
+    else snprintf(s->start_error, sizeof(s->start_error), "%s", line);
+    pthread_mutex_unlock(&s->lock);
+}
+
 // Waits on s->changed (s->lock held) for at most `seconds`; returns whether the time ran out.
 static int server_wait(Server* s, double seconds) {
     if (!(seconds > 0)) {
@@ -6277,22 +6311,6 @@ static int server_wait(Server* s, double seconds) {
     double until = now_seconds() + seconds;
     struct timespec deadline = {(time_t)until, (long)((until - (time_t)until) * 1e9)};
     return pthread_cond_timedwait(&s->changed, &s->lock, &deadline) == ETIMEDOUT;
-}
-
-// --bind-address and --port as a socket address; returns whether it is IPv6.
-static int server_address(const ServerArgs* a, struct sockaddr_storage* out) {
-    struct addrinfo hints, *found;
-    memset(&hints, 0, sizeof(hints));
-    hints.ai_flags = AI_NUMERICHOST | AI_PASSIVE;
-    hints.ai_socktype = SOCK_STREAM;
-    if (getaddrinfo(a->bind_address, NULL, &hints, &found)) arg_error("--bind-address %s: not a numeric IPv4 or IPv6 address", a->bind_address);
-    memset(out, 0, sizeof(*out));
-    memcpy(out, found->ai_addr, found->ai_addrlen);
-    freeaddrinfo(found);
-    int ipv6 = out->ss_family == AF_INET6;
-    if (ipv6) ((struct sockaddr_in6*)out)->sin6_port = htons((uint16_t)a->port);
-    else ((struct sockaddr_in*)out)->sin_port = htons((uint16_t)a->port);
-    return ipv6;
 }
 
 // Serves until the process is killed, running every generation on the calling thread. Prints
@@ -6314,8 +6332,12 @@ static void server_run(const ServerArgs* a, GenerateFn generate, IdleFn idle, do
                                                  MHD_OPTION_SOCK_ADDR, (struct sockaddr*)&addr,
                                                  MHD_OPTION_CONNECTION_LIMIT, (unsigned)64,
                                                  MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)120,
-                                                 MHD_OPTION_NOTIFY_COMPLETED, server_completed, NULL, MHD_OPTION_END);
-    if (!daemon) die("cannot serve on %s port %d (libmicrohttpd's reason above)", a->bind_address, a->port);
+                                                 MHD_OPTION_NOTIFY_COMPLETED, server_completed, NULL,
+                                                 MHD_OPTION_EXTERNAL_LOGGER, server_log, &s, MHD_OPTION_END);
+    if (!daemon) die("cannot serve on %s port %d: %s", a->bind_address, a->port, s.start_error[0] ? s.start_error : "libmicrohttpd did not start");
+    pthread_mutex_lock(&s.lock);
+    s.listening = 1;
+    pthread_mutex_unlock(&s.lock);
     const union MHD_DaemonInfo* info = MHD_get_daemon_info(daemon, MHD_DAEMON_INFO_BIND_PORT);
     printf("serving PUT http://%s%s%s:%u/api (Megatron's text generation API); stop with Ctrl-C\n", ipv6 ? "[" : "", a->bind_address,
            ipv6 ? "]" : "", (unsigned)info->port);

@@ -1364,6 +1364,18 @@ static void gpt_drop_training_state(GPT* m) {
     }
 }
 
+// The model of --load with its weights only, for the modes that run it without training it
+// (evaluation, generation, the server); activations are the caller's.
+static void gpt_load_weights(GPT* m, const GPTConfig* cfg, Device* dev, Parallel* par, const CheckpointArgs* ckpt, const CkptSource* src) {
+    gpt_build_parallel(m, cfg, dev, par, 0);
+    CheckpointArgs weights_only = *ckpt;
+    weights_only.finetune = 1;
+    TrainState unused;
+    memset(&unused, 0, sizeof(unused));
+    checkpoint_load(m, src, &weights_only, &unused);
+    gpt_drop_training_state(m);
+}
+
 // B samples of T + 1 tokens (rows of `samples`) and their masks (rows of T) laid out in [s, b]
 // order in h and uploaded as inputs and targets.
 static void upload_samples(GPT* m, HostBatch* h, const int32_t* samples, const float* masks, int B, int T) {
@@ -1548,13 +1560,7 @@ static void run_eval_task(const EvalArgs* e, Args* args, const CheckpointArgs* c
     start_device(args, &par, &dev, argc, argv);
     GPTConfig cfg = gpt_config_from_args(args, tokenizer_vocab_size(tokenizer));
     GPT model;
-    gpt_build_parallel(&model, &cfg, &dev, &par, 0);
-    CheckpointArgs weights_only = *ckpt;
-    weights_only.finetune = 1;
-    TrainState unused;
-    memset(&unused, 0, sizeof(unused));
-    checkpoint_load(&model, source, &weights_only, &unused);
-    gpt_drop_training_state(&model);
+    gpt_load_weights(&model, &cfg, &dev, &par, ckpt, source);
     gpt_alloc_activations(&model, args->micro_batch_size, args->seq_length);
     const char* path = e->valid_data.values[0];
     if (!strcmp(e->task, "WIKITEXT103"))
@@ -1713,19 +1719,25 @@ static void prompt_tokens(const Tokenizer* tok, const char* text, const GPTConfi
         arg_error("%s: the prompt has %zu tokens, more than the model's %d positions (--max-position-embeddings)", where, ids->len, c->maxT);
 }
 
-static int generate_mode(const GenerationArgs* g, Args* args, const CheckpointArgs* ckpt, const CkptSource* src, int vocab_size,
-                         int argc, char** argv) {
-    if (!src) arg_error("%s needs --load (a checkpoint directory or a Hugging Face GPT-2 directory)", g->prompt ? "--prompt" : "--sample-input-file");
-    checkpoint_apply_config(src, args, args->vocab_file || args->merge_file ? NULL : &vocab_size);
+// The start-up of the modes that generate from --load (--prompt, --port): its flags, and ranks
+// that hold one copy of the model.
+static void start_generation_ranks(const char* mode_flag, Args* args, const CkptSource* src, int* vocab_size, Parallel* par) {
+    if (!src) arg_error("%s needs --load (a checkpoint directory or a Hugging Face GPT-2 directory)", mode_flag);
+    checkpoint_apply_config(src, args, args->vocab_file || args->merge_file ? NULL : vocab_size);
     if (!args->seq_length) args->seq_length = args->max_position_embeddings;  // prompt tokens per forward pass
     if (!args->micro_batch_size) args->micro_batch_size = 1;
+    start_ranks(args, par);
+    args_validate_model(args);
+    if (par->size[GROUP_DP] > 1)
+        arg_error("generation runs one copy of the model: start --tensor-model-parallel-size ranks (%d), not %d", par->size[GROUP_TP], par->size[GROUP_WORLD]);
+}
+
+static int generate_mode(const GenerationArgs* g, Args* args, const CheckpointArgs* ckpt, const CkptSource* src, int vocab_size,
+                         int argc, char** argv) {
     char** prompts = NULL;
     int n_prompts = read_prompts(g, &prompts);
     Parallel par;
-    start_ranks(args, &par);
-    args_validate_model(args);
-    if (par.size[GROUP_DP] > 1)
-        arg_error("generation runs one copy of the model: start --tensor-model-parallel-size ranks (%d), not %d", par.size[GROUP_TP], par.size[GROUP_WORLD]);
+    start_generation_ranks(g->prompt ? "--prompt" : "--sample-input-file", args, src, &vocab_size, &par);
     FILE* out = stdout;
     if (g->sample_output_file && par.rank[GROUP_WORLD] == 0 && !(out = fopen(g->sample_output_file, "wb")))
         arg_error("--sample-output-file %s: %s", g->sample_output_file, strerror(errno));
@@ -1736,13 +1748,7 @@ static int generate_mode(const GenerationArgs* g, Args* args, const CheckpointAr
     generation_args_check_vocab(g, vocab_size);
     GPTConfig cfg = gpt_config_from_args(args, vocab_size);
     GPT model;
-    gpt_build_parallel(&model, &cfg, &dev, &par, 0);
-    TrainState unused;
-    memset(&unused, 0, sizeof(unused));
-    CheckpointArgs weights_only = *ckpt;
-    weights_only.finetune = 1;
-    checkpoint_load(&model, src, &weights_only, &unused);
-    gpt_drop_training_state(&model);
+    gpt_load_weights(&model, &cfg, &dev, &par, ckpt, src);
     gpt_alloc_activations(&model, 1, args->seq_length);
 
     int eod = tok ? tokenizer_eod(tok) : cfg.V - 1;
@@ -1776,6 +1782,180 @@ static int generate_mode(const GenerationArgs* g, Args* args, const CheckpointAr
     return 0;
 }
 
+// ----------------------------------------------------------------------------
+// Server mode (--port with --load): Megatron's tools/run_text_generation_server.py. World rank 0
+// answers HTTP (megatron.h section server); with tensor parallelism it sends each request to the
+// other ranks, which generate with it as rank 0 does (Megatron's send_do_generate broadcast).
+
+enum { SERVE_IDLE, SERVE_GENERATE };
+
+// A request as every rank runs it: the prompts' token ids and the sampling settings.
+typedef struct {
+    int n_prompts, tokens_to_generate, logprobs;
+    SamplingParams sp;
+    uint32_t seed;
+    int* lengths;  // of each prompt
+    int* tokens;   // the prompts' ids one after another
+} ServeJob;
+
+// What a job generates: each prompt continued (len[i] tokens, the prompt's included) and, when
+// asked, log p of each token after the first.
+typedef struct {
+    int n;
+    int** tokens;
+    int* len;
+    float** logprobs;
+} ServeOutput;
+
+// Rank 0's values on every tensor-parallel rank: a sum to which the others add zeros (exact:
+// counts, token ids and seeds are integers below 2^53).
+static void tp_share(GPT* m, double* x, int n) {
+    if (m->tp_rank) memset(x, 0, n * sizeof(double));
+    all_reduce_host(m->par, GROUP_TP, x, n);
+}
+
+// Rank 0 sends the command and, for SERVE_GENERATE, its job; the other ranks (job zeroed) receive
+// them. Returns the command.
+static int serve_exchange(GPT* m, int command, ServeJob* job) {
+    int total = 0;
+    for (int i = 0; i < job->n_prompts; i++) total += job->lengths[i];
+    double head[9] = {(double)command, (double)job->n_prompts, (double)job->tokens_to_generate, (double)job->logprobs,
+                      job->sp.temperature, (double)job->sp.top_k, job->sp.top_p, (double)job->seed, (double)total};
+    tp_share(m, head, 9);
+    if (head[0] == SERVE_IDLE) return SERVE_IDLE;
+    if (m->tp_rank) {
+        total = (int)head[8];
+        *job = ServeJob{(int)head[1], (int)head[2], (int)head[3], {head[4], (int)head[5], head[6]}, (uint32_t)head[7],
+                        (int*)xmalloc((size_t)head[1] * sizeof(int)), (int*)xmalloc((size_t)total * sizeof(int))};
+    }
+    int n = job->n_prompts + total;
+    double* ids = (double*)xmalloc(n * sizeof(double));
+    for (int i = 0; i < job->n_prompts; i++) ids[i] = job->lengths[i];
+    for (int k = 0; k < total; k++) ids[job->n_prompts + k] = job->tokens[k];
+    tp_share(m, ids, n);
+    for (int i = 0; i < job->n_prompts; i++) job->lengths[i] = (int)ids[i];
+    for (int k = 0; k < total; k++) job->tokens[k] = (int)ids[job->n_prompts + k];
+    free(ids);
+    return SERVE_GENERATE;
+}
+
+// Every rank: each prompt continued by gpt_generate, one after another, drawing from one MT19937
+// seeded with job->seed.
+static void serve_run(GPT* m, const ServeJob* job, int eod, ServeOutput* out) {
+    int n = job->n_prompts;
+    *out = ServeOutput{n, (int**)xmalloc(n * sizeof(int*)), (int*)xmalloc(n * sizeof(int)), (float**)xmalloc(n * sizeof(float*))};
+    MT19937 rng;
+    mt_seed(&rng, job->seed);
+    const int* prompt = job->tokens;
+    for (int i = 0; i < n; i++) {
+        size_t room = (size_t)job->lengths[i] + job->tokens_to_generate;
+        out->tokens[i] = (int*)xmalloc(room * sizeof(int));
+        memcpy(out->tokens[i], prompt, job->lengths[i] * sizeof(int));
+        out->logprobs[i] = job->logprobs ? (float*)xmalloc(room * sizeof(float)) : NULL;
+        out->len[i] = gpt_generate(m, out->tokens[i], job->lengths[i], job->tokens_to_generate, &job->sp, &rng, eod, out->logprobs[i]);
+        prompt += job->lengths[i];
+    }
+}
+
+static void serve_output_free(ServeOutput* out) {
+    for (int i = 0; i < out->n; i++) {
+        free(out->tokens[i]);
+        free(out->logprobs[i]);
+    }
+    free(out->tokens);
+    free(out->len);
+    free(out->logprobs);
+}
+
+typedef struct {
+    GPT* model;
+    const Tokenizer* tok;
+    int eod;
+    MT19937 seeds;  // the seed of each request that names none
+} ServedModel;
+
+// Rank 0 with a checked job: the other ranks join, then every prompt's text, segments and logprobs.
+static void serve_answer(ServedModel* s, ServeJob* job, GenerateResponse* answer) {
+    ServeOutput out;
+    serve_exchange(s->model, SERVE_GENERATE, job);
+    serve_run(s->model, job, s->eod, &out);
+    for (int i = 0; i < out.n; i++) {
+        GeneratedText* g = &answer->items[i];
+        g->text = tokenizer_decode(s->tok, out.tokens[i], out.len[i]);
+        g->n_tokens = out.len[i];
+        g->segments = (char**)xmalloc(out.len[i] * sizeof(char*));
+        for (int k = 0; k < out.len[i]; k++) g->segments[k] = tokenizer_decode(s->tok, out.tokens[i] + k, 1);
+        g->logprobs = out.logprobs[i];  // the answer's now
+        out.logprobs[i] = NULL;
+    }
+    serve_output_free(&out);
+}
+
+// The server's GenerateFn (rank 0): tokenize (add_BOS puts end-of-document first, as Megatron's
+// tokenize_prompts), refuse what the model cannot take, answer.
+static int serve_generate(void* ctx, const GenerateRequest* req, GenerateResponse* answer, char* err, size_t err_cap) {
+    ServedModel* s = (ServedModel*)ctx;
+    const GPTConfig* c = &s->model->cfg;
+    if (req->top_k >= c->V) return snprintf(err, err_cap, "top_k must be less than the vocabulary size %d", c->V);
+    ServeJob job = {req->n_prompts, req->tokens_to_generate, req->logprobs, {req->temperature, req->top_k, req->top_p},
+                    req->random_seed >= 0 ? (uint32_t)req->random_seed : mt_u32(&s->seeds), (int*)xcalloc(req->n_prompts, sizeof(int)), NULL};
+    TokenList ids = {};
+    int too_long = 0;
+    for (int i = 0; i < req->n_prompts; i++) {
+        size_t start = ids.len;
+        if (req->add_BOS) token_list_push(&ids, s->eod);
+        tokenizer_encode(s->tok, req->prompts[i], strlen(req->prompts[i]), &ids);
+        job.lengths[i] = (int)(ids.len - start);
+        too_long |= ids.len - start + req->tokens_to_generate > (size_t)c->maxT;
+    }
+    job.tokens = ids.ids;
+    if (too_long) snprintf(err, err_cap, "Length of prompt + tokens_to_generate longer than allowed");
+    else serve_answer(s, &job, answer);
+    free(job.lengths);
+    free(ids.ids);
+    return too_long;
+}
+
+// Rank 0, between requests: keeps the other ranks' wait for the next one inside --collective-timeout.
+static void serve_idle(void* ctx) {
+    ServeJob nothing;
+    memset(&nothing, 0, sizeof(nothing));
+    serve_exchange(((ServedModel*)ctx)->model, SERVE_IDLE, &nothing);
+}
+
+// The other tensor-parallel ranks, until killed: each job rank 0 sends, generated alongside it.
+static void serve_follow(GPT* m, int eod) {
+    for (;;) {
+        ServeJob job;
+        memset(&job, 0, sizeof(job));
+        if (serve_exchange(m, SERVE_IDLE, &job) == SERVE_IDLE) continue;
+        ServeOutput out;
+        serve_run(m, &job, eod, &out);
+        serve_output_free(&out);
+        free(job.lengths);
+        free(job.tokens);
+    }
+}
+
+static int serve_mode(const ServerArgs* sa, Args* args, const CheckpointArgs* ckpt, const CkptSource* src, int vocab_size, int argc,
+                      char** argv) {
+    Parallel par;
+    start_generation_ranks("--port", args, src, &vocab_size, &par);
+    Tokenizer* tok = load_tokenizer(args);
+    if (!tok) arg_error("--port needs --vocab-file and --merge-file: the server takes and answers text");
+    Device dev;
+    start_device(args, &par, &dev, argc, argv);
+    GPTConfig cfg = gpt_config_from_args(args, tokenizer_vocab_size(tok));
+    GPT model;
+    gpt_load_weights(&model, &cfg, &dev, &par, ckpt, src);
+    gpt_alloc_activations(&model, 1, args->seq_length);
+    ServedModel served = {&model, tok, tokenizer_eod(tok)};
+    mt_seed(&served.seeds, (uint32_t)args->seed);
+    if (model.tp_rank) serve_follow(&model, served.eod);
+    server_run(sa, serve_generate, par.size[GROUP_TP] > 1 ? serve_idle : NULL, args->collective_timeout / 4, &served);
+    return 0;  // not reached: the server runs until the process is killed
+}
+
 int main(int argc, char** argv) {
     Args args;
     ArgSpec specs[MAX_ARGS];
@@ -1789,10 +1969,14 @@ int main(int argc, char** argv) {
     n_specs += generation_args_table(&gen, specs + n_specs);
     EvalArgs eval;
     n_specs += eval_args_table(&eval, specs + n_specs);
+    ServerArgs serve;
+    n_specs += server_args_table(&serve, specs + n_specs);
     args_parse(argc, argv, specs, n_specs);
     checkpoint_args_validate(&ckpt);
     generation_args_validate(&gen);
     eval_args_validate(&eval);
+    server_args_validate(&serve);
+    if (serve.port >= 0 && (gen.prompt || gen.sample_input_file || eval.task)) arg_error("--port does not go with --prompt, --sample-input-file or --task");
     CkptSource source;
     int have_source = ckpt.load && checkpoint_find(ckpt.load, ckpt.save, &source);
     if (ckpt.export_hf) {  // a single-process tool: before any parallel start-up
@@ -1804,6 +1988,7 @@ int main(int argc, char** argv) {
         run_eval_task(&eval, &args, &ckpt, have_source ? &source : NULL, argc, argv);
         return 0;
     }
+    if (serve.port >= 0) return serve_mode(&serve, &args, &ckpt, have_source ? &source : NULL, vocab_size, argc, argv);
     if (gen.prompt || gen.sample_input_file) return generate_mode(&gen, &args, &ckpt, have_source ? &source : NULL, vocab_size, argc, argv);
     if (have_source) checkpoint_apply_config(&source, &args, args.vocab_file || args.merge_file ? NULL : &vocab_size);
     Parallel par;

@@ -5,6 +5,7 @@
 # keep-alive, concurrent clients getting the answers they get one at a time, and that no server
 # outlives the test.
 cd "$(dirname "$0")/.."
+DATA_DIR="${MEGATRON_DATA:-$(cd .. && pwd)/shared/data}"
 W=build/test_server_sh
 rm -rf "$W" && mkdir -p "$W"
 passed=0; failed=0
@@ -19,6 +20,19 @@ stop_server() {
     SERVER_PID=
 }
 trap stop_server EXIT
+
+# stop_checked NAME: stops the server and checks that neither it nor a process it started is left.
+stop_checked() {
+    local pids="$SERVER_PID $(ps -o pid= --ppid "$SERVER_PID" 2> /dev/null)" left=
+    stop_server
+    for _ in $(seq 50); do  # mpirun's ranks end just after it
+        left=
+        for p in $pids; do kill -0 "$p" 2> /dev/null && left="$left $p"; done
+        [ -z "$left" ] && break
+        sleep 0.1
+    done
+    [ -z "$left" ] && ok "$1: the server is gone" || fail "$1: server stopped" "processes$left still run"
+}
 
 # start_server LOG CMD...: CMD in the background; waits for its "serving" line and sets PORT.
 start_server() {
@@ -79,6 +93,9 @@ if ! start_server "$W/fake.log" build/test_server --serve 0; then
     exit 1
 fi
 ok "the server listens on the loopback port the system chose ($PORT)"
+build/test_server --serve "$PORT" > "$W/taken.log" 2>&1
+[ $? -eq 1 ] && [ "$(wc -l < "$W/taken.log")" -eq 1 ] && grep -q "^error: cannot serve on 127.0.0.1 port $PORT: .*in use" "$W/taken.log" \
+    && ok "a port in use: $(cat "$W/taken.log")" || fail "a port in use" "$(cat "$W/taken.log")"
 
 # ---- answers
 code=$(put '{"prompts": ["Hello world", "Caf\u00e9 \"quoted\""], "tokens_to_generate": 5, "logprobs": true, "random_seed": 42}')
@@ -158,8 +175,151 @@ kill -0 "$SERVER_PID" 2> /dev/null && ok "the server is still up after all that"
 grep -q "^PUT /api: 400 top_k must be" "$W/fake.log" && grep -q "^PUT /api: 200, 2 prompts, tokens_to_generate 16" "$W/fake.log" \
     && ok "the server logs each request in one line" || fail "server log" "$(tail -n 3 "$W/fake.log")"
 
-pid=$SERVER_PID
+stop_checked stand-in
+
+# ---- train_gpt --port: a tiny random GPT-2 (Hugging Face layout, GPT-2's vocabulary, 64 positions)
+G="$DATA_DIR/gpt2"
+if ! [ -f "$G/encoder.json" ] || ! [ -x ./train_gpt ]; then
+    echo "skip train_gpt --port: no ./train_gpt or no GPT-2 encoder.json/vocab.bpe in $G (set MEGATRON_DATA)"
+    echo "$passed passed, $failed failed"
+    [ "$failed" -eq 0 ]; exit
+fi
+export OMP_NUM_THREADS=1  # tiny models run fastest on one thread, and every run below sees the same sums
+mkdir -p "$W/hf"
+python3 - "$W/hf" << 'PY' || fail "make the model" "python failed"
+import json, random, struct, sys
+V, P, C, L = 50257, 64, 32, 2
+rng, tensors = random.Random(1), {}
+def add(name, shape, std=0.0, fill=0.0):
+    n = 1
+    for d in shape: n *= d
+    tensors[name] = (shape, struct.pack('<%df' % n, *([rng.gauss(0, std) for _ in range(n)] if std else [fill] * n)))
+add('transformer.wte.weight', [V, C], 0.5)  # large weights: peaked next-token distributions
+add('transformer.wpe.weight', [P, C], 0.2)
+for l in range(L):
+    h = 'transformer.h.%d.' % l
+    for ln in ['ln_1', 'ln_2']:
+        add(h + ln + '.weight', [C], fill=1.0); add(h + ln + '.bias', [C])
+    for name, shape in [('attn.c_attn', [C, 3 * C]), ('attn.c_proj', [C, C]), ('mlp.c_fc', [C, 4 * C]), ('mlp.c_proj', [4 * C, C])]:
+        add(h + name + '.weight', shape, 0.2); add(h + name + '.bias', [shape[1]], 0.02)
+add('transformer.ln_f.weight', [C], fill=1.0); add('transformer.ln_f.bias', [C])
+header, data = {}, b''
+for k, (shape, raw) in tensors.items():
+    header[k] = {'dtype': 'F32', 'shape': shape, 'data_offsets': [len(data), len(data) + len(raw)]}
+    data += raw
+h = json.dumps(header).encode()
+open(sys.argv[1] + '/model.safetensors', 'wb').write(struct.pack('<Q', len(h)) + h + data)
+json.dump({'model_type': 'gpt2', 'vocab_size': V, 'n_positions': P, 'n_embd': C, 'n_layer': L, 'n_head': 2}, open(sys.argv[1] + '/config.json', 'w'))
+PY
+TOK=(--device cpu --vocab-file "$G/encoder.json" --merge-file "$G/vocab.bpe")
+
+# check_gpt FILE PROMPT...: the answer's shape for a real tokenizer (segments are BPE tokens)
+check_gpt() {
+    python3 -c "
+import json, sys
+r, prompts = json.load(open(sys.argv[1])), sys.argv[2:]
+assert len(r['text']) == len(prompts) == len(r['segments']), r
+for i, p in enumerate(prompts):
+    assert r['text'][i].startswith(p), (r['text'][i], p)
+    assert len(r['logprobs'][i]) == len(r['segments'][i]) - 1 and all(x <= 0 for x in r['logprobs'][i]), r
+" "$@"
+}
+# continuation FILE: the text after the prompt of an answer's first entry
+continuation() { python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(r['text'][0][len(sys.argv[2]):])" "$1" "$2"; }
+
+# expect NAME STATUS WORDS CMD...: CMD fails with STATUS and one line of stderr holding WORDS
+expect() {
+    local name=$1 want=$2 words=$3; shift 3
+    "$@" > "$W/out" 2> "$W/err"
+    local status=$?
+    if [ "$status" -ne "$want" ]; then fail "$name" "exit status $status, expected $want ($(head -c 200 "$W/err"))"
+    elif [ "$(wc -l < "$W/err")" -ne 1 ] || ! grep -q -- "$words" "$W/err"; then fail "$name" "stderr: $(head -c 300 "$W/err")"
+    else ok "$name: $(cat "$W/err")"; fi
+}
+expect "--port without --load" 2 "--port needs --load" ./train_gpt "${TOK[@]}" --port 0
+expect "--port without a tokenizer" 2 "--port needs --vocab-file and --merge-file" ./train_gpt --device cpu --load "$W/hf" --port 0
+expect "--port out of range" 2 "--port 70000: expected 0 to 65535" ./train_gpt --load "$W/hf" "${TOK[@]}" --port 70000
+expect "--port with --prompt" 2 "--port does not go with --prompt" ./train_gpt --load "$W/hf" "${TOK[@]}" --port 0 --prompt "Hi"
+expect "--bind-address not an address" 2 "--bind-address localhost: not a numeric IPv4 or IPv6 address" \
+    ./train_gpt --load "$W/hf" "${TOK[@]}" --port 0 --bind-address localhost
+
+if start_server "$W/gpt.log" ./train_gpt --load "$W/hf" "${TOK[@]}" --port 0; then
+    ok "train_gpt --load (a Hugging Face GPT-2 directory) --port 0 serves"
+    code=$(put '{"prompts": ["Hello world", "The cat sat on"], "tokens_to_generate": 12, "top_k": 1, "logprobs": true}' "$W/greedy")
+    [ "$code" = 200 ] && check_gpt "$W/greedy" "Hello world" "The cat sat on" 2> "$W/err" \
+        && ok "a greedy request (top_k 1) answers text, segments and logprobs" || fail "greedy request" "HTTP $code $(head -c 300 "$W/greedy") $(tail -n 1 "$W/err")"
+    ./train_gpt --load "$W/hf" "${TOK[@]}" --prompt "Hello world" --greedy --out-seq-length 12 > "$W/prompt.txt" 2>&1
+    want=$(python3 -c "import sys; t = open(sys.argv[1]).read(); print(t.split('Megatron-LM: ', 1)[1][:-1])" "$W/prompt.txt")
+    [ -n "$want" ] && [ "$(continuation "$W/greedy" "Hello world")" = "$want" ] && ok "the greedy answer equals train_gpt --prompt ... --greedy: '$want'" \
+        || fail "greedy answer vs --prompt --greedy" "server '$(continuation "$W/greedy" "Hello world")', --prompt '$want'"
+    code=$(put '{"prompts": ["Hello world", "The cat sat on"], "tokens_to_generate": 0, "logprobs": true}' "$W/score")
+    python3 -c "
+import json, sys
+g, s = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
+for i in range(2):
+    n = len(s['segments'][i])
+    assert s['segments'][i] == g['segments'][i][:n] and s['logprobs'][i] == g['logprobs'][i][:n - 1], i
+" "$W/greedy" "$W/score" 2> "$W/err" && ok "tokens_to_generate 0 scores the prompts: the greedy answer's first logprobs" || fail "scoring" "HTTP $code $(tail -n 1 "$W/err")"
+    code=$(put '{"prompts": [""], "add_BOS": true, "tokens_to_generate": 4, "logprobs": true}' "$W/bos")
+    [ "$code" = 200 ] && check_gpt "$W/bos" "<|endoftext|>" 2> "$W/err" && ok "add_BOS: an empty prompt starts from <|endoftext|>" || fail "add_BOS" "HTTP $code $(cat "$W/bos")"
+    refused "prompt + tokens_to_generate over the 64 positions" '{"prompts": ["Hello world"], "tokens_to_generate": 63}' "Length of prompt + tokens_to_generate longer than allowed"
+    seeds=(21 22 23 24)
+    body() { echo "{\"prompts\": [\"Once upon a time $1\", \"The $1\"], \"tokens_to_generate\": 10, \"top_p\": 0.9, \"logprobs\": true, \"random_seed\": $1}"; }
+    for s in "${seeds[@]}"; do put "$(body "$s")" "$W/gpt_alone_$s" > /dev/null; done
+    clients=()
+    for s in "${seeds[@]}"; do
+        put "$(body "$s")" "$W/gpt_together_$s" > "$W/code_$s" &
+        clients+=($!)
+    done
+    wait "${clients[@]}"
+    bad=
+    for s in "${seeds[@]}"; do { [ "$(cat "$W/code_$s")" = 200 ] && cmp -s "$W/gpt_alone_$s" "$W/gpt_together_$s"; } || bad="$bad $s"; done
+    [ -z "$bad" ] && ok "${#seeds[@]} concurrent clients of the model get the answers they get one at a time" || fail "concurrent clients of the model" "differ for seeds$bad"
+    stop_checked "train_gpt --port"
+else
+    fail "train_gpt --port" "$(tail -n 3 "$W/gpt.log")"
+    stop_server
+fi
+
+# ---- tensor parallelism (mpirun -np 2): rank 0 serves, rank 1 generates beside it; the answers are one
+# process's. The checkpoint: the model above through one training step of learning rate 1e-9, saved
+# in our format (Hugging Face weights load into one process only).
+if ! command -v mpirun > /dev/null || ! ldd ./train_gpt 2> /dev/null | grep -q libmpi || ! [ -x prepro/preprocess_data ]; then
+    echo "skip the tensor-parallel server: no mpirun, no MPI in ./train_gpt or no prepro/preprocess_data"
+    echo "$passed passed, $failed failed"
+    [ "$failed" -eq 0 ]; exit
+fi
+./prepro/preprocess_data --input "$DATA_DIR/tinyshakespeare/input.txt" --input-format text --output-prefix "$W/ts" --tokenizer-type GPT2BPETokenizer \
+    --vocab-file "$G/encoder.json" --merge-file "$G/vocab.bpe" --append-eod --log-interval 0 > "$W/prepro.txt" 2>&1
+./train_gpt --load "$W/hf" "${TOK[@]}" --data-path "$W/ts_text_document" --split 100,0,0 --seq-length 16 --micro-batch-size 1 \
+    --global-batch-size 1 --train-iters 1 --lr 1e-9 --eval-iters 0 --save "$W/ckpt" --save-interval 1 > "$W/ckpt.txt" 2>&1 \
+    || fail "make the checkpoint" "$(tail -n 2 "$W/ckpt.txt")"
+greedy='{"prompts": ["Hello world", "The cat sat on"], "tokens_to_generate": 12, "top_k": 1, "logprobs": true}'
+sampled='{"prompts": ["Hello world", "The cat sat on"], "tokens_to_generate": 12, "temperature": 0.8, "random_seed": 7, "logprobs": true}'
+start_server "$W/one.log" ./train_gpt --load "$W/ckpt" "${TOK[@]}" --port 0 && put "$greedy" "$W/one_greedy" > /dev/null && put "$sampled" "$W/one_sampled" > /dev/null
 stop_server
-kill -0 "$pid" 2> /dev/null && fail "server stopped" "pid $pid still runs" || ok "the server is gone"
+MPIRUN=(mpirun --allow-run-as-root --oversubscribe --mca btl_vader_single_copy_mechanism none -x OMP_NUM_THREADS=1 -np 2)
+TP=(--tensor-model-parallel-size 2 --make-vocab-size-divisible-by 64 --collective-timeout 3)
+if start_server "$W/tp.log" "${MPIRUN[@]}" ./train_gpt --load "$W/ckpt" "${TOK[@]}" "${TP[@]}" --port 0; then
+    put "$greedy" "$W/tp_greedy" > /dev/null
+    put "$sampled" "$W/tp_sampled" > /dev/null
+    python3 -c "
+import json, sys
+for one, tp in [(sys.argv[1], sys.argv[2]), (sys.argv[3], sys.argv[4])]:
+    a, b = json.load(open(one)), json.load(open(tp))
+    assert a['text'] == b['text'], (a['text'], b['text'])
+    worst = max(abs(x - y) for la, lb in zip(a['logprobs'], b['logprobs']) for x, y in zip(la, lb))
+    assert worst < 1e-4, worst
+" "$W/one_greedy" "$W/tp_greedy" "$W/one_sampled" "$W/tp_sampled" 2> "$W/err" \
+        && ok "TP=2 under mpirun: greedy and seeded answers equal one process's (logprobs within 1e-4)" || fail "TP=2 answers" "$(tail -n 1 "$W/err")"
+    sleep 7  # over twice --collective-timeout without a request: rank 0's idle messages keep rank 1 waiting
+    code=$(put "$greedy" "$W/tp_later")
+    [ "$code" = 200 ] && cmp -s "$W/tp_greedy" "$W/tp_later" && ok "TP=2: after 7 s idle (--collective-timeout 3) the next request is answered the same" \
+        || fail "TP=2 after idling" "HTTP $code $(tail -n 3 "$W/tp.log")"
+    stop_checked "TP=2"
+else
+    fail "TP=2 server" "$(tail -n 3 "$W/tp.log")"
+    stop_server
+fi
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
