@@ -1896,7 +1896,10 @@ static void serve_answer(ServedModel* s, ServeJob* job, GenerateResponse* answer
 static int serve_generate(void* ctx, const GenerateRequest* req, GenerateResponse* answer, char* err, size_t err_cap) {
     ServedModel* s = (ServedModel*)ctx;
     const GPTConfig* c = &s->model->cfg;
-    if (req->top_k >= c->V) return snprintf(err, err_cap, "top_k must be less than the vocabulary size %d", c->V);
+    if (req->top_k >= c->V) {
+        snprintf(err, err_cap, "top_k must be less than the vocabulary size %d", c->V);
+        return 1;
+    }
     ServeJob job = {req->n_prompts, req->tokens_to_generate, req->logprobs, {req->temperature, req->top_k, req->top_p},
                     req->random_seed >= 0 ? (uint32_t)req->random_seed : mt_u32(&s->seeds), (int*)xcalloc(req->n_prompts, sizeof(int)), NULL};
     TokenList ids = {};
