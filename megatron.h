@@ -5864,7 +5864,7 @@ static LambadaExample* lambada_read(const char* path, const char* text, size_t n
     for (size_t i = 0; i < n; k++) {
         const char* newline = (const char*)memchr(text + i, '\n', n - i);
         size_t end = newline ? (size_t)(newline - text) : n;
-        char where[1300];  // "path:line" for error messages (callers pass paths of under 1200 bytes)
+        char where[1300];  // "path:line" for error messages; a longer path is cut
         snprintf(where, sizeof(where), "%s:%lld", path, (long long)k + 1);
         char* record = jsonl_text_field(text + i, end - i, where);
         if (k == cap) {
