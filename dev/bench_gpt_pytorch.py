@@ -13,7 +13,8 @@ i.e. 72 l h^2 + 12 l s h + 6 V h per token (what megatron.c's gpt_flops_per_toke
 against --peak-tflops (H100/H200 dense bf16: 989). --vocab is the padded vocabulary the
 model is built with (GPT-2's 50257 padded to a multiple of 128 is 50304).
 If a micro-batch does not fit, prints {"oom": true, ...} and exits 0.
-With --profile FILE, after the timed steps a few more run under torch.profiler and FILE gets
+With --ddp (under torchrun) every rank trains its own micro-batch in DistributedDataParallel and
+rank 0 prints the tokens/s of all ranks together. With --profile FILE, after the timed steps a few more run under torch.profiler and FILE gets
 each CUDA kernel's time per step (JSON {name: microseconds}; dev/profile_gpt.sh compares them).
 
   python dev/bench_gpt_pytorch.py --layers 12 --hidden 768 --heads 12 --seq 1024 --micro-batch 16
@@ -21,6 +22,7 @@ each CUDA kernel's time per step (JSON {name: microseconds}; dev/profile_gpt.sh 
 import argparse
 import json
 import math
+import os
 import time
 
 import torch
@@ -81,6 +83,11 @@ def is_oom(e):
 
 def run(a, report):
     device = "cuda"
+    world = 1
+    if a.ddp:
+        torch.distributed.init_process_group("nccl")
+        world = torch.distributed.get_world_size()
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
@@ -90,7 +97,9 @@ def run(a, report):
     no_decay = [p for p in model.parameters() if p.dim() != 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=a.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
-    step_model = model if a.no_compile else torch.compile(model)
+    wrapped = torch.nn.parallel.DistributedDataParallel(model) if a.ddp else model
+    step_model = wrapped if a.no_compile else torch.compile(wrapped)
+    torch.manual_seed(1 + (torch.distributed.get_rank() if a.ddp else 0))  # each rank its own batch
     tokens = torch.randint(0, a.vocab, (a.micro_batch, a.seq + 1), device=device)
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
@@ -119,10 +128,11 @@ def run(a, report):
     end.record()
     torch.cuda.synchronize()
     seconds = start.elapsed_time(end) / 1e3
-    tokens_per_s = a.micro_batch * a.seq * a.steps / seconds
+    tokens_per_s = world * a.micro_batch * a.seq * a.steps / seconds
+    report["world_size"] = world
     report.update(tokens_per_s=tokens_per_s, ms_per_step=1e3 * seconds / a.steps,
                   tflops=tokens_per_s * flops_per_token(a) / 1e12,
-                  mfu=tokens_per_s * flops_per_token(a) / (a.peak_tflops * 1e12),
+                  mfu=tokens_per_s * flops_per_token(a) / (world * a.peak_tflops * 1e12),
                   peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, last_loss=loss.item())
     if a.profile:
         write_kernel_profile(a.profile, step, steps=3)
@@ -156,6 +166,7 @@ def main():
     p.add_argument("--clip", type=float, default=1.0, help="gradient clipping norm (0: off)")
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--ddp", action="store_true", help="DistributedDataParallel over torchrun's ranks")
     p.add_argument("--profile", metavar="FILE", help="write each CUDA kernel's microseconds per step here")
     a = p.parse_args()
     if a.hidden % a.heads:
@@ -174,7 +185,10 @@ def main():
         if not is_oom(e):
             raise
         report.update(oom=True, error=str(e).splitlines()[0][:200])
-    print(json.dumps(report), flush=True)
+    if not a.ddp or torch.distributed.get_rank() == 0:
+        print(json.dumps(report), flush=True)
+    if a.ddp:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
