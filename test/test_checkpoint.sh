@@ -9,9 +9,8 @@ W=build/test_checkpoint
 # Tiny models run fastest on one thread (resume is exact for any fixed thread count).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 rm -rf "$W" && mkdir -p "$W"
-passed=0; failed=0
-ok() { echo "ok   $1"; passed=$((passed + 1)); }
-fail() { echo "FAIL $1: $2"; failed=$((failed + 1)); }
+source test/lib.sh
+SCRATCH="$W"
 
 # Python (standard library only) with st(path) -> (metadata, {name: (dtype, shape, bytes)}).
 py() {
@@ -175,15 +174,6 @@ else fail "kill -9 during a save ($caught)" "tracker '$latest': $(tail -n 2 "$W/
 rm -rf "$W/big"
 
 # ---- bad input: a clear one-line error and a non-zero exit
-expect() {
-    local name=$1 want=$2 words=$3; shift 3
-    "$@" > "$W/out" 2> "$W/err"
-    local status=$? lines
-    lines=$(wc -l < "$W/err")
-    if [ "$status" -ne "$want" ]; then fail "$name" "exit status $status, expected $want ($(head -c 300 "$W/err"))"
-    elif [ "$lines" -ne 1 ] || ! grep -q -- "$words" "$W/err"; then fail "$name" "stderr: $(head -c 300 "$W/err")"
-    else ok "$name: $(cat "$W/err")"; fi
-}
 GOOD="$W/cpu/res/iter_0000060"
 bad_copy() { rm -rf "$W/bad" && mkdir -p "$W/bad" && cp -r "$GOOD" "$W/bad/" && echo 60 > "$W/bad/latest_checkpointed_iteration.txt"; }
 ONE=("${RUN[@]}" --train-iters 61 --eval-iters 0)

@@ -13,9 +13,8 @@ DATA_DIR="${MEGATRON_DATA:-$(cd .. && pwd)/shared/data}"
 WORK=build/test_evaluate_sh
 FIXTURE=test/fixtures/eval.txt
 rm -rf "$WORK" && mkdir -p "$WORK"
-passed=0; failed=0
-ok() { echo "ok   $1"; passed=$((passed + 1)); }
-fail() { echo "FAIL $1: $2"; failed=$((failed + 1)); }
+source test/lib.sh
+SCRATCH="$WORK"
 
 for f in wikitext/wikitext-2.test.tokens lambada/lambada_test.jsonl gpt2/encoder.json gpt2/vocab.bpe; do
     if [ ! -s "$DATA_DIR/$f" ]; then echo "skip evaluation runs: $DATA_DIR/$f not found (set MEGATRON_DATA)"; echo "0 passed, 0 failed"; exit 0; fi
@@ -102,16 +101,6 @@ if [ ${#MPIRUN[@]} -gt 0 ]; then
     run lambada_dp2 2 "${LAMBADA[@]}" --micro-batch-size 3 && compare "LAMBADA at DP=2 (micro-batch 3) equals TP=1" "$WORK/lambada_dp2.out" "$WORK/lambada.out"
 fi
 
-# expect NAME STATUS WORDS CMD...: exit status STATUS and one stderr line containing WORDS
-expect() {
-    local name=$1 want=$2 words=$3; shift 3
-    "$@" > "$WORK/out" 2> "$WORK/err"
-    local status=$? lines
-    lines=$(wc -l < "$WORK/err")
-    if [ "$status" -ne "$want" ]; then fail "$name" "exit status $status, expected $want ($(head -c 200 "$WORK/err"))"
-    elif [ "$lines" -ne 1 ] || ! grep -q -- "$words" "$WORK/err"; then fail "$name" "stderr: $(head -c 300 "$WORK/err")"
-    else ok "$name: $(cat "$WORK/err")"; fi
-}
 
 : > "$WORK/empty.tokens"
 : > "$WORK/empty.jsonl"

@@ -11,20 +11,9 @@ DATA_DIR="${MEGATRON_DATA:-$(cd .. && pwd)/shared/data}"
 W=build/test_generation_sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 rm -rf "$W" && mkdir -p "$W"
-passed=0; failed=0
-ok() { echo "ok   $1"; passed=$((passed + 1)); }
-fail() { echo "FAIL $1: $2"; failed=$((failed + 1)); }
+source test/lib.sh
+SCRATCH="$W"
 
-# expect NAME STATUS WORDS CMD...: exit status STATUS and one stderr line containing WORDS
-expect() {
-    local name=$1 want=$2 words=$3; shift 3
-    "$@" > "$W/out" 2> "$W/err"
-    local status=$? lines
-    lines=$(wc -l < "$W/err")
-    if [ "$status" -ne "$want" ]; then fail "$name" "exit status $status, expected $want ($(head -c 200 "$W/err"))"
-    elif [ "$lines" -ne 1 ] || ! grep -q -- "$words" "$W/err"; then fail "$name" "stderr: $(head -c 300 "$W/err")"
-    else ok "$name: $(cat "$W/err")"; fi
-}
 
 # HF's continuation of fixture case K (token ids separated by spaces), and its prompt
 hf() {

@@ -11,9 +11,7 @@ cd "$(dirname "$0")/.."
 DATA_DIR="${MEGATRON_DATA:-$(cd .. && pwd)/shared/data}"
 WORK=build/test_parallel_sh
 rm -rf "$WORK" && mkdir -p "$WORK"
-passed=0; failed=0
-ok() { echo "ok   $1"; passed=$((passed + 1)); }
-fail() { echo "FAIL $1: $2"; failed=$((failed + 1)); }
+source test/lib.sh
 
 if ! command -v mpirun > /dev/null; then
     echo "skip parallel runs: mpirun not found (apt-get install openmpi-bin libopenmpi-dev, then make)"
@@ -87,7 +85,7 @@ grep -q "parallel: world size 4 = tensor-parallel 2 x data-parallel 2, distribut
     ok "rank layout line: world size 4 = tensor-parallel 2 x data-parallel 2" || fail "rank layout line" "$(grep parallel "$WORK/tp2dp2_distopt.out")"
 
 # expect NAME WORDS NP [ARGS...]: a non-zero exit and WORDS in the output, within the time limit
-expect() {
+expect_ranks() {
     local name=$1 words=$2 np=$3; shift 3
     timeout 60 "${MPIRUN[@]}" -np "$np" "$@" > "$WORK/err" 2>&1
     local status=$?
@@ -97,24 +95,24 @@ expect() {
     else ok "$name: $(grep -m1 -- "$words" "$WORK/err")"; fi
 }
 SHORT=("${RUN[@]}" --train-iters 2)
-expect "t does not divide the heads" "--tensor-model-parallel-size 4 does not divide --num-attention-heads 2" 4 \
+expect_ranks "t does not divide the heads" "--tensor-model-parallel-size 4 does not divide --num-attention-heads 2" 4 \
     "${SHORT[@]}" --tensor-model-parallel-size 4 --num-attention-heads 2
-expect "t does not divide the ffn size" "--tensor-model-parallel-size 4 does not divide --ffn-hidden-size 130" 4 \
+expect_ranks "t does not divide the ffn size" "--tensor-model-parallel-size 4 does not divide --ffn-hidden-size 130" 4 \
     "${SHORT[@]}" --tensor-model-parallel-size 4 --ffn-hidden-size 130
-expect "t does not divide the world size" "--tensor-model-parallel-size 2 does not divide the world size 3" 3 \
+expect_ranks "t does not divide the world size" "--tensor-model-parallel-size 2 does not divide the world size 3" 3 \
     "${SHORT[@]}" --tensor-model-parallel-size 2
 timeout 60 "${MPIRUN[@]}" -np 1 "${SHORT[@]}" --seed 1 : -np 1 "${SHORT[@]}" --seed 2 > "$WORK/err" 2>&1
 if [ $? -ne 0 ] && grep -q "rank 1 was started with different flags than rank 0" "$WORK/err"; then
     ok "mismatched flags across ranks: $(grep -m1 'different flags' "$WORK/err")"
 else fail "mismatched flags across ranks" "$(grep -m2 error "$WORK/err")"; fi
-expect "a hanging rank: the collective times out naming rank, collective and group" "rank 0: all_reduce #1 in group tp (2 ranks) timed out after 3 s" 2 \
+expect_ranks "a hanging rank: the collective times out naming rank, collective and group" "rank 0: all_reduce #1 in group tp (2 ranks) timed out after 3 s" 2 \
     "${SHORT[@]}" --tensor-model-parallel-size 2 --debug-hang-rank 1 --collective-timeout 3
-expect "a hanging data-parallel rank" "all_reduce #1 in group dp (2 ranks) timed out after 3 s" 2 \
+expect_ranks "a hanging data-parallel rank" "all_reduce #1 in group dp (2 ranks) timed out after 3 s" 2 \
     "${SHORT[@]}" --debug-hang-rank 0 --collective-timeout 3
 
 # a build without MPI started by mpirun with 2 ranks says so instead of training twice
 g++ -O0 -std=c++17 -fopenmp -x c++ -o "$WORK/train_gpt_no_mpi" train_gpt.cu -lm 2> "$WORK/err" || fail "build without MPI" "$(head -n 3 "$WORK/err")"
-expect "a build without MPI under mpirun -np 2" "built without MPI and runs as one process, but the launcher started 2" 2 \
+expect_ranks "a build without MPI under mpirun -np 2" "built without MPI and runs as one process, but the launcher started 2" 2 \
     "$WORK/train_gpt_no_mpi" "${SHORT[@]:1}"
 
 echo "$passed passed, $failed failed"

@@ -8,9 +8,8 @@ cd "$(dirname "$0")/.."
 DATA_DIR="${MEGATRON_DATA:-$(cd .. && pwd)/shared/data}"
 W=build/test_server_sh
 rm -rf "$W" && mkdir -p "$W"
-passed=0; failed=0
-ok() { echo "ok   $1"; passed=$((passed + 1)); }
-fail() { echo "FAIL $1: $2"; failed=$((failed + 1)); }
+source test/lib.sh
+SCRATCH="$W"
 
 SERVER_PID=
 stop_server() {
@@ -227,15 +226,6 @@ for i, p in enumerate(prompts):
 # continuation FILE: the text after the prompt of an answer's first entry
 continuation() { python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(r['text'][0][len(sys.argv[2]):])" "$1" "$2"; }
 
-# expect NAME STATUS WORDS CMD...: CMD fails with STATUS and one line of stderr holding WORDS
-expect() {
-    local name=$1 want=$2 words=$3; shift 3
-    "$@" > "$W/out" 2> "$W/err"
-    local status=$?
-    if [ "$status" -ne "$want" ]; then fail "$name" "exit status $status, expected $want ($(head -c 200 "$W/err"))"
-    elif [ "$(wc -l < "$W/err")" -ne 1 ] || ! grep -q -- "$words" "$W/err"; then fail "$name" "stderr: $(head -c 300 "$W/err")"
-    else ok "$name: $(cat "$W/err")"; fi
-}
 expect "--port without --load" 2 "--port needs --load" ./train_gpt "${TOK[@]}" --port 0
 expect "--port without a tokenizer" 2 "--port needs --vocab-file and --merge-file" ./train_gpt --device cpu --load "$W/hf" --port 0
 expect "--port out of range" 2 "--port 70000: expected 0 to 65535" ./train_gpt --load "$W/hf" "${TOK[@]}" --port 70000

@@ -6,9 +6,8 @@ cd "$(dirname "$0")/.."
 DATA_DIR="${MEGATRON_DATA:-$(cd .. && pwd)/shared/data}"
 WORK=build/test_train
 rm -rf "$WORK" && mkdir -p "$WORK"
-passed=0; failed=0
-ok() { echo "ok   $1"; passed=$((passed + 1)); }
-fail() { echo "FAIL $1: $2"; failed=$((failed + 1)); }
+source test/lib.sh
+SCRATCH="$WORK"
 
 ./prepro/preprocess_data --input "$DATA_DIR/tinyshakespeare/input.txt" --input-format text --output-prefix "$WORK/ts" \
     --tokenizer-type GPT2BPETokenizer --vocab-file "$DATA_DIR/gpt2/encoder.json" --merge-file "$DATA_DIR/gpt2/vocab.bpe" \
@@ -18,16 +17,6 @@ TOK=(--vocab-file "$DATA_DIR/gpt2/encoder.json" --merge-file "$DATA_DIR/gpt2/voc
 MODEL=(--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64 --micro-batch-size 8)
 RUN=(./train_gpt --device cpu --data-path "$PREFIX" "${TOK[@]}" "${MODEL[@]}" --lr 1e-3 --train-iters 2 --eval-iters 0)
 
-# expect NAME STATUS WORDS CMD...: exit status STATUS and one stderr line containing WORDS
-expect() {
-    local name=$1 want=$2 words=$3; shift 3
-    "$@" > "$WORK/out" 2> "$WORK/err"
-    local status=$? lines
-    lines=$(wc -l < "$WORK/err")
-    if [ "$status" -ne "$want" ]; then fail "$name" "exit status $status, expected $want ($(head -c 200 "$WORK/err"))"
-    elif [ "$lines" -ne 1 ] || ! grep -q -- "$words" "$WORK/err"; then fail "$name" "stderr: $(head -c 300 "$WORK/err")"
-    else ok "$name: $(cat "$WORK/err")"; fi
-}
 
 expect "unknown flag" 2 "unknown flag '--bogus'" "${RUN[@]}" --bogus 3
 expect "non-numeric value" 2 "--lr expects a number" "${RUN[@]}" --lr abc
