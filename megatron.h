@@ -1942,12 +1942,11 @@ __global__ void embedding_backward_wpe_kernel(float* dwpe, const T* dout, int B,
     store_vec<W>(dst, sum);
 }
 
-static void embedding_backward_cuda(const Device* d, float* dwte, float* dwpe, const void* dout, const int* tokens, int B, int T, int C) {
+// The gradients from the N sorted (token, row) keys: each segment of rows sums its runs of equal
+// tokens, the runs cut by segment ends are joined, and dwpe sums over the batch.
+static void embedding_backward_sorted(const Device* d, float* dwte, float* dwpe, const void* dout, const uint64_t* keys, int B, int T, int C) {
     int N = B * T, segments = CEIL_DIV(N, EMBEDDING_SEGMENT);
-    size_t n_tile_keys = (size_t)CEIL_DIV(N, embedding_tile(N)) * embedding_tile(N);
-    uint64_t* keys = (uint64_t*)pool_alloc(d, (N + n_tile_keys) * sizeof(uint64_t));  // sorted, then the tiles
     float* pieces = (float*)pool_alloc(d, 2 * (size_t)segments * C * sizeof(float));  // head, then tail
-    embedding_sort_keys(d, keys, keys + N, tokens, N);
     DTYPE_SWITCH(d->dtype, T_, {
         int vec = C % (16 / sizeof(T_)) == 0 && aligned16(dout) && aligned16(dwte) && aligned16(dwpe);
         VEC_SWITCH(vec, T_, W, {
@@ -1960,6 +1959,14 @@ static void embedding_backward_cuda(const Device* d, float* dwte, float* dwpe, c
     });
     cudaCheck(cudaGetLastError());
     pool_free(d, pieces);
+}
+
+static void embedding_backward_cuda(const Device* d, float* dwte, float* dwpe, const void* dout, const int* tokens, int B, int T, int C) {
+    int N = B * T;
+    size_t n_tile_keys = (size_t)CEIL_DIV(N, embedding_tile(N)) * embedding_tile(N);
+    uint64_t* keys = (uint64_t*)pool_alloc(d, (N + n_tile_keys) * sizeof(uint64_t));  // sorted, then the tiles
+    embedding_sort_keys(d, keys, keys + N, tokens, N);
+    embedding_backward_sorted(d, dwte, dwpe, dout, keys, B, T, C);
     pool_free(d, keys);
 }
 #endif

@@ -20,7 +20,7 @@ The program exits 1 if any check failed.
 #ifndef DEV_CUDA_COMMON_H
 #define DEV_CUDA_COMMON_H
 
-#include "../../megatron.h"
+#include "../../test/test.h"  // megatron.h and rel_error
 
 #define BENCH_WARMUP 3
 #define BENCH_REPS 21
@@ -191,20 +191,6 @@ static void* device_random(size_t n, DType dt, uint64_t seed, float scale = 1, f
 }
 
 // ---- checks and the result line
-
-// ||got - want|| / ||want||; NaN anywhere (an unwritten output) gives infinity.
-template <typename A, typename B>
-static double rel_error(const A* got, const B* want, size_t n) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < n; i++) {
-        double g = (double)got[i], w = (double)want[i];
-        if (g != g || w != w) return INFINITY;
-        num += (g - w) * (g - w);
-        den += w * w;
-    }
-    if (den == 0) return num == 0 ? 0 : INFINITY;
-    return sqrt(num / den);
-}
 
 // The outputs of one version: the one furthest over (or nearest to) its tolerance is reported.
 typedef struct {

@@ -75,11 +75,10 @@ __global__ void bitonic_global_v2_kernel(uint64_t* keys, unsigned j, unsigned k)
 }
 
 static void embedding_backward_v2(const Device* d, float* dwte, float* dwpe, const void* dout, const int* tokens, int B, int T, int C) {
-    int N = B * T, segments = CEIL_DIV(N, EMBEDDING_SEGMENT);
+    int N = B * T;
     unsigned P = 2;
     while (P < (unsigned)N) P *= 2;
     uint64_t* keys = (uint64_t*)pool_alloc(d, P * sizeof(uint64_t));
-    float* pieces = (float*)pool_alloc(d, 2 * (size_t)segments * C * sizeof(float));
     embedding_keys_v2_kernel<<<CEIL_DIV(P, 256), 256, 0, d->stream>>>(keys, tokens, N, P);
     unsigned tile = P < BITONIC_TILE ? P : BITONIC_TILE;
     bitonic_tile_v2_kernel<<<P / tile, tile / 2, 0, d->stream>>>(keys, 2, tile);
@@ -87,18 +86,7 @@ static void embedding_backward_v2(const Device* d, float* dwte, float* dwpe, con
         for (unsigned j = k / 2; j >= tile; j /= 2) bitonic_global_v2_kernel<<<P / 2 / 256, 256, 0, d->stream>>>(keys, j, k);
         bitonic_tile_v2_kernel<<<P / tile, tile / 2, 0, d->stream>>>(keys, k, k);
     }
-    DTYPE_SWITCH(d->dtype, T_, {
-        int vec = C % (16 / sizeof(T_)) == 0 && aligned16(dout) && aligned16(dwte) && aligned16(dwpe);
-        VEC_SWITCH(vec, T_, W, {
-            int threads = row_threads(C / W, 256), chunks = CEIL_DIV(C / W, threads);
-            float *head = pieces, *tail = pieces + (size_t)segments * C;
-            embedding_backward_wte_kernel<T_, W><<<dim3(segments, chunks), threads, 0, d->stream>>>(dwte, head, tail, (const T_*)dout, keys, N, C);
-            embedding_backward_runs_kernel<W><<<dim3(segments, chunks), threads, 0, d->stream>>>(dwte, head, tail, keys, N, C);
-            embedding_backward_wpe_kernel<T_, W><<<dim3(T, chunks), threads, 0, d->stream>>>(dwpe, (const T_*)dout, B, C);
-        });
-    });
-    cudaCheck(cudaGetLastError());
-    pool_free(d, pieces);
+    embedding_backward_sorted(d, dwte, dwpe, dout, keys, B, T, C);  // the first N keys: padding sorts last
     pool_free(d, keys);
 }
 
