@@ -378,9 +378,7 @@ int main(int argc, char** argv) {
     device_free(&cpu);
 #ifdef __CUDACC__
     test_keep_threshold();
-    int gpus = 0;
-    if (cudaGetDeviceCount(&gpus) != cudaSuccess || gpus == 0) {
-        cudaGetLastError();
+    if (!gpu_available()) {
         printf("skip gpu attention tests: no GPU\n");
         return test_summary();
     }

@@ -335,8 +335,7 @@ int main(void) {
     test_sampled_text(&cpu, "cpu", cases);
     device_free(&cpu);
 #ifdef __CUDACC__
-    int count = 0;
-    if (cudaGetDeviceCount(&count) == cudaSuccess && count > 0) {
+    if (gpu_available()) {
         Device gpu;
         device_init(&gpu, "cuda", DT_F32);
         test_against_hf(&gpu, "gpu fp32", cases, 1e-5);

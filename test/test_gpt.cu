@@ -245,8 +245,7 @@ int main(void) {
     test_recompute(&cpu, "cpu");
 #ifdef __CUDACC__
     Device gpu;
-    int count = 0;
-    if (cudaGetDeviceCount(&count) == cudaSuccess && count > 0) {
+    if (gpu_available()) {
         device_init(&gpu, "cuda", DT_F32);
         test_against_hf(&gpu, "gpu fp32", 1e-5, 1e-4, 1e-4);
         test_determinism(&gpu, "gpu fp32");

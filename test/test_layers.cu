@@ -418,9 +418,7 @@ static void test_grad_norm_gpu(size_t n) {
 }
 
 static void test_gpu(void) {
-    int count = 0;
-    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
-        cudaGetLastError();
+    if (!gpu_available()) {
         printf("skip gpu tests: no GPU\n");
         return;
     }

@@ -422,9 +422,7 @@ static void test_crossentropy_gpu(const Device* d, int N, int V, int Vp, int wit
 }
 
 static void test_gpu(void) {
-    int count = 0;
-    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
-        cudaGetLastError();
+    if (!gpu_available()) {
         printf("skip gpu matmul and cross-entropy: no GPU\n");
         return;
     }
