@@ -4279,28 +4279,46 @@ __global__ void grad_norm_squared_kernel(double* partials, const float* grads, s
     }
 }
 
-static float grad_norm_squared_cuda(const Device* d, const float* grads, size_t n) {
-    double* partials = (double*)pool_alloc(d, GRAD_NORM_CHUNKS * sizeof(double));
-    if (n % 4 == 0 && aligned16(grads)) grad_norm_squared_kernel<4><<<GRAD_NORM_CHUNKS, 256, 0, d->stream>>>(partials, grads, n);
-    else grad_norm_squared_kernel<1><<<GRAD_NORM_CHUNKS, 256, 0, d->stream>>>(partials, grads, n);
-    cudaCheck(cudaGetLastError());
-    double host[GRAD_NORM_CHUNKS], total = 0;
-    cudaCheck(cudaMemcpyAsync(host, partials, sizeof(host), cudaMemcpyDeviceToHost, d->stream));
+// Range r's block sums land in partials[r * GRAD_NORM_CHUNKS ...]; one copy back and one wait for all.
+static void grad_norm_partials_cuda(const Device* d, double* host, const float* const* grads, const size_t* n, int count) {
+    double* partials = (double*)pool_alloc(d, (size_t)count * GRAD_NORM_CHUNKS * sizeof(double));
+    for (int r = 0; r < count; r++) {
+        double* out = partials + (size_t)r * GRAD_NORM_CHUNKS;
+        if (n[r] % 4 == 0 && aligned16(grads[r])) grad_norm_squared_kernel<4><<<GRAD_NORM_CHUNKS, 256, 0, d->stream>>>(out, grads[r], n[r]);
+        else grad_norm_squared_kernel<1><<<GRAD_NORM_CHUNKS, 256, 0, d->stream>>>(out, grads[r], n[r]);
+        cudaCheck(cudaGetLastError());
+    }
+    cudaCheck(cudaMemcpyAsync(host, partials, (size_t)count * GRAD_NORM_CHUNKS * sizeof(double), cudaMemcpyDeviceToHost, d->stream));
     pool_free(d, partials);
     cudaCheck(cudaStreamSynchronize(d->stream));
-    for (int k = 0; k < GRAD_NORM_CHUNKS; k++) total += host[k];
-    return (float)total;
 }
 #endif
 
-// Synchronises with the GPU (the result comes back to the host).
-static float grad_norm_squared(const Device* d, const float* grads, size_t n) {
-    if (n == 0) return 0.0f;
+// The sum over `count` ranges (grads[r], n[r]) of each range's sum(g^2) rounded to float, with one
+// synchronisation with the GPU; the same bits as adding up grad_norm_squared of each range.
+static double grad_norm_squared_ranges(const Device* d, const float* const* grads, const size_t* n, int count) {
+    double total = 0;
 #ifdef __CUDACC__
-    if (d->is_gpu) return grad_norm_squared_cuda(d, grads, n);
+    if (d->is_gpu) {
+        double* host = (double*)xmalloc((size_t)count * GRAD_NORM_CHUNKS * sizeof(double));
+        grad_norm_partials_cuda(d, host, grads, n, count);
+        for (int r = 0; r < count; r++) {
+            double range = 0;
+            for (int k = 0; k < GRAD_NORM_CHUNKS; k++) range += host[(size_t)r * GRAD_NORM_CHUNKS + k];
+            total += (float)range;
+        }
+        free(host);
+        return total;
+    }
 #endif
     (void)d;
-    return grad_norm_squared_cpu(grads, n);
+    for (int r = 0; r < count; r++) total += grad_norm_squared_cpu(grads[r], n[r]);
+    return total;
+}
+
+// Synchronises with the GPU (the result comes back to the host).
+static float grad_norm_squared(const Device* d, const float* grads, size_t n) {
+    return (float)grad_norm_squared_ranges(d, &grads, &n, 1);
 }
 
 // ---- AdamW

@@ -591,13 +591,13 @@ static double batch_loss(GPT* m, HostBatch* h, int N, double count) {
 // Forward + loss, and backward when `scale` > 0 (gradient of loss x scale / micro-batches).
 static double gpt_micro_step(GPT* m, HostBatch* h, int B, int T, double count, double grad_scale, float p_hidden, float p_attn) {
     int N = B * T;
-    gpt_forward(m, B, T, p_hidden, p_attn);
     const float* dloss = NULL;
-    if (grad_scale > 0) {
+    if (grad_scale > 0) {  // uploaded before the forward: a copy here would wait for the whole forward
         for (int i = 0; i < N; i++) h->dloss[i] = count > 0 ? (float)(h->mask[i] / count * grad_scale) : 0.0f;
         dev_upload(m->dev, m->acts.dloss, h->dloss, N * sizeof(float));
         dloss = m->acts.dloss;
     }
+    gpt_forward(m, B, T, p_hidden, p_attn);
     if (m->tp == 1) crossentropy_forward_backward(m->dev, m->acts.losses, m->acts.logits, m->acts.targets, dloss, N, m->cfg.V, m->cfg.Vp);
     else vocab_parallel_crossentropy(m->par, m->dev, m->acts.losses, m->acts.logits, m->acts.targets, dloss, m->acts.ce_stats, N, m->cfg.V, m->cfg.Vp);
     if (grad_scale > 0) gpt_backward(m, B, T, p_hidden, p_attn);
@@ -638,12 +638,16 @@ static void gpt_reduce_gradients(GPT* m) {
 // tensors (LayerNorm, row-parallel biases, positions) counted once (on tensor-parallel rank 0),
 // summed over the tensor-parallel group and, with the distributed optimizer, the data-parallel group.
 static double gpt_grad_norm_squared(GPT* m) {
-    double sum = 0;
+    const float* grads[NUM_PARAMS];
+    size_t lengths[NUM_PARAMS];
+    int count = 0;
     for (int i = 0; i < NUM_PARAMS; i++) {
         size_t b, n = tensor_overlap(m, i, m->opt_begin, m->opt_end, &b);
-        if (param_split[i] == REPLICATED && m->tp_rank != 0) continue;
-        sum += grad_norm_squared(m->dev, m->grads + b, n);
+        if (n == 0 || (param_split[i] == REPLICATED && m->tp_rank != 0)) continue;
+        grads[count] = m->grads + b;
+        lengths[count++] = n;
     }
+    double sum = grad_norm_squared_ranges(m->dev, grads, lengths, count);
     all_reduce_host(m->par, GROUP_TP, &sum, 1);
     if (m->distributed_optimizer) all_reduce_host(m->par, GROUP_DP, &sum, 1);
     return sum;

@@ -197,6 +197,12 @@ static void test_grad_norm_cpu(void) {
     float got = grad_norm_squared(&cpu, g, n);
     check(fabs(got - want) / want < 1e-7, "grad_norm_squared cpu", "%.9g vs %.9g", got, want);
     check(grad_norm_squared(&cpu, g, 0) == 0, "grad_norm_squared cpu n=0", "not 0");
+    const float* ranges[3] = {g, g + 10, g + 5000};
+    size_t lengths[3] = {7, 4000, n - 5000};
+    double each = 0;
+    for (int r = 0; r < 3; r++) each += grad_norm_squared(&cpu, ranges[r], lengths[r]);
+    double all = grad_norm_squared_ranges(&cpu, ranges, lengths, 3);
+    check(!memcmp(&all, &each, sizeof(all)), "grad_norm_squared_ranges cpu = sum of ranges", "%.17g vs %.17g", all, each);
     g[5] = INFINITY;
     check(!isfinite(grad_norm_squared(&cpu, g, n)), "grad_norm_squared cpu inf propagates", "finite");
     free_host();
@@ -413,6 +419,12 @@ static void test_grad_norm_gpu(size_t n) {
     float got = grad_norm_squared(&gpu, d_g, n), again = grad_norm_squared(&gpu, d_g, n), want = grad_norm_squared_cpu(g, n);
     check(fabs(got - want) / want < 1e-6, name("grad_norm_squared gpu", DT_F32, (int)n, 0), "%.9g vs %.9g", got, want);
     check(!memcmp(&got, &again, 4), name("grad_norm_squared gpu deterministic", DT_F32, (int)n, 0), "%.9g vs %.9g", got, again);
+    const float* ranges[3] = {d_g, d_g + 3, d_g + n / 2};
+    size_t lengths[3] = {1, n / 2 - 3, n - n / 2};
+    double each = 0;
+    for (int r = 0; r < 3; r++) each += grad_norm_squared(&gpu, ranges[r], lengths[r]);
+    double all = grad_norm_squared_ranges(&gpu, ranges, lengths, 3);
+    check(!memcmp(&all, &each, sizeof(all)), name("grad_norm_squared_ranges gpu = sum of ranges", DT_F32, (int)n, 0), "%.17g vs %.17g", all, each);
     free_gpu();
     free_host();
 }
