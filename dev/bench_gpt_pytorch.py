@@ -15,7 +15,7 @@ model is built with (GPT-2's 50257 padded to a multiple of 128 is 50304).
 If a micro-batch does not fit, prints {"oom": true, ...} and exits 0.
 With --ddp (under torchrun) every rank trains its own micro-batch in DistributedDataParallel and
 rank 0 prints the tokens/s of all ranks together. With --profile FILE, after the timed steps a few more run under torch.profiler and FILE gets
-each CUDA kernel's time per step (JSON {name: microseconds}; dev/profile_gpt.sh compares them).
+each CUDA kernel's time and launches per step (JSON {name: [microseconds, launches]}; dev/profile_gpt.sh compares them).
 
   python dev/bench_gpt_pytorch.py --layers 12 --hidden 768 --heads 12 --seq 1024 --micro-batch 16
 """
@@ -144,10 +144,11 @@ def write_kernel_profile(path, step, steps):
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    per_step = {}
+    per_step = {}  # name -> [microseconds, launches] per step
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
-            per_step[e.name] = per_step.get(e.name, 0.0) + e.time_range.elapsed_us() / steps
+            us, calls = per_step.get(e.name, [0.0, 0.0])
+            per_step[e.name] = [us + e.time_range.elapsed_us() / steps, calls + 1.0 / steps]
     with open(path, "w") as f:
         json.dump(per_step, f)
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """profile_gpt.py OURS_NCU_CSV ITERS TORCH_JSON: GPU milliseconds per training step by kernel
-family, megatron.c beside PyTorch, and the ten costliest kernels of each side (dev/profile_gpt.sh)."""
+family, megatron.c beside PyTorch, the ten costliest kernels of each side and every matmul kernel with
+its launches per step (dev/profile_gpt.sh)."""
 import csv
 import json
 import re
@@ -26,14 +27,23 @@ def family(name):
 
 
 def ours(path, iters):
-    per_kernel = {}
+    per_kernel, calls = {}, {}
     with open(path) as f:
         lines = [l for l in f if l.startswith('"')]  # ncu's CSV rows; the program's own output is not quoted
     for row in csv.DictReader(lines):
         if row.get("Metric Name") == "gpu__time_duration.sum":
             name = row["Kernel Name"]
             per_kernel[name] = per_kernel.get(name, 0.0) + float(row["Metric Value"].replace(",", "")) / 1e3 / iters  # ns -> us per step
-    return per_kernel
+            calls[name] = calls.get(name, 0.0) + 1.0 / iters
+    return per_kernel, calls
+
+
+def torch_kernels(path):
+    """{name: [us, launches]} per step (older files: {name: us})."""
+    table = json.load(open(path))
+    us = {k: v[0] if isinstance(v, list) else v for k, v in table.items()}
+    calls = {k: v[1] if isinstance(v, list) else float("nan") for k, v in table.items()}
+    return us, calls
 
 
 def by_family(per_kernel):
@@ -44,8 +54,8 @@ def by_family(per_kernel):
 
 
 def main():
-    mine = ours(sys.argv[1], int(sys.argv[2]))
-    torch = json.load(open(sys.argv[3])) if len(sys.argv) > 3 else {}
+    mine, mine_calls = ours(sys.argv[1], int(sys.argv[2]))
+    torch, torch_calls = torch_kernels(sys.argv[3]) if len(sys.argv) > 3 else ({}, {})
     a, b = by_family(mine), by_family(torch)
     print("%-46s %10s %10s %7s" % ("GPU ms per step", "ours", "torch", "ratio"))
     for fam in [f for f, _ in FAMILIES] + ["other"]:
@@ -57,6 +67,11 @@ def main():
         print("-- %s: costliest kernels (us per step)" % side)
         for name, us in sorted(table.items(), key=lambda kv: -kv[1])[:10]:
             print("%10.1f  %s" % (us, name[:110]))
+    for side, table, calls in (("ours", mine, mine_calls), ("torch", torch, torch_calls)):
+        print("-- %s: matmul kernels (us per step, launches per step, us per launch)" % side)
+        for name, us in sorted(table.items(), key=lambda kv: -kv[1]):
+            if family(name) == "matmul":
+                print("%10.1f %6.1f %8.1f  %s" % (us, calls[name], us / calls[name], name[:100]))
 
 
 if __name__ == "__main__":
