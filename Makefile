@@ -2,7 +2,7 @@
 # with nvcc on the PATH the trainers are CUDA binaries (that also run on the CPU),
 # without it they are CPU-only binaries from the host compiler.
 #   make                      portable GPU code (sm_80 machine code + PTX for newer GPUs)
-#   make GPU_ARCH=sm_90       Hopper (H100/H200) machine code
+#   make GPU_ARCH=sm_90a      Hopper (H100/H200) machine code, with the wgmma attention kernels
 #   make NO_CUDA=1            CPU-only even where nvcc exists
 #   make NO_MPI=1             one process only, even where mpicxx exists
 #   make NO_MHD=1             without the REST server, even where libmicrohttpd is installed
@@ -10,7 +10,7 @@
 # (tensor and data parallelism); with nvcc and nccl.h the GPU ranks talk over NCCL.
 #   make test                 build and run the tests (CPU; GPU parts run where a GPU is found)
 #   make quickstart           prepare tiny Shakespeare, train a small GPT, print a sample
-#   make dev-cuda GPU_ARCH=sm_90   the kernel ladders in dev/cuda (dev/cuda/run_all.sh runs them)
+#   make dev-cuda GPU_ARCH=sm_90a   the kernel ladders in dev/cuda (dev/cuda/run_all.sh runs them)
 
 CXX ?= g++
 NVCC ?= nvcc

@@ -2752,6 +2752,215 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(F* out, 
     att_store_rows<F, HS>(out + (size_t)b * C + h * HS, (size_t)B * C, wq0 - first, T - first, o, qs + warp * 16 * LD);
 }
 
+// ---- Hopper (sm_90a): the forward with wgmma, the warpgroup MMA (a warpgroup of 4 warps
+// multiplies a 64-row tile, read from registers or shared memory, by a tile in shared memory,
+// asynchronously). Head size 64 only: a 64-element row is 128 bytes, one 128-byte swizzle atom
+// wide. Compiled only for sm_90a (GPU_ARCH=sm_90a); attention_forward_cuda asks the GPU whether
+// the loaded binary has it (att_wgmma_usable).
+#define ATT_WG_THREADS 256  // two warpgroups, 64 query rows each
+#define ATT_WG_ROWS 128
+#define ATT_WG_HS 64
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define ATT_HAVE_WGMMA 1
+
+// Element offset of 16-byte chunk c of row r in a tile of 128-byte rows, swizzled as wgmma reads
+// it (chunk c ^ r%8; the tile starts 1024-byte aligned).
+__device__ __forceinline__ int att_sw128(int r, int c) { return r * ATT_WG_HS + ((c ^ (r & 7)) << 3); }
+
+// As att_load_rows, into a swizzled tile, over the block's ATT_WG_THREADS threads.
+template <typename F, int R>
+__device__ __forceinline__ void att_load_rows_sw128(F* s, const F* g, size_t tstride, int t0, int T) {
+    static_assert(R * 8 % ATT_WG_THREADS == 0, "tile rows must split evenly over the threads");
+#pragma unroll
+    for (int k = 0; k < R * 8 / ATT_WG_THREADS; k++) {
+        int idx = threadIdx.x + k * ATT_WG_THREADS, r = idx / 8, c = idx % 8;
+        bool valid = t0 + r < T;
+        att_cp_async16(s + att_sw128(r, c), valid ? g + (t0 + r) * tstride + c * 8 : g, valid);
+    }
+}
+
+// As att_store_rows, staged through the warp's own 16 rows s of a swizzled tile.
+template <typename F>
+__device__ __forceinline__ void att_store_rows_sw128(F* g, size_t tstride, int t0, int T, const float acc[8][4], F* s) {
+    int lane = threadIdx.x % 32, gr = lane / 4, q = lane % 4;
+    __syncwarp();
+#pragma unroll
+    for (int n = 0; n < 8; n++) {
+        *(uint32_t*)(s + att_sw128(gr, n) + 2 * q) = att_pack<F>(acc[n][0], acc[n][1]);
+        *(uint32_t*)(s + att_sw128(gr + 8, n) + 2 * q) = att_pack<F>(acc[n][2], acc[n][3]);
+    }
+    __syncwarp();
+    for (int idx = lane; idx < 16 * 8; idx += 32) {
+        int r = idx / 8, c = idx % 8;
+        if (t0 + r < T) *(int4*)(g + (t0 + r) * tstride + c * 8) = *(const int4*)(s + att_sw128(r, c));
+    }
+}
+
+// The shared-memory matrix descriptor of a swizzled tile: start address, leading and stride byte
+// offsets (1024 both: the distance between 8-row groups, the one step either operand layout takes
+// here), swizzle mode 1 (128 bytes). Adding 2 moves the start 32 bytes (16 elements) along a row.
+__device__ __forceinline__ uint64_t att_wgmma_desc(const void* s) {
+    uint64_t addr = att_smem_addr(s);
+    return (addr >> 4 & 0x3fff) | (uint64_t)(1024 >> 4) << 16 | (uint64_t)(1024 >> 4) << 32 | 1ull << 62;
+}
+__device__ __forceinline__ void att_wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void att_wgmma_commit_wait() {
+    asm volatile("wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+// The tensor cores write an accumulator between issue and wait: its reads must come after the wait.
+__device__ __forceinline__ void att_wgmma_hold(float d[8][4]) {
+#pragma unroll
+    for (int n = 0; n < 8; n++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) asm volatile("" : "+f"(d[n][c])::"memory");
+}
+
+// d[64 x 64] (= or +=, accumulate) A[64 x 16] B[64 x 16]^T, both K-major swizzled tiles; the
+// accumulator's layout per warp is the mma.sync C fragments' (att_mma) over 8 column tiles.
+#define ATT_WGMMA_SS(TYPE)                                                                                  \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                              \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n" \
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]) : "l"(desc_a), "l"(desc_b), "r"(accumulate))
+template <typename F>
+__device__ __forceinline__ void att_wgmma_ss(float d[8][4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    if constexpr (std::is_same<F, __nv_bfloat16>::value) ATT_WGMMA_SS("bf16");
+    else ATT_WGMMA_SS("f16");
+}
+// d[64 x 64] += A[64 x 16] B[16 x 64], A in registers (mma.sync A fragments per warp), B a tile
+// of 16 rows of 64 (N-major: transposed as it is read).
+#define ATT_WGMMA_RS(TYPE)                                                                                  \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                                \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n" \
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b))
+template <typename F>
+__device__ __forceinline__ void att_wgmma_rs(float d[8][4], const uint32_t a[4], uint64_t desc_b) {
+    if constexpr (std::is_same<F, __nv_bfloat16>::value) ATT_WGMMA_RS("bf16");
+    else ATT_WGMMA_RS("f16");
+}
+#endif
+
+// attention_forward_kernel's algorithm on two warpgroups: the block owns ATT_WG_ROWS query rows,
+// each warpgroup 64 of them; S = Q K^T and O += P V are wgmma products, the online softmax and
+// dropout are the same per accumulator element.
+template <typename F>
+__global__ void __launch_bounds__(ATT_WG_THREADS, 2) attention_forward_wgmma_kernel(F* out, float* lse, const F* qkv, int first,
+                                                                                    float p, uint32_t keep_min, uint64_t seed,
+                                                                                    int B, int T, int NH) {
+#ifdef ATT_HAVE_WGMMA
+    constexpr int HS = ATT_WG_HS, BM = ATT_WG_ROWS, BN = 64;
+    extern __shared__ unsigned char att_wg_smem[];
+    F* qs = (F*)(att_wg_smem + (1024 - att_smem_addr(att_wg_smem) % 1024) % 1024);  // [BM][HS]
+    F* ks = qs + BM * HS;                                                         // [2][BN][HS], double-buffered
+    F* vs = ks + 2 * BN * HS;
+
+    int qt = gridDim.x - 1 - blockIdx.x;  // the longest rows first
+    int bh = blockIdx.y, b = bh / NH, h = bh % NH;
+    int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gr = lane / 4, q4 = lane % 4;
+    int C = NH * HS;
+    size_t tstride = (size_t)B * 3 * C;
+    const F* qg = qkv + (size_t)b * 3 * C + h * 3 * HS;
+    int q0 = first + qt * BM, g0 = q0 + wg * 64, wq0 = g0 + warp * 16;
+    int rows[2] = {wq0 + gr, wq0 + gr + 8};
+    int n_kt = CEIL_DIV(min(T, q0 + BM), BN);
+    float scale_log2 = rsqrtf((float)HS) * ATT_LOG2E;
+
+    att_load_rows_sw128<F, BM>(qs, qg, tstride, q0, T);
+    att_load_rows_sw128<F, BN>(ks, qg + HS, tstride, 0, T);
+    att_load_rows_sw128<F, BN>(vs, qg + 2 * HS, tstride, 0, T);
+    att_cp_async_commit();
+
+    uint64_t desc_q = att_wgmma_desc(qs + wg * 64 * HS);
+    float o[HS / 8][4] = {};
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0, 0};
+    for (int kt = 0; kt < n_kt; kt++) {
+        int buf = kt & 1, k0 = kt * BN;
+        if (kt + 1 < n_kt) {
+            att_load_rows_sw128<F, BN>(ks + (buf ^ 1) * BN * HS, qg + HS, tstride, k0 + BN, T);
+            att_load_rows_sw128<F, BN>(vs + (buf ^ 1) * BN * HS, qg + 2 * HS, tstride, k0 + BN, T);
+            att_cp_async_commit();
+            att_cp_async_wait<1>();
+        } else {
+            att_cp_async_wait<0>();
+        }
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // cp.async's writes, visible to wgmma
+        __syncthreads();
+
+        if (k0 <= g0 + 63) {  // a tile past all of this warpgroup's rows is skipped
+            float s[BN / 8][4] = {};
+            uint64_t desc_k = att_wgmma_desc(ks + buf * BN * HS), desc_v = att_wgmma_desc(vs + buf * BN * HS);
+            att_wgmma_fence();
+#pragma unroll
+            for (int k = 0; k < HS / 16; k++) att_wgmma_ss<F>(s, desc_q + 2 * k, desc_k + 2 * k, k > 0);
+            att_wgmma_commit_wait();
+            att_wgmma_hold(s);
+            if (k0 + BN - 1 > wq0) {
+#pragma unroll
+                for (int n = 0; n < BN / 8; n++)
+#pragma unroll
+                    for (int c = 0; c < 4; c++)
+                        if (k0 + n * 8 + 2 * q4 + (c & 1) > rows[c >> 1]) s[n][c] = -INFINITY;
+            }
+            float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+            for (int n = 0; n < BN / 8; n++)
+#pragma unroll
+                for (int c = 0; c < 4; c++) mx[c >> 1] = fmaxf(mx[c >> 1], s[n][c]);
+            float alpha[2];
+#pragma unroll
+            for (int r = 0; r < 2; r++) {  // key 0 is in every row's first tile, so m is finite from then on
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 1));
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 2));
+                float m_new = fmaxf(m[r], mx[r] * scale_log2);
+                alpha[r] = att_exp2(m[r] - m_new);
+                m[r] = m_new;
+                l[r] *= alpha[r];
+            }
+#pragma unroll
+            for (int n = 0; n < BN / 8; n++)
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    s[n][c] = att_exp2(s[n][c] * scale_log2 - m[c >> 1]);
+                    l[c >> 1] += s[n][c];  // the normaliser counts dropped probabilities too
+                    if (p > 0) {
+                        int key = k0 + n * 8 + 2 * q4 + (c & 1);
+                        if (hash_u32(seed, ((uint64_t)bh * T + rows[c >> 1]) * T + key) < keep_min) s[n][c] = 0;
+                    }
+                }
+#pragma unroll
+            for (int n = 0; n < HS / 8; n++) {
+                o[n][0] *= alpha[0]; o[n][1] *= alpha[0];
+                o[n][2] *= alpha[1]; o[n][3] *= alpha[1];
+            }
+            uint32_t pa[BN / 16][4];
+            att_c_to_a<F, BN / 16>(pa, s);
+            att_wgmma_fence();
+#pragma unroll
+            for (int k = 0; k < BN / 16; k++) att_wgmma_rs<F>(o, pa[k], desc_v + k * (16 * HS * (int)sizeof(F) >> 4));
+            att_wgmma_commit_wait();
+            att_wgmma_hold(o);
+        }
+        __syncthreads();  // the buffer is refilled next iteration
+    }
+
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(0xffffffff, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffff, l[r], 2);
+        inv[r] = 1.0f / ((1.0f - p) * l[r]);
+        if (q4 == 0 && rows[r] < T) lse[(size_t)bh * (T - first) + rows[r] - first] = (m[r] + log2f(l[r])) * ATT_LN2;
+    }
+#pragma unroll
+    for (int n = 0; n < HS / 8; n++) {
+        o[n][0] *= inv[0]; o[n][1] *= inv[0];
+        o[n][2] *= inv[1]; o[n][3] *= inv[1];
+    }
+    att_store_rows_sw128<F>(out + (size_t)b * C + h * HS, (size_t)B * C, wq0 - first, T - first, o, qs + (wg * 64 + warp * 16) * HS);
+#else
+    __trap();  // launched only where att_wgmma_usable said the binary has sm_90a code
+#endif
+}
+
 // Backward, dq: a block owns ATT_ROWS query rows, walks the key tiles up to the diagonal and
 // accumulates dq in registers. It also computes delta (needed by the dk/dv kernel).
 template <typename F, int HS>
@@ -3084,6 +3293,35 @@ static void att_set_smem(K kernel, size_t bytes) {
     cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
 }
 
+__global__ void att_wgmma_probe_kernel(int* has) {
+#ifdef ATT_HAVE_WGMMA
+    *has = 1;
+#else
+    *has = 0;
+#endif
+}
+
+// 0 makes the half-precision kernels mma.sync ones everywhere (tests and dev/cuda compare the two).
+static int att_wgmma_enabled = 1;
+
+// Whether the wgmma kernels can run for head size HS: the binary loaded on this GPU was
+// compiled for sm_90a (asked once per device), and att_wgmma_enabled.
+static bool att_wgmma_usable(const Device* d, int HS) {
+    static signed char has[64] = {0};  // 0 unknown, 1 yes, -1 no
+    if (!att_wgmma_enabled || HS != ATT_WG_HS || d->device_id >= 64) return false;
+    if (!has[d->device_id]) {
+        int* flag;
+        int host = 0;
+        cudaCheck(cudaMalloc(&flag, sizeof(int)));
+        att_wgmma_probe_kernel<<<1, 1, 0, d->stream>>>(flag);
+        cudaCheck(cudaMemcpyAsync(&host, flag, sizeof(int), cudaMemcpyDeviceToHost, d->stream));
+        cudaCheck(cudaStreamSynchronize(d->stream));
+        cudaCheck(cudaFree(flag));
+        has[d->device_id] = host ? 1 : -1;
+    }
+    return has[d->device_id] > 0;
+}
+
 template <typename F, int HS>
 static void attention_forward_launch(const Device* d, F* out, float* lse, const F* qkv, int first, float p, uint64_t seed,
                                      int B, int T, int NH) {
@@ -3091,6 +3329,12 @@ static void attention_forward_launch(const Device* d, F* out, float* lse, const 
     if constexpr (std::is_same<F, float>::value) {
         attention_forward_f32_kernel<HS><<<CEIL_DIV(B * NH * rows, ATT_F32_WARPS), ATT_F32_WARPS * 32, 0, d->stream>>>(
             out, lse, qkv, first, p, seed, B, T, NH);
+    } else if (att_wgmma_usable(d, HS)) {
+        size_t smem = (size_t)(ATT_WG_ROWS + 4 * 64) * ATT_WG_HS * sizeof(F) + 1024;  // + room to align the tiles
+        att_set_smem(attention_forward_wgmma_kernel<F>, smem);
+        dim3 grid(CEIL_DIV(rows, ATT_WG_ROWS), B * NH);
+        attention_forward_wgmma_kernel<F><<<grid, ATT_WG_THREADS, smem, d->stream>>>(out, lse, qkv, first, p, att_keep_threshold(p),
+                                                                                    seed, B, T, NH);
     } else {
         size_t smem = (size_t)(ATT_ROWS + 4 * ATT_KTILE) * (HS + ATT_PAD) * sizeof(F);
         att_set_smem(attention_forward_kernel<F, HS>, smem);

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPT training throughput, megatron.c against a PyTorch reference measured in the same
 # run (dev/bench_gpt_pytorch.py: nanoGPT-style, bf16 autocast, flash SDPA, fused AdamW,
-# torch.compile). Run on a GPU machine, from the repo root, after `make GPU_ARCH=sm_90`:
+# torch.compile). Run on a GPU machine, from the repo root, after `make GPU_ARCH=sm_90a`:
 #   DATA=data dev/bench_gpt.sh            (DATA holds tinyshakespeare_text_document.*)
 # Models: GPT-2 124M (12 x 768, 12 heads, T1024, V 50304) and Megatron-2 Table 1 row 1
 # (24 x 2304, 24 heads, T2048, V 51200). Each side at the micro-batches listed; bf16.

@@ -3,7 +3,7 @@
 # (Megatron-3 §5; --recompute-granularity full --recompute-method uniform). The shape is
 # Megatron-2 Table 1 row 1 (hidden 2304, 24 heads, T 2048, V 51200, bf16) with more and more
 # layers at one micro-batch, a few iterations each, until train_gpt stops with its one-line
-# "GPU out of memory". Run on a GPU machine from the repo root, after `make GPU_ARCH=sm_90` and
+# "GPU out of memory". Run on a GPU machine from the repo root, after `make GPU_ARCH=sm_90a` and
 # `./prepro/prepare_tinyshakespeare.sh data`:
 #   DATA=data MB=8 dev/bench_recompute.sh
 # Per mode: two probe runs (12 and 24 layers, the latter Table 1's model) give the GPU memory one

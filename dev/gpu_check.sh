@@ -21,7 +21,7 @@ nvcc --version | tail -n 1
 start=$(date +%s)
 step() { case " $STEPS " in *" $1 "*) return 0 ;; esac; return 1; }
 targets=(all); step tests && targets+=($(ls test/test_*.cu | sed 's|test/\(.*\)\.cu|build/\1|'))
-make -j"$(nproc)" GPU_ARCH=sm_90 "${targets[@]}" > "$LOGS/build.log" 2>&1 || { tail -n 30 "$LOGS/build.log"; exit 1; }
+make -j"$(nproc)" GPU_ARCH="${GPU_ARCH:-sm_90a}" "${targets[@]}" > "$LOGS/build.log" 2>&1 || { tail -n 30 "$LOGS/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - start )) s"
 ./prepro/prepare_tinyshakespeare.sh data > /dev/null 2>&1 || echo "prepare_tinyshakespeare failed"
 

@@ -21,7 +21,7 @@ rm -rf "$WORK" && mkdir -p "$WORK"
 N=$(nvidia-smi -L | wc -l)
 [ "$N" -ge 2 ] || { echo "needs 2 or more GPUs, found $N"; exit 1; }
 echo "$N GPUs: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)"
-make -j"$(nproc)" GPU_ARCH=sm_90 all > "$WORK/build.log" 2>&1 || { tail -n 20 "$WORK/build.log"; exit 1; }
+make -j"$(nproc)" GPU_ARCH=sm_90a all > "$WORK/build.log" 2>&1 || { tail -n 20 "$WORK/build.log"; exit 1; }
 ./prepro/prepare_tinyshakespeare.sh data > /dev/null 2>&1 || { echo "prepare_tinyshakespeare failed"; exit 1; }
 
 # launch NAME RANKS CMD...: RANKS processes of CMD, one GPU each, meeting in a fresh rendezvous directory

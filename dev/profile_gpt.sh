@@ -2,7 +2,7 @@
 # Where the time goes: GPU time per training step by kernel family, megatron.c (Nsight Compute's
 # gpu__time_duration of every kernel of a short run) beside PyTorch-compile (torch.profiler), for
 # GPT-2 124M at B16 x T1024 by default. Run on a GPU machine from the repo root after
-# `make GPU_ARCH=sm_90` and prepro/prepare_tinyshakespeare.sh:
+# `make GPU_ARCH=sm_90a` and prepro/prepare_tinyshakespeare.sh:
 #   DATA=data dev/profile_gpt.sh            (MODEL=L:H:NH:T:V:MB to change the shape)
 set -uo pipefail
 cd "$(dirname "$0")/.."

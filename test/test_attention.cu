@@ -124,6 +124,15 @@ static void test_cpu_dispatch(int B, int T, int NH, int HS, float p) {
     device_free(&d);
 }
 
+// Which kernels run attention on d: "cpu", "gpu", or "gpu wgmma" (the Hopper kernels).
+static const char* kernels_used(const Device* d, int HS) {
+#ifdef __CUDACC__
+    if (d->is_gpu && d->dtype != DT_F32 && att_wgmma_usable(d, HS)) return "gpu wgmma";
+#endif
+    (void)HS;
+    return d->is_gpu ? "gpu" : "cpu";
+}
+
 // A KV cache of maxT rows whose rows from pos+n on are NaN (they must not be read): attention_decode
 // of the query rows [pos, pos+n) against attention_forward over rows [0, pos+n) of the same cache.
 static void test_decode(const Device* d, int B, int maxT, int NH, int HS, int pos, int n) {
@@ -154,12 +163,11 @@ static void test_decode(const Device* d, int B, int maxT, int NH, int HS, int po
     for (size_t bh = 0; bh < (size_t)B * NH; bh++) memmove(lse_want + bh * n, lse_want + bh * T + pos, n * 4);
     // the same arithmetic per row: bitwise on the CPU; on a GPU the tiles start elsewhere
     double tol = !d->is_gpu ? 0.0 : dt == DT_F32 ? 1e-6 : 1e-3;
+    const char* where = kernels_used(d, HS);
     char name[160];
-    snprintf(name, sizeof(name), "%s %s decode out = full rows B=%d NH=%d HS=%d pos=%d n=%d", d->is_gpu ? "gpu" : "cpu",
-             dtype_name(dt), B, NH, HS, pos, n);
+    snprintf(name, sizeof(name), "%s %s decode out = full rows B=%d NH=%d HS=%d pos=%d n=%d", where, dtype_name(dt), B, NH, HS, pos, n);
     check_close(name, got, want + (size_t)pos * B * C, (size_t)n * B * C, tol);
-    snprintf(name, sizeof(name), "%s %s decode lse = full rows B=%d NH=%d HS=%d pos=%d n=%d", d->is_gpu ? "gpu" : "cpu",
-             dtype_name(dt), B, NH, HS, pos, n);
+    snprintf(name, sizeof(name), "%s %s decode lse = full rows B=%d NH=%d HS=%d pos=%d n=%d", where, dtype_name(dt), B, NH, HS, pos, n);
     check_close(name, lse_got, lse_want, (size_t)n * B * NH, tol);
     dev_free(d, cache); dev_free(d, full); dev_free(d, rows); dev_free(d, lse_full); dev_free(d, lse_rows);
     free(host); free(stored); free(buf); free(want); free(got); free(lse_want); free(lse_got);
@@ -262,18 +270,18 @@ static void test_gpu_case(Device* d, int B, int T, int NH, int HS, float p) {
     float* got = (float*)xmalloc(nqkv * sizeof(float));
     double tol = dt == DT_F32 ? 1e-5 : 2e-2, tol_lse = dt == DT_F32 ? 1e-5 : 1e-4;
     char tag[96], name[160];
-    snprintf(tag, sizeof(tag), "%s B=%d T=%d NH=%d HS=%d p=%g", dtype_name(dt), B, T, NH, HS, p);
+    snprintf(tag, sizeof(tag), "%s %s B=%d T=%d NH=%d HS=%d p=%g", kernels_used(d, HS), dtype_name(dt), B, T, NH, HS, p);
     dev_download(d, buf, out_g, nout * es);
     dtype_to_floats(got, buf, nout, dt);
-    snprintf(name, sizeof(name), "gpu fwd out  %s", tag);
+    snprintf(name, sizeof(name), "fwd out  %s", tag);
     compare(name, got, out_ref, nout, tol, locate_out, B, T, NH, HS, -1);
     dev_download(d, got, lse_g, nlse * 4);
-    snprintf(name, sizeof(name), "gpu fwd lse  %s", tag);
+    snprintf(name, sizeof(name), "fwd lse  %s", tag);
     compare(name, got, lse_ref, nlse, tol_lse, locate_lse, B, T, NH, HS, -1);
     dev_download(d, buf, dqkv_g, nqkv * es);
     dtype_to_floats(got, buf, nqkv, dt);
     for (int part = 0; part < 3; part++) {
-        snprintf(name, sizeof(name), "gpu bwd d%c   %s", "qkv"[part], tag);
+        snprintf(name, sizeof(name), "bwd d%c   %s", "qkv"[part], tag);
         compare(name, got, dqkv_ref, nqkv, tol, locate_qkv, B, T, NH, HS, part);
     }
 
@@ -286,7 +294,7 @@ static void test_gpu_case(Device* d, int B, int T, int NH, int HS, float p) {
     attention_backward(d, dqkv_g, delta_g, dout_g, qkv_g, out_g, lse_g, p, seed, B, T, NH, HS);
     dev_download(d, out_again, out_g, nout * es);
     dev_download(d, dqkv_again, dqkv_g, nqkv * es);
-    snprintf(name, sizeof(name), "gpu deterministic %s", tag);
+    snprintf(name, sizeof(name), "deterministic %s", tag);
     check(!memcmp(out_again, out_first, nout * es) && !memcmp(dqkv_again, buf, nqkv * es), name,
           "a second run gave different bits");
 
@@ -351,8 +359,8 @@ static void bench(int B, int T, int NH, int HS, float p) {
     for (int pass = 0; pass < 2; pass++) {
         qsort(ms[pass], 20, sizeof(float), compare_floats);
         double med = 0.5 * (ms[pass][9] + ms[pass][10]), flops = flops_fwd * (pass ? 2.5 : 1.0);
-        printf("bench bf16 B=%d T=%d NH=%d HS=%d p=%g %s: %.3f ms, %.1f TFLOP/s\n", B, T, NH, HS, p,
-               pass ? "bwd" : "fwd", med, flops / (med * 1e-3) / 1e12);
+        printf("bench bf16 B=%d T=%d NH=%d HS=%d p=%g %s %s: %.3f ms, %.1f TFLOP/s\n", B, T, NH, HS, p,
+               att_wgmma_usable(&d, HS) ? "wgmma" : "mma.sync", pass ? "bwd" : "fwd", med, flops / (med * 1e-3) / 1e12);
     }
     dev_free(&d, qkv); dev_free(&d, out); dev_free(&d, dout); dev_free(&d, dqkv); dev_free(&d, lse); dev_free(&d, delta);
     free(h); free(hb);
@@ -386,19 +394,32 @@ int main(int argc, char** argv) {
     static const DType dtypes[] = {DT_F32, DT_BF16, DT_F16};
     // decode: B, maxT, NH, HS, pos, n (rows from the middle of a tile, several key tiles, a prefill)
     static const int decodes[][6] = {{1, 256, 2, 64, 0, 100}, {1, 256, 2, 64, 130, 1}, {2, 256, 3, 32, 70, 9}, {1, 1024, 4, 128, 1000, 1}};
-    for (int t = 0; t < 3; t++) {
-        Device d;
-        device_init(&d, "cuda", dtypes[t]);
-        for (int s = 0; s < 5; s++)
-            for (int q = 0; q < 2; q++)
-                test_gpu_case(&d, shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3], q ? 0.1f : 0.0f);
-        for (int s = 0; s < 4; s++) test_decode(&d, decodes[s][0], decodes[s][1], decodes[s][2], decodes[s][3], decodes[s][4], decodes[s][5]);
-        device_free(&d);
+    // every case with the mma.sync kernels, then the head-size-64 half cases again with wgmma where the binary has it
+    Device probe;
+    device_init(&probe, "cuda", DT_BF16);
+    int have_wgmma = att_wgmma_usable(&probe, 64);
+    device_free(&probe);
+    printf("wgmma attention kernels: %s\n", have_wgmma ? "in this binary (sm_90a), tested below" : "not in this binary");
+    for (int wgmma = 0; wgmma <= have_wgmma; wgmma++) {
+        att_wgmma_enabled = wgmma;
+        for (int t = wgmma; t < 3; t++) {
+            Device d;
+            device_init(&d, "cuda", dtypes[t]);
+            for (int s = 0; s < 5; s++)
+                for (int q = 0; q < 2; q++)
+                    if (!wgmma || shapes[s][3] == 64) test_gpu_case(&d, shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3], q ? 0.1f : 0.0f);
+            for (int s = 0; s < 4; s++)
+                if (!wgmma || decodes[s][3] == 64) test_decode(&d, decodes[s][0], decodes[s][1], decodes[s][2], decodes[s][3], decodes[s][4], decodes[s][5]);
+            device_free(&d);
+        }
     }
     if (want_bench) {
-        bench(16, 1024, 12, 64, 0.0f);
-        bench(16, 1024, 12, 64, 0.1f);
-        bench(4, 2048, 24, 96, 0.0f);
+        for (int wgmma = 0; wgmma <= have_wgmma; wgmma++) {
+            att_wgmma_enabled = wgmma;
+            bench(16, 1024, 12, 64, 0.0f);
+            bench(16, 1024, 12, 64, 0.1f);
+            if (!wgmma) bench(4, 2048, 24, 96, 0.0f);
+        }
     }
 #else
     if (want_bench) printf("skip bench: built without CUDA\n");

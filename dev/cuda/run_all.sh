@@ -4,7 +4,7 @@
 # equivalents in the same run (torch_ops.py), and print one table:
 #   kernel, shape, version, time, GB/s (TFLOP/s for attention), % of the ceiling, check,
 #   PyTorch's time and rate (our op's bytes or FLOPs over PyTorch's time), ratio = PyTorch time / ours.
-# On a GPU machine, from anywhere: dev/cuda/run_all.sh   (GPU_ARCH=sm_90 by default; logs in $OUT or out/dev_cuda)
+# On a GPU machine, from anywhere: dev/cuda/run_all.sh   (GPU_ARCH=sm_90a by default; logs in $OUT or out/dev_cuda)
 set -uo pipefail
 cd "$(dirname "$0")"
 LOGS=${OUT:-../../out/dev_cuda}
@@ -12,7 +12,7 @@ mkdir -p "$LOGS"
 PROGRAMS="layernorm attention crossentropy residual adamw embedding gradnorm"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 start=$(date +%s)
-make -j"$(nproc)" GPU_ARCH="${GPU_ARCH:-sm_90}" > "$LOGS/build.log" 2>&1 || { tail -n 30 "$LOGS/build.log"; exit 1; }
+make -j"$(nproc)" GPU_ARCH="${GPU_ARCH:-sm_90a}" > "$LOGS/build.log" 2>&1 || { tail -n 30 "$LOGS/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - start )) s"
 status=0
 for p in $PROGRAMS; do
