@@ -2648,6 +2648,144 @@ __device__ __forceinline__ void att_store_rows(F* g, size_t tstride, int t0, int
     }
 }
 
+// ---- What every half-precision kernel does per tile, on accumulators in the C fragment layout
+// (att_mma): a thread holds rows rows[0], rows[1] (or keys) at columns n*8 + 2*q4 + (c&1).
+
+// The forward's online softmax over one key tile (FlashAttention-2, Dao 2023, alg. 1): masks keys
+// past the diagonal, updates the running max m (log2 units) and this thread's part of the row
+// sums l, rescales the output accumulator o and leaves the (dropped) probabilities in s.
+template <int BN, int HS>
+__device__ __forceinline__ void att_softmax_tile(float s[BN / 8][4], float m[2], float l[2], float o[HS / 8][4], int k0, int wq0,
+                                                 const int rows[2], float scale_log2, float p, uint32_t keep_min,
+                                                 uint64_t seed, int bh, int T) {
+    int q4 = threadIdx.x % 4;
+    if (k0 + BN - 1 > wq0) {  // some key of the tile lies past some row of this warp
+#pragma unroll
+        for (int n = 0; n < BN / 8; n++)
+#pragma unroll
+            for (int c = 0; c < 4; c++)
+                if (k0 + n * 8 + 2 * q4 + (c & 1) > rows[c >> 1]) s[n][c] = -INFINITY;
+    }
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < BN / 8; n++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) mx[c >> 1] = fmaxf(mx[c >> 1], s[n][c]);
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {  // key 0 is in every row's first tile, so m is finite from then on
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 2));
+        float m_new = fmaxf(m[r], mx[r] * scale_log2);
+        alpha[r] = att_exp2(m[r] - m_new);
+        m[r] = m_new;
+        l[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int n = 0; n < BN / 8; n++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            s[n][c] = att_exp2(s[n][c] * scale_log2 - m[c >> 1]);
+            l[c >> 1] += s[n][c];  // the normaliser counts dropped probabilities too
+            if (p > 0) {
+                int key = k0 + n * 8 + 2 * q4 + (c & 1);
+                if (hash_u32(seed, ((uint64_t)bh * T + rows[c >> 1]) * T + key) < keep_min) s[n][c] = 0;
+            }
+        }
+#pragma unroll
+    for (int n = 0; n < HS / 8; n++) {
+        o[n][0] *= alpha[0]; o[n][1] *= alpha[0];
+        o[n][2] *= alpha[1]; o[n][3] *= alpha[1];
+    }
+}
+
+// The end of the forward: row sums over the quad, lse of rows < T written, o normalised.
+template <int HS>
+__device__ __forceinline__ void att_softmax_finish(float o[HS / 8][4], const float m[2], float l[2], const int rows[2], float* lse,
+                                                   int first, float p, int bh, int T) {
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(0xffffffff, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffff, l[r], 2);
+        inv[r] = 1.0f / ((1.0f - p) * l[r]);
+        if (threadIdx.x % 4 == 0 && rows[r] < T) lse[(size_t)bh * (T - first) + rows[r] - first] = (m[r] + log2f(l[r])) * ATT_LN2;
+    }
+#pragma unroll
+    for (int n = 0; n < HS / 8; n++) {
+        o[n][0] *= inv[0]; o[n][1] *= inv[0];
+        o[n][2] *= inv[1]; o[n][3] *= inv[1];
+    }
+}
+
+// delta_i = dout_i . out_i for a warp's 16 query rows from wq0 (written to delta, rows < T); di
+// gets the thread's two rows. Lanes 2r and 2r+1 each sum half of row r.
+template <typename F, int HS>
+__device__ __forceinline__ void att_rows_delta(float di[2], float* delta, const F* gg, const F* og, size_t ostride, int wq0, int bh,
+                                               int T) {
+    int lane = threadIdx.x % 32, gr = lane / 4, t = wq0 + lane / 2;
+    float dsum = 0;
+    if (t < T) {
+        const F* grow = gg + t * ostride + (lane & 1) * (HS / 2);
+        const F* orow = og + t * ostride + (lane & 1) * (HS / 2);
+#pragma unroll
+        for (int c = 0; c < HS / 2; c += 8) {
+            int4 gv = *(const int4*)(grow + c), ov = *(const int4*)(orow + c);
+            const F* ge = (const F*)&gv;
+            const F* oe = (const F*)&ov;
+#pragma unroll
+            for (int e = 0; e < 8; e++) dsum += to_float(ge[e]) * to_float(oe[e]);
+        }
+    }
+    dsum += __shfl_xor_sync(0xffffffff, dsum, 1);
+    if (t < T && (lane & 1) == 0) delta[(size_t)bh * T + t] = dsum;
+    di[0] = __shfl_sync(0xffffffff, dsum, 2 * gr);
+    di[1] = __shfl_sync(0xffffffff, dsum, 2 * gr + 16);
+}
+
+// The dq kernels' tile: s (scores q.k) becomes dS = P (dropout(dp) - delta), dp = dout . v.
+template <int BN>
+__device__ __forceinline__ void att_dq_tile(float s[BN / 8][4], const float dp[BN / 8][4], int k0, int wq0, const int rows[2],
+                                            const float lse2[2], const float di[2], float scale_log2, float p, uint32_t keep_min,
+                                            float keep_scale, uint64_t seed, int bh, int T) {
+    int q4 = threadIdx.x % 4;
+    bool masked = k0 + BN - 1 > wq0;
+#pragma unroll
+    for (int n = 0; n < BN / 8; n++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            int r = c >> 1, key = k0 + n * 8 + 2 * q4 + (c & 1);
+            float prob = att_exp2(s[n][c] * scale_log2 - lse2[r]);
+            if (masked && key > rows[r]) prob = 0;
+            float gv = dp[n][c];
+            if (p > 0) gv = hash_u32(seed, ((uint64_t)bh * T + rows[r]) * T + key) >= keep_min ? gv * keep_scale : 0;
+            s[n][c] = prob * (gv - di[r]);
+        }
+}
+
+// The dk/dv kernels' transposed tile (rows keys, columns the queries i0..): s (k.q) becomes the
+// dropped probability P M (for dv), dp (v.dout) becomes dS = P (M dp - delta) (for dk).
+// lse_s (log2 units) and delta_s hold the tile's queries.
+template <int BM>
+__device__ __forceinline__ void att_dkdv_tile(float s[BM / 8][4], float dp[BM / 8][4], int i0, int wk0, const int keys[2],
+                                              const float* lse_s, const float* delta_s, float scale_log2, float p,
+                                              uint32_t keep_min, float keep_scale, uint64_t seed, int bh, int T) {
+    int q4 = threadIdx.x % 4;
+    bool masked = i0 < wk0 + 15 || i0 + BM > T;
+#pragma unroll
+    for (int n = 0; n < BM / 8; n++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            int col = n * 8 + 2 * q4 + (c & 1), query = i0 + col, key = keys[c >> 1];
+            float prob = att_exp2(s[n][c] * scale_log2 - lse_s[col]);
+            if (masked && (query < key || query >= T)) prob = 0;
+            float mk = 1.0f;
+            if (p > 0) mk = hash_u32(seed, ((uint64_t)bh * T + query) * T + key) >= keep_min ? keep_scale : 0.0f;
+            s[n][c] = prob * mk;
+            dp[n][c] = prob * (dp[n][c] * mk - delta_s[col]);
+        }
+}
+
 // Forward: a block owns ATT_ROWS query rows of one (b, h), 16 per warp, and walks the key
 // tiles up to the diagonal with an online softmax (FlashAttention-2, Dao 2023, alg. 1).
 // Query rows [first, T) only; out and lse hold them from index 0 (see attention_forward_cpu).
@@ -2662,7 +2800,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(F* out, 
 
     int qt = gridDim.x - 1 - blockIdx.x;  // the longest rows first
     int bh = blockIdx.y, b = bh / NH, h = bh % NH;
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, q4 = lane % 4;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4;
     int C = NH * HS;
     size_t tstride = (size_t)B * 3 * C;
     const F* qg = qkv + (size_t)b * 3 * C + h * 3 * HS;
@@ -2692,63 +2830,13 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(F* out, 
 
         float s[BN / 8][4] = {};
         att_mma_abt<F, HS, BN / 8>(s, qs + warp * 16 * LD, ks + buf * BN * LD, LD);
-        if (k0 + BN - 1 > wq0) {  // some key of the tile lies past some row of this warp
-#pragma unroll
-            for (int n = 0; n < BN / 8; n++)
-#pragma unroll
-                for (int c = 0; c < 4; c++)
-                    if (k0 + n * 8 + 2 * q4 + (c & 1) > rows[c >> 1]) s[n][c] = -INFINITY;
-        }
-        float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-        for (int n = 0; n < BN / 8; n++)
-#pragma unroll
-            for (int c = 0; c < 4; c++) mx[c >> 1] = fmaxf(mx[c >> 1], s[n][c]);
-        float alpha[2];
-#pragma unroll
-        for (int r = 0; r < 2; r++) {  // key 0 is in every row's first tile, so m is finite from then on
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 2));
-            float m_new = fmaxf(m[r], mx[r] * scale_log2);
-            alpha[r] = att_exp2(m[r] - m_new);
-            m[r] = m_new;
-            l[r] *= alpha[r];
-        }
-#pragma unroll
-        for (int n = 0; n < BN / 8; n++)
-#pragma unroll
-            for (int c = 0; c < 4; c++) {
-                s[n][c] = att_exp2(s[n][c] * scale_log2 - m[c >> 1]);
-                l[c >> 1] += s[n][c];  // the normaliser counts dropped probabilities too
-                if (p > 0) {
-                    int key = k0 + n * 8 + 2 * q4 + (c & 1);
-                    if (hash_u32(seed, ((uint64_t)bh * T + rows[c >> 1]) * T + key) < keep_min) s[n][c] = 0;
-                }
-            }
-#pragma unroll
-        for (int n = 0; n < HS / 8; n++) {
-            o[n][0] *= alpha[0]; o[n][1] *= alpha[0];
-            o[n][2] *= alpha[1]; o[n][3] *= alpha[1];
-        }
+        att_softmax_tile<BN, HS>(s, m, l, o, k0, wq0, rows, scale_log2, p, keep_min, seed, bh, T);
         uint32_t pa[BN / 16][4];
         att_c_to_a<F, BN / 16>(pa, s);
         att_mma_ab<F, BN / 16, HS / 8>(o, pa, vs + buf * BN * LD, LD);
         __syncthreads();  // the buffer is refilled next iteration
     }
-
-    float inv[2];
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        l[r] += __shfl_xor_sync(0xffffffff, l[r], 1);
-        l[r] += __shfl_xor_sync(0xffffffff, l[r], 2);
-        inv[r] = 1.0f / ((1.0f - p) * l[r]);
-        if (q4 == 0 && rows[r] < T) lse[(size_t)bh * (T - first) + rows[r] - first] = (m[r] + log2f(l[r])) * ATT_LN2;
-    }
-#pragma unroll
-    for (int n = 0; n < HS / 8; n++) {
-        o[n][0] *= inv[0]; o[n][1] *= inv[0];
-        o[n][2] *= inv[1]; o[n][3] *= inv[1];
-    }
+    att_softmax_finish<HS>(o, m, l, rows, lse, first, p, bh, T);
     att_store_rows<F, HS>(out + (size_t)b * C + h * HS, (size_t)B * C, wq0 - first, T - first, o, qs + warp * 16 * LD);
 }
 
@@ -2803,6 +2891,13 @@ __device__ __forceinline__ uint64_t att_wgmma_desc(const void* s) {
     uint64_t addr = att_smem_addr(s);
     return (addr >> 4 & 0x3fff) | (uint64_t)(1024 >> 4) << 16 | (uint64_t)(1024 >> 4) << 32 | 1ull << 62;
 }
+// Descriptor step of 16 rows of a tile (2048 bytes), the K step of an N-major operand.
+#define ATT_WG_16ROWS (16 * ATT_WG_HS * 2 >> 4)
+// The first 1024-aligned byte of the dynamic shared memory (the launch adds 1024 bytes of room).
+template <typename F>
+__device__ __forceinline__ F* att_wg_tiles(unsigned char* smem) { return (F*)(smem + (1024 - att_smem_addr(smem) % 1024) % 1024); }
+// cp.async's writes to shared memory, made visible to wgmma's reads (the async proxy).
+__device__ __forceinline__ void att_fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 __device__ __forceinline__ void att_wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void att_wgmma_commit_wait() {
     asm volatile("wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;\n" ::: "memory");
@@ -2849,13 +2944,13 @@ __global__ void __launch_bounds__(ATT_WG_THREADS, 2) attention_forward_wgmma_ker
 #ifdef ATT_HAVE_WGMMA
     constexpr int HS = ATT_WG_HS, BM = ATT_WG_ROWS, BN = 64;
     extern __shared__ unsigned char att_wg_smem[];
-    F* qs = (F*)(att_wg_smem + (1024 - att_smem_addr(att_wg_smem) % 1024) % 1024);  // [BM][HS]
+    F* qs = att_wg_tiles<F>(att_wg_smem);  // [BM][HS]
     F* ks = qs + BM * HS;                                                         // [2][BN][HS], double-buffered
     F* vs = ks + 2 * BN * HS;
 
     int qt = gridDim.x - 1 - blockIdx.x;  // the longest rows first
     int bh = blockIdx.y, b = bh / NH, h = bh % NH;
-    int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gr = lane / 4, q4 = lane % 4;
+    int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gr = lane / 4;
     int C = NH * HS;
     size_t tstride = (size_t)B * 3 * C;
     const F* qg = qkv + (size_t)b * 3 * C + h * 3 * HS;
@@ -2882,7 +2977,7 @@ __global__ void __launch_bounds__(ATT_WG_THREADS, 2) attention_forward_wgmma_ker
         } else {
             att_cp_async_wait<0>();
         }
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // cp.async's writes, visible to wgmma
+        att_fence_async_smem();
         __syncthreads();
 
         if (k0 <= g0 + 63) {  // a tile past all of this warpgroup's rows is skipped
@@ -2893,69 +2988,200 @@ __global__ void __launch_bounds__(ATT_WG_THREADS, 2) attention_forward_wgmma_ker
             for (int k = 0; k < HS / 16; k++) att_wgmma_ss<F>(s, desc_q + 2 * k, desc_k + 2 * k, k > 0);
             att_wgmma_commit_wait();
             att_wgmma_hold(s);
-            if (k0 + BN - 1 > wq0) {
-#pragma unroll
-                for (int n = 0; n < BN / 8; n++)
-#pragma unroll
-                    for (int c = 0; c < 4; c++)
-                        if (k0 + n * 8 + 2 * q4 + (c & 1) > rows[c >> 1]) s[n][c] = -INFINITY;
-            }
-            float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-            for (int n = 0; n < BN / 8; n++)
-#pragma unroll
-                for (int c = 0; c < 4; c++) mx[c >> 1] = fmaxf(mx[c >> 1], s[n][c]);
-            float alpha[2];
-#pragma unroll
-            for (int r = 0; r < 2; r++) {  // key 0 is in every row's first tile, so m is finite from then on
-                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 1));
-                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 2));
-                float m_new = fmaxf(m[r], mx[r] * scale_log2);
-                alpha[r] = att_exp2(m[r] - m_new);
-                m[r] = m_new;
-                l[r] *= alpha[r];
-            }
-#pragma unroll
-            for (int n = 0; n < BN / 8; n++)
-#pragma unroll
-                for (int c = 0; c < 4; c++) {
-                    s[n][c] = att_exp2(s[n][c] * scale_log2 - m[c >> 1]);
-                    l[c >> 1] += s[n][c];  // the normaliser counts dropped probabilities too
-                    if (p > 0) {
-                        int key = k0 + n * 8 + 2 * q4 + (c & 1);
-                        if (hash_u32(seed, ((uint64_t)bh * T + rows[c >> 1]) * T + key) < keep_min) s[n][c] = 0;
-                    }
-                }
-#pragma unroll
-            for (int n = 0; n < HS / 8; n++) {
-                o[n][0] *= alpha[0]; o[n][1] *= alpha[0];
-                o[n][2] *= alpha[1]; o[n][3] *= alpha[1];
-            }
+            att_softmax_tile<BN, HS>(s, m, l, o, k0, wq0, rows, scale_log2, p, keep_min, seed, bh, T);
             uint32_t pa[BN / 16][4];
             att_c_to_a<F, BN / 16>(pa, s);
             att_wgmma_fence();
 #pragma unroll
-            for (int k = 0; k < BN / 16; k++) att_wgmma_rs<F>(o, pa[k], desc_v + k * (16 * HS * (int)sizeof(F) >> 4));
+            for (int k = 0; k < BN / 16; k++) att_wgmma_rs<F>(o, pa[k], desc_v + k * ATT_WG_16ROWS);
             att_wgmma_commit_wait();
             att_wgmma_hold(o);
         }
         __syncthreads();  // the buffer is refilled next iteration
     }
 
-    float inv[2];
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        l[r] += __shfl_xor_sync(0xffffffff, l[r], 1);
-        l[r] += __shfl_xor_sync(0xffffffff, l[r], 2);
-        inv[r] = 1.0f / ((1.0f - p) * l[r]);
-        if (q4 == 0 && rows[r] < T) lse[(size_t)bh * (T - first) + rows[r] - first] = (m[r] + log2f(l[r])) * ATT_LN2;
-    }
-#pragma unroll
-    for (int n = 0; n < HS / 8; n++) {
-        o[n][0] *= inv[0]; o[n][1] *= inv[0];
-        o[n][2] *= inv[1]; o[n][3] *= inv[1];
-    }
+    att_softmax_finish<HS>(o, m, l, rows, lse, first, p, bh, T);
     att_store_rows_sw128<F>(out + (size_t)b * C + h * HS, (size_t)B * C, wq0 - first, T - first, o, qs + (wg * 64 + warp * 16) * HS);
+#else
+    __trap();  // launched only where att_wgmma_usable said the binary has sm_90a code
+#endif
+}
+
+// Backward, dq, on two warpgroups (attention_backward_dq_kernel's algorithm): the block owns
+// ATT_WG_ROWS query rows, 64 per warpgroup; S = Q K^T and dP = dout V^T are wgmma products of
+// shared-memory tiles, dq += dS K takes dS from registers.
+template <typename F>
+__global__ void __launch_bounds__(ATT_WG_THREADS) attention_backward_dq_wgmma_kernel(F* dqkv, float* delta, const F* dout,
+                                                                                    const F* qkv, const F* out, const float* lse,
+                                                                                    float p, uint32_t keep_min, uint64_t seed,
+                                                                                    int B, int T, int NH) {
+#ifdef ATT_HAVE_WGMMA
+    constexpr int HS = ATT_WG_HS, BM = ATT_WG_ROWS, BN = 64;
+    extern __shared__ unsigned char att_wg_smem[];
+    F* qs = att_wg_tiles<F>(att_wg_smem);  // [BM][HS]
+    F* gs = qs + BM * HS;                  // [BM][HS] dout
+    F* ks = gs + BM * HS;                  // [2][BN][HS], double-buffered
+    F* vs = ks + 2 * BN * HS;
+
+    int qt = gridDim.x - 1 - blockIdx.x;
+    int bh = blockIdx.y, b = bh / NH, h = bh % NH;
+    int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, gr = threadIdx.x % 32 / 4;
+    int C = NH * HS;
+    size_t tstride = (size_t)B * 3 * C, ostride = (size_t)B * C;
+    const F* qg = qkv + (size_t)b * 3 * C + h * 3 * HS;
+    const F* gg = dout + (size_t)b * C + h * HS;
+    const F* og = out + (size_t)b * C + h * HS;
+    int q0 = qt * BM, g0 = q0 + wg * 64, wq0 = g0 + warp * 16;
+    int rows[2] = {wq0 + gr, wq0 + gr + 8};
+    int n_kt = CEIL_DIV(min(T, q0 + BM), BN);
+    float scale = rsqrtf((float)HS), scale_log2 = scale * ATT_LOG2E, keep_scale = 1.0f / (1.0f - p);
+
+    att_load_rows_sw128<F, BM>(qs, qg, tstride, q0, T);
+    att_load_rows_sw128<F, BM>(gs, gg, ostride, q0, T);
+    att_load_rows_sw128<F, BN>(ks, qg + HS, tstride, 0, T);
+    att_load_rows_sw128<F, BN>(vs, qg + 2 * HS, tstride, 0, T);
+    att_cp_async_commit();
+    float di[2], lse2[2];
+    att_rows_delta<F, HS>(di, delta, gg, og, ostride, wq0, bh, T);
+#pragma unroll
+    for (int r = 0; r < 2; r++) lse2[r] = rows[r] < T ? lse[(size_t)bh * T + rows[r]] * ATT_LOG2E : 0;
+
+    uint64_t desc_q = att_wgmma_desc(qs + wg * 64 * HS), desc_g = att_wgmma_desc(gs + wg * 64 * HS);
+    float dq[HS / 8][4] = {};
+    for (int kt = 0; kt < n_kt; kt++) {
+        int buf = kt & 1, k0 = kt * BN;
+        if (kt + 1 < n_kt) {
+            att_load_rows_sw128<F, BN>(ks + (buf ^ 1) * BN * HS, qg + HS, tstride, k0 + BN, T);
+            att_load_rows_sw128<F, BN>(vs + (buf ^ 1) * BN * HS, qg + 2 * HS, tstride, k0 + BN, T);
+            att_cp_async_commit();
+            att_cp_async_wait<1>();
+        } else {
+            att_cp_async_wait<0>();
+        }
+        att_fence_async_smem();
+        __syncthreads();
+
+        if (k0 <= g0 + 63) {  // a tile past all of this warpgroup's rows is skipped
+            float s[BN / 8][4] = {}, dp[BN / 8][4] = {};
+            uint64_t desc_k = att_wgmma_desc(ks + buf * BN * HS), desc_v = att_wgmma_desc(vs + buf * BN * HS);
+            att_wgmma_fence();
+#pragma unroll
+            for (int k = 0; k < HS / 16; k++) att_wgmma_ss<F>(s, desc_q + 2 * k, desc_k + 2 * k, k > 0);
+#pragma unroll
+            for (int k = 0; k < HS / 16; k++) att_wgmma_ss<F>(dp, desc_g + 2 * k, desc_v + 2 * k, k > 0);
+            att_wgmma_commit_wait();
+            att_wgmma_hold(s);
+            att_wgmma_hold(dp);
+            att_dq_tile<BN>(s, dp, k0, wq0, rows, lse2, di, scale_log2, p, keep_min, keep_scale, seed, bh, T);
+            uint32_t da[BN / 16][4];
+            att_c_to_a<F, BN / 16>(da, s);
+            att_wgmma_fence();
+#pragma unroll
+            for (int k = 0; k < BN / 16; k++) att_wgmma_rs<F>(dq, da[k], desc_k + k * ATT_WG_16ROWS);
+            att_wgmma_commit_wait();
+            att_wgmma_hold(dq);
+        }
+        __syncthreads();  // the buffer is refilled next iteration
+    }
+#pragma unroll
+    for (int n = 0; n < HS / 8; n++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) dq[n][c] *= scale;
+    att_store_rows_sw128<F>(dqkv + (size_t)b * 3 * C + h * 3 * HS, tstride, wq0, T, dq, qs + (wg * 64 + warp * 16) * HS);
+#else
+    __trap();  // launched only where att_wgmma_usable said the binary has sm_90a code
+#endif
+}
+
+// Backward, dk and dv, on two warpgroups (attention_backward_dkdv_kernel's algorithm): the block
+// owns ATT_WG_ROWS keys, 64 per warpgroup, and walks 64-query tiles from the diagonal to the end.
+// S^T = K Q^T and dP^T = V dout^T from shared memory; dv += (P M) dout and dk += dS^T Q from registers.
+template <typename F>
+__global__ void __launch_bounds__(ATT_WG_THREADS) attention_backward_dkdv_wgmma_kernel(F* dqkv, const float* delta, const F* dout,
+                                                                                      const F* qkv, const float* lse, float p,
+                                                                                      uint32_t keep_min, uint64_t seed,
+                                                                                      int B, int T, int NH) {
+#ifdef ATT_HAVE_WGMMA
+    constexpr int HS = ATT_WG_HS, BN = ATT_WG_ROWS, BM = 64;
+    extern __shared__ unsigned char att_wg_smem[];
+    F* ks = att_wg_tiles<F>(att_wg_smem);       // [BN][HS]
+    F* vs = ks + BN * HS;                       // [BN][HS]
+    F* qs = vs + BN * HS;                       // [2][BM][HS]
+    F* gs = qs + 2 * BM * HS;                   // [2][BM][HS] dout
+    float* lse_s = (float*)(gs + 2 * BM * HS);  // [2][BM], in log2 units
+    float* delta_s = lse_s + 2 * BM;            // [2][BM]
+
+    int kt = blockIdx.x;  // the longest key columns first
+    int bh = blockIdx.y, b = bh / NH, h = bh % NH;
+    int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, gr = threadIdx.x % 32 / 4;
+    int C = NH * HS;
+    size_t tstride = (size_t)B * 3 * C, ostride = (size_t)B * C;
+    const F* qg = qkv + (size_t)b * 3 * C + h * 3 * HS;
+    const F* gg = dout + (size_t)b * C + h * HS;
+    int k0 = kt * BN, g0 = k0 + wg * 64, wk0 = g0 + warp * 16;
+    int keys[2] = {wk0 + gr, wk0 + gr + 8};
+    int qt0 = k0 / BM, n_qt = CEIL_DIV(T, BM);
+    float scale = rsqrtf((float)HS), scale_log2 = scale * ATT_LOG2E, keep_scale = 1.0f / (1.0f - p);
+    auto load_query_tile = [&](int qt, int buf) {
+        att_load_rows_sw128<F, BM>(qs + buf * BM * HS, qg, tstride, qt * BM, T);
+        att_load_rows_sw128<F, BM>(gs + buf * BM * HS, gg, ostride, qt * BM, T);
+        att_cp_async_commit();
+        for (int r = threadIdx.x; r < BM; r += ATT_WG_THREADS) {
+            int t = qt * BM + r;
+            lse_s[buf * BM + r] = t < T ? lse[(size_t)bh * T + t] * ATT_LOG2E : 0;
+            delta_s[buf * BM + r] = t < T ? delta[(size_t)bh * T + t] : 0;
+        }
+    };
+    att_load_rows_sw128<F, BN>(ks, qg + HS, tstride, k0, T);
+    att_load_rows_sw128<F, BN>(vs, qg + 2 * HS, tstride, k0, T);
+    load_query_tile(qt0, 0);
+
+    uint64_t desc_k = att_wgmma_desc(ks + wg * 64 * HS), desc_v = att_wgmma_desc(vs + wg * 64 * HS);
+    float dk[HS / 8][4] = {}, dv[HS / 8][4] = {};
+    for (int qt = qt0; qt < n_qt; qt++) {
+        int buf = (qt - qt0) & 1, i0 = qt * BM;
+        if (qt + 1 < n_qt) {
+            load_query_tile(qt + 1, buf ^ 1);
+            att_cp_async_wait<1>();
+        } else {
+            att_cp_async_wait<0>();
+        }
+        att_fence_async_smem();
+        __syncthreads();
+
+        if (i0 + BM > g0) {  // a tile of queries all before this warpgroup's keys is skipped
+            uint64_t desc_qb = att_wgmma_desc(qs + buf * BM * HS), desc_gb = att_wgmma_desc(gs + buf * BM * HS);
+            float s[BM / 8][4] = {}, dp[BM / 8][4] = {};  // transposed: rows are keys, columns queries
+            att_wgmma_fence();
+#pragma unroll
+            for (int k = 0; k < HS / 16; k++) att_wgmma_ss<F>(s, desc_k + 2 * k, desc_qb + 2 * k, k > 0);
+#pragma unroll
+            for (int k = 0; k < HS / 16; k++) att_wgmma_ss<F>(dp, desc_v + 2 * k, desc_gb + 2 * k, k > 0);
+            att_wgmma_commit_wait();
+            att_wgmma_hold(s);
+            att_wgmma_hold(dp);
+            att_dkdv_tile<BM>(s, dp, i0, wk0, keys, lse_s + buf * BM, delta_s + buf * BM, scale_log2, p, keep_min, keep_scale, seed, bh, T);
+            uint32_t pa[BM / 16][4], da[BM / 16][4];
+            att_c_to_a<F, BM / 16>(pa, s);
+            att_c_to_a<F, BM / 16>(da, dp);
+            att_wgmma_fence();
+#pragma unroll
+            for (int k = 0; k < BM / 16; k++) att_wgmma_rs<F>(dv, pa[k], desc_gb + k * ATT_WG_16ROWS);
+#pragma unroll
+            for (int k = 0; k < BM / 16; k++) att_wgmma_rs<F>(dk, da[k], desc_qb + k * ATT_WG_16ROWS);
+            att_wgmma_commit_wait();
+            att_wgmma_hold(dv);
+            att_wgmma_hold(dk);
+        }
+        __syncthreads();  // the buffers are refilled next iteration
+    }
+#pragma unroll
+    for (int n = 0; n < HS / 8; n++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) dk[n][c] *= scale;
+    F* dkg = dqkv + (size_t)b * 3 * C + h * 3 * HS + HS;
+    att_store_rows_sw128<F>(dkg, tstride, wk0, T, dk, ks + (wg * 64 + warp * 16) * HS);
+    att_store_rows_sw128<F>(dkg + HS, tstride, wk0, T, dv, vs + (wg * 64 + warp * 16) * HS);
 #else
     __trap();  // launched only where att_wgmma_usable said the binary has sm_90a code
 #endif
@@ -2977,7 +3203,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(F* d
 
     int qt = gridDim.x - 1 - blockIdx.x;
     int bh = blockIdx.y, b = bh / NH, h = bh % NH;
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, q4 = lane % 4;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4;
     int C = NH * HS;
     size_t tstride = (size_t)B * 3 * C, ostride = (size_t)B * C;
     const F* qg = qkv + (size_t)b * 3 * C + h * 3 * HS;
@@ -2994,26 +3220,8 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(F* d
     att_load_rows<F, HS, BN>(vs, qg + 2 * HS, tstride, 0, T);
     att_cp_async_commit();
 
-    // delta of the warp's 16 rows: lanes 2r and 2r+1 each sum half of row r
-    float dsum = 0;
-    {
-        int t = wq0 + lane / 2;
-        if (t < T) {
-            const F* grow = gg + t * ostride + (lane & 1) * (HS / 2);
-            const F* orow = og + t * ostride + (lane & 1) * (HS / 2);
-#pragma unroll
-            for (int c = 0; c < HS / 2; c += 8) {
-                int4 gv = *(const int4*)(grow + c), ov = *(const int4*)(orow + c);
-                const F* ge = (const F*)&gv;
-                const F* oe = (const F*)&ov;
-#pragma unroll
-                for (int e = 0; e < 8; e++) dsum += to_float(ge[e]) * to_float(oe[e]);
-            }
-        }
-        dsum += __shfl_xor_sync(0xffffffff, dsum, 1);
-        if (t < T && (lane & 1) == 0) delta[(size_t)bh * T + t] = dsum;
-    }
-    float di[2] = {__shfl_sync(0xffffffff, dsum, 2 * gr), __shfl_sync(0xffffffff, dsum, 2 * gr + 16)};
+    float di[2];
+    att_rows_delta<F, HS>(di, delta, gg, og, ostride, wq0, bh, T);
     float lse2[2];
 #pragma unroll
     for (int r = 0; r < 2; r++) lse2[r] = rows[r] < T ? lse[(size_t)bh * T + rows[r]] * ATT_LOG2E : 0;
@@ -3034,18 +3242,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(F* d
         float s[BN / 8][4] = {}, dp[BN / 8][4] = {};
         att_mma_abt<F, HS, BN / 8>(s, qs + warp * 16 * LD, ks + buf * BN * LD, LD);
         att_mma_abt<F, HS, BN / 8>(dp, gs + warp * 16 * LD, vs + buf * BN * LD, LD);
-        bool masked = k0 + BN - 1 > wq0;
-#pragma unroll
-        for (int n = 0; n < BN / 8; n++)
-#pragma unroll
-            for (int c = 0; c < 4; c++) {
-                int r = c >> 1, key = k0 + n * 8 + 2 * q4 + (c & 1);
-                float prob = att_exp2(s[n][c] * scale_log2 - lse2[r]);
-                if (masked && key > rows[r]) prob = 0;
-                float gv = dp[n][c];
-                if (p > 0) gv = hash_u32(seed, ((uint64_t)bh * T + rows[r]) * T + key) >= keep_min ? gv * keep_scale : 0;
-                s[n][c] = prob * (gv - di[r]);  // dS
-            }
+        att_dq_tile<BN>(s, dp, k0, wq0, rows, lse2, di, scale_log2, p, keep_min, keep_scale, seed, bh, T);
         uint32_t da[BN / 16][4];
         att_c_to_a<F, BN / 16>(da, s);
         att_mma_ab<F, BN / 16, HS / 8>(dq, da, ks + buf * BN * LD, LD);
@@ -3076,7 +3273,7 @@ attention_backward_dkdv_kernel(F* dqkv, const float* delta, const F* dout, const
 
     int kt = blockIdx.x;  // the longest key columns first
     int bh = blockIdx.y, b = bh / NH, h = bh % NH;
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, q4 = lane % 4;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4;
     int C = NH * HS;
     size_t tstride = (size_t)B * 3 * C, ostride = (size_t)B * C;
     const F* qg = qkv + (size_t)b * 3 * C + h * 3 * HS;
@@ -3117,19 +3314,7 @@ attention_backward_dkdv_kernel(F* dqkv, const float* delta, const F* dout, const
         float s[BM / 8][4] = {}, dp[BM / 8][4] = {};  // transposed: rows are keys, columns queries
         att_mma_abt<F, HS, BM / 8>(s, ks + warp * 16 * LD, qb, LD);
         att_mma_abt<F, HS, BM / 8>(dp, vs + warp * 16 * LD, gb, LD);
-        bool masked = i0 < wk0 + 15 || i0 + BM > T;
-#pragma unroll
-        for (int n = 0; n < BM / 8; n++)
-#pragma unroll
-            for (int c = 0; c < 4; c++) {
-                int col = n * 8 + 2 * q4 + (c & 1), query = i0 + col, key = keys[c >> 1];
-                float prob = att_exp2(s[n][c] * scale_log2 - lse_s[buf * BM + col]);
-                if (masked && (query < key || query >= T)) prob = 0;
-                float mk = 1.0f;
-                if (p > 0) mk = hash_u32(seed, ((uint64_t)bh * T + query) * T + key) >= keep_min ? keep_scale : 0.0f;
-                s[n][c] = prob * mk;                                          // dropped probability, for dv
-                dp[n][c] = prob * (dp[n][c] * mk - delta_s[buf * BM + col]);  // dS
-            }
+        att_dkdv_tile<BM>(s, dp, i0, wk0, keys, lse_s + buf * BM, delta_s + buf * BM, scale_log2, p, keep_min, keep_scale, seed, bh, T);
         uint32_t a[BM / 16][4];
         att_c_to_a<F, BM / 16>(a, s);
         att_mma_ab<F, BM / 16, HS / 8>(dv, a, gb, LD);
@@ -3355,6 +3540,17 @@ static void attention_backward_launch(const Device* d, F* dqkv, float* delta, co
         cudaCheck(cudaGetLastError());
         attention_backward_dkdv_f32_kernel<HS><<<blocks, ATT_F32_WARPS * 32, 0, d->stream>>>(
             dqkv, delta, dout, qkv, lse, p, seed, B, T, NH);
+    } else if (att_wgmma_usable(d, HS)) {
+        size_t smem_dq = (size_t)(2 * ATT_WG_ROWS + 4 * 64) * ATT_WG_HS * sizeof(F) + 1024;
+        att_set_smem(attention_backward_dq_wgmma_kernel<F>, smem_dq);
+        dim3 grid(CEIL_DIV(T, ATT_WG_ROWS), B * NH);
+        attention_backward_dq_wgmma_kernel<F><<<grid, ATT_WG_THREADS, smem_dq, d->stream>>>(
+            dqkv, delta, dout, qkv, out, lse, p, att_keep_threshold(p), seed, B, T, NH);
+        cudaCheck(cudaGetLastError());
+        size_t smem_kv = smem_dq + 4 * 64 * sizeof(float);
+        att_set_smem(attention_backward_dkdv_wgmma_kernel<F>, smem_kv);
+        attention_backward_dkdv_wgmma_kernel<F><<<grid, ATT_WG_THREADS, smem_kv, d->stream>>>(
+            dqkv, delta, dout, qkv, lse, p, att_keep_threshold(p), seed, B, T, NH);
     } else {
         constexpr int LD = HS + ATT_PAD, QT = att_qtile(HS);
         size_t smem_dq = (size_t)(2 * ATT_ROWS + 4 * ATT_KTILE) * LD * sizeof(F);
