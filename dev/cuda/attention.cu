@@ -1,8 +1,8 @@
 /*
 dev/cuda/attention.cu: causal self-attention forward and backward (dropout 0, as dev/bench_gpt.sh
 runs), from cuBLAS products around a score matrix kept in memory to megatron.h's
-FlashAttention-2 kernels. Rates are TFLOP/s of causal attention, 4 B NH T^2 HS / 2 forward and
-2.5 times that backward (as test/test_attention.cu --bench), against a bf16 GEMM ceiling.
+FlashAttention-2 kernels (mma.sync, then wgmma on Hopper). Rates are TFLOP/s of causal
+attention, 4 B NH T^2 HS / 2 forward and 2.5 times that backward (as test/test_attention.cu --bench), against a bf16 GEMM ceiling.
 The check runs at batch 2 (the CPU reference is slow; the batch only changes strides).
     make -C dev/cuda attention && dev/cuda/attention
 */
@@ -105,6 +105,27 @@ static void attention_backward_megatron(const Device* d, void* dqkv, float* delt
     attention_backward(d, dqkv, delta, dout, qkv, out, lse, 0.0f, 0, B, T, NH, HS);
 }
 
+// v3 and v4 are megatron.h's kernels with its Hopper (wgmma) kernels switched off and on.
+static void attention_forward_mma_sync(const Device* d, void* out, float* lse, const void* qkv, int B, int T, int NH, int HS) {
+    att_wgmma_enabled = 0;
+    attention_forward_megatron(d, out, lse, qkv, B, T, NH, HS);
+}
+static void attention_backward_mma_sync(const Device* d, void* dqkv, float* delta, const void* dout, const void* qkv, const void* out,
+                                        const float* lse, int B, int T, int NH, int HS) {
+    att_wgmma_enabled = 0;
+    attention_backward_megatron(d, dqkv, delta, dout, qkv, out, lse, B, T, NH, HS);
+}
+static void attention_forward_wgmma(const Device* d, void* out, float* lse, const void* qkv, int B, int T, int NH, int HS) {
+    att_wgmma_enabled = 1;
+    if (!att_wgmma_usable(d, HS)) die("v4: no wgmma kernels for head size %d in this binary (build with GPU_ARCH=sm_90a)", HS);
+    attention_forward_megatron(d, out, lse, qkv, B, T, NH, HS);
+}
+static void attention_backward_wgmma(const Device* d, void* dqkv, float* delta, const void* dout, const void* qkv, const void* out,
+                                     const float* lse, int B, int T, int NH, int HS) {
+    att_wgmma_enabled = 1;
+    attention_backward_megatron(d, dqkv, delta, dout, qkv, out, lse, B, T, NH, HS);
+}
+
 // ---------------------------------------------------------------- the ladder
 
 static const struct {
@@ -122,7 +143,10 @@ static const struct {
      attention_forward_megatron, attention_backward_megatron},
     {"v3", DT_BF16, "megatron.h: FlashAttention-2, mma.sync m16n8k16 bf16, cp.async double buffering",
      "megatron.h: FlashAttention-2, a dq kernel and a dk/dv kernel, no atomics",
-     attention_forward_megatron, attention_backward_megatron},
+     attention_forward_mma_sync, attention_backward_mma_sync},
+    {"v4", DT_BF16, "megatron.h on Hopper: v3 on two warpgroups with wgmma m64n64k16 from 128-byte swizzled tiles (HS 64)",
+     "megatron.h on Hopper: v3's two kernels with wgmma (HS 64)",
+     attention_forward_wgmma, attention_backward_wgmma},
 };
 
 static void run_shape(const Shape* sh) {
@@ -146,6 +170,7 @@ static void run_shape(const Shape* sh) {
     v1_probs = (bf16*)dalloc(TT_all * sizeof(bf16));
     int mark = dev_mark();
     for (const auto& v : VERSIONS) {
+        if (v.forward == attention_forward_wgmma && HS != ATT_WG_HS) continue;  // the wgmma kernels are for head size 64
         DType dt = v.dtype;
         size_t es = dtype_size(dt);
         bench.dev.dtype = dt;
