@@ -2910,12 +2910,22 @@ __device__ __forceinline__ void att_wgmma_hold(float d[8][4]) {
         for (int c = 0; c < 4; c++) asm volatile("" : "+f"(d[n][c])::"memory");
 }
 
+// The 64x64 fp32 accumulator d[8][4] as the 32 operands %0..%31 of a wgmma asm statement.
+#define ATT_WG_ACC_REGS                                                                        \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "   \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define ATT_WG_ACC(d) \
+    "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
+    "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), \
+    "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
+    "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
 // d[64 x 64] (= or +=, accumulate) A[64 x 16] B[64 x 16]^T, both K-major swizzled tiles; the
 // accumulator's layout per warp is the mma.sync C fragments' (att_mma) over 8 column tiles.
-#define ATT_WGMMA_SS(TYPE)                                                                                  \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                              \
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n" \
-                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]) : "l"(desc_a), "l"(desc_b), "r"(accumulate))
+#define ATT_WGMMA_SS(TYPE)                                                                       \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                    \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " ATT_WG_ACC_REGS   \
+                 ", %32, %33, p, 1, 1, 0, 0;\n}\n"                                                 \
+                 : ATT_WG_ACC(d) : "l"(desc_a), "l"(desc_b), "r"(accumulate))
 template <typename F>
 __device__ __forceinline__ void att_wgmma_ss(float d[8][4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
     if constexpr (std::is_same<F, __nv_bfloat16>::value) ATT_WGMMA_SS("bf16");
@@ -2923,10 +2933,11 @@ __device__ __forceinline__ void att_wgmma_ss(float d[8][4], uint64_t desc_a, uin
 }
 // d[64 x 64] += A[64 x 16] B[16 x 64], A in registers (mma.sync A fragments per warp), B a tile
 // of 16 rows of 64 (N-major: transposed as it is read).
-#define ATT_WGMMA_RS(TYPE)                                                                                  \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                                \
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n" \
-                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b))
+#define ATT_WGMMA_RS(TYPE)                                                                       \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                      \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " ATT_WG_ACC_REGS   \
+                 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                   \
+                 : ATT_WG_ACC(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b))
 template <typename F>
 __device__ __forceinline__ void att_wgmma_rs(float d[8][4], const uint32_t a[4], uint64_t desc_b) {
     if constexpr (std::is_same<F, __nv_bfloat16>::value) ATT_WGMMA_RS("bf16");
