@@ -1390,6 +1390,140 @@ static void gpt_sampleset_free(GPTSampleSet* set) {
 }
 // <<< data
 
+// >>> layers-common
+// ----------------------------------------------------------------------------
+// Helpers the elementwise and row-wise layer kernels share (CUDA only)
+
+#ifdef __CUDACC__
+// W consecutive elements moved with 16-byte accesses (two of them for W floats when T is 2 bytes).
+template <typename T, int W>
+struct alignas(sizeof(T) * W < 16 ? sizeof(T) * W : 16) Vec {
+    T v[W];
+};
+
+template <int W, typename T> __device__ __forceinline__ Vec<T, W> load_vec(const T* p) { return *(const Vec<T, W>*)p; }
+template <int W, typename T> __device__ __forceinline__ void store_vec(T* p, const Vec<T, W>& x) { *(Vec<T, W>*)p = x; }
+
+static int aligned16(const void* p) { return ((uintptr_t)p & 15) == 0; }
+
+// Run a statement with W = 16 / sizeof(T) elements per access when `vectorize` (every pointer
+// 16-byte aligned, row lengths multiples of W), else with W = 1: the general fallback.
+#define VEC_SWITCH(vectorize, T, W, ...)                        \
+    if (vectorize) { constexpr int W = 16 / sizeof(T); __VA_ARGS__; } \
+    else { constexpr int W = 1; __VA_ARGS__; }
+
+// Threads for a block that walks a row of `vectors` vector groups: whole warps, at most `most`.
+static int row_threads(int vectors, int most) {
+    int threads = CEIL_DIV(vectors, 32) * 32;
+    return threads < most ? threads : most;
+}
+
+// Every lane gets the sum over the warp, added in the same order every time.
+template <typename V> __device__ __forceinline__ V warp_sum(V v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+// Scratch memory ordered on the run's stream. The device's pool is told once to keep what is
+// freed (release threshold raised to the maximum), so scratch taken every step costs no cudaMalloc.
+static void* pool_alloc(const Device* d, size_t bytes) {
+    static int pool_kept[64];  // by device id
+    if (d->device_id < 64 && !pool_kept[d->device_id]) {
+        cudaMemPool_t pool;
+        uint64_t keep_all = UINT64_MAX;
+        cudaCheck(cudaDeviceGetDefaultMemPool(&pool, d->device_id));
+        cudaCheck(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep_all));
+        pool_kept[d->device_id] = 1;
+    }
+    void* p = NULL;
+    cudaError_t err = cudaMallocAsync(&p, bytes ? bytes : 1, d->stream);
+    if (err == cudaErrorMemoryAllocation) die_gpu_out_of_memory(bytes);
+    cudaCheck(err);
+    return p;
+}
+
+static void pool_free(const Device* d, void* p) { cudaCheck(cudaFreeAsync(p, d->stream)); }
+#endif
+// <<< layers-common
+
+// >>> layers-gelu
+// ----------------------------------------------------------------------------
+// GELU, tanh approximation (Megatron-1 §2's MLP activation; Megatron's fused bias-GELU)
+
+#define GELU_SQRT_2_OVER_PI 0.7978845608028654
+
+// 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+template <typename real> HD static inline real gelu_value(real x) {
+    real u = (real)GELU_SQRT_2_OVER_PI * x * (1 + (real)0.044715 * x * x);
+    return (real)0.5 * x * (1 + tanh(u));
+}
+
+// d gelu / dx
+template <typename real> HD static inline real gelu_derivative(real x) {
+    real th = tanh((real)GELU_SQRT_2_OVER_PI * x * (1 + (real)0.044715 * x * x));
+    return (real)0.5 * (1 + th) + (real)0.5 * x * (1 - th * th) * (real)GELU_SQRT_2_OVER_PI * (1 + 3 * (real)0.044715 * x * x);
+}
+
+template <typename real>
+static void gelu_forward_cpu(real* out, const real* inp, size_t n) {
+    #pragma omp parallel for
+    for (size_t i = 0; i < n; i++) out[i] = gelu_value(inp[i]);
+}
+
+// dinp = dout * gelu'(inp)  (=)
+template <typename real>
+static void gelu_backward_cpu(real* dinp, const real* inp, const real* dout, size_t n) {
+    #pragma omp parallel for
+    for (size_t i = 0; i < n; i++) dinp[i] = dout[i] * gelu_derivative(inp[i]);
+}
+
+#ifdef __CUDACC__
+// One kernel for both directions: out = f(a) (forward, b NULL) or b * f'(a) (backward).
+template <typename T, int W>
+__global__ void gelu_kernel(T* out, const T* a, const T* b, size_t n) {
+    size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * W;
+    if (i >= n) return;
+    Vec<T, W> av = load_vec<W>(a + i), bv, ov;
+    if (b) bv = load_vec<W>(b + i);
+    for (int k = 0; k < W; k++) {
+        float x = to_float(av.v[k]);
+        ov.v[k] = from_float<T>(b ? to_float(bv.v[k]) * gelu_derivative(x) : gelu_value(x));
+    }
+    store_vec<W>(out + i, ov);
+}
+
+static void gelu_cuda(const Device* d, void* out, const void* a, const void* b, size_t n) {
+    DTYPE_SWITCH(d->dtype, T, {
+        int vec = n % (16 / sizeof(T)) == 0 && aligned16(out) && aligned16(a) && aligned16(b);
+        VEC_SWITCH(vec, T, W, {
+            gelu_kernel<T, W><<<CEIL_DIV(n / W, 256), 256, 0, d->stream>>>((T*)out, (const T*)a, (const T*)b, n);
+        });
+    });
+    cudaCheck(cudaGetLastError());
+}
+#endif
+
+// out may be inp.
+static void gelu_forward(const Device* d, void* out, const void* inp, size_t n) {
+    if (n == 0) return;
+#ifdef __CUDACC__
+    if (d->is_gpu) { gelu_cuda(d, out, inp, NULL, n); return; }
+#endif
+    (void)d;
+    gelu_forward_cpu<float>((float*)out, (const float*)inp, n);
+}
+
+// dinp = dout * gelu'(inp) (=); dinp may be dout.
+static void gelu_backward(const Device* d, void* dinp, const void* inp, const void* dout, size_t n) {
+    if (n == 0) return;
+#ifdef __CUDACC__
+    if (d->is_gpu) { gelu_cuda(d, dinp, inp, dout, n); return; }
+#endif
+    (void)d;
+    gelu_backward_cpu<float>((float*)dinp, (const float*)inp, (const float*)dout, n);
+}
+// <<< layers-gelu
+
 // >>> layers-matmul
 // ----------------------------------------------------------------------------
 // 3a. matmul: the linear layer of PyTorch and Megatron, out[N, OC] = inp[N, C] @ weight[OC, C]^T + bias
@@ -1487,28 +1621,16 @@ static void gemm_cpu(real* c, const real* a, long a_rs, long a_ks, const real* b
     free(packed);
 }
 
-// The tanh approximation of GELU that GPT-2 and Megatron use (and cuBLASLt's GELU epilogue computes).
-template <typename real>
-static inline real matmul_gelu_tanh(real x) {
-    return (real)0.5 * x * (1 + tanh((real)0.7978845608028654 * (x + (real)0.044715 * x * x * x)));
-}
-
-// gelu_out (may be NULL): also gelu_out = gelu_tanh(out), the MLP's first linear; out keeps the pre-activation.
+// gelu_out (may be NULL): also gelu_out = gelu(out), the MLP's first linear; out keeps the pre-activation.
 template <typename real>
 static void matmul_forward_cpu(real* out, const real* inp, const real* weight, const real* bias, int N, int C, int OC, real* gelu_out) {
     gemm_cpu(out, inp, C, 1, weight, 1, C, bias, 0, N, OC, C);
-    if (!gelu_out) return;
-#pragma omp parallel for
-    for (long i = 0; i < (long)N * OC; i++) gelu_out[i] = matmul_gelu_tanh(out[i]);
+    if (gelu_out) gelu_forward_cpu(gelu_out, out, (size_t)N * OC);
 }
 
-// dinp (=, skipped when NULL) = dout @ weight; dweight += dout^T @ inp; dbias (may be NULL) += column sums of dout.
+// dbias += column sums of dout[N, OC]
 template <typename real>
-static void matmul_backward_cpu(real* dinp, real* dweight, real* dbias, const real* dout, const real* inp, const real* weight,
-                                int N, int C, int OC) {
-    if (dinp) gemm_cpu(dinp, dout, OC, 1, weight, C, 1, (const real*)NULL, 0, N, C, OC);
-    gemm_cpu(dweight, dout, 1, OC, inp, C, 1, (const real*)NULL, 1, OC, C, N);
-    if (!dbias) return;
+static void matmul_dbias_cpu(real* dbias, const real* dout, int N, int OC) {
 #pragma omp parallel for
     for (int j0 = 0; j0 < OC; j0 += 64) {
         int nj = OC - j0 < 64 ? OC - j0 : 64;
@@ -1519,16 +1641,40 @@ static void matmul_backward_cpu(real* dinp, real* dweight, real* dbias, const re
     }
 }
 
+// dinp (=, skipped when NULL) = dout @ weight; dweight += dout^T @ inp; dbias (may be NULL) += column sums of dout.
+template <typename real>
+static void matmul_backward_cpu(real* dinp, real* dweight, real* dbias, const real* dout, const real* inp, const real* weight,
+                                int N, int C, int OC) {
+    if (dinp) gemm_cpu(dinp, dout, OC, 1, weight, C, 1, (const real*)NULL, 0, N, C, OC);
+    gemm_cpu(dweight, dout, 1, OC, inp, C, 1, (const real*)NULL, 1, OC, C, N);
+    if (dbias) matmul_dbias_cpu(dbias, dout, N, OC);
+}
+
+// The MLP's second linear backward to the pre-activation of the GELU in front of it (Megatron's
+// bias-GELU fusion, backward): dpre (=) = (dout @ weight) * gelu'(pre); dpre_bias += column sums
+// of dpre, the first linear's bias gradient. The weight gradient is matmul_backward's (dinp NULL).
+template <typename real>
+static void matmul_backward_dgelu_cpu(real* dpre, real* dpre_bias, const real* dout, const real* weight, const real* pre, int N, int C, int OC) {
+    gemm_cpu(dpre, dout, OC, 1, weight, C, 1, (const real*)NULL, 0, N, C, OC);
+    gelu_backward_cpu(dpre, pre, dpre, (size_t)N * C);
+    matmul_dbias_cpu(dpre_bias, dpre, N, C);
+}
+
 #ifdef __CUDACC__
 // GPU: cuBLASLt, fp32 accumulation (CUBLAS_COMPUTE_32F: no TF32 in fp32 runs). A row-major [R, S]
-// matrix is a column-major [S, R] one to cuBLAS, so out^T = weight @ inp^T etc. Algorithms found
-// by the heuristic are remembered per problem (shape, types, epilogue, pointer alignments).
+// matrix is a column-major [S, R] one to cuBLAS, so out^T = weight @ inp^T etc. The heuristic's
+// answer (an algorithm, or none) is remembered per problem (shape, types, epilogue, alignments).
 typedef struct {
     int64_t key[14];
+    int found;
     cublasLtMatmulAlgo_t algo;
 } MatmulAlgo;
 static MatmulAlgo matmul_algos[64];
 static int matmul_algo_count = 0;
+
+// 1: the GELU forward and the weight-gradient product's bias gradient ride in cuBLASLt epilogues where
+// it has an algorithm for them; 0: plain matmuls and the kernels below (tests and benchmarks compare).
+static int matmul_epilogues_enabled = 1;
 
 static uint32_t matmul_alignment(const void* p) {
     uint32_t align = 256;
@@ -1540,12 +1686,50 @@ static cudaDataType_t matmul_cuda_type(DType dt) {
     return dt == DT_F32 ? CUDA_R_32F : dt == DT_BF16 ? CUDA_R_16BF : CUDA_R_16F;
 }
 
+// The heuristic's algorithm for a problem, asked once; 0 when it has none.
+static int matmul_find_algo(const Device* d, cublasLtMatmulDesc_t desc, cublasLtMatrixLayout_t layout_a, cublasLtMatrixLayout_t layout_b,
+                            cublasLtMatrixLayout_t layout_d, const int64_t* key, const void* A, const void* B, const void* D,
+                            cublasLtMatmulAlgo_t* algo) {
+    for (int i = 0; i < matmul_algo_count; i++)
+        if (!memcmp(matmul_algos[i].key, key, sizeof(matmul_algos[i].key))) {
+            *algo = matmul_algos[i].algo;
+            return matmul_algos[i].found;
+        }
+    cublasLtMatmulPreference_t pref;
+    uint32_t align_a = matmul_alignment(A), align_b = matmul_alignment(B), align_d = matmul_alignment(D);
+    uint64_t workspace = d->cublaslt_workspace_size;
+    cublasCheck(cublasLtMatmulPreferenceCreate(&pref));
+    cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace, sizeof(workspace)));
+    cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a, sizeof(align_a)));
+    cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b, sizeof(align_b)));
+    cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d, sizeof(align_d)));
+    cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d, sizeof(align_d)));
+    cublasLtMatmulHeuristicResult_t heuristic = {};
+    int returned = 0;
+    // a fused epilogue the library cannot do for these types is an error status, or no result
+    cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(d->cublaslt, desc, layout_a, layout_b, layout_d, layout_d, pref, 1, &heuristic, &returned);
+    if (key[10] == CUBLASLT_EPILOGUE_DEFAULT) cublasCheck(status);
+    cublasCheck(cublasLtMatmulPreferenceDestroy(pref));
+    int found = status == CUBLAS_STATUS_SUCCESS && returned > 0;
+    if (found) *algo = heuristic.algo;
+    if (matmul_algo_count < (int)(sizeof(matmul_algos) / sizeof(matmul_algos[0]))) {
+        memcpy(matmul_algos[matmul_algo_count].key, key, sizeof(matmul_algos[0].key));
+        matmul_algos[matmul_algo_count].found = found;
+        matmul_algos[matmul_algo_count++].algo = heuristic.algo;
+    }
+    return found;
+}
+
 // Column-major D[m, n] (ldd) = op(A)[m, k] @ op(B)[k, n] + beta * D; A (B) is stored [k, m] ([n, k]) when
-// trans_a (trans_b). A and B have the run's dtype, D d_type. bias: length m, for the BIAS epilogues;
-// aux: the GELU_AUX epilogue's pre-activation output (ld = ldd, run's dtype).
-static void matmul_cublaslt(const Device* d, void* D, cudaDataType_t d_type, int ldd, const void* A, int trans_a, int lda,
-                            const void* B, int trans_b, int ldb, int m, int n, int k, float beta,
-                            cublasLtEpilogue_t epilogue, const void* bias, void* aux) {
+// trans_a (trans_b). A and B have the run's dtype, D d_type.
+// bias: the BIAS epilogues' input (length m, run's dtype), or the bias-gradient epilogues' output
+// (BGRADB: d_type, length n, overwritten with the sums of op(B) over k).
+// aux (ld = ldd, run's dtype): GELU_AUX's pre-activation output.
+// Returns 0, doing nothing, where cuBLASLt has no algorithm for a fused epilogue (the caller does
+// its work with the kernels below); a plain matmul without one is an error.
+static int matmul_cublaslt(const Device* d, void* D, cudaDataType_t d_type, int ldd, const void* A, int trans_a, int lda,
+                           const void* B, int trans_b, int ldb, int m, int n, int k, float beta,
+                           cublasLtEpilogue_t epilogue, const void* bias, const void* aux) {
     cudaDataType_t ab_type = matmul_cuda_type(d->dtype);
     cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
     cublasLtMatmulDesc_t desc;
@@ -1567,51 +1751,32 @@ static void matmul_cublaslt(const Device* d, void* D, cudaDataType_t d_type, int
     int64_t key[14] = {m, n, k, trans_a, trans_b, lda, ldb, ldd, ab_type, d_type, epilogue, beta != 0,
                        (int64_t)matmul_alignment(A) << 32 | matmul_alignment(B),
                        (int64_t)matmul_alignment(D) << 32 | matmul_alignment(bias ? bias : aux ? aux : D) << 16 | matmul_alignment(aux ? aux : D)};
-    int found = -1;
-    for (int i = 0; i < matmul_algo_count && found < 0; i++)
-        if (!memcmp(matmul_algos[i].key, key, sizeof(key))) found = i;
     cublasLtMatmulAlgo_t algo;
-    if (found >= 0) algo = matmul_algos[found].algo;
-    else {
-        cublasLtMatmulPreference_t pref;
-        uint32_t align_a = matmul_alignment(A), align_b = matmul_alignment(B), align_d = matmul_alignment(D);
-        uint64_t workspace = d->cublaslt_workspace_size;
-        cublasCheck(cublasLtMatmulPreferenceCreate(&pref));
-        cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace, sizeof(workspace)));
-        cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a, sizeof(align_a)));
-        cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b, sizeof(align_b)));
-        cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d, sizeof(align_d)));
-        cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d, sizeof(align_d)));
-        cublasLtMatmulHeuristicResult_t heuristic;
-        int returned = 0;
-        cublasCheck(cublasLtMatmulAlgoGetHeuristic(d->cublaslt, desc, layout_a, layout_b, layout_d, layout_d, pref, 1, &heuristic, &returned));
-        cublasCheck(cublasLtMatmulPreferenceDestroy(pref));
-        if (returned == 0)
-            die("cuBLASLt has no algorithm for a %s matmul m=%d n=%d k=%d (epilogue %d)", dtype_name(d->dtype), m, n, k, (int)epilogue);
-        algo = heuristic.algo;
-        if (matmul_algo_count < (int)(sizeof(matmul_algos) / sizeof(matmul_algos[0]))) {
-            memcpy(matmul_algos[matmul_algo_count].key, key, sizeof(key));
-            matmul_algos[matmul_algo_count++].algo = algo;
-        }
+    int found = matmul_find_algo(d, desc, layout_a, layout_b, layout_d, key, A, B, D, &algo);
+    if (!found && epilogue == CUBLASLT_EPILOGUE_DEFAULT)
+        die("cuBLASLt has no algorithm for a %s matmul m=%d n=%d k=%d", dtype_name(d->dtype), m, n, k);
+    if (found) {
+        float alpha = 1.0f;
+        cublasCheck(cublasLtMatmul(d->cublaslt, desc, &alpha, A, layout_a, B, layout_b, &beta, D, layout_d, D, layout_d, &algo,
+                                   d->cublaslt_workspace, d->cublaslt_workspace_size, d->stream));
     }
-    float alpha = 1.0f;
-    cublasCheck(cublasLtMatmul(d->cublaslt, desc, &alpha, A, layout_a, B, layout_b, &beta, D, layout_d, D, layout_d, &algo,
-                               d->cublaslt_workspace, d->cublaslt_workspace_size, d->stream));
     cublasCheck(cublasLtMatmulDescDestroy(desc));
     cublasCheck(cublasLtMatrixLayoutDestroy(layout_a));
     cublasCheck(cublasLtMatrixLayoutDestroy(layout_b));
     cublasCheck(cublasLtMatrixLayoutDestroy(layout_d));
+    return found;
 }
 
 static void matmul_forward_cuda(const Device* d, void* out, const void* inp, const void* weight, const void* bias, int N, int C, int OC, void* gelu_out) {
     cudaDataType_t type = matmul_cuda_type(d->dtype);
-    if (!gelu_out) {
-        matmul_cublaslt(d, out, type, OC, weight, 1, C, inp, 0, C, OC, N, C, 0.0f, bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT, bias, NULL);
+    cublasLtEpilogue_t plain = bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+    if (gelu_out && matmul_epilogues_enabled && OC % 8 == 0 &&  // the pre-activation (aux) rows must be 16-byte multiples
+        matmul_cublaslt(d, gelu_out, type, OC, weight, 1, C, inp, 0, C, OC, N, C, 0.0f,
+                        bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX, bias, out))
         return;
-    }
-    if (OC % 8) die("matmul_forward: the fused GELU needs OC (%d) to be a multiple of 8 on a GPU", OC);
-    matmul_cublaslt(d, gelu_out, type, OC, weight, 1, C, inp, 0, C, OC, N, C, 0.0f,
-                    bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX, bias, out);
+    if (!matmul_cublaslt(d, out, type, OC, weight, 1, C, inp, 0, C, OC, N, C, 0.0f, plain, bias, NULL))
+        die("cuBLASLt has no algorithm for a %s matmul with bias m=%d n=%d k=%d", dtype_name(d->dtype), OC, N, C);
+    if (gelu_out) gelu_cuda(d, gelu_out, out, NULL, (size_t)N * OC);
 }
 
 // dbias += column sums of dout in a fixed order (no atomics): blocks of 32 columns x MATMUL_DBIAS_ROWS rows
@@ -1641,12 +1806,12 @@ __global__ void matmul_dbias_sum_kernel(float* dbias, const float* partial, int 
     dbias[col] += sum;
 }
 
-static void matmul_backward_cuda(const Device* d, void* dinp, float* dweight, float* dbias, const void* dout, const void* inp,
-                                 const void* weight, int N, int C, int OC) {
-    cudaDataType_t type = matmul_cuda_type(d->dtype);
-    if (dinp) matmul_cublaslt(d, dinp, type, C, weight, 0, C, dout, 0, OC, C, N, OC, 0.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL, NULL);
-    matmul_cublaslt(d, dweight, CUDA_R_32F, C, inp, 0, C, dout, 1, OC, C, OC, N, 1.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL, NULL);
-    if (!dbias) return;
+static void matmul_dbias_sum(const Device* d, float* dbias, const float* partial, int parts, int OC) {
+    matmul_dbias_sum_kernel<<<CEIL_DIV(OC, 256), 256, 0, d->stream>>>(dbias, partial, parts, OC);
+    cudaCheck(cudaGetLastError());
+}
+
+static void matmul_dbias_cuda(const Device* d, float* dbias, const void* dout, int N, int OC) {
     // the cuBLASLt workspace holds the partial sums: same stream, so cuBLASLt is not using it meanwhile
     int rows_per_block = MATMUL_DBIAS_ROWS, parts = CEIL_DIV(N, rows_per_block);
     while ((size_t)parts * OC * sizeof(float) > d->cublaslt_workspace_size && parts > 1) {
@@ -1658,8 +1823,31 @@ static void matmul_backward_cuda(const Device* d, void* dinp, float* dweight, fl
     DTYPE_SWITCH(d->dtype, T,
         matmul_dbias_partial_kernel<T><<<dim3(CEIL_DIV(OC, 32), parts), dim3(32, 8), 0, d->stream>>>(partial, (const T*)dout, N, OC, rows_per_block));
     cudaCheck(cudaGetLastError());
-    matmul_dbias_sum_kernel<<<CEIL_DIV(OC, 256), 256, 0, d->stream>>>(dbias, partial, parts, OC);
-    cudaCheck(cudaGetLastError());
+    matmul_dbias_sum(d, dbias, partial, parts, OC);
+}
+
+// The bias-gradient epilogue overwrites: it writes into scratch, which is then added to dbias.
+static void matmul_backward_cuda(const Device* d, void* dinp, float* dweight, float* dbias, const void* dout, const void* inp,
+                                 const void* weight, int N, int C, int OC) {
+    cudaDataType_t type = matmul_cuda_type(d->dtype);
+    if (dinp) matmul_cublaslt(d, dinp, type, C, weight, 0, C, dout, 0, OC, C, N, OC, 0.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL, NULL);
+    float* sums = dbias && matmul_epilogues_enabled ? (float*)pool_alloc(d, OC * sizeof(float)) : NULL;
+    if (sums && matmul_cublaslt(d, dweight, CUDA_R_32F, C, inp, 0, C, dout, 1, OC, C, OC, N, 1.0f, CUBLASLT_EPILOGUE_BGRADB, sums, NULL))
+        matmul_dbias_sum(d, dbias, sums, 1, OC);
+    else {
+        matmul_cublaslt(d, dweight, CUDA_R_32F, C, inp, 0, C, dout, 1, OC, C, OC, N, 1.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL, NULL);
+        if (dbias) matmul_dbias_cuda(d, dbias, dout, N, OC);
+    }
+    if (sums) pool_free(d, sums);
+}
+
+// cuBLASLt's DGELU_BGRAD epilogue would fold the last two in, but runs as a generic kernel (cublasLt::globalKernel)
+// that took 0.57 ms against these three's 0.36 ms on GPT-2's shape (H200, bf16).
+static void matmul_backward_dgelu_cuda(const Device* d, void* dpre, float* dpre_bias, const void* dout, const void* weight, const void* pre,
+                                       int N, int C, int OC) {
+    matmul_cublaslt(d, dpre, matmul_cuda_type(d->dtype), C, weight, 0, C, dout, 0, OC, C, N, OC, 0.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL, NULL);
+    gelu_cuda(d, dpre, pre, dpre, (size_t)N * C);
+    matmul_dbias_cuda(d, dpre_bias, dpre, N, C);
 }
 #endif
 
@@ -1681,63 +1869,18 @@ static void matmul_backward(const Device* d, void* dinp, float* dweight, float* 
     (void)d;
     matmul_backward_cpu<float>((float*)dinp, dweight, dbias, (const float*)dout, (const float*)inp, (const float*)weight, N, C, OC);
 }
+
+static void matmul_backward_dgelu(const Device* d, void* dpre, float* dpre_bias, const void* dout, const void* weight, const void* pre,
+                                  int N, int C, int OC) {
+#ifdef __CUDACC__
+    if (d->is_gpu) { matmul_backward_dgelu_cuda(d, dpre, dpre_bias, dout, weight, pre, N, C, OC); return; }
+#endif
+    (void)d;
+    matmul_backward_dgelu_cpu<float>((float*)dpre, dpre_bias, (const float*)dout, (const float*)weight, (const float*)pre, N, C, OC);
+}
 // <<< layers-matmul
 
 // >>> layers-embedding
-// ----------------------------------------------------------------------------
-// Helpers the elementwise and row-wise layer kernels below share (CUDA only)
-
-#ifdef __CUDACC__
-// W consecutive elements moved with 16-byte accesses (two of them for W floats when T is 2 bytes).
-template <typename T, int W>
-struct alignas(sizeof(T) * W < 16 ? sizeof(T) * W : 16) Vec {
-    T v[W];
-};
-
-template <int W, typename T> __device__ __forceinline__ Vec<T, W> load_vec(const T* p) { return *(const Vec<T, W>*)p; }
-template <int W, typename T> __device__ __forceinline__ void store_vec(T* p, const Vec<T, W>& x) { *(Vec<T, W>*)p = x; }
-
-static int aligned16(const void* p) { return ((uintptr_t)p & 15) == 0; }
-
-// Run a statement with W = 16 / sizeof(T) elements per access when `vectorize` (every pointer
-// 16-byte aligned, row lengths multiples of W), else with W = 1: the general fallback.
-#define VEC_SWITCH(vectorize, T, W, ...)                        \
-    if (vectorize) { constexpr int W = 16 / sizeof(T); __VA_ARGS__; } \
-    else { constexpr int W = 1; __VA_ARGS__; }
-
-// Threads for a block that walks a row of `vectors` vector groups: whole warps, at most `most`.
-static int row_threads(int vectors, int most) {
-    int threads = CEIL_DIV(vectors, 32) * 32;
-    return threads < most ? threads : most;
-}
-
-// Every lane gets the sum over the warp, added in the same order every time.
-template <typename V> __device__ __forceinline__ V warp_sum(V v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    return v;
-}
-
-// Scratch memory ordered on the run's stream. The device's pool is told once to keep what is
-// freed (release threshold raised to the maximum), so scratch taken every step costs no cudaMalloc.
-static void* pool_alloc(const Device* d, size_t bytes) {
-    static int pool_kept[64];  // by device id
-    if (d->device_id < 64 && !pool_kept[d->device_id]) {
-        cudaMemPool_t pool;
-        uint64_t keep_all = UINT64_MAX;
-        cudaCheck(cudaDeviceGetDefaultMemPool(&pool, d->device_id));
-        cudaCheck(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep_all));
-        pool_kept[d->device_id] = 1;
-    }
-    void* p = NULL;
-    cudaError_t err = cudaMallocAsync(&p, bytes ? bytes : 1, d->stream);
-    if (err == cudaErrorMemoryAllocation) die_gpu_out_of_memory(bytes);
-    cudaCheck(err);
-    return p;
-}
-
-static void pool_free(const Device* d, void* p) { cudaCheck(cudaFreeAsync(p, d->stream)); }
-#endif
-
 // ----------------------------------------------------------------------------
 // Token and position embedding (Megatron-1 §2, GPT-2's input layer: learned absolute
 // positions; the word embedding is tied to the output layer, so dwte also receives the
@@ -3644,84 +3787,6 @@ static void attention_backward(const Device* d, void* dqkv, float* delta, const 
                                   p, seed, B, T, NH, HS);
 }
 // <<< layers-attention
-
-// >>> layers-gelu
-// ----------------------------------------------------------------------------
-// GELU, tanh approximation (Megatron-1 §2's MLP activation; Megatron's fused bias-GELU)
-
-#define GELU_SQRT_2_OVER_PI 0.7978845608028654
-
-// 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-template <typename real> HD static inline real gelu_value(real x) {
-    real u = (real)GELU_SQRT_2_OVER_PI * x * (1 + (real)0.044715 * x * x);
-    return (real)0.5 * x * (1 + tanh(u));
-}
-
-// d gelu / dx
-template <typename real> HD static inline real gelu_derivative(real x) {
-    real th = tanh((real)GELU_SQRT_2_OVER_PI * x * (1 + (real)0.044715 * x * x));
-    return (real)0.5 * (1 + th) + (real)0.5 * x * (1 - th * th) * (real)GELU_SQRT_2_OVER_PI * (1 + 3 * (real)0.044715 * x * x);
-}
-
-template <typename real>
-static void gelu_forward_cpu(real* out, const real* inp, size_t n) {
-    #pragma omp parallel for
-    for (size_t i = 0; i < n; i++) out[i] = gelu_value(inp[i]);
-}
-
-// dinp = dout * gelu'(inp)  (=)
-template <typename real>
-static void gelu_backward_cpu(real* dinp, const real* inp, const real* dout, size_t n) {
-    #pragma omp parallel for
-    for (size_t i = 0; i < n; i++) dinp[i] = dout[i] * gelu_derivative(inp[i]);
-}
-
-#ifdef __CUDACC__
-// One kernel for both directions: out = f(a) (forward, b NULL) or b * f'(a) (backward).
-template <typename T, int W>
-__global__ void gelu_kernel(T* out, const T* a, const T* b, size_t n) {
-    size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * W;
-    if (i >= n) return;
-    Vec<T, W> av = load_vec<W>(a + i), bv, ov;
-    if (b) bv = load_vec<W>(b + i);
-    for (int k = 0; k < W; k++) {
-        float x = to_float(av.v[k]);
-        ov.v[k] = from_float<T>(b ? to_float(bv.v[k]) * gelu_derivative(x) : gelu_value(x));
-    }
-    store_vec<W>(out + i, ov);
-}
-
-static void gelu_cuda(const Device* d, void* out, const void* a, const void* b, size_t n) {
-    DTYPE_SWITCH(d->dtype, T, {
-        int vec = n % (16 / sizeof(T)) == 0 && aligned16(out) && aligned16(a) && aligned16(b);
-        VEC_SWITCH(vec, T, W, {
-            gelu_kernel<T, W><<<CEIL_DIV(n / W, 256), 256, 0, d->stream>>>((T*)out, (const T*)a, (const T*)b, n);
-        });
-    });
-    cudaCheck(cudaGetLastError());
-}
-#endif
-
-// out may be inp.
-static void gelu_forward(const Device* d, void* out, const void* inp, size_t n) {
-    if (n == 0) return;
-#ifdef __CUDACC__
-    if (d->is_gpu) { gelu_cuda(d, out, inp, NULL, n); return; }
-#endif
-    (void)d;
-    gelu_forward_cpu<float>((float*)out, (const float*)inp, n);
-}
-
-// dinp = dout * gelu'(inp) (=); dinp may be dout.
-static void gelu_backward(const Device* d, void* dinp, const void* inp, const void* dout, size_t n) {
-    if (n == 0) return;
-#ifdef __CUDACC__
-    if (d->is_gpu) { gelu_cuda(d, dinp, inp, dout, n); return; }
-#endif
-    (void)d;
-    gelu_backward_cpu<float>((float*)dinp, (const float*)inp, (const float*)dout, n);
-}
-// <<< layers-gelu
 
 // >>> layers-residual
 // ----------------------------------------------------------------------------

@@ -144,7 +144,6 @@ typedef struct {
     void* datty;          // (N, C)
     void* dqkv;           // (N, 3C)
     void* dfch;           // (N, F)
-    void* dfch_gelu;      // (N, F)
     // tensor parallelism (t > 1 only)
     int* vocab_tokens;    // (N) token - first row of this rank's vocabulary shard, or Vp/t for other ranks' tokens
     float* dwte_scratch;  // (Vp/t + 1, C) fp32: the embedding gradient before it joins the LM head's
@@ -345,7 +344,6 @@ static void gpt_alloc_activations(GPT* m, int B, int T) {
         {&a->logits, N * m->Vr * es}, {(void**)&a->losses, N * 4}, {(void**)&a->tokens, N * 4}, {(void**)&a->targets, N * 4},
         {(void**)&a->dloss, N * 4}, {&a->proj, N * C * es}, {&a->dresidual, N * C * es}, {&a->dproj, N * C * es},
         {&a->dln, N * C * es}, {&a->datty, N * Ca * es}, {&a->dqkv, N * 3 * Ca * es}, {&a->dfch, N * F * es},
-        {&a->dfch_gelu, N * F * es},
         {(void**)&a->vocab_tokens, tp_extra * N * 4}, {(void**)&a->dwte_scratch, tp_extra * (m->Vr + 1) * C * 4},
         {(void**)&a->ce_stats, tp_extra * 3 * N * 4},
     };
@@ -492,9 +490,9 @@ static void layer_backward(GPT* m, int l, int B, int T, float p_hidden, float p_
     size_t NC = (size_t)N * C;
     // MLP: x->out = x->residual2 + dropout(x->fch_gelu @ fcprojw^T + fcprojb)
     residual_dropout_backward(d, a->dresidual, a->dproj, grad(m, FCPROJB, l * C), a->dresidual, p_hidden, dropout_seed(m, l, SITE_MLP_OUT), N, C);
-    matmul_backward(d, a->dfch_gelu, grad(m, FCPROJW, (size_t)l * C * F), NULL, a->dproj, x->fch_gelu, param(m, FCPROJW, (size_t)l * C * F), N, F, C);
-    gelu_backward(d, a->dfch, x->fch, a->dfch_gelu, (size_t)N * F);
-    matmul_backward(d, a->dln, grad(m, FCW, (size_t)l * F * C), grad(m, FCB, l * F), a->dfch, x->ln2, param(m, FCW, (size_t)l * F * C), N, C, F);
+    matmul_backward(d, NULL, grad(m, FCPROJW, (size_t)l * C * F), NULL, a->dproj, x->fch_gelu, param(m, FCPROJW, (size_t)l * C * F), N, F, C);
+    matmul_backward_dgelu(d, a->dfch, grad(m, FCB, l * F), a->dproj, param(m, FCPROJW, (size_t)l * C * F), x->fch, N, F, C);
+    matmul_backward(d, a->dln, grad(m, FCW, (size_t)l * F * C), NULL, a->dfch, x->ln2, param(m, FCW, (size_t)l * F * C), N, C, F);
     tp_f_backward(m->par, d, a->dln, NC);
     layernorm_backward(d, a->dresidual, grad(m, LN2W, l * C), grad(m, LN2B, l * C), a->dln, x->residual2, param(m, LN2W, l * C), x->ln2_mean, x->ln2_rstd, N, C);
     // attention: x->residual2 = x->residual + dropout(x->atty @ attprojw^T + attprojb)

@@ -3,7 +3,9 @@ test_matmul_ce.cu: the linear layer (matmul) and the fused softmax cross-entropy
 CPU: the blocked GEMM against plain loops, backward against central finite differences in
 double, padded vocabulary columns taking no part, results independent of the thread count.
 GPU (when one is found): cuBLASLt and the cross-entropy kernel against the CPU reference in
-fp32, bf16 and fp16, gradient accumulation, bitwise determinism.
+fp32, bf16 and fp16, gradient accumulation, bitwise determinism, each with cuBLASLt's GELU and
+bias-gradient epilogues and with our kernels instead. `--bench` times the two ways on GPT-2 124M's
+and the 1.7B model's first MLP linear and QKV backward (bf16).
 */
 #include "../megatron.h"
 #include "test.h"
@@ -126,6 +128,40 @@ static void test_matmul_finite_differences(void) {
     check_close("cpu matmul backward accumulates dbias", db2, db, OC, 1e-15);
 }
 
+// The MLP's second linear through its GELU: y = gelu(pre0 + b1) @ w^T, L = sum(R * y); the backward to
+// pre0 and b1 (the first linear's output and bias) against central differences, and its accumulation.
+static void test_matmul_dgelu_finite_differences(void) {
+    const int N = 5, C = 12, OC = 7;
+    MT19937 mt;
+    mt_seed(&mt, 9);
+    double pre0[N * C], b1[C], w[OC * C], R[N * OC], pre[N * C], act[N * C], y[N * OC], dpre[N * C], db1[C] = {0};
+    fill_normal(pre0, N * C, &mt, 1.5);
+    fill_normal(b1, C, &mt, 0.5);
+    fill_normal(w, OC * C, &mt, 1.0);
+    fill_normal(R, N * OC, &mt, 1.0);
+    auto loss = [&]() {
+        for (int i = 0; i < N * C; i++) pre[i] = pre0[i] + b1[i % C];
+        gelu_forward_cpu(act, pre, N * C);
+        matmul_forward_cpu<double>(y, act, w, (const double*)NULL, N, C, OC, (double*)NULL);
+        double L = 0;
+        for (int i = 0; i < N * OC; i++) L += R[i] * y[i];
+        return L;
+    };
+    loss();
+    matmul_backward_dgelu_cpu<double>(dpre, db1, R, w, pre, N, C, OC);
+    double* fd_pre = central_differences(pre0, N * C, 1e-5, loss);
+    double* fd_b1 = central_differences(b1, C, 1e-5, loss);
+    check_close("cpu matmul dgelu dpre vs finite differences", dpre, fd_pre, N * C, 1e-8);
+    check_close("cpu matmul dgelu dbias vs finite differences", db1, fd_b1, C, 1e-8);
+    double db2[C], twice[C];
+    memcpy(db2, db1, sizeof(db1));
+    loss();  // pre as it was (the differences left it perturbed)
+    matmul_backward_dgelu_cpu<double>(dpre, db2, R, w, pre, N, C, OC);
+    for (int i = 0; i < C; i++) twice[i] = 2 * db1[i];
+    check_close("cpu matmul dgelu accumulates dbias", db2, twice, C, 1e-15);
+    free(fd_pre); free(fd_b1);
+}
+
 // Same bits with 1 and 2 threads: every output sums k in the same order.
 static void test_matmul_thread_independence(void) {
 #ifdef _OPENMP
@@ -171,15 +207,19 @@ static void test_cpu_dispatch(void) {
         targets[n] = (int)(mt_u32(&mt) % V);
         dloss[n] = 1.0f / N;
     }
+    float dpre[2][N * C], dpre_bias[2][C] = {};
     matmul_forward(&d, out[0], inp, w, b, N, C, OC, gelu[0]);
     matmul_backward(&d, dinp[0], dw[0], db[0], dout, inp, w, N, C, OC);
+    matmul_backward_dgelu(&d, dpre[0], dpre_bias[0], dout, w, inp, N, C, OC);
     crossentropy_forward_backward(&d, losses[0], logits[0], targets, dloss, N, V, Vp);
     matmul_forward_cpu<float>(out[1], inp, w, b, N, C, OC, gelu[1]);
     matmul_backward_cpu<float>(dinp[1], dw[1], db[1], dout, inp, w, N, C, OC);
+    matmul_backward_dgelu_cpu<float>(dpre[1], dpre_bias[1], dout, w, inp, N, C, OC);
     crossentropy_forward_backward_cpu<float>(losses[1], logits[1], targets, dloss, N, V, Vp);
     int same = !memcmp(out[0], out[1], sizeof(out[0])) && !memcmp(gelu[0], gelu[1], sizeof(gelu[0])) && !memcmp(dinp[0], dinp[1], sizeof(dinp[0])) &&
                !memcmp(dw[0], dw[1], sizeof(dw[0])) && !memcmp(db[0], db[1], sizeof(db[0])) && !memcmp(losses[0], losses[1], sizeof(losses[0])) &&
-               !memcmp(logits[0], logits[1], sizeof(logits[0]));
+               !memcmp(logits[0], logits[1], sizeof(logits[0])) && !memcmp(dpre[0], dpre[1], sizeof(dpre[0])) &&
+               !memcmp(dpre_bias[0], dpre_bias[1], sizeof(dpre_bias[0]));
     check(same, "cpu dispatchers run the fp32 references", "results differ");
     device_free(&d);
 }
@@ -321,7 +361,8 @@ static void test_matmul_gpu(const Device* d, int N, int C, int OC, int use_bias,
     float *got = (float*)xmalloc(4 * (n_out > n_w ? n_out : n_w));
     double tol = tolerance(dt);
     char name[160], shape[96];
-    snprintf(shape, sizeof(shape), "%s N=%d C=%d OC=%d%s%s", dtype_name(dt), N, C, OC, use_bias ? " bias" : "", use_gelu ? " gelu" : "");
+    snprintf(shape, sizeof(shape), "%s N=%d C=%d OC=%d%s%s (%s)", dtype_name(dt), N, C, OC, use_bias ? " bias" : "", use_gelu ? " gelu" : "",
+             matmul_epilogues_enabled ? "epilogues" : "own kernels");
     download_as(d, got, d_out, n_out, dt);
     snprintf(name, sizeof(name), "gpu matmul forward %s", shape);
     check_close(name, got, out_ref, n_out, tol);
@@ -363,6 +404,54 @@ static void test_matmul_gpu(const Device* d, int N, int C, int OC, int use_bias,
     dev_free(d, d_db2); dev_free(d, d_dinp2);
     free(inp); free(w); free(b); free(dout); free(dw0); free(db0); free(out_ref); free(gelu_ref); free(dinp_ref);
     free(dw_ref); free(db_ref); free(got);
+}
+
+// GPU backward through the GELU (dpre, and dpre_bias accumulated twice) vs the CPU on dtype-rounded inputs, and bitwise reruns.
+static void test_matmul_dgelu_gpu(const Device* d, int N, int C, int OC) {
+    DType dt = d->dtype;
+    size_t n_pre = (size_t)N * C, n_w = (size_t)OC * C, n_out = (size_t)N * OC, es = dtype_size(dt);
+    MT19937 mt;
+    mt_seed(&mt, 300 + N + C + OC);
+    float *pre = (float*)xmalloc(4 * n_pre), *w = (float*)xmalloc(4 * n_w), *dout = (float*)xmalloc(4 * n_out), *db0 = (float*)xmalloc(4 * C);
+    fill_normal(pre, n_pre, &mt, 1.5);
+    fill_normal(w, n_w, &mt, 0.2);
+    fill_normal(dout, n_out, &mt, 1.0);
+    fill_normal(db0, C, &mt, 1.0);
+    round_to_dtype(pre, n_pre, dt);
+    round_to_dtype(w, n_w, dt);
+    round_to_dtype(dout, n_out, dt);
+    float *dpre_ref = (float*)xmalloc(4 * n_pre), *db_ref = (float*)xmalloc(4 * C), *got = (float*)xmalloc(4 * n_pre);
+    memcpy(db_ref, db0, 4 * C);
+    matmul_backward_dgelu_cpu<float>(dpre_ref, db_ref, dout, w, pre, N, C, OC);
+    matmul_backward_dgelu_cpu<float>(dpre_ref, db_ref, dout, w, pre, N, C, OC);
+
+    void *d_pre = upload_as(d, pre, n_pre, dt), *d_w = upload_as(d, w, n_w, dt), *d_dout = upload_as(d, dout, n_out, dt);
+    void *d_dpre[2] = {dev_malloc(d, n_pre * es), dev_malloc(d, n_pre * es)};
+    float* d_db[2] = {(float*)dev_malloc(d, 4 * C), (float*)dev_malloc(d, 4 * C)};
+    for (int run = 0; run < 2; run++) {
+        poison(d, d_dpre[run], n_pre, dt);
+        dev_upload(d, d_db[run], db0, 4 * C);
+        matmul_backward_dgelu(d, d_dpre[run], d_db[run], d_dout, d_w, d_pre, N, C, OC);
+        matmul_backward_dgelu(d, d_dpre[run], d_db[run], d_dout, d_w, d_pre, N, C, OC);
+    }
+    dev_sync(d);
+    char name[256], shape[128];
+    snprintf(shape, sizeof(shape), "%s N=%d C=%d OC=%d (%s)", dtype_name(dt), N, C, OC, matmul_epilogues_enabled ? "epilogues" : "own kernels");
+    download_as(d, got, d_dpre[0], n_pre, dt);
+    snprintf(name, sizeof(name), "gpu matmul dgelu dpre %s", shape);
+    check_close(name, got, dpre_ref, n_pre, tolerance(dt));
+    dev_download(d, got, d_db[0], 4 * C);
+    snprintf(name, sizeof(name), "gpu matmul dgelu dbias (+= twice) %s", shape);
+    // fp32 sums of half-rounded dpre (own kernels) or half-rounded sums of the fp32 products (epilogue)
+    check_close(name, got, db_ref, C, dt == DT_F32 ? 1e-5 : 4e-3);
+    snprintf(name, sizeof(name), "gpu matmul dgelu bitwise deterministic %s", shape);
+    check(same_bytes(d, d_dpre[0], d_dpre[1], n_pre * es) && same_bytes(d, d_db[0], d_db[1], 4 * C), name, "two runs differ");
+    dev_free(d, d_pre); dev_free(d, d_w); dev_free(d, d_dout);
+    for (int run = 0; run < 2; run++) {
+        dev_free(d, d_dpre[run]);
+        dev_free(d, d_db[run]);
+    }
+    free(pre); free(w); free(dout); free(db0); free(dpre_ref); free(db_ref); free(got);
 }
 
 // GPU cross-entropy vs the CPU on dtype-rounded logits; padded logits are NaN and must take no part.
@@ -421,6 +510,61 @@ static void test_crossentropy_gpu(const Device* d, int N, int V, int Vp, int wit
     free(logits); free(ref); free(got); free(dloss); free(losses_ref); free(losses); free(targets);
 }
 
+static int compare_floats(const void* a, const void* b) {
+    float x = *(const float*)a, y = *(const float*)b;
+    return (x > y) - (x < y);
+}
+
+// Median ms of 20 runs (after warm-up) of f on d's stream.
+template <typename F>
+static double median_ms(const Device* d, F f) {
+    cudaEvent_t t0, t1;
+    cudaCheck(cudaEventCreate(&t0));
+    cudaCheck(cudaEventCreate(&t1));
+    float ms[20];
+    for (int it = -3; it < 20; it++) {
+        cudaCheck(cudaEventRecord(t0, d->stream));
+        f();
+        cudaCheck(cudaEventRecord(t1, d->stream));
+        cudaCheck(cudaEventSynchronize(t1));
+        if (it >= 0) cudaCheck(cudaEventElapsedTime(&ms[it], t0, t1));
+    }
+    cudaCheck(cudaEventDestroy(t0));
+    cudaCheck(cudaEventDestroy(t1));
+    qsort(ms, 20, sizeof(float), compare_floats);
+    return 0.5 * (ms[9] + ms[10]);
+}
+
+// The bf16 first MLP linear and the QKV backward of one layer (N rows, hidden C, MLP width F) with
+// cuBLASLt's epilogues and with the plain matmuls plus our kernels.
+static void bench(int N, int C, int F) {
+    Device d;
+    device_init(&d, "cuda", DT_BF16);
+    size_t most = (size_t)N * F;
+    float* h = (float*)xmalloc(most * 4);
+    MT19937 mt;
+    mt_seed(&mt, 8);
+    fill_normal(h, most, &mt, 1.0);
+    void *x = upload_as(&d, h, (size_t)N * C, DT_BF16), *pre = upload_as(&d, h, most, DT_BF16), *act = dev_malloc(&d, most * 2);
+    void *w1 = upload_as(&d, h, (size_t)F * C, DT_BF16), *b1 = upload_as(&d, h, F, DT_BF16);
+    void *dqkv = upload_as(&d, h, (size_t)N * 3 * C, DT_BF16), *dx = dev_malloc(&d, (size_t)N * C * 2);
+    float *dw = (float*)dev_malloc(&d, (size_t)F * C * 4), *db = (float*)dev_malloc(&d, F * 4);
+    dev_zero(&d, dw, (size_t)F * C * 4);
+    dev_zero(&d, db, F * 4);
+    for (int fused = 1; fused >= 0; fused--) {
+        matmul_epilogues_enabled = fused;
+        const char* how = fused ? "epilogues" : "own kernels";
+        double fwd = median_ms(&d, [&]() { matmul_forward(&d, pre, x, w1, b1, N, C, F, act); });
+        double qkv = median_ms(&d, [&]() { matmul_backward(&d, dx, dw, db, dqkv, x, w1, N, C, 3 * C); });
+        printf("bench bf16 N=%d C=%d F=%d %s: fc1+gelu forward %.3f ms, qkv backward with bias %.3f ms\n", N, C, F, how, fwd, qkv);
+    }
+    matmul_epilogues_enabled = 1;
+    dev_free(&d, x); dev_free(&d, pre); dev_free(&d, act); dev_free(&d, w1); dev_free(&d, b1);
+    dev_free(&d, dqkv); dev_free(&d, dx); dev_free(&d, dw); dev_free(&d, db);
+    free(h);
+    device_free(&d);
+}
+
 static void test_gpu(void) {
     if (!gpu_available()) {
         printf("skip gpu matmul and cross-entropy: no GPU\n");
@@ -431,12 +575,19 @@ static void test_gpu(void) {
         Device d;
         device_init(&d, "cuda", dtypes[t]);
         const int shapes[][3] = {{64, 192, 768}, {256, 768, 3072}, {37, 24, 40}};
-        for (int s = 0; s < 3; s++)
-            for (int variant = 0; variant < 4; variant++)  // without/with bias, without/with gelu_out
-                test_matmul_gpu(&d, shapes[s][0], shapes[s][1], shapes[s][2], variant & 1, variant >> 1);
+        for (int fused = 1; fused >= 0; fused--) {  // cuBLASLt's GELU and bias-gradient epilogues, then the kernels instead
+            matmul_epilogues_enabled = fused;
+            for (int s = 0; s < 3; s++) {
+                for (int variant = 0; variant < 4; variant++)  // without/with bias, without/with gelu_out
+                    test_matmul_gpu(&d, shapes[s][0], shapes[s][1], shapes[s][2], variant & 1, variant >> 1);
+                test_matmul_dgelu_gpu(&d, shapes[s][0], shapes[s][2], shapes[s][1]);  // the MLP's second linear: OC -> C
+            }
+            test_matmul_gpu(&d, 5, 13, 7, 1, 1);  // odd sizes: no 16-byte alignment anywhere
+            test_matmul_dgelu_gpu(&d, 5, 13, 7);
+        }
+        matmul_epilogues_enabled = 1;
         int large = dtypes[t] != DT_F16;  // the large shapes in fp32 and bf16 only: their CPU side takes a while
         if (large) test_matmul_gpu(&d, 1024, 192, 50304, 0, 0);  // the LM head
-        test_matmul_gpu(&d, 5, 13, 7, 1, 0);                     // odd sizes: no 16-byte alignment anywhere
         const int ce[][3] = {{64, 50257, 50304}, {100, 37, 40}, {33, 50, 50}, {7, 1, 1}, {4096, 50257, 50304}};
         for (int s = 0; s < (large ? 5 : 4); s++) test_crossentropy_gpu(&d, ce[s][0], ce[s][1], ce[s][2], 1);
         test_crossentropy_gpu(&d, 64, 50257, 50304, 0);
@@ -445,7 +596,8 @@ static void test_gpu(void) {
 }
 #endif
 
-int main(void) {
+int main(int argc, char** argv) {
+    int want_bench = argc > 1 && !strcmp(argv[1], "--bench");
     test_gemm_shape<double>(1, 1, 1, 1e-14);
     test_gemm_shape<double>(5, 7, 9, 1e-14);
     test_gemm_shape<double>(37, 300, 45, 1e-14);
@@ -453,11 +605,18 @@ int main(void) {
     test_gemm_shape<float>(70, 33, 4200, 1e-6);
     test_gemm_shape<float>(64, 192, 768, 1e-6);
     test_matmul_finite_differences();
+    test_matmul_dgelu_finite_differences();
     test_matmul_thread_independence();
     test_crossentropy_cpu();
     test_cpu_dispatch();
 #ifdef __CUDACC__
     test_gpu();
+    if (want_bench && gpu_available()) {
+        bench(16 * 1024, 768, 3072);   // GPT-2 124M, B16 x T1024
+        bench(8 * 2048, 2304, 9216);   // the 1.7B model, B8 x T2048
+    }
+#else
+    if (want_bench) printf("skip bench: built without CUDA\n");
 #endif
     return test_summary();
 }
