@@ -2983,59 +2983,69 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(F* out, 
     att_store_rows<F, HS>(out + (size_t)b * C + h * HS, (size_t)B * C, wq0 - first, T - first, o, qs + warp * 16 * LD);
 }
 
-// ---- Hopper (sm_90a): the forward with wgmma, the warpgroup MMA (a warpgroup of 4 warps
+// ---- Hopper (sm_90a): the kernels with wgmma, the warpgroup MMA (a warpgroup of 4 warps
 // multiplies a 64-row tile, read from registers or shared memory, by a tile in shared memory,
-// asynchronously). Head size 64 only: a 64-element row is 128 bytes, one 128-byte swizzle atom
-// wide. Compiled only for sm_90a (GPU_ARCH=sm_90a); attention_forward_cuda asks the GPU whether
-// the loaded binary has it (att_wgmma_usable).
-#define ATT_WG_THREADS 256  // two warpgroups, 64 query rows each
+// asynchronously). Head sizes 64 and 96: a tile keeps its columns in panels wgmma can read, 64
+// columns of 128-byte rows with the 128-byte swizzle, and for 96 a last panel of 32 columns,
+// 64-byte rows, 64-byte swizzle. Compiled only for sm_90a (GPU_ARCH=sm_90a); the launchers ask
+// the GPU whether the loaded binary has them (att_wgmma_usable).
+#define ATT_WG_THREADS 256  // two warpgroups, 64 rows each
 #define ATT_WG_ROWS 128
-#define ATT_WG_HS 64
+HD constexpr bool att_wg_head_size(int HS) { return HS == 64 || HS == 96; }
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define ATT_HAVE_WGMMA 1
 
-// Element offset of 16-byte chunk c of row r in a tile of 128-byte rows, swizzled as wgmma reads
-// it (chunk c ^ r%8; the tile starts 1024-byte aligned).
-__device__ __forceinline__ int att_sw128(int r, int c) { return r * ATT_WG_HS + ((c ^ (r & 7)) << 3); }
+// Element offset of 16-byte chunk c (columns 8c .. 8c+7) of row r in a tile of R rows and HS
+// columns, swizzled as wgmma reads it: chunk c ^ r%8 in a 64-column panel, c ^ (r/2)%4 in the
+// 32-column one. Tiles start 1024-byte aligned.
+template <int HS, int R>
+__device__ __forceinline__ int att_wg_off(int r, int c) {
+    int panel = c / 8, cc = c % 8;
+    if (panel < HS / 64) return panel * R * 64 + r * 64 + ((cc ^ (r & 7)) << 3);
+    return HS / 64 * R * 64 + r * 32 + ((cc ^ (r >> 1 & 3)) << 3);
+}
 
-// As att_load_rows, into a swizzled tile, over the block's ATT_WG_THREADS threads.
-template <typename F, int R>
-__device__ __forceinline__ void att_load_rows_sw128(F* s, const F* g, size_t tstride, int t0, int T) {
-    static_assert(R * 8 % ATT_WG_THREADS == 0, "tile rows must split evenly over the threads");
+// As att_load_rows, into a swizzled tile of R rows, over the block's ATT_WG_THREADS threads.
+template <typename F, int HS, int R>
+__device__ __forceinline__ void att_wg_load_rows(F* s, const F* g, size_t tstride, int t0, int T) {
+    constexpr int CH = HS / 8;  // 16-byte chunks per row
+    static_assert(R * CH % ATT_WG_THREADS == 0, "tile rows must split evenly over the threads");
 #pragma unroll
-    for (int k = 0; k < R * 8 / ATT_WG_THREADS; k++) {
-        int idx = threadIdx.x + k * ATT_WG_THREADS, r = idx / 8, c = idx % 8;
+    for (int k = 0; k < R * CH / ATT_WG_THREADS; k++) {
+        int idx = threadIdx.x + k * ATT_WG_THREADS, r = idx / CH, c = idx % CH;
         bool valid = t0 + r < T;
-        att_cp_async16(s + att_sw128(r, c), valid ? g + (t0 + r) * tstride + c * 8 : g, valid);
+        att_cp_async16(s + att_wg_off<HS, R>(r, c), valid ? g + (t0 + r) * tstride + c * 8 : g, valid);
     }
 }
 
-// As att_store_rows, staged through the warp's own 16 rows s of a swizzled tile.
-template <typename F>
-__device__ __forceinline__ void att_store_rows_sw128(F* g, size_t tstride, int t0, int T, const float acc[8][4], F* s) {
+// As att_store_rows, staged through the warp's own 16 rows [row0, row0 + 16) of an R-row tile.
+template <typename F, int HS, int R>
+__device__ __forceinline__ void att_wg_store_rows(F* g, size_t tstride, int t0, int T, const float acc[HS / 8][4], F* tile, int row0) {
     int lane = threadIdx.x % 32, gr = lane / 4, q = lane % 4;
     __syncwarp();
 #pragma unroll
-    for (int n = 0; n < 8; n++) {
-        *(uint32_t*)(s + att_sw128(gr, n) + 2 * q) = att_pack<F>(acc[n][0], acc[n][1]);
-        *(uint32_t*)(s + att_sw128(gr + 8, n) + 2 * q) = att_pack<F>(acc[n][2], acc[n][3]);
+    for (int n = 0; n < HS / 8; n++) {
+        *(uint32_t*)(tile + att_wg_off<HS, R>(row0 + gr, n) + 2 * q) = att_pack<F>(acc[n][0], acc[n][1]);
+        *(uint32_t*)(tile + att_wg_off<HS, R>(row0 + gr + 8, n) + 2 * q) = att_pack<F>(acc[n][2], acc[n][3]);
     }
     __syncwarp();
-    for (int idx = lane; idx < 16 * 8; idx += 32) {
-        int r = idx / 8, c = idx % 8;
-        if (t0 + r < T) *(int4*)(g + (t0 + r) * tstride + c * 8) = *(const int4*)(s + att_sw128(r, c));
+    for (int idx = lane; idx < 16 * HS / 8; idx += 32) {
+        int r = idx / (HS / 8), c = idx % (HS / 8);
+        if (t0 + r < T) *(int4*)(g + (t0 + r) * tstride + c * 8) = *(const int4*)(tile + att_wg_off<HS, R>(row0 + r, c));
     }
 }
 
-// The shared-memory matrix descriptor of a swizzled tile: start address, leading and stride byte
-// offsets (1024 both: the distance between 8-row groups, the one step either operand layout takes
-// here), swizzle mode 1 (128 bytes). Adding 2 moves the start 32 bytes (16 elements) along a row.
-__device__ __forceinline__ uint64_t att_wgmma_desc(const void* s) {
-    uint64_t addr = att_smem_addr(s);
-    return (addr >> 4 & 0x3fff) | (uint64_t)(1024 >> 4) << 16 | (uint64_t)(1024 >> 4) << 32 | 1ull << 62;
+// The shared-memory matrix descriptor of rows [r0, ...) of one panel of an R-row tile: start
+// address, leading and stride byte offsets (both the distance between 8-row groups, the one step
+// either operand layout takes here), swizzle mode (1: 128 bytes, 2: 64). Adding 2 moves the start
+// 32 bytes (16 elements) along a row.
+template <int HS, int R>
+__device__ __forceinline__ uint64_t att_wg_desc(const void* tile, int panel, int r0) {
+    bool wide = panel < HS / 64;
+    uint64_t row_bytes = wide ? 128 : 64, group = 8 * row_bytes >> 4;
+    uint64_t addr = att_smem_addr((const char*)tile + panel * R * 128 + r0 * row_bytes);
+    return (addr >> 4 & 0x3fff) | group << 16 | group << 32 | (wide ? 1ull : 2ull) << 62;
 }
-// Descriptor step of 16 rows of a tile (2048 bytes), the K step of an N-major operand.
-#define ATT_WG_16ROWS (16 * ATT_WG_HS * 2 >> 4)
 // The first 1024-aligned byte of the dynamic shared memory (the launch adds 1024 bytes of room).
 template <typename F>
 __device__ __forceinline__ F* att_wg_tiles(unsigned char* smem) { return (F*)(smem + (1024 - att_smem_addr(smem) % 1024) % 1024); }
@@ -3046,24 +3056,23 @@ __device__ __forceinline__ void att_wgmma_commit_wait() {
     asm volatile("wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 }
 // The tensor cores write an accumulator between issue and wait: its reads must come after the wait.
-__device__ __forceinline__ void att_wgmma_hold(float d[8][4]) {
+template <int N>
+__device__ __forceinline__ void att_wgmma_hold(float (&d)[N][4]) {
 #pragma unroll
-    for (int n = 0; n < 8; n++)
+    for (int n = 0; n < N; n++)
 #pragma unroll
         for (int c = 0; c < 4; c++) asm volatile("" : "+f"(d[n][c])::"memory");
 }
 
-// The 64x64 fp32 accumulator d[8][4] as the 32 operands %0..%31 of a wgmma asm statement.
-#define ATT_WG_ACC_REGS                                                                        \
-    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "   \
-    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
-#define ATT_WG_ACC(d) \
+// A 64x64 fp32 accumulator d[8][4] as the operands %0..%31 of a wgmma asm statement, and a 64x32 one
+// d[4][4] as %0..%15; per warp their layout is the mma.sync C fragments' (att_mma) over 8 (4) column tiles.
+#define ATT_WG_ACC16_REGS "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+#define ATT_WG_ACC_REGS "{" ATT_WG_ACC16_REGS ", %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define ATT_WG_ACC16(d) \
     "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
-    "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), \
-    "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
-    "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
-// d[64 x 64] (= or +=, accumulate) A[64 x 16] B[64 x 16]^T, both K-major swizzled tiles; the
-// accumulator's layout per warp is the mma.sync C fragments' (att_mma) over 8 column tiles.
+    "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])
+#define ATT_WG_ACC(d) ATT_WG_ACC16(d), ATT_WG_ACC16((d + 4))
+// d[64 x 64] (= or +=, accumulate) A[64 x 16] B[64 x 16]^T, both K-major swizzled tiles.
 #define ATT_WGMMA_SS(TYPE)                                                                       \
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                    \
                  "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " ATT_WG_ACC_REGS   \
@@ -3074,29 +3083,57 @@ __device__ __forceinline__ void att_wgmma_ss(float d[8][4], uint64_t desc_a, uin
     if constexpr (std::is_same<F, __nv_bfloat16>::value) ATT_WGMMA_SS("bf16");
     else ATT_WGMMA_SS("f16");
 }
-// d[64 x 64] += A[64 x 16] B[16 x 64], A in registers (mma.sync A fragments per warp), B a tile
-// of 16 rows of 64 (N-major: transposed as it is read).
+// d[64 x N] += A[64 x 16] B[16 x N], A in registers (mma.sync A fragments per warp), B 16 rows of a
+// panel (N-major: transposed as it is read); N = 64 (d[8][4]) or 32 (d[4][4], the narrow panel).
 #define ATT_WGMMA_RS(TYPE)                                                                       \
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                      \
                  "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " ATT_WG_ACC_REGS   \
                  ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                   \
                  : ATT_WG_ACC(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b))
-template <typename F>
-__device__ __forceinline__ void att_wgmma_rs(float d[8][4], const uint32_t a[4], uint64_t desc_b) {
-    if constexpr (std::is_same<F, __nv_bfloat16>::value) ATT_WGMMA_RS("bf16");
-    else ATT_WGMMA_RS("f16");
+#define ATT_WGMMA_RS32(TYPE)                                                                     \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                      \
+                 "wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPE "." TYPE " {" ATT_WG_ACC16_REGS \
+                 "}, {%16, %17, %18, %19}, %20, p, 1, 1, 1;\n}\n"                                  \
+                 : ATT_WG_ACC16(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b))
+template <typename F, int N>
+__device__ __forceinline__ void att_wgmma_rs(float d[N / 8][4], const uint32_t a[4], uint64_t desc_b) {
+    static_assert(N == 64 || N == 32, "wgmma N is 64 or 32 here");
+    if constexpr (N == 64 && std::is_same<F, __nv_bfloat16>::value) ATT_WGMMA_RS("bf16");
+    else if constexpr (N == 64) ATT_WGMMA_RS("f16");
+    else if constexpr (std::is_same<F, __nv_bfloat16>::value) ATT_WGMMA_RS32("bf16");
+    else ATT_WGMMA_RS32("f16");
+}
+
+// d[64 x 64] (=) rows [a0, a0 + 64) of tile A (RA rows) times rows [b0, b0 + 64) of tile B (RB rows)
+// transposed, over the HS columns: one product per 16 columns.
+template <typename F, int HS, int RA, int RB>
+__device__ __forceinline__ void att_wg_abt(float d[8][4], const F* a, int a0, const F* b, int b0) {
+#pragma unroll
+    for (int k = 0; k < HS / 16; k++)
+        att_wgmma_ss<F>(d, att_wg_desc<HS, RA>(a, k / 4, a0) + 2 * (k % 4), att_wg_desc<HS, RB>(b, k / 4, b0) + 2 * (k % 4), k > 0);
+}
+
+// d[64 x HS] += A[64 x K] B[K x HS]: A from registers (K/16 fragments), B rows [b0, b0 + K) of tile b (RB rows).
+template <typename F, int HS, int RB, int K>
+__device__ __forceinline__ void att_wg_ab(float d[HS / 8][4], const uint32_t a[K / 16][4], const F* b, int b0) {
+#pragma unroll
+    for (int k = 0; k < K / 16; k++) {
+#pragma unroll
+        for (int panel = 0; panel < HS / 64; panel++) att_wgmma_rs<F, 64>(d + 8 * panel, a[k], att_wg_desc<HS, RB>(b, panel, b0 + 16 * k));
+        if constexpr (HS % 64 != 0) att_wgmma_rs<F, 32>(d + HS / 64 * 8, a[k], att_wg_desc<HS, RB>(b, HS / 64, b0 + 16 * k));
+    }
 }
 #endif
 
 // attention_forward_kernel's algorithm on two warpgroups: the block owns ATT_WG_ROWS query rows,
 // each warpgroup 64 of them; S = Q K^T and O += P V are wgmma products, the online softmax and
 // dropout are the same per accumulator element.
-template <typename F>
-__global__ void __launch_bounds__(ATT_WG_THREADS, 2) attention_forward_wgmma_kernel(F* out, float* lse, const F* qkv, int first,
-                                                                                    float p, uint32_t keep_min, uint64_t seed,
-                                                                                    int B, int T, int NH) {
+template <typename F, int HS>
+__global__ void __launch_bounds__(ATT_WG_THREADS, HS == 64 ? 2 : 1) attention_forward_wgmma_kernel(F* out, float* lse, const F* qkv, int first,
+                                                                                                  float p, uint32_t keep_min, uint64_t seed,
+                                                                                                  int B, int T, int NH) {
 #ifdef ATT_HAVE_WGMMA
-    constexpr int HS = ATT_WG_HS, BM = ATT_WG_ROWS, BN = 64;
+    constexpr int BM = ATT_WG_ROWS, BN = 64;
     extern __shared__ unsigned char att_wg_smem[];
     F* qs = att_wg_tiles<F>(att_wg_smem);  // [BM][HS]
     F* ks = qs + BM * HS;                                                         // [2][BN][HS], double-buffered
@@ -3113,19 +3150,18 @@ __global__ void __launch_bounds__(ATT_WG_THREADS, 2) attention_forward_wgmma_ker
     int n_kt = CEIL_DIV(min(T, q0 + BM), BN);
     float scale_log2 = rsqrtf((float)HS) * ATT_LOG2E;
 
-    att_load_rows_sw128<F, BM>(qs, qg, tstride, q0, T);
-    att_load_rows_sw128<F, BN>(ks, qg + HS, tstride, 0, T);
-    att_load_rows_sw128<F, BN>(vs, qg + 2 * HS, tstride, 0, T);
+    att_wg_load_rows<F, HS, BM>(qs, qg, tstride, q0, T);
+    att_wg_load_rows<F, HS, BN>(ks, qg + HS, tstride, 0, T);
+    att_wg_load_rows<F, HS, BN>(vs, qg + 2 * HS, tstride, 0, T);
     att_cp_async_commit();
 
-    uint64_t desc_q = att_wgmma_desc(qs + wg * 64 * HS);
     float o[HS / 8][4] = {};
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0, 0};
     for (int kt = 0; kt < n_kt; kt++) {
         int buf = kt & 1, k0 = kt * BN;
         if (kt + 1 < n_kt) {
-            att_load_rows_sw128<F, BN>(ks + (buf ^ 1) * BN * HS, qg + HS, tstride, k0 + BN, T);
-            att_load_rows_sw128<F, BN>(vs + (buf ^ 1) * BN * HS, qg + 2 * HS, tstride, k0 + BN, T);
+            att_wg_load_rows<F, HS, BN>(ks + (buf ^ 1) * BN * HS, qg + HS, tstride, k0 + BN, T);
+            att_wg_load_rows<F, HS, BN>(vs + (buf ^ 1) * BN * HS, qg + 2 * HS, tstride, k0 + BN, T);
             att_cp_async_commit();
             att_cp_async_wait<1>();
         } else {
@@ -3136,18 +3172,15 @@ __global__ void __launch_bounds__(ATT_WG_THREADS, 2) attention_forward_wgmma_ker
 
         if (k0 <= g0 + 63) {  // a tile past all of this warpgroup's rows is skipped
             float s[BN / 8][4] = {};
-            uint64_t desc_k = att_wgmma_desc(ks + buf * BN * HS), desc_v = att_wgmma_desc(vs + buf * BN * HS);
             att_wgmma_fence();
-#pragma unroll
-            for (int k = 0; k < HS / 16; k++) att_wgmma_ss<F>(s, desc_q + 2 * k, desc_k + 2 * k, k > 0);
+            att_wg_abt<F, HS, BM, BN>(s, qs, wg * 64, ks + buf * BN * HS, 0);
             att_wgmma_commit_wait();
             att_wgmma_hold(s);
             att_softmax_tile<BN, HS>(s, m, l, o, k0, wq0, rows, scale_log2, p, keep_min, seed, bh, T);
             uint32_t pa[BN / 16][4];
             att_c_to_a<F, BN / 16>(pa, s);
             att_wgmma_fence();
-#pragma unroll
-            for (int k = 0; k < BN / 16; k++) att_wgmma_rs<F>(o, pa[k], desc_v + k * ATT_WG_16ROWS);
+            att_wg_ab<F, HS, BN, BN>(o, pa, vs + buf * BN * HS, 0);
             att_wgmma_commit_wait();
             att_wgmma_hold(o);
         }
@@ -3155,7 +3188,7 @@ __global__ void __launch_bounds__(ATT_WG_THREADS, 2) attention_forward_wgmma_ker
     }
 
     att_softmax_finish<HS>(o, m, l, rows, lse, first, p, bh, T);
-    att_store_rows_sw128<F>(out + (size_t)b * C + h * HS, (size_t)B * C, wq0 - first, T - first, o, qs + (wg * 64 + warp * 16) * HS);
+    att_wg_store_rows<F, HS, BM>(out + (size_t)b * C + h * HS, (size_t)B * C, wq0 - first, T - first, o, qs, wg * 64 + warp * 16);
 #else
     __trap();  // launched only where att_wgmma_usable said the binary has sm_90a code
 #endif
@@ -3164,13 +3197,13 @@ __global__ void __launch_bounds__(ATT_WG_THREADS, 2) attention_forward_wgmma_ker
 // Backward, dq, on two warpgroups (attention_backward_dq_kernel's algorithm): the block owns
 // ATT_WG_ROWS query rows, 64 per warpgroup; S = Q K^T and dP = dout V^T are wgmma products of
 // shared-memory tiles, dq += dS K takes dS from registers.
-template <typename F>
+template <typename F, int HS>
 __global__ void __launch_bounds__(ATT_WG_THREADS) attention_backward_dq_wgmma_kernel(F* dqkv, float* delta, const F* dout,
                                                                                     const F* qkv, const F* out, const float* lse,
                                                                                     float p, uint32_t keep_min, uint64_t seed,
                                                                                     int B, int T, int NH) {
 #ifdef ATT_HAVE_WGMMA
-    constexpr int HS = ATT_WG_HS, BM = ATT_WG_ROWS, BN = 64;
+    constexpr int BM = ATT_WG_ROWS, BN = 64;
     extern __shared__ unsigned char att_wg_smem[];
     F* qs = att_wg_tiles<F>(att_wg_smem);  // [BM][HS]
     F* gs = qs + BM * HS;                  // [BM][HS] dout
@@ -3190,23 +3223,22 @@ __global__ void __launch_bounds__(ATT_WG_THREADS) attention_backward_dq_wgmma_ke
     int n_kt = CEIL_DIV(min(T, q0 + BM), BN);
     float scale = rsqrtf((float)HS), scale_log2 = scale * ATT_LOG2E, keep_scale = 1.0f / (1.0f - p);
 
-    att_load_rows_sw128<F, BM>(qs, qg, tstride, q0, T);
-    att_load_rows_sw128<F, BM>(gs, gg, ostride, q0, T);
-    att_load_rows_sw128<F, BN>(ks, qg + HS, tstride, 0, T);
-    att_load_rows_sw128<F, BN>(vs, qg + 2 * HS, tstride, 0, T);
+    att_wg_load_rows<F, HS, BM>(qs, qg, tstride, q0, T);
+    att_wg_load_rows<F, HS, BM>(gs, gg, ostride, q0, T);
+    att_wg_load_rows<F, HS, BN>(ks, qg + HS, tstride, 0, T);
+    att_wg_load_rows<F, HS, BN>(vs, qg + 2 * HS, tstride, 0, T);
     att_cp_async_commit();
     float di[2], lse2[2];
     att_rows_delta<F, HS>(di, delta, gg, og, ostride, wq0, bh, T);
 #pragma unroll
     for (int r = 0; r < 2; r++) lse2[r] = rows[r] < T ? lse[(size_t)bh * T + rows[r]] * ATT_LOG2E : 0;
 
-    uint64_t desc_q = att_wgmma_desc(qs + wg * 64 * HS), desc_g = att_wgmma_desc(gs + wg * 64 * HS);
     float dq[HS / 8][4] = {};
     for (int kt = 0; kt < n_kt; kt++) {
         int buf = kt & 1, k0 = kt * BN;
         if (kt + 1 < n_kt) {
-            att_load_rows_sw128<F, BN>(ks + (buf ^ 1) * BN * HS, qg + HS, tstride, k0 + BN, T);
-            att_load_rows_sw128<F, BN>(vs + (buf ^ 1) * BN * HS, qg + 2 * HS, tstride, k0 + BN, T);
+            att_wg_load_rows<F, HS, BN>(ks + (buf ^ 1) * BN * HS, qg + HS, tstride, k0 + BN, T);
+            att_wg_load_rows<F, HS, BN>(vs + (buf ^ 1) * BN * HS, qg + 2 * HS, tstride, k0 + BN, T);
             att_cp_async_commit();
             att_cp_async_wait<1>();
         } else {
@@ -3217,12 +3249,9 @@ __global__ void __launch_bounds__(ATT_WG_THREADS) attention_backward_dq_wgmma_ke
 
         if (k0 <= g0 + 63) {  // a tile past all of this warpgroup's rows is skipped
             float s[BN / 8][4] = {}, dp[BN / 8][4] = {};
-            uint64_t desc_k = att_wgmma_desc(ks + buf * BN * HS), desc_v = att_wgmma_desc(vs + buf * BN * HS);
             att_wgmma_fence();
-#pragma unroll
-            for (int k = 0; k < HS / 16; k++) att_wgmma_ss<F>(s, desc_q + 2 * k, desc_k + 2 * k, k > 0);
-#pragma unroll
-            for (int k = 0; k < HS / 16; k++) att_wgmma_ss<F>(dp, desc_g + 2 * k, desc_v + 2 * k, k > 0);
+            att_wg_abt<F, HS, BM, BN>(s, qs, wg * 64, ks + buf * BN * HS, 0);
+            att_wg_abt<F, HS, BM, BN>(dp, gs, wg * 64, vs + buf * BN * HS, 0);
             att_wgmma_commit_wait();
             att_wgmma_hold(s);
             att_wgmma_hold(dp);
@@ -3230,8 +3259,7 @@ __global__ void __launch_bounds__(ATT_WG_THREADS) attention_backward_dq_wgmma_ke
             uint32_t da[BN / 16][4];
             att_c_to_a<F, BN / 16>(da, s);
             att_wgmma_fence();
-#pragma unroll
-            for (int k = 0; k < BN / 16; k++) att_wgmma_rs<F>(dq, da[k], desc_k + k * ATT_WG_16ROWS);
+            att_wg_ab<F, HS, BN, BN>(dq, da, ks + buf * BN * HS, 0);
             att_wgmma_commit_wait();
             att_wgmma_hold(dq);
         }
@@ -3241,7 +3269,7 @@ __global__ void __launch_bounds__(ATT_WG_THREADS) attention_backward_dq_wgmma_ke
     for (int n = 0; n < HS / 8; n++)
 #pragma unroll
         for (int c = 0; c < 4; c++) dq[n][c] *= scale;
-    att_store_rows_sw128<F>(dqkv + (size_t)b * 3 * C + h * 3 * HS, tstride, wq0, T, dq, qs + (wg * 64 + warp * 16) * HS);
+    att_wg_store_rows<F, HS, BM>(dqkv + (size_t)b * 3 * C + h * 3 * HS, tstride, wq0, T, dq, qs, wg * 64 + warp * 16);
 #else
     __trap();  // launched only where att_wgmma_usable said the binary has sm_90a code
 #endif
@@ -3250,13 +3278,13 @@ __global__ void __launch_bounds__(ATT_WG_THREADS) attention_backward_dq_wgmma_ke
 // Backward, dk and dv, on two warpgroups (attention_backward_dkdv_kernel's algorithm): the block
 // owns ATT_WG_ROWS keys, 64 per warpgroup, and walks 64-query tiles from the diagonal to the end.
 // S^T = K Q^T and dP^T = V dout^T from shared memory; dv += (P M) dout and dk += dS^T Q from registers.
-template <typename F>
+template <typename F, int HS>
 __global__ void __launch_bounds__(ATT_WG_THREADS) attention_backward_dkdv_wgmma_kernel(F* dqkv, const float* delta, const F* dout,
                                                                                       const F* qkv, const float* lse, float p,
                                                                                       uint32_t keep_min, uint64_t seed,
                                                                                       int B, int T, int NH) {
 #ifdef ATT_HAVE_WGMMA
-    constexpr int HS = ATT_WG_HS, BN = ATT_WG_ROWS, BM = 64;
+    constexpr int BN = ATT_WG_ROWS, BM = 64;
     extern __shared__ unsigned char att_wg_smem[];
     F* ks = att_wg_tiles<F>(att_wg_smem);       // [BN][HS]
     F* vs = ks + BN * HS;                       // [BN][HS]
@@ -3277,8 +3305,8 @@ __global__ void __launch_bounds__(ATT_WG_THREADS) attention_backward_dkdv_wgmma_
     int qt0 = k0 / BM, n_qt = CEIL_DIV(T, BM);
     float scale = rsqrtf((float)HS), scale_log2 = scale * ATT_LOG2E, keep_scale = 1.0f / (1.0f - p);
     auto load_query_tile = [&](int qt, int buf) {
-        att_load_rows_sw128<F, BM>(qs + buf * BM * HS, qg, tstride, qt * BM, T);
-        att_load_rows_sw128<F, BM>(gs + buf * BM * HS, gg, ostride, qt * BM, T);
+        att_wg_load_rows<F, HS, BM>(qs + buf * BM * HS, qg, tstride, qt * BM, T);
+        att_wg_load_rows<F, HS, BM>(gs + buf * BM * HS, gg, ostride, qt * BM, T);
         att_cp_async_commit();
         for (int r = threadIdx.x; r < BM; r += ATT_WG_THREADS) {
             int t = qt * BM + r;
@@ -3286,11 +3314,10 @@ __global__ void __launch_bounds__(ATT_WG_THREADS) attention_backward_dkdv_wgmma_
             delta_s[buf * BM + r] = t < T ? delta[(size_t)bh * T + t] : 0;
         }
     };
-    att_load_rows_sw128<F, BN>(ks, qg + HS, tstride, k0, T);
-    att_load_rows_sw128<F, BN>(vs, qg + 2 * HS, tstride, k0, T);
+    att_wg_load_rows<F, HS, BN>(ks, qg + HS, tstride, k0, T);
+    att_wg_load_rows<F, HS, BN>(vs, qg + 2 * HS, tstride, k0, T);
     load_query_tile(qt0, 0);
 
-    uint64_t desc_k = att_wgmma_desc(ks + wg * 64 * HS), desc_v = att_wgmma_desc(vs + wg * 64 * HS);
     float dk[HS / 8][4] = {}, dv[HS / 8][4] = {};
     for (int qt = qt0; qt < n_qt; qt++) {
         int buf = (qt - qt0) & 1, i0 = qt * BM;
@@ -3304,13 +3331,11 @@ __global__ void __launch_bounds__(ATT_WG_THREADS) attention_backward_dkdv_wgmma_
         __syncthreads();
 
         if (i0 + BM > g0) {  // a tile of queries all before this warpgroup's keys is skipped
-            uint64_t desc_qb = att_wgmma_desc(qs + buf * BM * HS), desc_gb = att_wgmma_desc(gs + buf * BM * HS);
+            const F *qb = qs + buf * BM * HS, *gb = gs + buf * BM * HS;
             float s[BM / 8][4] = {}, dp[BM / 8][4] = {};  // transposed: rows are keys, columns queries
             att_wgmma_fence();
-#pragma unroll
-            for (int k = 0; k < HS / 16; k++) att_wgmma_ss<F>(s, desc_k + 2 * k, desc_qb + 2 * k, k > 0);
-#pragma unroll
-            for (int k = 0; k < HS / 16; k++) att_wgmma_ss<F>(dp, desc_v + 2 * k, desc_gb + 2 * k, k > 0);
+            att_wg_abt<F, HS, BN, BM>(s, ks, wg * 64, qb, 0);
+            att_wg_abt<F, HS, BN, BM>(dp, vs, wg * 64, gb, 0);
             att_wgmma_commit_wait();
             att_wgmma_hold(s);
             att_wgmma_hold(dp);
@@ -3319,10 +3344,8 @@ __global__ void __launch_bounds__(ATT_WG_THREADS) attention_backward_dkdv_wgmma_
             att_c_to_a<F, BM / 16>(pa, s);
             att_c_to_a<F, BM / 16>(da, dp);
             att_wgmma_fence();
-#pragma unroll
-            for (int k = 0; k < BM / 16; k++) att_wgmma_rs<F>(dv, pa[k], desc_gb + k * ATT_WG_16ROWS);
-#pragma unroll
-            for (int k = 0; k < BM / 16; k++) att_wgmma_rs<F>(dk, da[k], desc_qb + k * ATT_WG_16ROWS);
+            att_wg_ab<F, HS, BM, BM>(dv, pa, gb, 0);
+            att_wg_ab<F, HS, BM, BM>(dk, da, qb, 0);
             att_wgmma_commit_wait();
             att_wgmma_hold(dv);
             att_wgmma_hold(dk);
@@ -3334,8 +3357,8 @@ __global__ void __launch_bounds__(ATT_WG_THREADS) attention_backward_dkdv_wgmma_
 #pragma unroll
         for (int c = 0; c < 4; c++) dk[n][c] *= scale;
     F* dkg = dqkv + (size_t)b * 3 * C + h * 3 * HS + HS;
-    att_store_rows_sw128<F>(dkg, tstride, wk0, T, dk, ks + (wg * 64 + warp * 16) * HS);
-    att_store_rows_sw128<F>(dkg + HS, tstride, wk0, T, dv, vs + (wg * 64 + warp * 16) * HS);
+    att_wg_store_rows<F, HS, BN>(dkg, tstride, wk0, T, dk, ks, wg * 64 + warp * 16);
+    att_wg_store_rows<F, HS, BN>(dkg + HS, tstride, wk0, T, dv, vs, wg * 64 + warp * 16);
 #else
     __trap();  // launched only where att_wgmma_usable said the binary has sm_90a code
 #endif
@@ -3647,7 +3670,7 @@ static int att_wgmma_enabled = 1;
 // compiled for sm_90a (asked once per device), and att_wgmma_enabled.
 static bool att_wgmma_usable(const Device* d, int HS) {
     static signed char has[64] = {0};  // 0 unknown, 1 yes, -1 no
-    if (!att_wgmma_enabled || HS != ATT_WG_HS || d->device_id >= 64) return false;
+    if (!att_wgmma_enabled || !att_wg_head_size(HS) || d->device_id >= 64) return false;
     if (!has[d->device_id]) {
         int* flag;
         int host = 0;
@@ -3669,11 +3692,13 @@ static void attention_forward_launch(const Device* d, F* out, float* lse, const 
         attention_forward_f32_kernel<HS><<<CEIL_DIV(B * NH * rows, ATT_F32_WARPS), ATT_F32_WARPS * 32, 0, d->stream>>>(
             out, lse, qkv, first, p, seed, B, T, NH);
     } else if (att_wgmma_usable(d, HS)) {
-        size_t smem = (size_t)(ATT_WG_ROWS + 4 * 64) * ATT_WG_HS * sizeof(F) + 1024;  // + room to align the tiles
-        att_set_smem(attention_forward_wgmma_kernel<F>, smem);
-        dim3 grid(CEIL_DIV(rows, ATT_WG_ROWS), B * NH);
-        attention_forward_wgmma_kernel<F><<<grid, ATT_WG_THREADS, smem, d->stream>>>(out, lse, qkv, first, p, att_keep_threshold(p),
-                                                                                    seed, B, T, NH);
+        if constexpr (att_wg_head_size(HS)) {  // (att_wgmma_usable is false for the others)
+            size_t smem = (size_t)(ATT_WG_ROWS + 4 * 64) * HS * sizeof(F) + 1024;  // + room to align the tiles
+            att_set_smem(attention_forward_wgmma_kernel<F, HS>, smem);
+            dim3 grid(CEIL_DIV(rows, ATT_WG_ROWS), B * NH);
+            attention_forward_wgmma_kernel<F, HS><<<grid, ATT_WG_THREADS, smem, d->stream>>>(out, lse, qkv, first, p, att_keep_threshold(p),
+                                                                                         seed, B, T, NH);
+        }
     } else {
         size_t smem = (size_t)(ATT_ROWS + 4 * ATT_KTILE) * (HS + ATT_PAD) * sizeof(F);
         att_set_smem(attention_forward_kernel<F, HS>, smem);
@@ -3695,16 +3720,18 @@ static void attention_backward_launch(const Device* d, F* dqkv, float* delta, co
         attention_backward_dkdv_f32_kernel<HS><<<blocks, ATT_F32_WARPS * 32, 0, d->stream>>>(
             dqkv, delta, dout, qkv, lse, p, seed, B, T, NH);
     } else if (att_wgmma_usable(d, HS)) {
-        size_t smem_dq = (size_t)(2 * ATT_WG_ROWS + 4 * 64) * ATT_WG_HS * sizeof(F) + 1024;
-        att_set_smem(attention_backward_dq_wgmma_kernel<F>, smem_dq);
-        dim3 grid(CEIL_DIV(T, ATT_WG_ROWS), B * NH);
-        attention_backward_dq_wgmma_kernel<F><<<grid, ATT_WG_THREADS, smem_dq, d->stream>>>(
-            dqkv, delta, dout, qkv, out, lse, p, att_keep_threshold(p), seed, B, T, NH);
-        cudaCheck(cudaGetLastError());
-        size_t smem_kv = smem_dq + 4 * 64 * sizeof(float);
-        att_set_smem(attention_backward_dkdv_wgmma_kernel<F>, smem_kv);
-        attention_backward_dkdv_wgmma_kernel<F><<<grid, ATT_WG_THREADS, smem_kv, d->stream>>>(
-            dqkv, delta, dout, qkv, lse, p, att_keep_threshold(p), seed, B, T, NH);
+        if constexpr (att_wg_head_size(HS)) {  // (att_wgmma_usable is false for the others)
+            size_t smem_dq = (size_t)(2 * ATT_WG_ROWS + 4 * 64) * HS * sizeof(F) + 1024;
+            att_set_smem(attention_backward_dq_wgmma_kernel<F, HS>, smem_dq);
+            dim3 grid(CEIL_DIV(T, ATT_WG_ROWS), B * NH);
+            attention_backward_dq_wgmma_kernel<F, HS><<<grid, ATT_WG_THREADS, smem_dq, d->stream>>>(
+                dqkv, delta, dout, qkv, out, lse, p, att_keep_threshold(p), seed, B, T, NH);
+            cudaCheck(cudaGetLastError());
+            size_t smem_kv = smem_dq + 4 * 64 * sizeof(float);
+            att_set_smem(attention_backward_dkdv_wgmma_kernel<F, HS>, smem_kv);
+            attention_backward_dkdv_wgmma_kernel<F, HS><<<grid, ATT_WG_THREADS, smem_kv, d->stream>>>(
+                dqkv, delta, dout, qkv, lse, p, att_keep_threshold(p), seed, B, T, NH);
+        }
     } else {
         constexpr int LD = HS + ATT_PAD, QT = att_qtile(HS);
         size_t smem_dq = (size_t)(2 * ATT_ROWS + 4 * ATT_KTILE) * LD * sizeof(F);

@@ -390,11 +390,12 @@ int main(int argc, char** argv) {
         printf("skip gpu attention tests: no GPU\n");
         return test_summary();
     }
-    static const int shapes[][4] = {{2, 64, 4, 32}, {1, 200, 2, 64}, {2, 256, 3, 96}, {1, 128, 2, 128}, {4, 1024, 12, 64}};
+    static const int shapes[][4] = {{2, 64, 4, 32}, {1, 200, 2, 64}, {2, 256, 3, 96}, {1, 128, 2, 128}, {4, 1024, 12, 64}, {1, 333, 2, 96}};
     static const DType dtypes[] = {DT_F32, DT_BF16, DT_F16};
     // decode: B, maxT, NH, HS, pos, n (rows from the middle of a tile, several key tiles, a prefill)
-    static const int decodes[][6] = {{1, 256, 2, 64, 0, 100}, {1, 256, 2, 64, 130, 1}, {2, 256, 3, 32, 70, 9}, {1, 1024, 4, 128, 1000, 1}};
-    // every case with the mma.sync kernels, then the head-size-64 half cases again with wgmma where the binary has it
+    static const int decodes[][6] = {{1, 256, 2, 64, 0, 100}, {1, 256, 2, 64, 130, 1}, {2, 256, 3, 32, 70, 9}, {1, 1024, 4, 128, 1000, 1},
+                                     {1, 256, 2, 96, 140, 7}};
+    // every case with the mma.sync kernels, then the half cases of head sizes 64 and 96 again with wgmma where the binary has it
     Device probe;
     device_init(&probe, "cuda", DT_BF16);
     int have_wgmma = att_wgmma_usable(&probe, 64);
@@ -405,11 +406,11 @@ int main(int argc, char** argv) {
         for (int t = wgmma; t < 3; t++) {
             Device d;
             device_init(&d, "cuda", dtypes[t]);
-            for (int s = 0; s < 5; s++)
+            for (int s = 0; s < 6; s++)
                 for (int q = 0; q < 2; q++)
-                    if (!wgmma || shapes[s][3] == 64) test_gpu_case(&d, shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3], q ? 0.1f : 0.0f);
-            for (int s = 0; s < 4; s++)
-                if (!wgmma || decodes[s][3] == 64) test_decode(&d, decodes[s][0], decodes[s][1], decodes[s][2], decodes[s][3], decodes[s][4], decodes[s][5]);
+                    if (!wgmma || att_wg_head_size(shapes[s][3])) test_gpu_case(&d, shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3], q ? 0.1f : 0.0f);
+            for (int s = 0; s < 5; s++)
+                if (!wgmma || att_wg_head_size(decodes[s][3])) test_decode(&d, decodes[s][0], decodes[s][1], decodes[s][2], decodes[s][3], decodes[s][4], decodes[s][5]);
             device_free(&d);
         }
     }
@@ -418,7 +419,7 @@ int main(int argc, char** argv) {
             att_wgmma_enabled = wgmma;
             bench(16, 1024, 12, 64, 0.0f);
             bench(16, 1024, 12, 64, 0.1f);
-            if (!wgmma) bench(4, 2048, 24, 96, 0.0f);
+            bench(4, 2048, 24, 96, 0.0f);
         }
     }
 #else

@@ -144,8 +144,8 @@ static const struct {
     {"v3", DT_BF16, "megatron.h: FlashAttention-2, mma.sync m16n8k16 bf16, cp.async double buffering",
      "megatron.h: FlashAttention-2, a dq kernel and a dk/dv kernel, no atomics",
      attention_forward_mma_sync, attention_backward_mma_sync},
-    {"v4", DT_BF16, "megatron.h on Hopper: v3 on two warpgroups with wgmma m64n64k16 from 128-byte swizzled tiles (HS 64)",
-     "megatron.h on Hopper: v3's two kernels with wgmma (HS 64)",
+    {"v4", DT_BF16, "megatron.h on Hopper: v3 on two warpgroups with wgmma m64n64k16 (+ m64n32k16) from swizzled tiles (HS 64, 96)",
+     "megatron.h on Hopper: v3's two kernels with wgmma (HS 64, 96)",
      attention_forward_wgmma, attention_backward_wgmma},
 };
 
@@ -170,7 +170,7 @@ static void run_shape(const Shape* sh) {
     v1_probs = (bf16*)dalloc(TT_all * sizeof(bf16));
     int mark = dev_mark();
     for (const auto& v : VERSIONS) {
-        if (v.forward == attention_forward_wgmma && HS != ATT_WG_HS) continue;  // the wgmma kernels are for head size 64
+        if (v.forward == attention_forward_wgmma && !att_wg_head_size(HS)) continue;  // the wgmma kernels are for head sizes 64 and 96
         DType dt = v.dtype;
         size_t es = dtype_size(dt);
         bench.dev.dtype = dt;
