@@ -536,7 +536,8 @@ static double median_ms(const Device* d, F f) {
 }
 
 // The bf16 first MLP linear and the QKV backward of one layer (N rows, hidden C, MLP width F) with
-// cuBLASLt's epilogues and with the plain matmuls plus our kernels.
+// cuBLASLt's epilogues and with the plain matmuls plus our kernels; the second linear's backward to
+// the GELU's input.
 static void bench(int N, int C, int F) {
     Device d;
     device_init(&d, "cuda", DT_BF16);
@@ -559,6 +560,8 @@ static void bench(int N, int C, int F) {
         printf("bench bf16 N=%d C=%d F=%d %s: fc1+gelu forward %.3f ms, qkv backward with bias %.3f ms\n", N, C, F, how, fwd, qkv);
     }
     matmul_epilogues_enabled = 1;
+    double mlp = median_ms(&d, [&]() { matmul_backward_dgelu(&d, act, db, dx, w1, pre, N, F, C); });
+    printf("bench bf16 N=%d C=%d F=%d: fc2 backward through gelu (dinp, gelu', bias gradient) %.3f ms\n", N, C, F, mlp);
     dev_free(&d, x); dev_free(&d, pre); dev_free(&d, act); dev_free(&d, w1); dev_free(&d, b1);
     dev_free(&d, dqkv); dev_free(&d, dx); dev_free(&d, dw); dev_free(&d, db);
     free(h);
