@@ -1672,9 +1672,9 @@ typedef struct {
 static MatmulAlgo matmul_algos[64];
 static int matmul_algo_count = 0;
 
-// 1: the GELU forward and the weight-gradient product's bias gradient ride in cuBLASLt epilogues where
-// it has an algorithm for them; 0: plain matmuls and the kernels below (tests and benchmarks compare).
-static int matmul_epilogues_enabled = 1;
+// 1: the MLP's first linear applies its GELU in cuBLASLt's GELU_AUX epilogue where cuBLASLt has an
+// algorithm for it; 0: a plain matmul and the GELU kernel (tests and benchmarks compare the two).
+static int matmul_gelu_epilogue_enabled = 1;
 
 static uint32_t matmul_alignment(const void* p) {
     uint32_t align = 256;
@@ -1722,11 +1722,9 @@ static int matmul_find_algo(const Device* d, cublasLtMatmulDesc_t desc, cublasLt
 
 // Column-major D[m, n] (ldd) = op(A)[m, k] @ op(B)[k, n] + beta * D; A (B) is stored [k, m] ([n, k]) when
 // trans_a (trans_b). A and B have the run's dtype, D d_type.
-// bias: the BIAS epilogues' input (length m, run's dtype), or the bias-gradient epilogues' output
-// (BGRADB: d_type, length n, overwritten with the sums of op(B) over k).
-// aux (ld = ldd, run's dtype): GELU_AUX's pre-activation output.
-// Returns 0, doing nothing, where cuBLASLt has no algorithm for a fused epilogue (the caller does
-// its work with the kernels below); a plain matmul without one is an error.
+// bias: the BIAS epilogues' input (length m, run's dtype); aux (ld = ldd, run's dtype): GELU_AUX's
+// pre-activation output. Returns 0, doing nothing, where cuBLASLt has no algorithm for an epilogue
+// (the caller does its work with a kernel); a plain matmul without one is an error.
 static int matmul_cublaslt(const Device* d, void* D, cudaDataType_t d_type, int ldd, const void* A, int trans_a, int lda,
                            const void* B, int trans_b, int ldb, int m, int n, int k, float beta,
                            cublasLtEpilogue_t epilogue, const void* bias, const void* aux) {
@@ -1770,7 +1768,7 @@ static int matmul_cublaslt(const Device* d, void* D, cudaDataType_t d_type, int 
 static void matmul_forward_cuda(const Device* d, void* out, const void* inp, const void* weight, const void* bias, int N, int C, int OC, void* gelu_out) {
     cudaDataType_t type = matmul_cuda_type(d->dtype);
     cublasLtEpilogue_t plain = bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
-    if (gelu_out && matmul_epilogues_enabled && OC % 8 == 0 &&  // the pre-activation (aux) rows must be 16-byte multiples
+    if (gelu_out && matmul_gelu_epilogue_enabled && OC % 8 == 0 &&  // the pre-activation (aux) rows must be 16-byte multiples
         matmul_cublaslt(d, gelu_out, type, OC, weight, 1, C, inp, 0, C, OC, N, C, 0.0f,
                         bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX, bias, out))
         return;
@@ -1849,19 +1847,15 @@ static void matmul_dbias_cuda(const Device* d, float* dbias, void* dout, const v
     matmul_dbias_sum(d, dbias, partial, parts, OC);
 }
 
-// The bias-gradient epilogue overwrites: it writes into scratch, which is then added to dbias.
+// cuBLASLt's BGRADB epilogue would fold dbias into the dweight product, but runs it as a kernel of its
+// own (globalKernelBgradAB) that was slower than ours: QKV backward 0.212 against 0.199 ms on GPT-2's
+// shape, 1.447 against 1.426 ms on the 1.7B model's (H200, bf16, test_matmul_ce --bench at 783c004).
 static void matmul_backward_cuda(const Device* d, void* dinp, float* dweight, float* dbias, const void* dout, const void* inp,
                                  const void* weight, int N, int C, int OC) {
     cudaDataType_t type = matmul_cuda_type(d->dtype);
     if (dinp) matmul_cublaslt(d, dinp, type, C, weight, 0, C, dout, 0, OC, C, N, OC, 0.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL, NULL);
-    float* sums = dbias && matmul_epilogues_enabled ? (float*)pool_alloc(d, OC * sizeof(float)) : NULL;
-    if (sums && matmul_cublaslt(d, dweight, CUDA_R_32F, C, inp, 0, C, dout, 1, OC, C, OC, N, 1.0f, CUBLASLT_EPILOGUE_BGRADB, sums, NULL))
-        matmul_dbias_sum(d, dbias, sums, 1, OC);
-    else {
-        matmul_cublaslt(d, dweight, CUDA_R_32F, C, inp, 0, C, dout, 1, OC, C, OC, N, 1.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL, NULL);
-        if (dbias) matmul_dbias_cuda(d, dbias, (void*)dout, NULL, N, OC);  // (read only)
-    }
-    if (sums) pool_free(d, sums);
+    matmul_cublaslt(d, dweight, CUDA_R_32F, C, inp, 0, C, dout, 1, OC, C, OC, N, 1.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL, NULL);
+    if (dbias) matmul_dbias_cuda(d, dbias, (void*)dout, NULL, N, OC);  // (read only)
 }
 
 // cuBLASLt's DGELU_BGRAD epilogue would do the GELU backward and the bias gradient too, but runs as a

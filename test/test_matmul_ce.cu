@@ -3,9 +3,9 @@ test_matmul_ce.cu: the linear layer (matmul) and the fused softmax cross-entropy
 CPU: the blocked GEMM against plain loops, backward against central finite differences in
 double, padded vocabulary columns taking no part, results independent of the thread count.
 GPU (when one is found): cuBLASLt and the cross-entropy kernel against the CPU reference in
-fp32, bf16 and fp16, gradient accumulation, bitwise determinism, each with cuBLASLt's GELU and
-bias-gradient epilogues and with our kernels instead. `--bench` times the two ways on GPT-2 124M's
-and the 1.7B model's first MLP linear and QKV backward (bf16).
+fp32, bf16 and fp16, gradient accumulation, bitwise determinism, the GELU forward with cuBLASLt's
+epilogue and with the GELU kernel; the backward through the GELU. `--bench` times these on GPT-2
+124M's and the 1.7B model's shapes (bf16).
 */
 #include "../megatron.h"
 #include "test.h"
@@ -361,8 +361,8 @@ static void test_matmul_gpu(const Device* d, int N, int C, int OC, int use_bias,
     float *got = (float*)xmalloc(4 * (n_out > n_w ? n_out : n_w));
     double tol = tolerance(dt);
     char name[160], shape[96];
-    snprintf(shape, sizeof(shape), "%s N=%d C=%d OC=%d%s%s (%s)", dtype_name(dt), N, C, OC, use_bias ? " bias" : "", use_gelu ? " gelu" : "",
-             matmul_epilogues_enabled ? "epilogues" : "own kernels");
+    snprintf(shape, sizeof(shape), "%s N=%d C=%d OC=%d%s%s %s", dtype_name(dt), N, C, OC, use_bias ? " bias" : "", use_gelu ? " gelu" : "",
+             use_gelu ? (matmul_gelu_epilogue_enabled ? "GELU epilogue" : "GELU kernel") : "");
     download_as(d, got, d_out, n_out, dt);
     snprintf(name, sizeof(name), "gpu matmul forward %s", shape);
     check_close(name, got, out_ref, n_out, tol);
@@ -436,7 +436,7 @@ static void test_matmul_dgelu_gpu(const Device* d, int N, int C, int OC) {
     }
     dev_sync(d);
     char name[256], shape[128];
-    snprintf(shape, sizeof(shape), "%s N=%d C=%d OC=%d (%s)", dtype_name(dt), N, C, OC, matmul_epilogues_enabled ? "epilogues" : "own kernels");
+    snprintf(shape, sizeof(shape), "%s N=%d C=%d OC=%d", dtype_name(dt), N, C, OC);
     download_as(d, got, d_dpre[0], n_pre, dt);
     snprintf(name, sizeof(name), "gpu matmul dgelu dpre %s", shape);
     check_close(name, got, dpre_ref, n_pre, tolerance(dt));
@@ -535,9 +535,9 @@ static double median_ms(const Device* d, F f) {
     return 0.5 * (ms[9] + ms[10]);
 }
 
-// The bf16 first MLP linear and the QKV backward of one layer (N rows, hidden C, MLP width F) with
-// cuBLASLt's epilogues and with the plain matmuls plus our kernels; the second linear's backward to
-// the GELU's input.
+// One layer's bf16 products (N rows, hidden C, MLP width F): the first MLP linear with cuBLASLt's
+// GELU epilogue and with the GELU kernel, the QKV backward with its bias gradient, and the second
+// linear's backward to the GELU's input.
 static void bench(int N, int C, int F) {
     Device d;
     device_init(&d, "cuda", DT_BF16);
@@ -553,15 +553,15 @@ static void bench(int N, int C, int F) {
     dev_zero(&d, dw, (size_t)F * C * 4);
     dev_zero(&d, db, F * 4);
     for (int fused = 1; fused >= 0; fused--) {
-        matmul_epilogues_enabled = fused;
-        const char* how = fused ? "epilogues" : "own kernels";
+        matmul_gelu_epilogue_enabled = fused;
         double fwd = median_ms(&d, [&]() { matmul_forward(&d, pre, x, w1, b1, N, C, F, act); });
-        double qkv = median_ms(&d, [&]() { matmul_backward(&d, dx, dw, db, dqkv, x, w1, N, C, 3 * C); });
-        printf("bench bf16 N=%d C=%d F=%d %s: fc1+gelu forward %.3f ms, qkv backward with bias %.3f ms\n", N, C, F, how, fwd, qkv);
+        printf("bench bf16 N=%d C=%d F=%d: fc1 + GELU forward with the %s %.3f ms\n", N, C, F, fused ? "GELU_AUX epilogue" : "GELU kernel", fwd);
     }
-    matmul_epilogues_enabled = 1;
+    matmul_gelu_epilogue_enabled = 1;
+    double qkv = median_ms(&d, [&]() { matmul_backward(&d, dx, dw, db, dqkv, x, w1, N, C, 3 * C); });
     double mlp = median_ms(&d, [&]() { matmul_backward_dgelu(&d, act, db, dx, w1, pre, N, F, C); });
-    printf("bench bf16 N=%d C=%d F=%d: fc2 backward through gelu (dinp, gelu', bias gradient) %.3f ms\n", N, C, F, mlp);
+    printf("bench bf16 N=%d C=%d F=%d: qkv backward with bias %.3f ms, fc2 backward to the GELU input (dinp, gelu', bias gradient) %.3f ms\n",
+           N, C, F, qkv, mlp);
     dev_free(&d, x); dev_free(&d, pre); dev_free(&d, act); dev_free(&d, w1); dev_free(&d, b1);
     dev_free(&d, dqkv); dev_free(&d, dx); dev_free(&d, dw); dev_free(&d, db);
     free(h);
@@ -578,17 +578,16 @@ static void test_gpu(void) {
         Device d;
         device_init(&d, "cuda", dtypes[t]);
         const int shapes[][3] = {{64, 192, 768}, {256, 768, 3072}, {37, 24, 40}};
-        for (int fused = 1; fused >= 0; fused--) {  // cuBLASLt's GELU and bias-gradient epilogues, then the kernels instead
-            matmul_epilogues_enabled = fused;
-            for (int s = 0; s < 3; s++) {
+        for (int fused = 1; fused >= 0; fused--) {  // cuBLASLt's GELU epilogue, then the GELU kernel instead
+            matmul_gelu_epilogue_enabled = fused;
+            for (int s = 0; s < 3; s++)
                 for (int variant = 0; variant < 4; variant++)  // without/with bias, without/with gelu_out
                     test_matmul_gpu(&d, shapes[s][0], shapes[s][1], shapes[s][2], variant & 1, variant >> 1);
-                test_matmul_dgelu_gpu(&d, shapes[s][0], shapes[s][2], shapes[s][1]);  // the MLP's second linear: OC -> C
-            }
             test_matmul_gpu(&d, 5, 13, 7, 1, 1);  // odd sizes: no 16-byte alignment anywhere
-            test_matmul_dgelu_gpu(&d, 5, 13, 7);
         }
-        matmul_epilogues_enabled = 1;
+        matmul_gelu_epilogue_enabled = 1;
+        for (int s = 0; s < 3; s++) test_matmul_dgelu_gpu(&d, shapes[s][0], shapes[s][2], shapes[s][1]);  // the MLP's second linear: OC -> C
+        test_matmul_dgelu_gpu(&d, 5, 13, 7);
         int large = dtypes[t] != DT_F16;  // the large shapes in fp32 and bf16 only: their CPU side takes a while
         if (large) test_matmul_gpu(&d, 1024, 192, 50304, 0, 0);  // the LM head
         const int ce[][3] = {{64, 50257, 50304}, {100, 37, 40}, {33, 50, 50}, {7, 1, 1}, {4096, 50257, 50304}};
