@@ -1859,8 +1859,9 @@ static void matmul_backward_cuda(const Device* d, void* dinp, float* dweight, fl
 }
 
 // cuBLASLt's DGELU_BGRAD epilogue would do the GELU backward and the bias gradient too, but runs as a
-// generic kernel (cublasLt::globalKernel) that took 0.57 ms against 0.36 ms for the plain matmul, the
-// GELU backward and the bias gradient kernels on GPT-2's shape (H200, bf16); the last two are one here.
+// generic kernel (cublasLt::globalKernel): with the weight-gradient product, 0.57 ms against 0.36 ms
+// for plain matmuls, the GELU kernel and the bias-gradient kernels on GPT-2's shape (H200, bf16).
+// Here the last two are one pass.
 static void matmul_backward_dgelu_cuda(const Device* d, void* dpre, float* dpre_bias, const void* dout, const void* weight, const void* pre,
                                        int N, int C, int OC) {
     matmul_cublaslt(d, dpre, matmul_cuda_type(d->dtype), C, weight, 0, C, dout, 0, OC, C, N, OC, 0.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL, NULL);
