@@ -3197,6 +3197,9 @@ __global__ void __launch_bounds__(ATT_WG_THREADS, HS == 64 ? 2 : 1) attention_fo
             att_softmax_tile<BN, HS>(s, m, l, o, k0, wq0, rows, scale_log2, p, keep_min, seed, bh, T);
             uint32_t pa[BN / 16][4];
             att_c_to_a<F, BN / 16>(pa, s);
+            // the softmax's rescaling of o done before the fence: sunk past it (next to o's first product,
+            // the narrow panel's at head size 96), it would make ptxas add a warpgroup.arrive (C7519)
+            att_wgmma_hold(o);
             att_wgmma_fence();
             att_wg_ab<F, HS, BN, BN>(o, pa, vs + buf * BN * HS, 0);
             att_wgmma_commit_wait();
