@@ -25,6 +25,31 @@ static int gpu_available(void) {
     cudaGetLastError();
     return found;
 }
+
+static int compare_floats(const void* a, const void* b) {
+    float x = *(const float*)a, y = *(const float*)b;
+    return (x > y) - (x < y);
+}
+
+// Median ms of 20 runs (after 3 warm-up runs) of f on d's stream: the --bench timings.
+template <typename F>
+static double median_ms(const Device* d, F f) {
+    cudaEvent_t t0, t1;
+    cudaCheck(cudaEventCreate(&t0));
+    cudaCheck(cudaEventCreate(&t1));
+    float ms[20];
+    for (int it = -3; it < 20; it++) {
+        cudaCheck(cudaEventRecord(t0, d->stream));
+        f();
+        cudaCheck(cudaEventRecord(t1, d->stream));
+        cudaCheck(cudaEventSynchronize(t1));
+        if (it >= 0) cudaCheck(cudaEventElapsedTime(&ms[it], t0, t1));
+    }
+    cudaCheck(cudaEventDestroy(t0));
+    cudaCheck(cudaEventDestroy(t1));
+    qsort(ms, 20, sizeof(float), compare_floats);
+    return 0.5 * (ms[9] + ms[10]);
+}
 #endif
 
 // One assertion: prints "ok" or "FAIL" with the name and, on failure, the detail.

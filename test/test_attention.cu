@@ -320,11 +320,6 @@ static void test_keep_threshold(void) {
     }
 }
 
-static int compare_floats(const void* a, const void* b) {
-    float x = *(const float*)a, y = *(const float*)b;
-    return (x > y) - (x < y);
-}
-
 // Median time of 20 runs (after warm-up) of fwd and bwd, in TFLOP/s of causal attention.
 static void bench(int B, int T, int NH, int HS, float p) {
     Device d;
@@ -341,26 +336,13 @@ static void bench(int B, int T, int NH, int HS, float p) {
     float *lse = (float*)dev_malloc(&d, nlse * 4), *delta = (float*)dev_malloc(&d, nlse * 4);
     dev_upload(&d, qkv, hb, nqkv * 2);
     dev_upload(&d, dout, hb, nout * 2);
-    cudaEvent_t t0, t1;
-    cudaCheck(cudaEventCreate(&t0));
-    cudaCheck(cudaEventCreate(&t1));
     double flops_fwd = 4.0 * B * NH * (double)T * T * HS / 2;
-    float ms[2][20];
-    for (int it = -3; it < 20; it++) {
-        for (int pass = 0; pass < 2; pass++) {
-            cudaCheck(cudaEventRecord(t0, d.stream));
-            if (pass == 0) attention_forward(&d, out, lse, qkv, p, 1, B, T, NH, HS);
-            else attention_backward(&d, dqkv, delta, dout, qkv, out, lse, p, 1, B, T, NH, HS);
-            cudaCheck(cudaEventRecord(t1, d.stream));
-            cudaCheck(cudaEventSynchronize(t1));
-            if (it >= 0) cudaCheck(cudaEventElapsedTime(&ms[pass][it], t0, t1));
-        }
-    }
+    double med[2] = {median_ms(&d, [&]() { attention_forward(&d, out, lse, qkv, p, 1, B, T, NH, HS); }),
+                     median_ms(&d, [&]() { attention_backward(&d, dqkv, delta, dout, qkv, out, lse, p, 1, B, T, NH, HS); })};
     for (int pass = 0; pass < 2; pass++) {
-        qsort(ms[pass], 20, sizeof(float), compare_floats);
-        double med = 0.5 * (ms[pass][9] + ms[pass][10]), flops = flops_fwd * (pass ? 2.5 : 1.0);
+        double flops = flops_fwd * (pass ? 2.5 : 1.0);
         printf("bench bf16 B=%d T=%d NH=%d HS=%d p=%g %s %s: %.3f ms, %.1f TFLOP/s\n", B, T, NH, HS, p,
-               att_wgmma_usable(&d, HS) ? "wgmma" : "mma.sync", pass ? "bwd" : "fwd", med, flops / (med * 1e-3) / 1e12);
+               att_wgmma_usable(&d, HS) ? "wgmma" : "mma.sync", pass ? "bwd" : "fwd", med[pass], flops / (med[pass] * 1e-3) / 1e12);
     }
     dev_free(&d, qkv); dev_free(&d, out); dev_free(&d, dout); dev_free(&d, dqkv); dev_free(&d, lse); dev_free(&d, delta);
     free(h); free(hb);

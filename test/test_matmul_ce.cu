@@ -510,31 +510,6 @@ static void test_crossentropy_gpu(const Device* d, int N, int V, int Vp, int wit
     free(logits); free(ref); free(got); free(dloss); free(losses_ref); free(losses); free(targets);
 }
 
-static int compare_floats(const void* a, const void* b) {
-    float x = *(const float*)a, y = *(const float*)b;
-    return (x > y) - (x < y);
-}
-
-// Median ms of 20 runs (after warm-up) of f on d's stream.
-template <typename F>
-static double median_ms(const Device* d, F f) {
-    cudaEvent_t t0, t1;
-    cudaCheck(cudaEventCreate(&t0));
-    cudaCheck(cudaEventCreate(&t1));
-    float ms[20];
-    for (int it = -3; it < 20; it++) {
-        cudaCheck(cudaEventRecord(t0, d->stream));
-        f();
-        cudaCheck(cudaEventRecord(t1, d->stream));
-        cudaCheck(cudaEventSynchronize(t1));
-        if (it >= 0) cudaCheck(cudaEventElapsedTime(&ms[it], t0, t1));
-    }
-    cudaCheck(cudaEventDestroy(t0));
-    cudaCheck(cudaEventDestroy(t1));
-    qsort(ms, 20, sizeof(float), compare_floats);
-    return 0.5 * (ms[9] + ms[10]);
-}
-
 // One layer's bf16 products (N rows, hidden C, MLP width F): the first MLP linear with cuBLASLt's
 // GELU epilogue and with the GELU kernel, the QKV backward with its bias gradient, and the second
 // linear's backward to the GELU's input.
