@@ -1686,6 +1686,11 @@ static cudaDataType_t matmul_cuda_type(DType dt) {
     return dt == DT_F32 ? CUDA_R_32F : dt == DT_BF16 ? CUDA_R_16BF : CUDA_R_16F;
 }
 
+// The epilogues a caller can do without (a plain matmul and the GELU kernel instead).
+static int matmul_optional_epilogue(int64_t epilogue) {
+    return epilogue == CUBLASLT_EPILOGUE_GELU_AUX || epilogue == CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
+}
+
 // The heuristic's algorithm for a problem, asked once; 0 when it has none.
 static int matmul_find_algo(const Device* d, cublasLtMatmulDesc_t desc, cublasLtMatrixLayout_t layout_a, cublasLtMatrixLayout_t layout_b,
                             cublasLtMatrixLayout_t layout_d, const int64_t* key, const void* A, const void* B, const void* D,
@@ -1708,7 +1713,7 @@ static int matmul_find_algo(const Device* d, cublasLtMatmulDesc_t desc, cublasLt
     int returned = 0;
     // a fused epilogue the library cannot do for these types is an error status, or no result
     cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(d->cublaslt, desc, layout_a, layout_b, layout_d, layout_d, pref, 1, &heuristic, &returned);
-    if (key[10] == CUBLASLT_EPILOGUE_DEFAULT) cublasCheck(status);
+    if (!matmul_optional_epilogue(key[10])) cublasCheck(status);
     cublasCheck(cublasLtMatmulPreferenceDestroy(pref));
     int found = status == CUBLAS_STATUS_SUCCESS && returned > 0;
     if (found) *algo = heuristic.algo;
@@ -1723,8 +1728,8 @@ static int matmul_find_algo(const Device* d, cublasLtMatmulDesc_t desc, cublasLt
 // Column-major D[m, n] (ldd) = op(A)[m, k] @ op(B)[k, n] + beta * D; A (B) is stored [k, m] ([n, k]) when
 // trans_a (trans_b). A and B have the run's dtype, D d_type.
 // bias: the BIAS epilogues' input (length m, run's dtype); aux (ld = ldd, run's dtype): GELU_AUX's
-// pre-activation output. Returns 0, doing nothing, where cuBLASLt has no algorithm for an epilogue
-// (the caller does its work with a kernel); a plain matmul without one is an error.
+// pre-activation output. Returns 0, doing nothing, where cuBLASLt has no algorithm for an optional
+// epilogue (the caller does its work with a kernel); for any other problem that is an error.
 static int matmul_cublaslt(const Device* d, void* D, cudaDataType_t d_type, int ldd, const void* A, int trans_a, int lda,
                            const void* B, int trans_b, int ldb, int m, int n, int k, float beta,
                            cublasLtEpilogue_t epilogue, const void* bias, const void* aux) {
@@ -1751,8 +1756,8 @@ static int matmul_cublaslt(const Device* d, void* D, cudaDataType_t d_type, int 
                        (int64_t)matmul_alignment(D) << 32 | matmul_alignment(bias ? bias : aux ? aux : D) << 16 | matmul_alignment(aux ? aux : D)};
     cublasLtMatmulAlgo_t algo;
     int found = matmul_find_algo(d, desc, layout_a, layout_b, layout_d, key, A, B, D, &algo);
-    if (!found && epilogue == CUBLASLT_EPILOGUE_DEFAULT)
-        die("cuBLASLt has no algorithm for a %s matmul m=%d n=%d k=%d", dtype_name(d->dtype), m, n, k);
+    if (!found && !matmul_optional_epilogue(epilogue))
+        die("cuBLASLt has no algorithm for a %s matmul m=%d n=%d k=%d (epilogue %d)", dtype_name(d->dtype), m, n, k, (int)epilogue);
     if (found) {
         float alpha = 1.0f;
         cublasCheck(cublasLtMatmul(d->cublaslt, desc, &alpha, A, layout_a, B, layout_b, &beta, D, layout_d, D, layout_d, &algo,
@@ -1772,8 +1777,7 @@ static void matmul_forward_cuda(const Device* d, void* out, const void* inp, con
         matmul_cublaslt(d, gelu_out, type, OC, weight, 1, C, inp, 0, C, OC, N, C, 0.0f,
                         bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX, bias, out))
         return;
-    if (!matmul_cublaslt(d, out, type, OC, weight, 1, C, inp, 0, C, OC, N, C, 0.0f, plain, bias, NULL))
-        die("cuBLASLt has no algorithm for a %s matmul with bias m=%d n=%d k=%d", dtype_name(d->dtype), OC, N, C);
+    matmul_cublaslt(d, out, type, OC, weight, 1, C, inp, 0, C, OC, N, C, 0.0f, plain, bias, NULL);
     if (gelu_out) gelu_cuda(d, gelu_out, out, NULL, (size_t)N * OC);
 }
 
