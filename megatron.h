@@ -1443,6 +1443,53 @@ static void* pool_alloc(const Device* d, size_t bytes) {
 }
 
 static void pool_free(const Device* d, void* p) { cudaCheck(cudaFreeAsync(p, d->stream)); }
+
+#define LOG2E 1.4426950408889634f  // exp(x) = 2^(x log2 e)
+
+// 2^x, flushing results below 2^-126 to zero (one MUFU instruction)
+__device__ __forceinline__ float exp2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// The block's maximum (IS_MAX) or sum of v, in every thread: warp shuffles, then the warps'
+// partials in order (the same bits every run). scratch: 32 floats of shared memory.
+template <bool IS_MAX> __device__ float block_reduce(float v, float* scratch) {
+    for (int offset = 16; offset > 0; offset /= 2) {
+        float other = __shfl_xor_sync(0xffffffffu, v, offset);
+        v = IS_MAX ? fmaxf(v, other) : v + other;
+    }
+    if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+    __syncthreads();
+    v = scratch[0];
+    for (int w = 1; w < (int)blockDim.x / 32; w++) v = IS_MAX ? fmaxf(v, scratch[w]) : v + scratch[w];
+    __syncthreads();  // scratch may be reused at once
+    return v;
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+// 16 bytes global -> shared without passing through registers; zeros when !valid.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING)); }
+
+// The most dynamic shared memory a block may opt in to on this GPU; a kernel above 48 KB must.
+static int smem_optin_limit(const Device* d) {
+    int limit = 0;
+    cudaCheck(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, d->device_id));
+    return limit;
+}
+
+template <typename K>
+static void set_dynamic_smem(K kernel, size_t bytes) {
+    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+}
 #endif
 // <<< layers-common
 
@@ -2478,11 +2525,9 @@ template <typename T, int W>
 static void layernorm_backward_smem(const Device* d, float* partials, int chunks, T* dinp, const T* dout, const T* inp, const T* weight,
                                     const float* mean, const float* rstd, int N, int C) {
     size_t smem = 2 * (size_t)C * sizeof(float);
-    if (smem > 48 * 1024) {  // above the default limit a kernel must opt in
-        int smem_limit = 0;
-        cudaCheck(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, d->device_id));
-        if (smem + 32 * sizeof(float2) > (size_t)smem_limit) die("layernorm_backward: hidden size %d needs more shared memory than this GPU has", C);
-        cudaCheck(cudaFuncSetAttribute(layernorm_backward_smem_kernel<T, W>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    if (smem > 48 * 1024) {
+        if (smem + 32 * sizeof(float2) > (size_t)smem_optin_limit(d)) die("layernorm_backward: hidden size %d needs more shared memory than this GPU has", C);
+        set_dynamic_smem(layernorm_backward_smem_kernel<T, W>, smem);
     }
     layernorm_backward_smem_kernel<T, W><<<chunks, row_threads(C / W, 1024), smem, d->stream>>>(dinp, partials, dout, inp, weight, mean, rstd, N, C);
     cudaCheck(cudaGetLastError());
@@ -2661,7 +2706,6 @@ static void attention_backward_cpu(real* dqkv, real* delta, const real* dout, co
 #define ATT_ROWS (16 * ATT_WARPS)  // rows a block owns, 16 per warp: query rows (forward, dq) or keys (dk/dv)
 #define ATT_KTILE 64               // keys per step of the forward and dq loops
 #define ATT_PAD 8  // shared-memory rows are HS+8 elements long: ldmatrix reads hit distinct banks
-#define ATT_LOG2E 1.4426950408889634f
 #define ATT_LN2 0.6931471805599453f
 
 // Query rows per step of the dk/dv loop: fewer for large heads, whose dk and dv
@@ -2678,32 +2722,14 @@ __host__ __device__ constexpr int att_dkdv_min_blocks(int HS) {
 #endif
 }
 
-// 2^x, flushing results below 2^-126 to zero (one MUFU instruction)
-__device__ __forceinline__ float att_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
-__device__ __forceinline__ uint32_t att_smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
-
-// 16 bytes global -> shared without passing through registers; zeros when !valid.
-__device__ __forceinline__ void att_cp_async16(void* smem, const void* gmem, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(att_smem_addr(smem)), "l"(gmem),
-                 "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void att_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int PENDING>
-__device__ __forceinline__ void att_cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING)); }
-
 // Four 8x8 16-bit matrices from shared memory; lane l gives the address of row l%8 of matrix l/8.
 __device__ __forceinline__ void att_ldsm(uint32_t r[4], const void* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(att_smem_addr(p)));
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
 }
 __device__ __forceinline__ void att_ldsm_trans(uint32_t r[4], const void* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(att_smem_addr(p)));
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
 }
 
 // c[16x8] += a[16x16] b[16x8]. Fragments (g = lane/4, q = lane%4): a = rows g, g+8 of
@@ -2790,7 +2816,7 @@ __device__ __forceinline__ void att_load_rows(F* s, const F* g, size_t tstride, 
     for (int k = 0; k < R * CHUNKS / ATT_THREADS; k++) {
         int idx = threadIdx.x + k * ATT_THREADS, r = idx / CHUNKS, c = idx % CHUNKS;
         bool valid = t0 + r < T;
-        att_cp_async16(s + r * (HS + ATT_PAD) + c * 8, valid ? g + (t0 + r) * tstride + c * 8 : g, valid);
+        cp_async16(s + r * (HS + ATT_PAD) + c * 8, valid ? g + (t0 + r) * tstride + c * 8 : g, valid);
     }
 }
 
@@ -2842,7 +2868,7 @@ __device__ __forceinline__ void att_softmax_tile(float s[BN / 8][4], float m[2],
         mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 1));
         mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 2));
         float m_new = fmaxf(m[r], mx[r] * scale_log2);
-        alpha[r] = att_exp2(m[r] - m_new);
+        alpha[r] = exp2_approx(m[r] - m_new);
         m[r] = m_new;
         l[r] *= alpha[r];
     }
@@ -2850,7 +2876,7 @@ __device__ __forceinline__ void att_softmax_tile(float s[BN / 8][4], float m[2],
     for (int n = 0; n < BN / 8; n++)
 #pragma unroll
         for (int c = 0; c < 4; c++) {
-            s[n][c] = att_exp2(s[n][c] * scale_log2 - m[c >> 1]);
+            s[n][c] = exp2_approx(s[n][c] * scale_log2 - m[c >> 1]);
             l[c >> 1] += s[n][c];  // the normaliser counts dropped probabilities too
             if (p > 0) {
                 int key = k0 + n * 8 + 2 * q4 + (c & 1);
@@ -2920,7 +2946,7 @@ __device__ __forceinline__ void att_dq_tile(float s[BN / 8][4], const float dp[B
 #pragma unroll
         for (int c = 0; c < 4; c++) {
             int r = c >> 1, key = k0 + n * 8 + 2 * q4 + (c & 1);
-            float prob = att_exp2(s[n][c] * scale_log2 - lse2[r]);
+            float prob = exp2_approx(s[n][c] * scale_log2 - lse2[r]);
             if (masked && key > rows[r]) prob = 0;
             float gv = dp[n][c];
             if (p > 0) gv = hash_u32(seed, ((uint64_t)bh * T + rows[r]) * T + key) >= keep_min ? gv * keep_scale : 0;
@@ -2942,7 +2968,7 @@ __device__ __forceinline__ void att_dkdv_tile(float s[BM / 8][4], float dp[BM / 
 #pragma unroll
         for (int c = 0; c < 4; c++) {
             int col = n * 8 + 2 * q4 + (c & 1), query = i0 + col, key = keys[c >> 1];
-            float prob = att_exp2(s[n][c] * scale_log2 - lse_s[col]);
+            float prob = exp2_approx(s[n][c] * scale_log2 - lse_s[col]);
             if (masked && (query < key || query >= T)) prob = 0;
             float mk = 1.0f;
             if (p > 0) mk = hash_u32(seed, ((uint64_t)bh * T + query) * T + key) >= keep_min ? keep_scale : 0.0f;
@@ -2972,12 +2998,12 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(F* out, 
     int q0 = first + qt * BM, wq0 = q0 + warp * 16;
     int rows[2] = {wq0 + gr, wq0 + gr + 8};
     int n_kt = CEIL_DIV(min(T, q0 + BM), BN);
-    float scale_log2 = rsqrtf((float)HS) * ATT_LOG2E;
+    float scale_log2 = rsqrtf((float)HS) * LOG2E;
 
     att_load_rows<F, HS, BM>(qs, qg, tstride, q0, T);
     att_load_rows<F, HS, BN>(ks, qg + HS, tstride, 0, T);
     att_load_rows<F, HS, BN>(vs, qg + 2 * HS, tstride, 0, T);
-    att_cp_async_commit();
+    cp_async_commit();
 
     float o[HS / 8][4] = {};
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0, 0};  // running max (log2 units) and this thread's part of the row sum
@@ -2986,10 +3012,10 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(F* out, 
         if (kt + 1 < n_kt) {
             att_load_rows<F, HS, BN>(ks + (buf ^ 1) * BN * LD, qg + HS, tstride, k0 + BN, T);
             att_load_rows<F, HS, BN>(vs + (buf ^ 1) * BN * LD, qg + 2 * HS, tstride, k0 + BN, T);
-            att_cp_async_commit();
-            att_cp_async_wait<1>();
+            cp_async_commit();
+            cp_async_wait<1>();
         } else {
-            att_cp_async_wait<0>();
+            cp_async_wait<0>();
         }
         __syncthreads();
 
@@ -3036,7 +3062,7 @@ __device__ __forceinline__ void att_wg_load_rows(F* s, const F* g, size_t tstrid
     for (int k = 0; k < R * CH / ATT_WG_THREADS; k++) {
         int idx = threadIdx.x + k * ATT_WG_THREADS, r = idx / CH, c = idx % CH;
         bool valid = t0 + r < T;
-        att_cp_async16(s + att_wg_off<HS, R>(r, c), valid ? g + (t0 + r) * tstride + c * 8 : g, valid);
+        cp_async16(s + att_wg_off<HS, R>(r, c), valid ? g + (t0 + r) * tstride + c * 8 : g, valid);
     }
 }
 
@@ -3065,12 +3091,12 @@ template <int HS, int R>
 __device__ __forceinline__ uint64_t att_wg_desc(const void* tile, int panel, int r0) {
     bool wide = panel < HS / 64;
     uint64_t row_bytes = wide ? 128 : 64, group = 8 * row_bytes >> 4;
-    uint64_t addr = att_smem_addr((const char*)tile + panel * R * 128 + r0 * row_bytes);
+    uint64_t addr = smem_addr((const char*)tile + panel * R * 128 + r0 * row_bytes);
     return (addr >> 4 & 0x3fff) | group << 16 | group << 32 | (wide ? 1ull : 2ull) << 62;
 }
 // The first 1024-aligned byte of the dynamic shared memory (the launch adds 1024 bytes of room).
 template <typename F>
-__device__ __forceinline__ F* att_wg_tiles(unsigned char* smem) { return (F*)(smem + (1024 - att_smem_addr(smem) % 1024) % 1024); }
+__device__ __forceinline__ F* att_wg_tiles(unsigned char* smem) { return (F*)(smem + (1024 - smem_addr(smem) % 1024) % 1024); }
 // cp.async's writes to shared memory, made visible to wgmma's reads (the async proxy).
 __device__ __forceinline__ void att_fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 __device__ __forceinline__ void att_wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -3170,12 +3196,12 @@ __global__ void __launch_bounds__(ATT_WG_THREADS, HS == 64 ? 2 : 1) attention_fo
     int q0 = first + qt * BM, g0 = q0 + wg * 64, wq0 = g0 + warp * 16;
     int rows[2] = {wq0 + gr, wq0 + gr + 8};
     int n_kt = CEIL_DIV(min(T, q0 + BM), BN);
-    float scale_log2 = rsqrtf((float)HS) * ATT_LOG2E;
+    float scale_log2 = rsqrtf((float)HS) * LOG2E;
 
     att_wg_load_rows<F, HS, BM>(qs, qg, tstride, q0, T);
     att_wg_load_rows<F, HS, BN>(ks, qg + HS, tstride, 0, T);
     att_wg_load_rows<F, HS, BN>(vs, qg + 2 * HS, tstride, 0, T);
-    att_cp_async_commit();
+    cp_async_commit();
 
     float o[HS / 8][4] = {};
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0, 0};
@@ -3184,10 +3210,10 @@ __global__ void __launch_bounds__(ATT_WG_THREADS, HS == 64 ? 2 : 1) attention_fo
         if (kt + 1 < n_kt) {
             att_wg_load_rows<F, HS, BN>(ks + (buf ^ 1) * BN * HS, qg + HS, tstride, k0 + BN, T);
             att_wg_load_rows<F, HS, BN>(vs + (buf ^ 1) * BN * HS, qg + 2 * HS, tstride, k0 + BN, T);
-            att_cp_async_commit();
-            att_cp_async_wait<1>();
+            cp_async_commit();
+            cp_async_wait<1>();
         } else {
-            att_cp_async_wait<0>();
+            cp_async_wait<0>();
         }
         att_fence_async_smem();
         __syncthreads();
@@ -3246,17 +3272,17 @@ __global__ void __launch_bounds__(ATT_WG_THREADS) attention_backward_dq_wgmma_ke
     int q0 = qt * BM, g0 = q0 + wg * 64, wq0 = g0 + warp * 16;
     int rows[2] = {wq0 + gr, wq0 + gr + 8};
     int n_kt = CEIL_DIV(min(T, q0 + BM), BN);
-    float scale = rsqrtf((float)HS), scale_log2 = scale * ATT_LOG2E, keep_scale = 1.0f / (1.0f - p);
+    float scale = rsqrtf((float)HS), scale_log2 = scale * LOG2E, keep_scale = 1.0f / (1.0f - p);
 
     att_wg_load_rows<F, HS, BM>(qs, qg, tstride, q0, T);
     att_wg_load_rows<F, HS, BM>(gs, gg, ostride, q0, T);
     att_wg_load_rows<F, HS, BN>(ks, qg + HS, tstride, 0, T);
     att_wg_load_rows<F, HS, BN>(vs, qg + 2 * HS, tstride, 0, T);
-    att_cp_async_commit();
+    cp_async_commit();
     float di[2], lse2[2];
     att_rows_delta<F, HS>(di, delta, gg, og, ostride, wq0, bh, T);
 #pragma unroll
-    for (int r = 0; r < 2; r++) lse2[r] = rows[r] < T ? lse[(size_t)bh * T + rows[r]] * ATT_LOG2E : 0;
+    for (int r = 0; r < 2; r++) lse2[r] = rows[r] < T ? lse[(size_t)bh * T + rows[r]] * LOG2E : 0;
 
     float dq[HS / 8][4] = {};
     for (int kt = 0; kt < n_kt; kt++) {
@@ -3264,10 +3290,10 @@ __global__ void __launch_bounds__(ATT_WG_THREADS) attention_backward_dq_wgmma_ke
         if (kt + 1 < n_kt) {
             att_wg_load_rows<F, HS, BN>(ks + (buf ^ 1) * BN * HS, qg + HS, tstride, k0 + BN, T);
             att_wg_load_rows<F, HS, BN>(vs + (buf ^ 1) * BN * HS, qg + 2 * HS, tstride, k0 + BN, T);
-            att_cp_async_commit();
-            att_cp_async_wait<1>();
+            cp_async_commit();
+            cp_async_wait<1>();
         } else {
-            att_cp_async_wait<0>();
+            cp_async_wait<0>();
         }
         att_fence_async_smem();
         __syncthreads();
@@ -3328,14 +3354,14 @@ __global__ void __launch_bounds__(ATT_WG_THREADS) attention_backward_dkdv_wgmma_
     int k0 = kt * BN, g0 = k0 + wg * 64, wk0 = g0 + warp * 16;
     int keys[2] = {wk0 + gr, wk0 + gr + 8};
     int qt0 = k0 / BM, n_qt = CEIL_DIV(T, BM);
-    float scale = rsqrtf((float)HS), scale_log2 = scale * ATT_LOG2E, keep_scale = 1.0f / (1.0f - p);
+    float scale = rsqrtf((float)HS), scale_log2 = scale * LOG2E, keep_scale = 1.0f / (1.0f - p);
     auto load_query_tile = [&](int qt, int buf) {
         att_wg_load_rows<F, HS, BM>(qs + buf * BM * HS, qg, tstride, qt * BM, T);
         att_wg_load_rows<F, HS, BM>(gs + buf * BM * HS, gg, ostride, qt * BM, T);
-        att_cp_async_commit();
+        cp_async_commit();
         for (int r = threadIdx.x; r < BM; r += ATT_WG_THREADS) {
             int t = qt * BM + r;
-            lse_s[buf * BM + r] = t < T ? lse[(size_t)bh * T + t] * ATT_LOG2E : 0;
+            lse_s[buf * BM + r] = t < T ? lse[(size_t)bh * T + t] * LOG2E : 0;
             delta_s[buf * BM + r] = t < T ? delta[(size_t)bh * T + t] : 0;
         }
     };
@@ -3348,9 +3374,9 @@ __global__ void __launch_bounds__(ATT_WG_THREADS) attention_backward_dkdv_wgmma_
         int buf = (qt - qt0) & 1, i0 = qt * BM;
         if (qt + 1 < n_qt) {
             load_query_tile(qt + 1, buf ^ 1);
-            att_cp_async_wait<1>();
+            cp_async_wait<1>();
         } else {
-            att_cp_async_wait<0>();
+            cp_async_wait<0>();
         }
         att_fence_async_smem();
         __syncthreads();
@@ -3414,19 +3440,19 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(F* d
     int q0 = qt * BM, wq0 = q0 + warp * 16;
     int rows[2] = {wq0 + gr, wq0 + gr + 8};
     int n_kt = CEIL_DIV(min(T, q0 + BM), BN);
-    float scale = rsqrtf((float)HS), scale_log2 = scale * ATT_LOG2E, keep_scale = 1.0f / (1.0f - p);
+    float scale = rsqrtf((float)HS), scale_log2 = scale * LOG2E, keep_scale = 1.0f / (1.0f - p);
 
     att_load_rows<F, HS, BM>(qs, qg, tstride, q0, T);
     att_load_rows<F, HS, BM>(gs, gg, ostride, q0, T);
     att_load_rows<F, HS, BN>(ks, qg + HS, tstride, 0, T);
     att_load_rows<F, HS, BN>(vs, qg + 2 * HS, tstride, 0, T);
-    att_cp_async_commit();
+    cp_async_commit();
 
     float di[2];
     att_rows_delta<F, HS>(di, delta, gg, og, ostride, wq0, bh, T);
     float lse2[2];
 #pragma unroll
-    for (int r = 0; r < 2; r++) lse2[r] = rows[r] < T ? lse[(size_t)bh * T + rows[r]] * ATT_LOG2E : 0;
+    for (int r = 0; r < 2; r++) lse2[r] = rows[r] < T ? lse[(size_t)bh * T + rows[r]] * LOG2E : 0;
 
     float dq[HS / 8][4] = {};
     for (int kt = 0; kt < n_kt; kt++) {
@@ -3434,10 +3460,10 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(F* d
         if (kt + 1 < n_kt) {
             att_load_rows<F, HS, BN>(ks + (buf ^ 1) * BN * LD, qg + HS, tstride, k0 + BN, T);
             att_load_rows<F, HS, BN>(vs + (buf ^ 1) * BN * LD, qg + 2 * HS, tstride, k0 + BN, T);
-            att_cp_async_commit();
-            att_cp_async_wait<1>();
+            cp_async_commit();
+            cp_async_wait<1>();
         } else {
-            att_cp_async_wait<0>();
+            cp_async_wait<0>();
         }
         __syncthreads();
 
@@ -3483,16 +3509,16 @@ attention_backward_dkdv_kernel(F* dqkv, const float* delta, const F* dout, const
     int k0 = kt * BN, wk0 = k0 + warp * 16;
     int keys[2] = {wk0 + gr, wk0 + gr + 8};
     int qt0 = k0 / BM, n_qt = CEIL_DIV(T, BM);
-    float scale = rsqrtf((float)HS), scale_log2 = scale * ATT_LOG2E, keep_scale = 1.0f / (1.0f - p);
+    float scale = rsqrtf((float)HS), scale_log2 = scale * LOG2E, keep_scale = 1.0f / (1.0f - p);
 
     // per query tile: q and dout rows (async) and their lse and delta (plain loads)
     auto load_query_tile = [&](int qt, int buf) {
         att_load_rows<F, HS, BM>(qs + buf * BM * LD, qg, tstride, qt * BM, T);
         att_load_rows<F, HS, BM>(gs + buf * BM * LD, gg, ostride, qt * BM, T);
-        att_cp_async_commit();
+        cp_async_commit();
         for (int r = threadIdx.x; r < BM; r += ATT_THREADS) {
             int t = qt * BM + r;
-            lse_s[buf * BM + r] = t < T ? lse[(size_t)bh * T + t] * ATT_LOG2E : 0;
+            lse_s[buf * BM + r] = t < T ? lse[(size_t)bh * T + t] * LOG2E : 0;
             delta_s[buf * BM + r] = t < T ? delta[(size_t)bh * T + t] : 0;
         }
     };
@@ -3505,9 +3531,9 @@ attention_backward_dkdv_kernel(F* dqkv, const float* delta, const F* dout, const
         int buf = (qt - qt0) & 1, i0 = qt * BM;
         if (qt + 1 < n_qt) {
             load_query_tile(qt + 1, buf ^ 1);
-            att_cp_async_wait<1>();
+            cp_async_wait<1>();
         } else {
-            att_cp_async_wait<0>();
+            cp_async_wait<0>();
         }
         __syncthreads();
 
@@ -3675,11 +3701,6 @@ static uint32_t att_keep_threshold(float p) {
         default: die("attention: head size %d is not supported on the GPU (32, 64, 96 or 128)", HS); \
     }
 
-template <typename K>
-static void att_set_smem(K kernel, size_t bytes) {
-    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
-}
-
 __global__ void att_wgmma_probe_kernel(int* has) {
 #ifdef ATT_HAVE_WGMMA
     *has = 1;
@@ -3719,14 +3740,14 @@ static void attention_forward_launch(const Device* d, F* out, float* lse, const 
     } else if (att_wgmma_usable(d, HS)) {
         if constexpr (att_wg_head_size(HS)) {  // (att_wgmma_usable is false for the others)
             size_t smem = (size_t)(ATT_WG_ROWS + 4 * 64) * HS * sizeof(F) + 1024;  // + room to align the tiles
-            att_set_smem(attention_forward_wgmma_kernel<F, HS>, smem);
+            set_dynamic_smem(attention_forward_wgmma_kernel<F, HS>, smem);
             dim3 grid(CEIL_DIV(rows, ATT_WG_ROWS), B * NH);
             attention_forward_wgmma_kernel<F, HS><<<grid, ATT_WG_THREADS, smem, d->stream>>>(out, lse, qkv, first, p, att_keep_threshold(p),
                                                                                          seed, B, T, NH);
         }
     } else {
         size_t smem = (size_t)(ATT_ROWS + 4 * ATT_KTILE) * (HS + ATT_PAD) * sizeof(F);
-        att_set_smem(attention_forward_kernel<F, HS>, smem);
+        set_dynamic_smem(attention_forward_kernel<F, HS>, smem);
         dim3 grid(CEIL_DIV(rows, ATT_ROWS), B * NH);
         attention_forward_kernel<F, HS><<<grid, ATT_THREADS, smem, d->stream>>>(out, lse, qkv, first, p, att_keep_threshold(p),
                                                                                  seed, B, T, NH);
@@ -3747,26 +3768,26 @@ static void attention_backward_launch(const Device* d, F* dqkv, float* delta, co
     } else if (att_wgmma_usable(d, HS)) {
         if constexpr (att_wg_head_size(HS)) {  // (att_wgmma_usable is false for the others)
             size_t smem_dq = (size_t)(2 * ATT_WG_ROWS + 4 * 64) * HS * sizeof(F) + 1024;
-            att_set_smem(attention_backward_dq_wgmma_kernel<F, HS>, smem_dq);
+            set_dynamic_smem(attention_backward_dq_wgmma_kernel<F, HS>, smem_dq);
             dim3 grid(CEIL_DIV(T, ATT_WG_ROWS), B * NH);
             attention_backward_dq_wgmma_kernel<F, HS><<<grid, ATT_WG_THREADS, smem_dq, d->stream>>>(
                 dqkv, delta, dout, qkv, out, lse, p, att_keep_threshold(p), seed, B, T, NH);
             cudaCheck(cudaGetLastError());
             size_t smem_kv = smem_dq + 4 * 64 * sizeof(float);
-            att_set_smem(attention_backward_dkdv_wgmma_kernel<F, HS>, smem_kv);
+            set_dynamic_smem(attention_backward_dkdv_wgmma_kernel<F, HS>, smem_kv);
             attention_backward_dkdv_wgmma_kernel<F, HS><<<grid, ATT_WG_THREADS, smem_kv, d->stream>>>(
                 dqkv, delta, dout, qkv, lse, p, att_keep_threshold(p), seed, B, T, NH);
         }
     } else {
         constexpr int LD = HS + ATT_PAD, QT = att_qtile(HS);
         size_t smem_dq = (size_t)(2 * ATT_ROWS + 4 * ATT_KTILE) * LD * sizeof(F);
-        att_set_smem(attention_backward_dq_kernel<F, HS>, smem_dq);
+        set_dynamic_smem(attention_backward_dq_kernel<F, HS>, smem_dq);
         dim3 grid_dq(CEIL_DIV(T, ATT_ROWS), B * NH);
         attention_backward_dq_kernel<F, HS><<<grid_dq, ATT_THREADS, smem_dq, d->stream>>>(
             dqkv, delta, dout, qkv, out, lse, p, att_keep_threshold(p), seed, B, T, NH);
         cudaCheck(cudaGetLastError());
         size_t smem_kv = (size_t)(2 * ATT_ROWS + 4 * QT) * LD * sizeof(F) + 4 * QT * sizeof(float);
-        att_set_smem(attention_backward_dkdv_kernel<F, HS>, smem_kv);
+        set_dynamic_smem(attention_backward_dkdv_kernel<F, HS>, smem_kv);
         dim3 grid_kv(CEIL_DIV(T, ATT_ROWS), B * NH);
         attention_backward_dkdv_kernel<F, HS><<<grid_kv, ATT_THREADS, smem_kv, d->stream>>>(
             dqkv, delta, dout, qkv, lse, p, att_keep_threshold(p), seed, B, T, NH);
@@ -4035,70 +4056,78 @@ static void crossentropy_forward_backward_cpu(real* losses, real* logits, const 
 }
 
 #ifdef __CUDACC__
-// GPU: one block per row (llm.c's fused classifier). Pass 1 reads the row once keeping each thread's
-// running max and sum of exp (online softmax), then the block combines them in a fixed order;
-// pass 2 rereads the row (from L2) and writes the gradient. VEC values per 16-byte load when the
-// rows are 16-byte aligned.
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) CrossentropyPack { T v[VEC]; };
+// GPU: one block per row (llm.c's fused classifier), three passes over the row: its maximum, its
+// sum of exp, the gradient. STAGED: the block first copies the row into shared memory with
+// cp.async (all of it in flight at once, one read from DRAM; at a GPT-2 vocabulary in bf16 two
+// blocks fit an SM, so one row loads while the other computes); else each pass reads global
+// memory (rows too long for shared memory; the later passes mostly hit L2).
+#define CE_THREADS 512
 
-// (max, sum) of exp: merge two partial results of the online softmax.
-__device__ __forceinline__ void crossentropy_merge(float& m, float& s, float m2, float s2) {
-    float m_new = fmaxf(m, m2);
-    s = s * expf(m - m_new) + s2 * expf(m2 - m_new);
-    m = m_new;
-}
-
-template <typename T, int VEC>
-__global__ void __launch_bounds__(1024) crossentropy_kernel(float* losses, T* logits, const int* targets, const float* dloss, int V, int Vp) {
-    typedef CrossentropyPack<T, VEC> Pack;
-    __shared__ float warp_m[32], warp_s[32];
+template <typename T, int W, bool STAGED>
+__global__ void __launch_bounds__(CE_THREADS) crossentropy_kernel(float* losses, T* logits, const int* targets, const float* dloss, int V, int Vp) {
+    extern __shared__ __align__(16) unsigned char ce_row[];
+    __shared__ float scratch[32];
     int n = blockIdx.x, target = targets[n];
     T* x = logits + (size_t)n * Vp;
-    float x_target = threadIdx.x == 0 ? (target >= 0 && target < V ? to_float(x[target]) : NAN) : 0.0f;  // before pass 2 overwrites it
-
-    float m = -FLT_MAX, s = 0.0f;  // -FLT_MAX, not -inf: merging two empty partials stays 0
-    for (int i = threadIdx.x * VEC; i < V; i += blockDim.x * VEC) {
-        Pack p = *(const Pack*)(x + i);
-        float chunk_m = -FLT_MAX, chunk_s = 0.0f;
-        for (int j = 0; j < VEC; j++)
-            if (i + j < V) chunk_m = fmaxf(chunk_m, to_float(p.v[j]));
-        for (int j = 0; j < VEC; j++)
-            if (i + j < V) chunk_s += expf(to_float(p.v[j]) - chunk_m);
-        crossentropy_merge(m, s, chunk_m, chunk_s);
+    const T* row = x;
+    if constexpr (STAGED) {  // 16 bytes per cp.async: W * sizeof(T) == 16
+        for (int i = threadIdx.x * W; i < Vp; i += blockDim.x * W) cp_async16((T*)ce_row + i, x + i, true);
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+        row = (const T*)ce_row;
     }
-    for (int offset = 16; offset > 0; offset /= 2)
-        crossentropy_merge(m, s, __shfl_xor_sync(0xffffffff, m, offset), __shfl_xor_sync(0xffffffff, s, offset));
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-    if (lane == 0) { warp_m[warp] = m; warp_s[warp] = s; }
-    __syncthreads();
-    m = warp_m[0];
-    s = warp_s[0];
-    for (int w = 1; w < warps; w++) crossentropy_merge(m, s, warp_m[w], warp_s[w]);  // every thread, same order
+    float x_target = threadIdx.x == 0 && target >= 0 && target < V ? to_float(row[target]) : NAN;  // before the gradient overwrites x
+
+    float m = -FLT_MAX;
+    for (int i = threadIdx.x * W; i < V; i += blockDim.x * W) {
+        Vec<T, W> p = load_vec<W>(row + i);
+        for (int j = 0; j < W; j++)
+            if (i + j < V) m = fmaxf(m, to_float(p.v[j]));
+    }
+    m = block_reduce<true>(m, scratch);
+    float m_log2 = m * LOG2E, s = 0.0f;
+    for (int i = threadIdx.x * W; i < V; i += blockDim.x * W) {
+        Vec<T, W> p = load_vec<W>(row + i);
+        for (int j = 0; j < W; j++)
+            if (i + j < V) s += exp2_approx(fmaf(to_float(p.v[j]), LOG2E, -m_log2));
+    }
+    s = block_reduce<false>(s, scratch);
     if (threadIdx.x == 0) losses[n] = logf(s) + m - x_target;
     if (!dloss) return;
 
     float scale = dloss[n] / s, d_target = dloss[n];
-    for (int i = threadIdx.x * VEC; i < Vp; i += blockDim.x * VEC) {
-        Pack p = *(const Pack*)(x + i);
-        for (int j = 0; j < VEC; j++) {
+    for (int i = threadIdx.x * W; i < Vp; i += blockDim.x * W) {
+        Vec<T, W> p = load_vec<W>(row + i);
+        for (int j = 0; j < W; j++) {
             int col = i + j;
-            float grad = col < V ? expf(to_float(p.v[j]) - m) * scale - (col == target ? d_target : 0.0f) : 0.0f;
+            float grad = col < V ? exp2_approx(fmaf(to_float(p.v[j]), LOG2E, -m_log2)) * scale - (col == target ? d_target : 0.0f) : 0.0f;
             p.v[j] = from_float<T>(grad);
         }
-        *(Pack*)(x + i) = p;
+        store_vec<W>(x + i, p);
     }
+}
+
+template <typename T, int W>
+static void crossentropy_launch(const Device* d, float* losses, T* logits, const int* targets, const float* dloss, int N, int V, int Vp) {
+    int threads = row_threads(CEIL_DIV(Vp, W), CE_THREADS);
+    size_t row_bytes = (size_t)Vp * sizeof(T);
+    if constexpr (W > 1) {
+        if (row_bytes + 32 * sizeof(float) <= (size_t)smem_optin_limit(d)) {
+            if (row_bytes > 48 * 1024) set_dynamic_smem(crossentropy_kernel<T, W, true>, row_bytes);
+            crossentropy_kernel<T, W, true><<<N, threads, row_bytes, d->stream>>>(losses, logits, targets, dloss, V, Vp);
+            return;
+        }
+    }
+    crossentropy_kernel<T, W, false><<<N, threads, 0, d->stream>>>(losses, logits, targets, dloss, V, Vp);
 }
 
 static void crossentropy_forward_backward_cuda(const Device* d, float* losses, void* logits, const int* targets, const float* dloss,
                                                int N, int V, int Vp) {
     if (N == 0) return;
     DTYPE_SWITCH(d->dtype, T, {
-        const int vec = 16 / sizeof(T);
-        if (Vp % vec == 0 && (uintptr_t)logits % 16 == 0)
-            crossentropy_kernel<T, vec><<<N, 1024, 0, d->stream>>>(losses, (T*)logits, targets, dloss, V, Vp);
-        else
-            crossentropy_kernel<T, 1><<<N, 1024, 0, d->stream>>>(losses, (T*)logits, targets, dloss, V, Vp);
+        int vectorize = Vp % (16 / sizeof(T)) == 0 && aligned16(logits);
+        VEC_SWITCH(vectorize, T, W, crossentropy_launch<T, W>(d, losses, (T*)logits, targets, dloss, N, V, Vp));
     });
     cudaCheck(cudaGetLastError());
 }
@@ -4722,37 +4751,23 @@ static void vocab_ce_finish_cpu(float* losses, real* logits, const float* stats,
 }
 
 #ifdef __CUDACC__
-// One block of 256 threads per row; reductions in a fixed order (warp shuffles, then warp 0's
-// partials in order). IS_MAX: max, else sum.
-template <int IS_MAX>
-__device__ float vocab_ce_block_reduce(float v) {
-    __shared__ float partial[8];
-    for (int offset = 16; offset > 0; offset /= 2) {
-        float other = __shfl_xor_sync(0xffffffff, v, offset);
-        v = IS_MAX ? fmaxf(v, other) : v + other;
-    }
-    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
-    __syncthreads();
-    v = partial[0];
-    for (int w = 1; w < 8; w++) v = IS_MAX ? fmaxf(v, partial[w]) : v + partial[w];
-    return v;
-}
-
+// One block of 256 threads per row; reductions in a fixed order (block_reduce).
 // mode 0: maxes; mode 1: [S | x_target] with the all-reduced maxes.
 template <typename T>
 __global__ void vocab_ce_stats_kernel(float* stats, const T* logits, const int* targets, int start, int N, int Vr, int valid, int mode) {
     int n = blockIdx.x;
+    __shared__ float scratch[32];
     const T* x = logits + (size_t)n * Vr;
     if (mode == 0) {
         float m = -FLT_MAX;
         for (int j = threadIdx.x; j < valid; j += blockDim.x) m = fmaxf(m, to_float(x[j]));
-        m = vocab_ce_block_reduce<1>(m);
+        m = block_reduce<true>(m, scratch);
         if (threadIdx.x == 0) stats[n] = m;
         return;
     }
     float m = stats[n], s = 0.0f;
     for (int j = threadIdx.x; j < valid; j += blockDim.x) s += expf(to_float(x[j]) - m);
-    s = vocab_ce_block_reduce<0>(s);
+    s = block_reduce<false>(s, scratch);
     if (threadIdx.x == 0) {
         int local = targets[n] - start;
         stats[N + n] = s;
