@@ -4086,11 +4086,11 @@ __global__ void __launch_bounds__(CE_THREADS) crossentropy_kernel(float* losses,
             if (i + j < V) m = fmaxf(m, to_float(p.v[j]));
     }
     m = block_reduce<true>(m, scratch);
-    float m_log2 = m * LOG2E, s = 0.0f;
+    float s = 0.0f;  // exp(x - m) as 2^((x - m) log2 e): x - m is exact near the maximum, so a lone logit gets exactly 1
     for (int i = threadIdx.x * W; i < V; i += blockDim.x * W) {
         Vec<T, W> p = load_vec<W>(row + i);
         for (int j = 0; j < W; j++)
-            if (i + j < V) s += exp2_approx(fmaf(to_float(p.v[j]), LOG2E, -m_log2));
+            if (i + j < V) s += exp2_approx((to_float(p.v[j]) - m) * LOG2E);
     }
     s = block_reduce<false>(s, scratch);
     if (threadIdx.x == 0) losses[n] = logf(s) + m - x_target;
@@ -4101,7 +4101,7 @@ __global__ void __launch_bounds__(CE_THREADS) crossentropy_kernel(float* losses,
         Vec<T, W> p = load_vec<W>(row + i);
         for (int j = 0; j < W; j++) {
             int col = i + j;
-            float grad = col < V ? exp2_approx(fmaf(to_float(p.v[j]), LOG2E, -m_log2)) * scale - (col == target ? d_target : 0.0f) : 0.0f;
+            float grad = col < V ? exp2_approx((to_float(p.v[j]) - m) * LOG2E) * scale - (col == target ? d_target : 0.0f) : 0.0f;
             p.v[j] = from_float<T>(grad);
         }
         store_vec<W>(x + i, p);
