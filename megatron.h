@@ -3037,8 +3037,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(F* out, 
 // columns of 128-byte rows with the 128-byte swizzle, and for 96 a last panel of 32 columns,
 // 64-byte rows, 64-byte swizzle. Compiled only for sm_90a (GPU_ARCH=sm_90a); the launchers ask
 // the GPU whether the loaded binary has them (att_wgmma_usable).
-#define ATT_WG_THREADS 256  // two warpgroups, 64 rows each
-#define ATT_WG_ROWS 128
+// A block is WGS warpgroups (1 or 2) of 128 threads, each owning 64 rows (queries or keys).
 HD constexpr bool att_wg_head_size(int HS) { return HS == 64 || HS == 96; }
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define ATT_HAVE_WGMMA 1
@@ -3053,14 +3052,14 @@ __device__ __forceinline__ int att_wg_off(int r, int c) {
     return HS / 64 * R * 64 + r * 32 + ((cc ^ (r >> 1 & 3)) << 3);
 }
 
-// As att_load_rows, into a swizzled tile of R rows, over the block's ATT_WG_THREADS threads.
-template <typename F, int HS, int R>
+// As att_load_rows, into a swizzled tile of R rows, over the block's THREADS threads.
+template <typename F, int HS, int R, int THREADS>
 __device__ __forceinline__ void att_wg_load_rows(F* s, const F* g, size_t tstride, int t0, int T) {
     constexpr int CH = HS / 8;  // 16-byte chunks per row
-    static_assert(R * CH % ATT_WG_THREADS == 0, "tile rows must split evenly over the threads");
+    static_assert(R * CH % THREADS == 0, "tile rows must split evenly over the threads");
 #pragma unroll
-    for (int k = 0; k < R * CH / ATT_WG_THREADS; k++) {
-        int idx = threadIdx.x + k * ATT_WG_THREADS, r = idx / CH, c = idx % CH;
+    for (int k = 0; k < R * CH / THREADS; k++) {
+        int idx = threadIdx.x + k * THREADS, r = idx / CH, c = idx % CH;
         bool valid = t0 + r < T;
         cp_async16(s + att_wg_off<HS, R>(r, c), valid ? g + (t0 + r) * tstride + c * 8 : g, valid);
     }
@@ -3173,15 +3172,15 @@ __device__ __forceinline__ void att_wg_ab(float d[HS / 8][4], const uint32_t a[K
 }
 #endif
 
-// attention_forward_kernel's algorithm on two warpgroups: the block owns ATT_WG_ROWS query rows,
+// attention_forward_kernel's algorithm on WGS warpgroups: the block owns 64 WGS query rows,
 // each warpgroup 64 of them; S = Q K^T and O += P V are wgmma products, the online softmax and
 // dropout are the same per accumulator element.
-template <typename F, int HS>
-__global__ void __launch_bounds__(ATT_WG_THREADS, HS == 64 ? 2 : 1) attention_forward_wgmma_kernel(F* out, float* lse, const F* qkv, int first,
+template <typename F, int HS, int WGS>
+__global__ void __launch_bounds__(128 * WGS, (HS == 64 ? 2 : 1) * (3 - WGS)) attention_forward_wgmma_kernel(F* out, float* lse, const F* qkv, int first,
                                                                                                   float p, uint32_t keep_min, uint64_t seed,
                                                                                                   int B, int T, int NH) {
 #ifdef ATT_HAVE_WGMMA
-    constexpr int BM = ATT_WG_ROWS, BN = 64;
+    constexpr int BM = 64 * WGS, BN = 64, THREADS = 128 * WGS;
     extern __shared__ unsigned char att_wg_smem[];
     F* qs = att_wg_tiles<F>(att_wg_smem);  // [BM][HS]
     F* ks = qs + BM * HS;                                                         // [2][BN][HS], double-buffered
@@ -3198,9 +3197,9 @@ __global__ void __launch_bounds__(ATT_WG_THREADS, HS == 64 ? 2 : 1) attention_fo
     int n_kt = CEIL_DIV(min(T, q0 + BM), BN);
     float scale_log2 = rsqrtf((float)HS) * LOG2E;
 
-    att_wg_load_rows<F, HS, BM>(qs, qg, tstride, q0, T);
-    att_wg_load_rows<F, HS, BN>(ks, qg + HS, tstride, 0, T);
-    att_wg_load_rows<F, HS, BN>(vs, qg + 2 * HS, tstride, 0, T);
+    att_wg_load_rows<F, HS, BM, THREADS>(qs, qg, tstride, q0, T);
+    att_wg_load_rows<F, HS, BN, THREADS>(ks, qg + HS, tstride, 0, T);
+    att_wg_load_rows<F, HS, BN, THREADS>(vs, qg + 2 * HS, tstride, 0, T);
     cp_async_commit();
 
     float o[HS / 8][4] = {};
@@ -3208,8 +3207,8 @@ __global__ void __launch_bounds__(ATT_WG_THREADS, HS == 64 ? 2 : 1) attention_fo
     for (int kt = 0; kt < n_kt; kt++) {
         int buf = kt & 1, k0 = kt * BN;
         if (kt + 1 < n_kt) {
-            att_wg_load_rows<F, HS, BN>(ks + (buf ^ 1) * BN * HS, qg + HS, tstride, k0 + BN, T);
-            att_wg_load_rows<F, HS, BN>(vs + (buf ^ 1) * BN * HS, qg + 2 * HS, tstride, k0 + BN, T);
+            att_wg_load_rows<F, HS, BN, THREADS>(ks + (buf ^ 1) * BN * HS, qg + HS, tstride, k0 + BN, T);
+            att_wg_load_rows<F, HS, BN, THREADS>(vs + (buf ^ 1) * BN * HS, qg + 2 * HS, tstride, k0 + BN, T);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
@@ -3245,16 +3244,16 @@ __global__ void __launch_bounds__(ATT_WG_THREADS, HS == 64 ? 2 : 1) attention_fo
 #endif
 }
 
-// Backward, dq, on two warpgroups (attention_backward_dq_kernel's algorithm): the block owns
-// ATT_WG_ROWS query rows, 64 per warpgroup; S = Q K^T and dP = dout V^T are wgmma products of
+// Backward, dq, on WGS warpgroups (attention_backward_dq_kernel's algorithm): the block owns
+// 64 WGS query rows, 64 per warpgroup; S = Q K^T and dP = dout V^T are wgmma products of
 // shared-memory tiles, dq += dS K takes dS from registers.
-template <typename F, int HS>
-__global__ void __launch_bounds__(ATT_WG_THREADS) attention_backward_dq_wgmma_kernel(F* dqkv, float* delta, const F* dout,
+template <typename F, int HS, int WGS>
+__global__ void __launch_bounds__(128 * WGS, 3 - WGS) attention_backward_dq_wgmma_kernel(F* dqkv, float* delta, const F* dout,
                                                                                     const F* qkv, const F* out, const float* lse,
                                                                                     float p, uint32_t keep_min, uint64_t seed,
                                                                                     int B, int T, int NH) {
 #ifdef ATT_HAVE_WGMMA
-    constexpr int BM = ATT_WG_ROWS, BN = 64;
+    constexpr int BM = 64 * WGS, BN = 64, THREADS = 128 * WGS;
     extern __shared__ unsigned char att_wg_smem[];
     F* qs = att_wg_tiles<F>(att_wg_smem);  // [BM][HS]
     F* gs = qs + BM * HS;                  // [BM][HS] dout
@@ -3274,10 +3273,10 @@ __global__ void __launch_bounds__(ATT_WG_THREADS) attention_backward_dq_wgmma_ke
     int n_kt = CEIL_DIV(min(T, q0 + BM), BN);
     float scale = rsqrtf((float)HS), scale_log2 = scale * LOG2E, keep_scale = 1.0f / (1.0f - p);
 
-    att_wg_load_rows<F, HS, BM>(qs, qg, tstride, q0, T);
-    att_wg_load_rows<F, HS, BM>(gs, gg, ostride, q0, T);
-    att_wg_load_rows<F, HS, BN>(ks, qg + HS, tstride, 0, T);
-    att_wg_load_rows<F, HS, BN>(vs, qg + 2 * HS, tstride, 0, T);
+    att_wg_load_rows<F, HS, BM, THREADS>(qs, qg, tstride, q0, T);
+    att_wg_load_rows<F, HS, BM, THREADS>(gs, gg, ostride, q0, T);
+    att_wg_load_rows<F, HS, BN, THREADS>(ks, qg + HS, tstride, 0, T);
+    att_wg_load_rows<F, HS, BN, THREADS>(vs, qg + 2 * HS, tstride, 0, T);
     cp_async_commit();
     float di[2], lse2[2];
     att_rows_delta<F, HS>(di, delta, gg, og, ostride, wq0, bh, T);
@@ -3288,8 +3287,8 @@ __global__ void __launch_bounds__(ATT_WG_THREADS) attention_backward_dq_wgmma_ke
     for (int kt = 0; kt < n_kt; kt++) {
         int buf = kt & 1, k0 = kt * BN;
         if (kt + 1 < n_kt) {
-            att_wg_load_rows<F, HS, BN>(ks + (buf ^ 1) * BN * HS, qg + HS, tstride, k0 + BN, T);
-            att_wg_load_rows<F, HS, BN>(vs + (buf ^ 1) * BN * HS, qg + 2 * HS, tstride, k0 + BN, T);
+            att_wg_load_rows<F, HS, BN, THREADS>(ks + (buf ^ 1) * BN * HS, qg + HS, tstride, k0 + BN, T);
+            att_wg_load_rows<F, HS, BN, THREADS>(vs + (buf ^ 1) * BN * HS, qg + 2 * HS, tstride, k0 + BN, T);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
@@ -3326,16 +3325,16 @@ __global__ void __launch_bounds__(ATT_WG_THREADS) attention_backward_dq_wgmma_ke
 #endif
 }
 
-// Backward, dk and dv, on two warpgroups (attention_backward_dkdv_kernel's algorithm): the block
-// owns ATT_WG_ROWS keys, 64 per warpgroup, and walks 64-query tiles from the diagonal to the end.
+// Backward, dk and dv, on WGS warpgroups (attention_backward_dkdv_kernel's algorithm): the block
+// owns 64 WGS keys, 64 per warpgroup, and walks 64-query tiles from the diagonal to the end.
 // S^T = K Q^T and dP^T = V dout^T from shared memory; dv += (P M) dout and dk += dS^T Q from registers.
-template <typename F, int HS>
-__global__ void __launch_bounds__(ATT_WG_THREADS) attention_backward_dkdv_wgmma_kernel(F* dqkv, const float* delta, const F* dout,
+template <typename F, int HS, int WGS>
+__global__ void __launch_bounds__(128 * WGS, 3 - WGS) attention_backward_dkdv_wgmma_kernel(F* dqkv, const float* delta, const F* dout,
                                                                                       const F* qkv, const float* lse, float p,
                                                                                       uint32_t keep_min, uint64_t seed,
                                                                                       int B, int T, int NH) {
 #ifdef ATT_HAVE_WGMMA
-    constexpr int BN = ATT_WG_ROWS, BM = 64;
+    constexpr int BN = 64 * WGS, BM = 64, THREADS = 128 * WGS;
     extern __shared__ unsigned char att_wg_smem[];
     F* ks = att_wg_tiles<F>(att_wg_smem);       // [BN][HS]
     F* vs = ks + BN * HS;                       // [BN][HS]
@@ -3356,17 +3355,17 @@ __global__ void __launch_bounds__(ATT_WG_THREADS) attention_backward_dkdv_wgmma_
     int qt0 = k0 / BM, n_qt = CEIL_DIV(T, BM);
     float scale = rsqrtf((float)HS), scale_log2 = scale * LOG2E, keep_scale = 1.0f / (1.0f - p);
     auto load_query_tile = [&](int qt, int buf) {
-        att_wg_load_rows<F, HS, BM>(qs + buf * BM * HS, qg, tstride, qt * BM, T);
-        att_wg_load_rows<F, HS, BM>(gs + buf * BM * HS, gg, ostride, qt * BM, T);
+        att_wg_load_rows<F, HS, BM, THREADS>(qs + buf * BM * HS, qg, tstride, qt * BM, T);
+        att_wg_load_rows<F, HS, BM, THREADS>(gs + buf * BM * HS, gg, ostride, qt * BM, T);
         cp_async_commit();
-        for (int r = threadIdx.x; r < BM; r += ATT_WG_THREADS) {
+        for (int r = threadIdx.x; r < BM; r += THREADS) {
             int t = qt * BM + r;
             lse_s[buf * BM + r] = t < T ? lse[(size_t)bh * T + t] * LOG2E : 0;
             delta_s[buf * BM + r] = t < T ? delta[(size_t)bh * T + t] : 0;
         }
     };
-    att_wg_load_rows<F, HS, BN>(ks, qg + HS, tstride, k0, T);
-    att_wg_load_rows<F, HS, BN>(vs, qg + 2 * HS, tstride, k0, T);
+    att_wg_load_rows<F, HS, BN, THREADS>(ks, qg + HS, tstride, k0, T);
+    att_wg_load_rows<F, HS, BN, THREADS>(vs, qg + 2 * HS, tstride, k0, T);
     load_query_tile(qt0, 0);
 
     float dk[HS / 8][4] = {}, dv[HS / 8][4] = {};
@@ -3711,6 +3710,11 @@ __global__ void att_wgmma_probe_kernel(int* has) {
 
 // 0 makes the half-precision kernels mma.sync ones everywhere (tests and dev/cuda compare the two).
 static int att_wgmma_enabled = 1;
+// Warpgroups per block of the wgmma kernels (forward, dq, dk/dv): 1 or 2.
+static int att_wg_groups[3] = {2, 2, 2};
+#define ATT_WGS_SWITCH(n, WGS, ...) \
+    if ((n) == 1) { constexpr int WGS = 1; __VA_ARGS__; } \
+    else { constexpr int WGS = 2; __VA_ARGS__; }
 
 // Whether the wgmma kernels can run for head size HS: the binary loaded on this GPU was
 // compiled for sm_90a (asked once per device), and att_wgmma_enabled.
@@ -3739,11 +3743,13 @@ static void attention_forward_launch(const Device* d, F* out, float* lse, const 
             out, lse, qkv, first, p, seed, B, T, NH);
     } else if (att_wgmma_usable(d, HS)) {
         if constexpr (att_wg_head_size(HS)) {  // (att_wgmma_usable is false for the others)
-            size_t smem = (size_t)(ATT_WG_ROWS + 4 * 64) * HS * sizeof(F) + 1024;  // + room to align the tiles
-            set_dynamic_smem(attention_forward_wgmma_kernel<F, HS>, smem);
-            dim3 grid(CEIL_DIV(rows, ATT_WG_ROWS), B * NH);
-            attention_forward_wgmma_kernel<F, HS><<<grid, ATT_WG_THREADS, smem, d->stream>>>(out, lse, qkv, first, p, att_keep_threshold(p),
-                                                                                         seed, B, T, NH);
+            ATT_WGS_SWITCH(att_wg_groups[0], WGS, {
+                size_t smem = (size_t)(64 * WGS + 4 * 64) * HS * sizeof(F) + 1024;  // + room to align the tiles
+                set_dynamic_smem(attention_forward_wgmma_kernel<F, HS, WGS>, smem);
+                dim3 grid(CEIL_DIV(rows, 64 * WGS), B * NH);
+                attention_forward_wgmma_kernel<F, HS, WGS><<<grid, 128 * WGS, smem, d->stream>>>(out, lse, qkv, first, p, att_keep_threshold(p),
+                                                                                             seed, B, T, NH);
+            });
         }
     } else {
         size_t smem = (size_t)(ATT_ROWS + 4 * ATT_KTILE) * (HS + ATT_PAD) * sizeof(F);
@@ -3767,16 +3773,21 @@ static void attention_backward_launch(const Device* d, F* dqkv, float* delta, co
             dqkv, delta, dout, qkv, lse, p, seed, B, T, NH);
     } else if (att_wgmma_usable(d, HS)) {
         if constexpr (att_wg_head_size(HS)) {  // (att_wgmma_usable is false for the others)
-            size_t smem_dq = (size_t)(2 * ATT_WG_ROWS + 4 * 64) * HS * sizeof(F) + 1024;
-            set_dynamic_smem(attention_backward_dq_wgmma_kernel<F, HS>, smem_dq);
-            dim3 grid(CEIL_DIV(T, ATT_WG_ROWS), B * NH);
-            attention_backward_dq_wgmma_kernel<F, HS><<<grid, ATT_WG_THREADS, smem_dq, d->stream>>>(
-                dqkv, delta, dout, qkv, out, lse, p, att_keep_threshold(p), seed, B, T, NH);
+            ATT_WGS_SWITCH(att_wg_groups[1], WGS, {
+                size_t smem = (size_t)(2 * 64 * WGS + 4 * 64) * HS * sizeof(F) + 1024;
+                set_dynamic_smem(attention_backward_dq_wgmma_kernel<F, HS, WGS>, smem);
+                dim3 grid(CEIL_DIV(T, 64 * WGS), B * NH);
+                attention_backward_dq_wgmma_kernel<F, HS, WGS><<<grid, 128 * WGS, smem, d->stream>>>(
+                    dqkv, delta, dout, qkv, out, lse, p, att_keep_threshold(p), seed, B, T, NH);
+            });
             cudaCheck(cudaGetLastError());
-            size_t smem_kv = smem_dq + 4 * 64 * sizeof(float);
-            set_dynamic_smem(attention_backward_dkdv_wgmma_kernel<F, HS>, smem_kv);
-            attention_backward_dkdv_wgmma_kernel<F, HS><<<grid, ATT_WG_THREADS, smem_kv, d->stream>>>(
-                dqkv, delta, dout, qkv, lse, p, att_keep_threshold(p), seed, B, T, NH);
+            ATT_WGS_SWITCH(att_wg_groups[2], WGS, {
+                size_t smem = (size_t)(2 * 64 * WGS + 4 * 64) * HS * sizeof(F) + 1024 + 4 * 64 * sizeof(float);
+                set_dynamic_smem(attention_backward_dkdv_wgmma_kernel<F, HS, WGS>, smem);
+                dim3 grid(CEIL_DIV(T, 64 * WGS), B * NH);
+                attention_backward_dkdv_wgmma_kernel<F, HS, WGS><<<grid, 128 * WGS, smem, d->stream>>>(
+                    dqkv, delta, dout, qkv, lse, p, att_keep_threshold(p), seed, B, T, NH);
+            });
         }
     } else {
         constexpr int LD = HS + ATT_PAD, QT = att_qtile(HS);
