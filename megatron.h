@@ -3037,7 +3037,14 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(F* out, 
 // columns of 128-byte rows with the 128-byte swizzle, and for 96 a last panel of 32 columns,
 // 64-byte rows, 64-byte swizzle. Compiled only for sm_90a (GPU_ARCH=sm_90a); the launchers ask
 // the GPU whether the loaded binary has them (att_wgmma_usable).
-// A block is WGS warpgroups (1 or 2) of 128 threads, each owning 64 rows (queries or keys).
+// A warpgroup (128 threads) owns 64 rows (queries or keys). The forward and dq blocks are one
+// warpgroup: two or more blocks share an SM, so one block's softmax math runs under another's
+// products (measured on an H200 against blocks of two warpgroups in lockstep: forward 0.107 vs
+// 0.109 ms at head size 64, 0.333 vs 0.350 at 96; dq and dk/dv 0.363 vs 0.382 at 64).
+#define ATT_WG_THREADS 128
+// The dk/dv block: at head size 96 its accumulators take all 255 registers, and two warpgroups
+// sharing each query tile beat one that spills (0.898 vs 1.025 ms for the backward).
+HD constexpr int att_dkdv_groups(int HS) { return HS > 64 ? 2 : 1; }
 HD constexpr bool att_wg_head_size(int HS) { return HS == 64 || HS == 96; }
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define ATT_HAVE_WGMMA 1
@@ -3172,15 +3179,14 @@ __device__ __forceinline__ void att_wg_ab(float d[HS / 8][4], const uint32_t a[K
 }
 #endif
 
-// attention_forward_kernel's algorithm on WGS warpgroups: the block owns 64 WGS query rows,
-// each warpgroup 64 of them; S = Q K^T and O += P V are wgmma products, the online softmax and
+// attention_forward_kernel's algorithm on a warpgroup: the block owns 64 query rows; S = Q K^T and O += P V are wgmma products, the online softmax and
 // dropout are the same per accumulator element.
-template <typename F, int HS, int WGS>
-__global__ void __launch_bounds__(128 * WGS, (HS == 64 ? 2 : 1) * (3 - WGS)) attention_forward_wgmma_kernel(F* out, float* lse, const F* qkv, int first,
+template <typename F, int HS>
+__global__ void __launch_bounds__(ATT_WG_THREADS, HS == 64 ? 4 : 2) attention_forward_wgmma_kernel(F* out, float* lse, const F* qkv, int first,
                                                                                                   float p, uint32_t keep_min, uint64_t seed,
                                                                                                   int B, int T, int NH) {
 #ifdef ATT_HAVE_WGMMA
-    constexpr int BM = 64 * WGS, BN = 64, THREADS = 128 * WGS;
+    constexpr int BM = 64, BN = 64, THREADS = ATT_WG_THREADS;
     extern __shared__ unsigned char att_wg_smem[];
     F* qs = att_wg_tiles<F>(att_wg_smem);  // [BM][HS]
     F* ks = qs + BM * HS;                                                         // [2][BN][HS], double-buffered
@@ -3188,11 +3194,11 @@ __global__ void __launch_bounds__(128 * WGS, (HS == 64 ? 2 : 1) * (3 - WGS)) att
 
     int qt = gridDim.x - 1 - blockIdx.x;  // the longest rows first
     int bh = blockIdx.y, b = bh / NH, h = bh % NH;
-    int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32, gr = lane / 4;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4;
     int C = NH * HS;
     size_t tstride = (size_t)B * 3 * C;
     const F* qg = qkv + (size_t)b * 3 * C + h * 3 * HS;
-    int q0 = first + qt * BM, g0 = q0 + wg * 64, wq0 = g0 + warp * 16;
+    int q0 = first + qt * BM, wq0 = q0 + warp * 16;
     int rows[2] = {wq0 + gr, wq0 + gr + 8};
     int n_kt = CEIL_DIV(min(T, q0 + BM), BN);
     float scale_log2 = rsqrtf((float)HS) * LOG2E;
@@ -3217,43 +3223,41 @@ __global__ void __launch_bounds__(128 * WGS, (HS == 64 ? 2 : 1) * (3 - WGS)) att
         att_fence_async_smem();
         __syncthreads();
 
-        if (k0 <= g0 + 63) {  // a tile past all of this warpgroup's rows is skipped
-            float s[BN / 8][4] = {};
-            att_wgmma_fence();
-            att_wg_abt<F, HS, BM, BN>(s, qs, wg * 64, ks + buf * BN * HS, 0);
-            att_wgmma_commit_wait();
-            att_wgmma_hold(s);
-            att_softmax_tile<BN, HS>(s, m, l, o, k0, wq0, rows, scale_log2, p, keep_min, seed, bh, T);
-            uint32_t pa[BN / 16][4];
-            att_c_to_a<F, BN / 16>(pa, s);
-            // the softmax's rescaling of o done before the fence: sunk past it (next to o's first product,
-            // the narrow panel's at head size 96), it would make ptxas add a warpgroup.arrive (C7519)
-            att_wgmma_hold(o);
-            att_wgmma_fence();
-            att_wg_ab<F, HS, BN, BN>(o, pa, vs + buf * BN * HS, 0);
-            att_wgmma_commit_wait();
-            att_wgmma_hold(o);
-        }
+        float s[BN / 8][4] = {};
+        att_wgmma_fence();
+        att_wg_abt<F, HS, BM, BN>(s, qs, 0, ks + buf * BN * HS, 0);
+        att_wgmma_commit_wait();
+        att_wgmma_hold(s);
+        att_softmax_tile<BN, HS>(s, m, l, o, k0, wq0, rows, scale_log2, p, keep_min, seed, bh, T);
+        uint32_t pa[BN / 16][4];
+        att_c_to_a<F, BN / 16>(pa, s);
+        // the softmax's rescaling of o done before the fence: sunk past it (next to o's first product,
+        // the narrow panel's at head size 96), it would make ptxas add a warpgroup.arrive (C7519)
+        att_wgmma_hold(o);
+        att_wgmma_fence();
+        att_wg_ab<F, HS, BN, BN>(o, pa, vs + buf * BN * HS, 0);
+        att_wgmma_commit_wait();
+        att_wgmma_hold(o);
         __syncthreads();  // the buffer is refilled next iteration
     }
 
     att_softmax_finish<HS>(o, m, l, rows, lse, first, p, bh, T);
-    att_wg_store_rows<F, HS, BM>(out + (size_t)b * C + h * HS, (size_t)B * C, wq0 - first, T - first, o, qs, wg * 64 + warp * 16);
+    att_wg_store_rows<F, HS, BM>(out + (size_t)b * C + h * HS, (size_t)B * C, wq0 - first, T - first, o, qs, warp * 16);
 #else
     __trap();  // launched only where att_wgmma_usable said the binary has sm_90a code
 #endif
 }
 
-// Backward, dq, on WGS warpgroups (attention_backward_dq_kernel's algorithm): the block owns
-// 64 WGS query rows, 64 per warpgroup; S = Q K^T and dP = dout V^T are wgmma products of
+// Backward, dq, on a warpgroup (attention_backward_dq_kernel's algorithm): the block owns
+// 64 query rows; S = Q K^T and dP = dout V^T are wgmma products of
 // shared-memory tiles, dq += dS K takes dS from registers.
-template <typename F, int HS, int WGS>
-__global__ void __launch_bounds__(128 * WGS, 3 - WGS) attention_backward_dq_wgmma_kernel(F* dqkv, float* delta, const F* dout,
+template <typename F, int HS>
+__global__ void __launch_bounds__(ATT_WG_THREADS, 2) attention_backward_dq_wgmma_kernel(F* dqkv, float* delta, const F* dout,
                                                                                     const F* qkv, const F* out, const float* lse,
                                                                                     float p, uint32_t keep_min, uint64_t seed,
                                                                                     int B, int T, int NH) {
 #ifdef ATT_HAVE_WGMMA
-    constexpr int BM = 64 * WGS, BN = 64, THREADS = 128 * WGS;
+    constexpr int BM = 64, BN = 64, THREADS = ATT_WG_THREADS;
     extern __shared__ unsigned char att_wg_smem[];
     F* qs = att_wg_tiles<F>(att_wg_smem);  // [BM][HS]
     F* gs = qs + BM * HS;                  // [BM][HS] dout
@@ -3262,13 +3266,13 @@ __global__ void __launch_bounds__(128 * WGS, 3 - WGS) attention_backward_dq_wgmm
 
     int qt = gridDim.x - 1 - blockIdx.x;
     int bh = blockIdx.y, b = bh / NH, h = bh % NH;
-    int wg = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, gr = threadIdx.x % 32 / 4;
+    int warp = threadIdx.x / 32, gr = threadIdx.x % 32 / 4;
     int C = NH * HS;
     size_t tstride = (size_t)B * 3 * C, ostride = (size_t)B * C;
     const F* qg = qkv + (size_t)b * 3 * C + h * 3 * HS;
     const F* gg = dout + (size_t)b * C + h * HS;
     const F* og = out + (size_t)b * C + h * HS;
-    int q0 = qt * BM, g0 = q0 + wg * 64, wq0 = g0 + warp * 16;
+    int q0 = qt * BM, wq0 = q0 + warp * 16;
     int rows[2] = {wq0 + gr, wq0 + gr + 8};
     int n_kt = CEIL_DIV(min(T, q0 + BM), BN);
     float scale = rsqrtf((float)HS), scale_log2 = scale * LOG2E, keep_scale = 1.0f / (1.0f - p);
@@ -3297,44 +3301,42 @@ __global__ void __launch_bounds__(128 * WGS, 3 - WGS) attention_backward_dq_wgmm
         att_fence_async_smem();
         __syncthreads();
 
-        if (k0 <= g0 + 63) {  // a tile past all of this warpgroup's rows is skipped
-            float s[BN / 8][4] = {}, dp[BN / 8][4] = {};
-            att_wgmma_fence();
-            att_wg_abt<F, HS, BM, BN>(s, qs, wg * 64, ks + buf * BN * HS, 0);
-            att_wg_abt<F, HS, BM, BN>(dp, gs, wg * 64, vs + buf * BN * HS, 0);
-            att_wgmma_commit_wait();
-            att_wgmma_hold(s);
-            att_wgmma_hold(dp);
-            att_dq_tile<BN>(s, dp, k0, wq0, rows, lse2, di, scale_log2, p, keep_min, keep_scale, seed, bh, T);
-            uint32_t da[BN / 16][4];
-            att_c_to_a<F, BN / 16>(da, s);
-            att_wgmma_fence();
-            att_wg_ab<F, HS, BN, BN>(dq, da, ks + buf * BN * HS, 0);
-            att_wgmma_commit_wait();
-            att_wgmma_hold(dq);
-        }
+        float s[BN / 8][4] = {}, dp[BN / 8][4] = {};
+        att_wgmma_fence();
+        att_wg_abt<F, HS, BM, BN>(s, qs, 0, ks + buf * BN * HS, 0);
+        att_wg_abt<F, HS, BM, BN>(dp, gs, 0, vs + buf * BN * HS, 0);
+        att_wgmma_commit_wait();
+        att_wgmma_hold(s);
+        att_wgmma_hold(dp);
+        att_dq_tile<BN>(s, dp, k0, wq0, rows, lse2, di, scale_log2, p, keep_min, keep_scale, seed, bh, T);
+        uint32_t da[BN / 16][4];
+        att_c_to_a<F, BN / 16>(da, s);
+        att_wgmma_fence();
+        att_wg_ab<F, HS, BN, BN>(dq, da, ks + buf * BN * HS, 0);
+        att_wgmma_commit_wait();
+        att_wgmma_hold(dq);
         __syncthreads();  // the buffer is refilled next iteration
     }
 #pragma unroll
     for (int n = 0; n < HS / 8; n++)
 #pragma unroll
         for (int c = 0; c < 4; c++) dq[n][c] *= scale;
-    att_wg_store_rows<F, HS, BM>(dqkv + (size_t)b * 3 * C + h * 3 * HS, tstride, wq0, T, dq, qs, wg * 64 + warp * 16);
+    att_wg_store_rows<F, HS, BM>(dqkv + (size_t)b * 3 * C + h * 3 * HS, tstride, wq0, T, dq, qs, warp * 16);
 #else
     __trap();  // launched only where att_wgmma_usable said the binary has sm_90a code
 #endif
 }
 
-// Backward, dk and dv, on WGS warpgroups (attention_backward_dkdv_kernel's algorithm): the block
-// owns 64 WGS keys, 64 per warpgroup, and walks 64-query tiles from the diagonal to the end.
+// Backward, dk and dv, on att_dkdv_groups(HS) warpgroups (attention_backward_dkdv_kernel's algorithm):
+// the block owns 64 keys per warpgroup, and walks 64-query tiles from the diagonal to the end.
 // S^T = K Q^T and dP^T = V dout^T from shared memory; dv += (P M) dout and dk += dS^T Q from registers.
-template <typename F, int HS, int WGS>
-__global__ void __launch_bounds__(128 * WGS, 3 - WGS) attention_backward_dkdv_wgmma_kernel(F* dqkv, const float* delta, const F* dout,
+template <typename F, int HS>
+__global__ void __launch_bounds__(ATT_WG_THREADS * att_dkdv_groups(HS), 3 - att_dkdv_groups(HS)) attention_backward_dkdv_wgmma_kernel(F* dqkv, const float* delta, const F* dout,
                                                                                       const F* qkv, const float* lse, float p,
                                                                                       uint32_t keep_min, uint64_t seed,
                                                                                       int B, int T, int NH) {
 #ifdef ATT_HAVE_WGMMA
-    constexpr int BN = 64 * WGS, BM = 64, THREADS = 128 * WGS;
+    constexpr int BN = 64 * att_dkdv_groups(HS), BM = 64, THREADS = ATT_WG_THREADS * att_dkdv_groups(HS);
     extern __shared__ unsigned char att_wg_smem[];
     F* ks = att_wg_tiles<F>(att_wg_smem);       // [BN][HS]
     F* vs = ks + BN * HS;                       // [BN][HS]
@@ -3710,11 +3712,6 @@ __global__ void att_wgmma_probe_kernel(int* has) {
 
 // 0 makes the half-precision kernels mma.sync ones everywhere (tests and dev/cuda compare the two).
 static int att_wgmma_enabled = 1;
-// Warpgroups per block of the wgmma kernels (forward, dq, dk/dv): 1 or 2.
-static int att_wg_groups[3] = {2, 2, 2};
-#define ATT_WGS_SWITCH(n, WGS, ...) \
-    if ((n) == 1) { constexpr int WGS = 1; __VA_ARGS__; } \
-    else { constexpr int WGS = 2; __VA_ARGS__; }
 
 // Whether the wgmma kernels can run for head size HS: the binary loaded on this GPU was
 // compiled for sm_90a (asked once per device), and att_wgmma_enabled.
@@ -3743,13 +3740,11 @@ static void attention_forward_launch(const Device* d, F* out, float* lse, const 
             out, lse, qkv, first, p, seed, B, T, NH);
     } else if (att_wgmma_usable(d, HS)) {
         if constexpr (att_wg_head_size(HS)) {  // (att_wgmma_usable is false for the others)
-            ATT_WGS_SWITCH(att_wg_groups[0], WGS, {
-                size_t smem = (size_t)(64 * WGS + 4 * 64) * HS * sizeof(F) + 1024;  // + room to align the tiles
-                set_dynamic_smem(attention_forward_wgmma_kernel<F, HS, WGS>, smem);
-                dim3 grid(CEIL_DIV(rows, 64 * WGS), B * NH);
-                attention_forward_wgmma_kernel<F, HS, WGS><<<grid, 128 * WGS, smem, d->stream>>>(out, lse, qkv, first, p, att_keep_threshold(p),
-                                                                                             seed, B, T, NH);
-            });
+            size_t smem = (size_t)5 * 64 * HS * sizeof(F) + 1024;  // Q, K and V twice; + room to align the tiles
+            set_dynamic_smem(attention_forward_wgmma_kernel<F, HS>, smem);
+            dim3 grid(CEIL_DIV(rows, 64), B * NH);
+            attention_forward_wgmma_kernel<F, HS><<<grid, ATT_WG_THREADS, smem, d->stream>>>(out, lse, qkv, first, p, att_keep_threshold(p),
+                                                                                         seed, B, T, NH);
         }
     } else {
         size_t smem = (size_t)(ATT_ROWS + 4 * ATT_KTILE) * (HS + ATT_PAD) * sizeof(F);
@@ -3773,21 +3768,16 @@ static void attention_backward_launch(const Device* d, F* dqkv, float* delta, co
             dqkv, delta, dout, qkv, lse, p, seed, B, T, NH);
     } else if (att_wgmma_usable(d, HS)) {
         if constexpr (att_wg_head_size(HS)) {  // (att_wgmma_usable is false for the others)
-            ATT_WGS_SWITCH(att_wg_groups[1], WGS, {
-                size_t smem = (size_t)(2 * 64 * WGS + 4 * 64) * HS * sizeof(F) + 1024;
-                set_dynamic_smem(attention_backward_dq_wgmma_kernel<F, HS, WGS>, smem);
-                dim3 grid(CEIL_DIV(T, 64 * WGS), B * NH);
-                attention_backward_dq_wgmma_kernel<F, HS, WGS><<<grid, 128 * WGS, smem, d->stream>>>(
-                    dqkv, delta, dout, qkv, out, lse, p, att_keep_threshold(p), seed, B, T, NH);
-            });
+            size_t smem_dq = (size_t)6 * 64 * HS * sizeof(F) + 1024;  // Q, dout, K and V twice
+            set_dynamic_smem(attention_backward_dq_wgmma_kernel<F, HS>, smem_dq);
+            attention_backward_dq_wgmma_kernel<F, HS><<<dim3(CEIL_DIV(T, 64), B * NH), ATT_WG_THREADS, smem_dq, d->stream>>>(
+                dqkv, delta, dout, qkv, out, lse, p, att_keep_threshold(p), seed, B, T, NH);
             cudaCheck(cudaGetLastError());
-            ATT_WGS_SWITCH(att_wg_groups[2], WGS, {
-                size_t smem = (size_t)(2 * 64 * WGS + 4 * 64) * HS * sizeof(F) + 1024 + 4 * 64 * sizeof(float);
-                set_dynamic_smem(attention_backward_dkdv_wgmma_kernel<F, HS, WGS>, smem);
-                dim3 grid(CEIL_DIV(T, 64 * WGS), B * NH);
-                attention_backward_dkdv_wgmma_kernel<F, HS, WGS><<<grid, 128 * WGS, smem, d->stream>>>(
-                    dqkv, delta, dout, qkv, lse, p, att_keep_threshold(p), seed, B, T, NH);
-            });
+            constexpr int KEYS = 64 * att_dkdv_groups(HS);  // K, V; Q, dout twice; lse, delta twice
+            size_t smem_kv = (size_t)(2 * KEYS + 4 * 64) * HS * sizeof(F) + 1024 + 4 * 64 * sizeof(float);
+            set_dynamic_smem(attention_backward_dkdv_wgmma_kernel<F, HS>, smem_kv);
+            attention_backward_dkdv_wgmma_kernel<F, HS><<<dim3(CEIL_DIV(T, KEYS), B * NH), ATT_WG_THREADS * att_dkdv_groups(HS), smem_kv, d->stream>>>(
+                dqkv, delta, dout, qkv, lse, p, att_keep_threshold(p), seed, B, T, NH);
         }
     } else {
         constexpr int LD = HS + ATT_PAD, QT = att_qtile(HS);

@@ -377,18 +377,14 @@ int main(int argc, char** argv) {
     // decode: B, maxT, NH, HS, pos, n (rows from the middle of a tile, several key tiles, a prefill)
     static const int decodes[][6] = {{1, 256, 2, 64, 0, 100}, {1, 256, 2, 64, 130, 1}, {2, 256, 3, 32, 70, 9}, {1, 1024, 4, 128, 1000, 1},
                                      {1, 256, 2, 96, 140, 7}};
-    // every case with the mma.sync kernels, then the half cases of head sizes 64 and 96 again with wgmma where the binary has
-    // it, blocks of two warpgroups and of one
+    // every case with the mma.sync kernels, then the half cases of head sizes 64 and 96 again with wgmma where the binary has it
     Device probe;
     device_init(&probe, "cuda", DT_BF16);
     int have_wgmma = att_wgmma_usable(&probe, 64);
     device_free(&probe);
     printf("wgmma attention kernels: %s\n", have_wgmma ? "in this binary (sm_90a), tested below" : "not in this binary");
-    for (int mode = 0; mode <= 2 * have_wgmma; mode++) {
-        int wgmma = mode > 0;
+    for (int wgmma = 0; wgmma <= have_wgmma; wgmma++) {
         att_wgmma_enabled = wgmma;
-        for (int k = 0; k < 3; k++) att_wg_groups[k] = mode == 2 ? 1 : 2;
-        if (wgmma) printf("wgmma blocks of %d warpgroup(s)\n", att_wg_groups[0]);
         for (int t = wgmma; t < 3; t++) {
             Device d;
             device_init(&d, "cuda", dtypes[t]);
@@ -401,17 +397,12 @@ int main(int argc, char** argv) {
         }
     }
     if (want_bench) {
-        // mma.sync, then wgmma with warpgroups per block (forward, dq, dk/dv) of 2 2 2, 1 2 2, 2 1 2, 2 2 1, 1 1 1
-        static const int groups[][3] = {{2, 2, 2}, {2, 2, 2}, {1, 2, 2}, {2, 1, 2}, {2, 2, 1}, {1, 1, 1}};
-        for (int mode = 0; mode <= 5 * have_wgmma; mode++) {
-            att_wgmma_enabled = mode > 0;
-            for (int k = 0; k < 3; k++) att_wg_groups[k] = groups[mode][k];
-            if (mode) printf("bench: wgmma warpgroups per block %d %d %d\n", groups[mode][0], groups[mode][1], groups[mode][2]);
+        for (int wgmma = 0; wgmma <= have_wgmma; wgmma++) {
+            att_wgmma_enabled = wgmma;
             bench(16, 1024, 12, 64, 0.0f);
-            if (mode < 2) bench(16, 1024, 12, 64, 0.1f);
+            bench(16, 1024, 12, 64, 0.1f);
             bench(4, 2048, 24, 96, 0.0f);
         }
-        for (int k = 0; k < 3; k++) att_wg_groups[k] = 2;
     }
 #else
     if (want_bench) printf("skip bench: built without CUDA\n");
