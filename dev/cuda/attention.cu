@@ -144,7 +144,7 @@ static const struct {
     {"v3", DT_BF16, "megatron.h: FlashAttention-2, mma.sync m16n8k16 bf16, cp.async double buffering",
      "megatron.h: FlashAttention-2, a dq kernel and a dk/dv kernel, no atomics",
      attention_forward_mma_sync, attention_backward_mma_sync},
-    {"v4", DT_BF16, "megatron.h on Hopper: v3 on two warpgroups with wgmma m64n64k16 (+ m64n32k16) from swizzled tiles (HS 64, 96)",
+    {"v4", DT_BF16, "megatron.h on Hopper: v3 on wgmma m64n64k16 (+ m64n32k16) from swizzled tiles, blocks of one warpgroup (HS 64, 96)",
      "megatron.h on Hopper: v3's two kernels with wgmma (HS 64, 96)",
      attention_forward_wgmma, attention_backward_wgmma},
 };
