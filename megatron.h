@@ -2365,15 +2365,14 @@ __device__ void add_teams(float (&v)[K], float* stage) {
 // (ROW_CHUNKS); its row teams of blockDim.x threads take turns at the rows, one row per team at
 // a time; a thread holds G channel groups of W (j = threadIdx.x + g * blockDim.x) of x, dout
 // and dinp, all loaded before the row's two sums, and keeps its channels' dweight and dbias sums
-// in registers across the chunk. PREFETCH: the team's next row loads while this one is worked on
-// (otherwise nothing is in flight between a row's sums and its store). The teams' sums are added in order and go to partial rows i
+// in registers across the chunk. The teams' sums are added in order and go to partial rows i
 // (dweight) and gridDim.x + i (dbias) for column_sum.
 #define LN_BWD_GROUPS 4     // most channel groups a thread holds
 #define LN_BWD_THREADS 256  // most threads of a block (and of a team)
 #define LN_BWD_TEAMS_THREADS 128  // threads the teams of a block add up to, when teams are small: with
                                   // ~200 registers a thread, small blocks fill the register file better
 
-template <typename T, int W, int G, bool PREFETCH>
+template <typename T, int W, int G>
 __global__ void __launch_bounds__(LN_BWD_THREADS) layernorm_backward_rows_kernel(T* dinp, float* partials, const T* dout, const T* inp, const T* weight,
                                                                                 const float* mean, const float* rstd, int N, int C) {
     extern __shared__ float stage[];  // for add_teams
@@ -2388,60 +2387,48 @@ __global__ void __launch_bounds__(LN_BWD_THREADS) layernorm_backward_rows_kernel
         if (j < groups) w[g] = load_vec<W>(weight + j * W);
         for (int k = 0; k < 2 * W; k++) sums[g][k] = 0.0f;
     }
-    struct Row {  // a row's statistics and this thread's groups of x, dout and dinp
-        float m, s;
-        Vec<T, W> x[G], dy[G], dx[G];
-    };
-    auto load_row = [&](Row& row, int r) {
-        if (r >= r_end) return;
-        row.m = mean[r];
-        row.s = rstd[r];
-#pragma unroll
-        for (int g = 0; g < G; g++) {
-            int j = threadIdx.x + g * S;
-            if (j >= groups) continue;
-            size_t at = (size_t)r * C + j * W;
-            row.x[g] = load_vec<W>(inp + at);
-            row.dy[g] = load_vec<W>(dout + at);
-            row.dx[g] = load_vec<W>(dinp + at);
-        }
-    };
-    Row row, next;
-    if (PREFETCH) load_row(row, r_begin + threadIdx.y);
     for (int r0 = r_begin; r0 < r_end; r0 += blockDim.y) {  // the same trip count for every team: team_sum2 has barriers
         int r = r0 + threadIdx.y;
         bool has_row = r < r_end;
-        if (PREFETCH) load_row(next, r + blockDim.y);
-        else load_row(row, r);
-        float sum_g = 0, sum_gx = 0;  // g = dout * weight, the gradient of xhat
+        Vec<T, W> xv[G], dyv[G], dxv[G];
+        float m = 0, s = 0, sum_g = 0, sum_gx = 0;  // g = dout * weight, the gradient of xhat
         if (has_row) {
-#pragma unroll
-            for (int g = 0; g < G; g++) {
-                if (threadIdx.x + g * S >= groups) continue;
-                for (int k = 0; k < W; k++) {
-                    float gk = to_float(row.dy[g].v[k]) * to_float(w[g].v[k]);
-                    sum_g += gk;
-                    sum_gx += gk * (to_float(row.x[g].v[k]) - row.m) * row.s;
-                }
-            }
-        }
-        float2 total = team_sum2(sum_g, sum_gx, scratch);
-        if (has_row) {
-            float mean_g = total.x / C, mean_gx = total.y / C;
+            m = mean[r];
+            s = rstd[r];
 #pragma unroll
             for (int g = 0; g < G; g++) {
                 int j = threadIdx.x + g * S;
                 if (j >= groups) continue;
+                size_t at = (size_t)r * C + j * W;
+                xv[g] = load_vec<W>(inp + at);
+                dyv[g] = load_vec<W>(dout + at);
+                dxv[g] = load_vec<W>(dinp + at);
+            }
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+                if (threadIdx.x + g * S >= groups) continue;
                 for (int k = 0; k < W; k++) {
-                    float xhat = (to_float(row.x[g].v[k]) - row.m) * row.s, dyk = to_float(row.dy[g].v[k]);
-                    row.dx[g].v[k] = from_float<T>(to_float(row.dx[g].v[k]) + row.s * (dyk * to_float(w[g].v[k]) - mean_g - xhat * mean_gx));
-                    sums[g][k] += dyk * xhat;
-                    sums[g][W + k] += dyk;
+                    float gk = to_float(dyv[g].v[k]) * to_float(w[g].v[k]);
+                    sum_g += gk;
+                    sum_gx += gk * (to_float(xv[g].v[k]) - m) * s;
                 }
-                store_vec<W>(dinp + (size_t)r * C + j * W, row.dx[g]);
             }
         }
-        if (PREFETCH) row = next;
+        float2 total = team_sum2(sum_g, sum_gx, scratch);
+        if (!has_row) continue;
+        float mean_g = total.x / C, mean_gx = total.y / C;
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            int j = threadIdx.x + g * S;
+            if (j >= groups) continue;
+            for (int k = 0; k < W; k++) {
+                float xhat = (to_float(xv[g].v[k]) - m) * s, dyk = to_float(dyv[g].v[k]);
+                dxv[g].v[k] = from_float<T>(to_float(dxv[g].v[k]) + s * (dyk * to_float(w[g].v[k]) - mean_g - xhat * mean_gx));
+                sums[g][k] += dyk * xhat;
+                sums[g][W + k] += dyk;
+            }
+            store_vec<W>(dinp + (size_t)r * C + j * W, dxv[g]);
+        }
     }
 #pragma unroll
     for (int g = 0; g < G; g++) add_teams<2 * W>(sums[g], stage);
@@ -2467,7 +2454,7 @@ static int layernorm_backward_team(int groups) {
     return team <= LN_BWD_THREADS ? team : 0;
 }
 
-template <typename T, int W, bool PREFETCH>
+template <typename T, int W>
 static void layernorm_backward_rows(const Device* d, float* partials, int chunks, T* dinp, const T* dout, const T* inp, const T* weight,
                                     const float* mean, const float* rstd, int N, int C) {
     int team = layernorm_backward_team(C / W), G = CEIL_DIV(C / W, team);
@@ -2476,7 +2463,7 @@ static void layernorm_backward_rows(const Device* d, float* partials, int chunks
     if (teams < 1) teams = 1;
     dim3 block(team, teams);
     size_t smem = (size_t)(teams - 1) * 2 * W * team * sizeof(float);
-#define LN_BWD_LAUNCH(GC) layernorm_backward_rows_kernel<T, W, GC, PREFETCH><<<chunks, block, smem, d->stream>>>(dinp, partials, dout, inp, weight, mean, rstd, N, C)
+#define LN_BWD_LAUNCH(GC) layernorm_backward_rows_kernel<T, W, GC><<<chunks, block, smem, d->stream>>>(dinp, partials, dout, inp, weight, mean, rstd, N, C)
     switch (G) {
         case 1: LN_BWD_LAUNCH(1); break;
         case 2: LN_BWD_LAUNCH(2); break;
@@ -2554,7 +2541,7 @@ static void layernorm_backward_cuda(const Device* d, void* dinp, float* dweight,
         int vec = C % (16 / sizeof(T)) == 0 && aligned16(dinp) && aligned16(dout) && aligned16(inp) && aligned16(weight);
         VEC_SWITCH(vec, T, W, {
             if (layernorm_backward_team(C / W))
-                layernorm_backward_rows<T, W, true>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
+                layernorm_backward_rows<T, W>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
             else
                 layernorm_backward_smem<T, W>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
         });
