@@ -2372,8 +2372,8 @@ __device__ void add_teams(float (&v)[K], float* stage) {
 #define LN_BWD_TEAMS_THREADS 128  // threads the teams of a block add up to, when teams are small: with
                                   // ~200 registers a thread, small blocks fill the register file better
 
-template <typename T, int W, int G>
-__global__ void __launch_bounds__(LN_BWD_THREADS) layernorm_backward_rows_kernel(T* dinp, float* partials, const T* dout, const T* inp, const T* weight,
+template <typename T, int W, int G, int MAX_REGS>
+__global__ void __maxnreg__(MAX_REGS) layernorm_backward_rows_kernel(T* dinp, float* partials, const T* dout, const T* inp, const T* weight,
                                                                                 const float* mean, const float* rstd, int N, int C) {
     extern __shared__ float stage[];  // for add_teams
     __shared__ float2 scratch[LN_BWD_THREADS / 32];
@@ -2454,7 +2454,7 @@ static int layernorm_backward_team(int groups) {
     return team <= LN_BWD_THREADS ? team : 0;
 }
 
-template <typename T, int W>
+template <typename T, int W, int MAX_REGS>
 static void layernorm_backward_rows(const Device* d, float* partials, int chunks, T* dinp, const T* dout, const T* inp, const T* weight,
                                     const float* mean, const float* rstd, int N, int C) {
     int team = layernorm_backward_team(C / W), G = CEIL_DIV(C / W, team);
@@ -2463,7 +2463,7 @@ static void layernorm_backward_rows(const Device* d, float* partials, int chunks
     if (teams < 1) teams = 1;
     dim3 block(team, teams);
     size_t smem = (size_t)(teams - 1) * 2 * W * team * sizeof(float);
-#define LN_BWD_LAUNCH(GC) layernorm_backward_rows_kernel<T, W, GC><<<chunks, block, smem, d->stream>>>(dinp, partials, dout, inp, weight, mean, rstd, N, C)
+#define LN_BWD_LAUNCH(GC) layernorm_backward_rows_kernel<T, W, GC, MAX_REGS><<<chunks, block, smem, d->stream>>>(dinp, partials, dout, inp, weight, mean, rstd, N, C)
     switch (G) {
         case 1: LN_BWD_LAUNCH(1); break;
         case 2: LN_BWD_LAUNCH(2); break;
@@ -2541,7 +2541,7 @@ static void layernorm_backward_cuda(const Device* d, void* dinp, float* dweight,
         int vec = C % (16 / sizeof(T)) == 0 && aligned16(dinp) && aligned16(dout) && aligned16(inp) && aligned16(weight);
         VEC_SWITCH(vec, T, W, {
             if (layernorm_backward_team(C / W))
-                layernorm_backward_rows<T, W>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
+                layernorm_backward_rows<T, W, 168>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
             else
                 layernorm_backward_smem<T, W>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
         });

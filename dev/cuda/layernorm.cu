@@ -127,6 +127,20 @@ static void layernorm_backward_v3(const Device* d, void* dinp, float* dweight, f
     pool_free(d, partials);
 }
 
+// v4: megatron.h's register-row kernel with the compiler's own register count.
+static void layernorm_backward_v4(const Device* d, void* dinp, float* dweight, float* dbias, const void* dout, const void* inp,
+                                  const void* weight, const float* mean, const float* rstd, int N, int C) {
+    int chunks = row_chunks(N);
+    float* partials = (float*)pool_alloc(d, 2 * (size_t)chunks * C * sizeof(float));
+    DTYPE_SWITCH(d->dtype, T, {
+        constexpr int W = 16 / sizeof(T);  // the shapes here are 16-byte multiples and narrow enough for registers
+        layernorm_backward_rows<T, W, 255>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
+    });
+    column_sum(d, dweight, partials, chunks, C);
+    column_sum(d, dbias, partials + (size_t)chunks * C, chunks, C);
+    pool_free(d, partials);
+}
+
 // ---------------------------------------------------------------- the ladder
 
 typedef void (*ForwardFn)(const Device*, void*, float*, float*, const void*, const void*, const void*, int, int);
@@ -147,7 +161,8 @@ static const struct {
     {"v1", "a thread per row for dinp + a thread per channel for dweight/dbias (x, dout read twice)", layernorm_backward_v1},
     {"v2", "a warp per row for dinp + the same channel kernel", layernorm_backward_v2},
     {"v3", "previous megatron.h: a block per chunk of rows, one row at a time, sums in shared memory", layernorm_backward_v3},
-    {"v4", "megatron.h: warp teams hold whole rows in registers, sums in registers", layernorm_backward},
+    {"v4", "warp teams hold whole rows in registers, sums in registers", layernorm_backward_v4},
+    {"v5", "megatron.h: v4 capped at 168 registers (__maxnreg__): 3 blocks of 128 threads per SM instead of 2", layernorm_backward},
 };
 
 static void run_shape(const Shape* sh) {
