@@ -2540,8 +2540,14 @@ static void layernorm_backward_cuda(const Device* d, void* dinp, float* dweight,
     DTYPE_SWITCH(d->dtype, T, {
         int vec = C % (16 / sizeof(T)) == 0 && aligned16(dinp) && aligned16(dout) && aligned16(inp) && aligned16(weight);
         VEC_SWITCH(vec, T, W, {
-            if (layernorm_backward_team(C / W))
+            // A team of several warps meets at a barrier every row; more resident blocks hide that, so
+            // those kernels are capped at 168 registers (4 blocks of 96 threads per SM at hidden size
+            // 2304: 62 against 77 us on an H200). One-warp teams keep every register (the cap spills:
+            // 52 against 49 us at 768).
+            if (layernorm_backward_team(C / W) > 32)
                 layernorm_backward_rows<T, W, 168>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
+            else if (layernorm_backward_team(C / W))
+                layernorm_backward_rows<T, W, 255>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
             else
                 layernorm_backward_smem<T, W>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
         });

@@ -162,7 +162,7 @@ static const struct {
     {"v2", "a warp per row for dinp + the same channel kernel", layernorm_backward_v2},
     {"v3", "previous megatron.h: a block per chunk of rows, one row at a time, sums in shared memory", layernorm_backward_v3},
     {"v4", "warp teams hold whole rows in registers, sums in registers", layernorm_backward_v4},
-    {"v5", "megatron.h: v4 capped at 168 registers (__maxnreg__): 3 blocks of 128 threads per SM instead of 2", layernorm_backward},
+    {"v5", "megatron.h: v4, capped at 168 registers (__maxnreg__) where a row team is several warps", layernorm_backward},
 };
 
 static void run_shape(const Shape* sh) {
