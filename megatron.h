@@ -2543,10 +2543,11 @@ static void layernorm_backward_cuda(const Device* d, void* dinp, float* dweight,
             // A team of several warps meets at a barrier every row; more resident blocks hide that, so
             // those kernels are capped at 168 registers (4 blocks of 96 threads per SM at hidden size
             // 2304: 62 against 77 us on an H200). One-warp teams keep every register (the cap spills:
-            // 52 against 49 us at 768).
-            if (layernorm_backward_team(C / W) > 32)
+            // 52 against 49 us at 768), and so do threads of four channel groups (it spills more).
+            int team = layernorm_backward_team(C / W);
+            if (team > 32 && CEIL_DIV(C / W, team) < 4)
                 layernorm_backward_rows<T, W, 168>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
-            else if (layernorm_backward_team(C / W))
+            else if (team)
                 layernorm_backward_rows<T, W, 255>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
             else
                 layernorm_backward_smem<T, W>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
