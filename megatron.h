@@ -3046,8 +3046,9 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(F* out, 
 // the GPU whether the loaded binary has them (att_wgmma_usable).
 // A warpgroup (128 threads) owns 64 rows (queries or keys). The forward and dq blocks are one
 // warpgroup: two or more blocks share an SM, so one block's softmax math runs under another's
-// products (measured on an H200 against blocks of two warpgroups in lockstep: forward 0.107 vs
-// 0.109 ms at head size 64, 0.333 vs 0.350 at 96; dq and dk/dv 0.363 vs 0.382 at 64).
+// products (measured on an H200 against blocks of two warpgroups in lockstep: forward 0.103 vs
+// 0.109 ms, backward 0.342 vs 0.382 at B16 T1024 head size 64; forward 0.321 vs 0.350 at B4 T2048
+// head size 96).
 #define ATT_WG_THREADS 128
 // The dk/dv block: at head size 96 its accumulators take all 255 registers, and two warpgroups
 // sharing each query tile beat one that spills (0.898 vs 1.025 ms for the backward).
@@ -3186,8 +3187,8 @@ __device__ __forceinline__ void att_wg_ab(float d[HS / 8][4], const uint32_t a[K
 }
 #endif
 
-// attention_forward_kernel's algorithm on a warpgroup: the block owns 64 query rows; S = Q K^T and O += P V are wgmma products, the online softmax and
-// dropout are the same per accumulator element.
+// attention_forward_kernel's algorithm on a warpgroup: the block owns 64 query rows; S = Q K^T and
+// O += P V are wgmma products, the online softmax and dropout are the same per accumulator element.
 template <typename F, int HS>
 __global__ void __launch_bounds__(ATT_WG_THREADS, HS == 64 ? 4 : 2) attention_forward_wgmma_kernel(F* out, float* lse, const F* qkv, int first,
                                                                                                   float p, uint32_t keep_min, uint64_t seed,
