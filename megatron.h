@@ -3197,7 +3197,7 @@ __global__ void __launch_bounds__(ATT_WG_THREADS, HS == 64 ? 4 : 2) attention_fo
     constexpr int BM = 64, BN = 64, THREADS = ATT_WG_THREADS;
     extern __shared__ unsigned char att_wg_smem[];
     F* qs = att_wg_tiles<F>(att_wg_smem);  // [BM][HS]
-    F* ks = qs + BM * HS;                                                         // [2][BN][HS], double-buffered
+    F* ks = qs + BM * HS;                  // [2][BN][HS], double-buffered
     F* vs = ks + 2 * BN * HS;
 
     int qt = gridDim.x - 1 - blockIdx.x;  // the longest rows first
@@ -3570,10 +3570,6 @@ attention_backward_dkdv_kernel(F* dqkv, const float* delta, const F* dout, const
 
 // fp32 storage: one warp per query (or key) row, lane owning dimensions lane + 32k,
 // plain fp32 arithmetic in the same order of operations as the CPU reference.
-__device__ __forceinline__ float att_warp_sum(float x) {
-    for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffff, x, o);
-    return x;
-}
 
 #define ATT_F32_WARPS 8
 
@@ -3593,7 +3589,7 @@ __global__ void attention_forward_f32_kernel(float* out, float* lse, const float
         const float* kj = head + j * tstride + HS;
         float s = 0;
         for (int k = 0; k < HS / 32; k++) s += q[k] * kj[lane + 32 * k];
-        s = att_warp_sum(s) * scale;
+        s = warp_sum(s) * scale;
         float m_new = fmaxf(m, s), alpha = expf(m - m_new), e = expf(s - m_new);
         l = l * alpha + e;
         float w = p > 0 && !dropout_keep(seed, drop_row + j, p) ? 0.0f : e;
@@ -3624,7 +3620,7 @@ __global__ void attention_backward_dq_f32_kernel(float* dqkv, float* delta, cons
         gq[k] = g[lane + 32 * k];
         di += gq[k] * orow[lane + 32 * k];
     }
-    di = att_warp_sum(di);
+    di = warp_sum(di);
     if (lane == 0) delta[row] = di;
     float lse_i = lse[row];
     uint64_t drop_row = (uint64_t)row * T;
@@ -3635,8 +3631,8 @@ __global__ void attention_backward_dq_f32_kernel(float* dqkv, float* delta, cons
             s += q[k] * kj[lane + 32 * k];
             gv += gq[k] * kj[HS + lane + 32 * k];
         }
-        s = att_warp_sum(s);
-        gv = att_warp_sum(gv);
+        s = warp_sum(s);
+        gv = warp_sum(gv);
         float prob = expf(s * scale - lse_i);
         float mk = p > 0 ? (dropout_keep(seed, drop_row + j, p) ? keep_scale : 0.0f) : 1.0f;
         float ds = prob * (mk * gv - di) * scale;
@@ -3669,8 +3665,8 @@ __global__ void attention_backward_dkdv_f32_kernel(float* dqkv, const float* del
             s += qi[lane + 32 * k] * kj[k];
             gv += g[lane + 32 * k] * vj[k];
         }
-        s = att_warp_sum(s);
-        gv = att_warp_sum(gv);
+        s = warp_sum(s);
+        gv = warp_sum(gv);
         size_t bhi = (size_t)bh * T + i;
         float prob = expf(s * scale - lse[bhi]);
         float mk = p > 0 ? (dropout_keep(seed, (uint64_t)bhi * T + j, p) ? keep_scale : 0.0f) : 1.0f;

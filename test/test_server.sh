@@ -154,19 +154,25 @@ curl -s -o /dev/null -o /dev/null -w '%{http_code} %{num_connects}\n' -X PUT --d
 [ "$(tr '\n' ' ' < "$W/keepalive")" = "200 1 200 0 " ] && ok "keep-alive: two requests over one connection" || fail "keep-alive" "$(cat "$W/keepalive")"
 
 # ---- concurrent clients: one generation at a time, each answer as when sent alone
+# The request body(seed) for each seed sent alone, then all at once: bad lists the seeds whose
+# concurrent answer was not HTTP 200 or differed from the lone one. $1 names the files.
+same_together() {
+    local name=$1 s clients=()
+    shift
+    for s in "$@"; do put "$(body "$s")" "$W/${name}_alone_$s" > /dev/null; done
+    for s in "$@"; do
+        put "$(body "$s")" "$W/${name}_together_$s" > "$W/${name}_code_$s" &
+        clients+=($!)
+    done
+    wait "${clients[@]}"
+    bad=
+    for s in "$@"; do
+        { [ "$(cat "$W/${name}_code_$s")" = 200 ] && cmp -s "$W/${name}_alone_$s" "$W/${name}_together_$s"; } || bad="$bad $s"
+    done
+}
 seeds=(11 12 13 14 15 16 17 18)
 body() { echo "{\"prompts\": [\"client $1\", \"second $1\"], \"tokens_to_generate\": 16, \"logprobs\": true, \"random_seed\": $1}"; }
-for s in "${seeds[@]}"; do put "$(body "$s")" "$W/alone_$s" > /dev/null; done
-clients=()
-for s in "${seeds[@]}"; do
-    put "$(body "$s")" "$W/together_$s" > "$W/code_$s" &
-    clients+=($!)
-done
-wait "${clients[@]}"
-bad=
-for s in "${seeds[@]}"; do
-    { [ "$(cat "$W/code_$s")" = 200 ] && cmp -s "$W/alone_$s" "$W/together_$s"; } || bad="$bad $s"
-done
+same_together stand_in "${seeds[@]}"
 [ -z "$bad" ] && ok "${#seeds[@]} concurrent clients get the answers they get one at a time" || fail "concurrent clients" "differ for seeds$bad"
 for _ in $(seq 100); do grep -q "^stand-in model: idle" "$W/fake.log" && break; sleep 0.1; done
 grep -q "^stand-in model: idle" "$W/fake.log" && ok "between requests the model's thread gets its idle calls" || fail "idle calls" "none in the log"
@@ -255,15 +261,7 @@ for i in range(2):
     refused "prompt + tokens_to_generate over the 64 positions" '{"prompts": ["Hello world"], "tokens_to_generate": 63}' "Length of prompt + tokens_to_generate longer than allowed"
     seeds=(21 22 23 24)
     body() { echo "{\"prompts\": [\"Once upon a time $1\", \"The $1\"], \"tokens_to_generate\": 10, \"top_p\": 0.9, \"logprobs\": true, \"random_seed\": $1}"; }
-    for s in "${seeds[@]}"; do put "$(body "$s")" "$W/gpt_alone_$s" > /dev/null; done
-    clients=()
-    for s in "${seeds[@]}"; do
-        put "$(body "$s")" "$W/gpt_together_$s" > "$W/code_$s" &
-        clients+=($!)
-    done
-    wait "${clients[@]}"
-    bad=
-    for s in "${seeds[@]}"; do { [ "$(cat "$W/code_$s")" = 200 ] && cmp -s "$W/gpt_alone_$s" "$W/gpt_together_$s"; } || bad="$bad $s"; done
+    same_together gpt "${seeds[@]}"
     [ -z "$bad" ] && ok "${#seeds[@]} concurrent clients of the model get the answers they get one at a time" || fail "concurrent clients of the model" "differ for seeds$bad"
     stop_checked "train_gpt --port"
 else

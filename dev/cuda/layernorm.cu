@@ -111,34 +111,35 @@ static void layernorm_backward_v2(const Device* d, void* dinp, float* dweight, f
     cudaCheck(cudaGetLastError());
 }
 
-// v3: the previous megatron.h kernel, now megatron.h's path for rows too wide for registers:
-// one row at a time per block, reread from L1 after the two sums, per-channel sums in shared memory.
-static void layernorm_backward_v3(const Device* d, void* dinp, float* dweight, float* dbias, const void* dout, const void* inp,
-                                  const void* weight, const float* mean, const float* rstd, int N, int C) {
+// v3 and v4 run one of megatron.h's row kernels into per-chunk partial rows, then its column sums.
+template <typename Rows>
+static void layernorm_backward_chunks(const Device* d, float* dweight, float* dbias, int N, int C, Rows rows) {
     int chunks = row_chunks(N);
     float* partials = (float*)pool_alloc(d, 2 * (size_t)chunks * C * sizeof(float));
-    DTYPE_SWITCH(d->dtype, T, {
-        int vec = C % (16 / sizeof(T)) == 0 && aligned16(dinp) && aligned16(dout) && aligned16(inp) && aligned16(weight);
-        VEC_SWITCH(vec, T, W, layernorm_backward_smem<T, W>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp,
-                                                            (const T*)weight, mean, rstd, N, C));
-    });
+    rows(partials, chunks);
     column_sum(d, dweight, partials, chunks, C);
     column_sum(d, dbias, partials + (size_t)chunks * C, chunks, C);
     pool_free(d, partials);
 }
 
+// v3: the previous megatron.h kernel, now megatron.h's path for rows too wide for registers:
+// one row at a time per block, reread from L1 after the two sums, per-channel sums in shared memory.
+// (The shapes here are 16-byte multiples, narrow enough for registers.)
+static void layernorm_backward_v3(const Device* d, void* dinp, float* dweight, float* dbias, const void* dout, const void* inp,
+                                  const void* weight, const float* mean, const float* rstd, int N, int C) {
+    layernorm_backward_chunks(d, dweight, dbias, N, C, [&](float* partials, int chunks) {
+        DTYPE_SWITCH(d->dtype, T, layernorm_backward_smem<T, 16 / sizeof(T)>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp,
+                                                                            (const T*)weight, mean, rstd, N, C));
+    });
+}
+
 // v4: megatron.h's register-row kernel with the compiler's own register count.
 static void layernorm_backward_v4(const Device* d, void* dinp, float* dweight, float* dbias, const void* dout, const void* inp,
                                   const void* weight, const float* mean, const float* rstd, int N, int C) {
-    int chunks = row_chunks(N);
-    float* partials = (float*)pool_alloc(d, 2 * (size_t)chunks * C * sizeof(float));
-    DTYPE_SWITCH(d->dtype, T, {
-        constexpr int W = 16 / sizeof(T);  // the shapes here are 16-byte multiples and narrow enough for registers
-        layernorm_backward_rows<T, W, 255>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
+    layernorm_backward_chunks(d, dweight, dbias, N, C, [&](float* partials, int chunks) {
+        DTYPE_SWITCH(d->dtype, T, layernorm_backward_rows<T, 16 / sizeof(T), 255>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp,
+                                                                                  (const T*)weight, mean, rstd, N, C));
     });
-    column_sum(d, dweight, partials, chunks, C);
-    column_sum(d, dbias, partials + (size_t)chunks * C, chunks, C);
-    pool_free(d, partials);
 }
 
 // ---------------------------------------------------------------- the ladder
