@@ -2846,6 +2846,18 @@ __device__ __forceinline__ void att_store_rows(F* g, size_t tstride, int t0, int
     }
 }
 
+// The dk/dv kernels' per-query-tile statistics: lse (in log2 units) and delta of rows t0 .. t0+R-1
+// of head bh into shared memory (zeros past T), over the block's THREADS threads.
+template <int R, int THREADS>
+__device__ __forceinline__ void att_load_stats(float* lse_s, float* delta_s, const float* lse, const float* delta, int bh, int t0,
+                                               int T) {
+    for (int r = threadIdx.x; r < R; r += THREADS) {
+        int t = t0 + r;
+        lse_s[r] = t < T ? lse[(size_t)bh * T + t] * LOG2E : 0;
+        delta_s[r] = t < T ? delta[(size_t)bh * T + t] : 0;
+    }
+}
+
 // ---- What every half-precision kernel does per tile, on accumulators in the C fragment layout
 // (att_mma): a thread holds rows rows[0], rows[1] (or keys) at columns n*8 + 2*q4 + (c&1).
 
@@ -3368,11 +3380,7 @@ __global__ void __launch_bounds__(ATT_WG_THREADS * att_dkdv_groups(HS), 3 - att_
         att_wg_load_rows<F, HS, BM, THREADS>(qs + buf * BM * HS, qg, tstride, qt * BM, T);
         att_wg_load_rows<F, HS, BM, THREADS>(gs + buf * BM * HS, gg, ostride, qt * BM, T);
         cp_async_commit();
-        for (int r = threadIdx.x; r < BM; r += THREADS) {
-            int t = qt * BM + r;
-            lse_s[buf * BM + r] = t < T ? lse[(size_t)bh * T + t] * LOG2E : 0;
-            delta_s[buf * BM + r] = t < T ? delta[(size_t)bh * T + t] : 0;
-        }
+        att_load_stats<BM, THREADS>(lse_s + buf * BM, delta_s + buf * BM, lse, delta, bh, qt * BM, T);
     };
     att_wg_load_rows<F, HS, BN, THREADS>(ks, qg + HS, tstride, k0, T);
     att_wg_load_rows<F, HS, BN, THREADS>(vs, qg + 2 * HS, tstride, k0, T);
@@ -3525,11 +3533,7 @@ attention_backward_dkdv_kernel(F* dqkv, const float* delta, const F* dout, const
         att_load_rows<F, HS, BM>(qs + buf * BM * LD, qg, tstride, qt * BM, T);
         att_load_rows<F, HS, BM>(gs + buf * BM * LD, gg, ostride, qt * BM, T);
         cp_async_commit();
-        for (int r = threadIdx.x; r < BM; r += ATT_THREADS) {
-            int t = qt * BM + r;
-            lse_s[buf * BM + r] = t < T ? lse[(size_t)bh * T + t] * LOG2E : 0;
-            delta_s[buf * BM + r] = t < T ? delta[(size_t)bh * T + t] : 0;
-        }
+        att_load_stats<BM, ATT_THREADS>(lse_s + buf * BM, delta_s + buf * BM, lse, delta, bh, qt * BM, T);
     };
     att_load_rows<F, HS, BN>(ks, qg + HS, tstride, k0, T);
     att_load_rows<F, HS, BN>(vs, qg + 2 * HS, tstride, k0, T);
