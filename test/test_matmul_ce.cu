@@ -275,6 +275,15 @@ static void round_to_dtype(float* x, size_t n, DType dt) {
     free(tmp);
 }
 
+// n normal samples (standard deviation scale) from mt in a new host buffer, rounded to dt: the values
+// a dt tensor holds.
+static float* random_in_dtype(size_t n, MT19937* mt, double scale, DType dt) {
+    float* x = (float*)xmalloc(4 * n);
+    fill_normal(x, n, mt, scale);
+    round_to_dtype(x, n, dt);
+    return x;
+}
+
 // Host floats -> a new device buffer in dtype.
 static void* upload_as(const Device* d, const float* x, size_t n, DType dt) {
     void* tmp = xmalloc(n * dtype_size(dt));
@@ -320,18 +329,9 @@ static void test_matmul_gpu(const Device* d, int N, int C, int OC, int use_bias,
     size_t n_in = (size_t)N * C, n_w = (size_t)OC * C, n_out = (size_t)N * OC, es = dtype_size(dt);
     MT19937 mt;
     mt_seed(&mt, 100 + N + C + OC + use_bias + 2 * use_gelu);
-    float *inp = (float*)xmalloc(4 * n_in), *w = (float*)xmalloc(4 * n_w), *b = (float*)xmalloc(4 * OC), *dout = (float*)xmalloc(4 * n_out);
-    float *dw0 = (float*)xmalloc(4 * n_w), *db0 = (float*)xmalloc(4 * OC);
-    fill_normal(inp, n_in, &mt, 1.0);
-    fill_normal(w, n_w, &mt, 0.2);
-    fill_normal(b, OC, &mt, 1.0);
-    fill_normal(dout, n_out, &mt, 1.0);
-    fill_normal(dw0, n_w, &mt, 1.0);
-    fill_normal(db0, OC, &mt, 1.0);
-    round_to_dtype(inp, n_in, dt);
-    round_to_dtype(w, n_w, dt);
-    round_to_dtype(b, OC, dt);
-    round_to_dtype(dout, n_out, dt);
+    float *inp = random_in_dtype(n_in, &mt, 1.0, dt), *w = random_in_dtype(n_w, &mt, 0.2, dt);
+    float *b = random_in_dtype(OC, &mt, 1.0, dt), *dout = random_in_dtype(n_out, &mt, 1.0, dt);
+    float *dw0 = random_in_dtype(n_w, &mt, 1.0, DT_F32), *db0 = random_in_dtype(OC, &mt, 1.0, DT_F32);
 
     // CPU reference
     float *out_ref = (float*)xmalloc(4 * n_out), *gelu_ref = (float*)xmalloc(4 * n_out), *dinp_ref = (float*)xmalloc(4 * n_in);
@@ -412,14 +412,8 @@ static void test_matmul_dgelu_gpu(const Device* d, int N, int C, int OC) {
     size_t n_pre = (size_t)N * C, n_w = (size_t)OC * C, n_out = (size_t)N * OC, es = dtype_size(dt);
     MT19937 mt;
     mt_seed(&mt, 300 + N + C + OC);
-    float *pre = (float*)xmalloc(4 * n_pre), *w = (float*)xmalloc(4 * n_w), *dout = (float*)xmalloc(4 * n_out), *db0 = (float*)xmalloc(4 * C);
-    fill_normal(pre, n_pre, &mt, 1.5);
-    fill_normal(w, n_w, &mt, 0.2);
-    fill_normal(dout, n_out, &mt, 1.0);
-    fill_normal(db0, C, &mt, 1.0);
-    round_to_dtype(pre, n_pre, dt);
-    round_to_dtype(w, n_w, dt);
-    round_to_dtype(dout, n_out, dt);
+    float *pre = random_in_dtype(n_pre, &mt, 1.5, dt), *w = random_in_dtype(n_w, &mt, 0.2, dt);
+    float *dout = random_in_dtype(n_out, &mt, 1.0, dt), *db0 = random_in_dtype(C, &mt, 1.0, DT_F32);
     float *dpre_ref = (float*)xmalloc(4 * n_pre), *db_ref = (float*)xmalloc(4 * C), *got = (float*)xmalloc(4 * n_pre);
     memcpy(db_ref, db0, 4 * C);
     matmul_backward_dgelu_cpu<float>(dpre_ref, db_ref, dout, w, pre, N, C, OC);
@@ -460,11 +454,9 @@ static void test_crossentropy_gpu(const Device* d, int N, int V, int Vp, int wit
     size_t n_logits = (size_t)N * Vp, es = dtype_size(dt);
     MT19937 mt;
     mt_seed(&mt, 200 + N + V + Vp + with_grad);
-    float *logits = (float*)xmalloc(4 * n_logits), *ref = (float*)xmalloc(4 * n_logits), *got = (float*)xmalloc(4 * n_logits);
+    float *logits = random_in_dtype(n_logits, &mt, 3.0, dt), *ref = (float*)xmalloc(4 * n_logits), *got = (float*)xmalloc(4 * n_logits);
     float *dloss = (float*)xmalloc(4 * N), *losses_ref = (float*)xmalloc(4 * N), *losses = (float*)xmalloc(4 * N);
     int* targets = (int*)xmalloc(4 * N);
-    fill_normal(logits, n_logits, &mt, 3.0);
-    round_to_dtype(logits, n_logits, dt);
     for (int n = 0; n < N; n++) {
         for (int i = V; i < Vp; i++) logits[(size_t)n * Vp + i] = NAN;
         targets[n] = mt_u32(&mt) % V;
