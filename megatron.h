@@ -1675,6 +1675,17 @@ static void matmul_forward_cpu(real* out, const real* inp, const real* weight, c
     if (gelu_out) gelu_forward_cpu(gelu_out, out, (size_t)N * OC);
 }
 
+// out = residual + inp @ weight^T + bias (bias may be NULL; out may be residual): a linear layer
+// closing a residual branch that has no dropout.
+template <typename real>
+static void matmul_forward_residual_cpu(real* out, const real* residual, const real* inp, const real* weight, const real* bias, int N, int C, int OC) {
+    if (out != residual) memcpy(out, residual, sizeof(real) * N * OC);
+    if (bias)
+        for (int n = 0; n < N; n++)
+            for (int o = 0; o < OC; o++) out[(size_t)n * OC + o] += bias[o];
+    gemm_cpu(out, inp, C, 1, weight, 1, C, (const real*)NULL, 1, N, OC, C);
+}
+
 // dbias += column sums of dout[N, OC]
 template <typename real>
 static void matmul_dbias_cpu(real* dbias, const real* dout, int N, int OC) {
@@ -1712,7 +1723,7 @@ static void matmul_backward_dgelu_cpu(real* dpre, real* dpre_bias, const real* d
 // matrix is a column-major [S, R] one to cuBLAS, so out^T = weight @ inp^T etc. The heuristic's
 // answer (an algorithm, or none) is remembered per problem (shape, types, epilogue, alignments).
 typedef struct {
-    int64_t key[14];
+    int64_t key[15];
     int found;
     cublasLtMatmulAlgo_t algo;
 } MatmulAlgo;
@@ -1740,21 +1751,21 @@ static int matmul_optional_epilogue(int64_t epilogue) {
 
 // The heuristic's algorithm for a problem, asked once; 0 when it has none.
 static int matmul_find_algo(const Device* d, cublasLtMatmulDesc_t desc, cublasLtMatrixLayout_t layout_a, cublasLtMatrixLayout_t layout_b,
-                            cublasLtMatrixLayout_t layout_d, const int64_t* key, const void* A, const void* B, const void* D,
-                            cublasLtMatmulAlgo_t* algo) {
+                            cublasLtMatrixLayout_t layout_d, const int64_t* key, const void* A, const void* B, const void* C,
+                            const void* D, cublasLtMatmulAlgo_t* algo) {
     for (int i = 0; i < matmul_algo_count; i++)
         if (!memcmp(matmul_algos[i].key, key, sizeof(matmul_algos[i].key))) {
             *algo = matmul_algos[i].algo;
             return matmul_algos[i].found;
         }
     cublasLtMatmulPreference_t pref;
-    uint32_t align_a = matmul_alignment(A), align_b = matmul_alignment(B), align_d = matmul_alignment(D);
+    uint32_t align_a = matmul_alignment(A), align_b = matmul_alignment(B), align_c = matmul_alignment(C), align_d = matmul_alignment(D);
     uint64_t workspace = d->cublaslt_workspace_size;
     cublasCheck(cublasLtMatmulPreferenceCreate(&pref));
     cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace, sizeof(workspace)));
     cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a, sizeof(align_a)));
     cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b, sizeof(align_b)));
-    cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d, sizeof(align_d)));
+    cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_c, sizeof(align_c)));
     cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d, sizeof(align_d)));
     cublasLtMatmulHeuristicResult_t heuristic = {};
     int returned = 0;
@@ -1772,13 +1783,14 @@ static int matmul_find_algo(const Device* d, cublasLtMatmulDesc_t desc, cublasLt
     return found;
 }
 
-// Column-major D[m, n] (ldd) = op(A)[m, k] @ op(B)[k, n] + beta * D; A (B) is stored [k, m] ([n, k]) when
-// trans_a (trans_b). A and B have the run's dtype, D d_type.
+// Column-major D[m, n] (ldd) = op(A)[m, k] @ op(B)[k, n] (+ add, unless NULL: D itself to accumulate, or
+// another matrix of D's type and layout); A (B) is stored [k, m] ([n, k]) when trans_a (trans_b). A and B
+// have the run's dtype, D d_type.
 // bias: the BIAS epilogues' input (length m, run's dtype); aux (ld = ldd, run's dtype): GELU_AUX's
 // pre-activation output. Returns 0, doing nothing, where cuBLASLt has no algorithm for an optional
 // epilogue (the caller does its work with a kernel); for any other problem that is an error.
 static int matmul_cublaslt(const Device* d, void* D, cudaDataType_t d_type, int ldd, const void* A, int trans_a, int lda,
-                           const void* B, int trans_b, int ldb, int m, int n, int k, float beta,
+                           const void* B, int trans_b, int ldb, int m, int n, int k, const void* add,
                            cublasLtEpilogue_t epilogue, const void* bias, const void* aux) {
     cudaDataType_t ab_type = matmul_cuda_type(d->dtype);
     cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
@@ -1798,16 +1810,18 @@ static int matmul_cublaslt(const Device* d, void* D, cudaDataType_t d_type, int 
     cublasCheck(cublasLtMatrixLayoutCreate(&layout_b, ab_type, trans_b ? n : k, trans_b ? k : n, ldb));
     cublasCheck(cublasLtMatrixLayoutCreate(&layout_d, d_type, m, n, ldd));
 
-    int64_t key[14] = {m, n, k, trans_a, trans_b, lda, ldb, ldd, ab_type, d_type, epilogue, beta != 0,
+    const void* c = add ? add : D;
+    int64_t key[15] = {m, n, k, trans_a, trans_b, lda, ldb, ldd, ab_type, d_type, epilogue, add == NULL ? 0 : add == D ? 1 : 2,
                        (int64_t)matmul_alignment(A) << 32 | matmul_alignment(B),
-                       (int64_t)matmul_alignment(D) << 32 | matmul_alignment(bias ? bias : aux ? aux : D) << 16 | matmul_alignment(aux ? aux : D)};
+                       (int64_t)matmul_alignment(D) << 32 | matmul_alignment(bias ? bias : aux ? aux : D) << 16 | matmul_alignment(aux ? aux : D),
+                       matmul_alignment(c)};
     cublasLtMatmulAlgo_t algo;
-    int found = matmul_find_algo(d, desc, layout_a, layout_b, layout_d, key, A, B, D, &algo);
+    int found = matmul_find_algo(d, desc, layout_a, layout_b, layout_d, key, A, B, c, D, &algo);
     if (!found && !matmul_optional_epilogue(epilogue))
         die("cuBLASLt has no algorithm for a %s matmul m=%d n=%d k=%d (epilogue %d)", dtype_name(d->dtype), m, n, k, (int)epilogue);
     if (found) {
-        float alpha = 1.0f;
-        cublasCheck(cublasLtMatmul(d->cublaslt, desc, &alpha, A, layout_a, B, layout_b, &beta, D, layout_d, D, layout_d, &algo,
+        float alpha = 1.0f, beta = add ? 1.0f : 0.0f;
+        cublasCheck(cublasLtMatmul(d->cublaslt, desc, &alpha, A, layout_a, B, layout_b, &beta, c, layout_d, D, layout_d, &algo,
                                    d->cublaslt_workspace, d->cublaslt_workspace_size, d->stream));
     }
     cublasCheck(cublasLtMatmulDescDestroy(desc));
@@ -1821,11 +1835,19 @@ static void matmul_forward_cuda(const Device* d, void* out, const void* inp, con
     cudaDataType_t type = matmul_cuda_type(d->dtype);
     cublasLtEpilogue_t plain = bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
     if (gelu_out && matmul_gelu_epilogue_enabled && OC % 8 == 0 &&  // the pre-activation (aux) rows must be 16-byte multiples
-        matmul_cublaslt(d, gelu_out, type, OC, weight, 1, C, inp, 0, C, OC, N, C, 0.0f,
+        matmul_cublaslt(d, gelu_out, type, OC, weight, 1, C, inp, 0, C, OC, N, C, NULL,
                         bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX, bias, out))
         return;
-    matmul_cublaslt(d, out, type, OC, weight, 1, C, inp, 0, C, OC, N, C, 0.0f, plain, bias, NULL);
+    matmul_cublaslt(d, out, type, OC, weight, 1, C, inp, 0, C, OC, N, C, NULL, plain, bias, NULL);
     if (gelu_out) gelu_cuda(d, gelu_out, out, NULL, (size_t)N * OC);
+}
+
+// The residual joins in cuBLASLt's epilogue (its C matrix), in fp32 before the one rounding: no
+// pass of its own over the three [N, OC] tensors, as the bias-dropout-add kernel would make.
+static void matmul_forward_residual_cuda(const Device* d, void* out, const void* residual, const void* inp, const void* weight, const void* bias,
+                                         int N, int C, int OC) {
+    matmul_cublaslt(d, out, matmul_cuda_type(d->dtype), OC, weight, 1, C, inp, 0, C, OC, N, C, residual,
+                    bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT, bias, NULL);
 }
 
 // dbias += column sums of dout in a fixed order (no atomics): blocks of 32 x W columns x MATMUL_DBIAS_ROWS
@@ -1904,8 +1926,8 @@ static void matmul_dbias_cuda(const Device* d, float* dbias, void* dout, const v
 static void matmul_backward_cuda(const Device* d, void* dinp, float* dweight, float* dbias, const void* dout, const void* inp,
                                  const void* weight, int N, int C, int OC) {
     cudaDataType_t type = matmul_cuda_type(d->dtype);
-    if (dinp) matmul_cublaslt(d, dinp, type, C, weight, 0, C, dout, 0, OC, C, N, OC, 0.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL, NULL);
-    matmul_cublaslt(d, dweight, CUDA_R_32F, C, inp, 0, C, dout, 1, OC, C, OC, N, 1.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL, NULL);
+    if (dinp) matmul_cublaslt(d, dinp, type, C, weight, 0, C, dout, 0, OC, C, N, OC, NULL, CUBLASLT_EPILOGUE_DEFAULT, NULL, NULL);
+    matmul_cublaslt(d, dweight, CUDA_R_32F, C, inp, 0, C, dout, 1, OC, C, OC, N, dweight, CUBLASLT_EPILOGUE_DEFAULT, NULL, NULL);
     if (dbias) matmul_dbias_cuda(d, dbias, (void*)dout, NULL, N, OC);  // (read only)
 }
 
@@ -1915,7 +1937,7 @@ static void matmul_backward_cuda(const Device* d, void* dinp, float* dweight, fl
 // Here the last two are one pass.
 static void matmul_backward_dgelu_cuda(const Device* d, void* dpre, float* dpre_bias, const void* dout, const void* weight, const void* pre,
                                        int N, int C, int OC) {
-    matmul_cublaslt(d, dpre, matmul_cuda_type(d->dtype), C, weight, 0, C, dout, 0, OC, C, N, OC, 0.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL, NULL);
+    matmul_cublaslt(d, dpre, matmul_cuda_type(d->dtype), C, weight, 0, C, dout, 0, OC, C, N, OC, NULL, CUBLASLT_EPILOGUE_DEFAULT, NULL, NULL);
     matmul_dbias_cuda(d, dpre_bias, dpre, pre, N, C);
 }
 #endif
@@ -1928,6 +1950,15 @@ static void matmul_forward(const Device* d, void* out, const void* inp, const vo
 #endif
     (void)d;
     matmul_forward_cpu<float>((float*)out, (const float*)inp, (const float*)weight, (const float*)bias, N, C, OC, (float*)gelu_out);
+}
+
+static void matmul_forward_residual(const Device* d, void* out, const void* residual, const void* inp, const void* weight, const void* bias,
+                                    int N, int C, int OC) {
+#ifdef __CUDACC__
+    if (d->is_gpu) { matmul_forward_residual_cuda(d, out, residual, inp, weight, bias, N, C, OC); return; }
+#endif
+    (void)d;
+    matmul_forward_residual_cpu<float>((float*)out, (const float*)residual, (const float*)inp, (const float*)weight, (const float*)bias, N, C, OC);
 }
 
 static void matmul_backward(const Device* d, void* dinp, float* dweight, float* dbias, const void* dout, const void* inp,
@@ -2259,73 +2290,6 @@ static void layernorm_backward_cpu(real* dinp, real* dweight, real* dbias, const
 }
 
 #ifdef __CUDACC__
-// A warp per row. The second and third reads of the row mostly hit L1.
-template <typename T, int W>
-__global__ void layernorm_forward_kernel(T* out, float* mean, float* rstd, const T* inp, const T* weight, const T* bias, int N, int C) {
-    int r = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (r >= N) return;
-    const T* x = inp + (size_t)r * C;
-    float sum = 0, sq = 0;
-    for (int c = lane * W; c < C; c += 32 * W) {
-        Vec<T, W> xv = load_vec<W>(x + c);
-        for (int k = 0; k < W; k++) sum += to_float(xv.v[k]);
-    }
-    float m = warp_sum(sum) / C;
-    for (int c = lane * W; c < C; c += 32 * W) {
-        Vec<T, W> xv = load_vec<W>(x + c);
-        for (int k = 0; k < W; k++) sq += (to_float(xv.v[k]) - m) * (to_float(xv.v[k]) - m);
-    }
-    float s = 1.0f / sqrtf(warp_sum(sq) / C + (float)LAYERNORM_EPS);
-    T* o = out + (size_t)r * C;
-    for (int c = lane * W; c < C; c += 32 * W) {
-        Vec<T, W> xv = load_vec<W>(x + c), wv = load_vec<W>(weight + c), bv = load_vec<W>(bias + c), ov;
-        for (int k = 0; k < W; k++) ov.v[k] = from_float<T>((to_float(xv.v[k]) - m) * s * to_float(wv.v[k]) + to_float(bv.v[k]));
-        store_vec<W>(o + c, ov);
-    }
-    if (lane == 0 && mean) mean[r] = m;
-    if (lane == 0 && rstd) rstd[r] = s;
-}
-
-static void layernorm_forward_cuda(const Device* d, void* out, float* mean, float* rstd, const void* inp, const void* weight, const void* bias, int N, int C) {
-    DTYPE_SWITCH(d->dtype, T, {
-        int vec = C % (16 / sizeof(T)) == 0 && aligned16(out) && aligned16(inp) && aligned16(weight) && aligned16(bias);
-        VEC_SWITCH(vec, T, W, {
-            layernorm_forward_kernel<T, W><<<CEIL_DIV(N, 8), 256, 0, d->stream>>>((T*)out, mean, rstd, (const T*)inp, (const T*)weight, (const T*)bias, N, C);
-        });
-    });
-    cudaCheck(cudaGetLastError());
-}
-
-// Deterministic column sums over many rows, in two stages: a fixed number of blocks
-// (ROW_CHUNKS, whatever the GPU) each sum a contiguous chunk of rows into a partial row, then
-// column_sum_kernel adds the partial rows in order. Same bits on every run and every GPU.
-#define ROW_CHUNKS 512
-
-static int row_chunks(int N) { return N < ROW_CHUNKS ? N : ROW_CHUNKS; }
-
-// out[c] += sum over i of partials[i * C + c], i = 0 .. rows-1 in a fixed order. Blocks of
-// 32 x 32 threads: x picks the column, y a strided subset of rows; the 32 subtotals are then
-// added by y = 0 in order.
-__global__ void column_sum_kernel(float* out, const float* partials, int rows, int C) {
-    __shared__ float subtotal[32][33];
-    int c = blockIdx.x * 32 + threadIdx.x;
-    float acc = 0;
-    if (c < C)
-        for (int i = threadIdx.y; i < rows; i += 32) acc += partials[(size_t)i * C + c];
-    subtotal[threadIdx.y][threadIdx.x] = acc;
-    __syncthreads();
-    if (threadIdx.y == 0 && c < C) {
-        float sum = 0;
-        for (int y = 0; y < 32; y++) sum += subtotal[y][threadIdx.x];
-        out[c] += sum;
-    }
-}
-
-static void column_sum(const Device* d, float* out, const float* partials, int rows, int C) {
-    column_sum_kernel<<<CEIL_DIV(C, 32), dim3(32, 32), 0, d->stream>>>(out, partials, rows, C);
-    cudaCheck(cudaGetLastError());
-}
-
 // The rows of a block are shared among row teams: the threads with the same threadIdx.y.
 // Every thread of the block calls team_sum2 (a team of one warp needs no barrier); each
 // gets its team's (sum of a, sum of b), added in a fixed order.
@@ -2345,6 +2309,113 @@ __device__ float2 team_sum2(float a, float b, float2* scratch /* shared, one per
     return total;
 }
 
+// LayerNorm's kernels hold whole rows in registers: a row team of whole warps takes a row, and
+// thread j of the team its 16-byte channel groups j, j + team, ..., at most max_groups of them.
+// The team's threads for rows of `groups` groups (0 when that is more than `most`).
+static int layernorm_team(int groups, int max_groups, int most) {
+    int team = 32 * CEIL_DIV(groups, 32 * max_groups);
+    return team <= most ? team : 0;
+}
+#define LN_FWD_GROUPS 4
+
+// The row is loaded once, all its groups at a time, then reduced twice (mean, then variance
+// about it) and normalised from registers. Row teams of several warps add through team_sum2.
+template <typename T, int W, int G>
+__global__ void __launch_bounds__(1024) layernorm_forward_kernel(T* out, float* mean, float* rstd, const T* inp, const T* weight,
+                                                                 const T* bias, int N, int C) {
+    __shared__ float2 scratch[32];
+    int r = blockIdx.x * blockDim.y + threadIdx.y, S = blockDim.x, groups = C / W;
+    bool has_row = r < N;  // the threads without one still meet team_sum2's barriers
+    const T* x = inp + (size_t)r * C;
+    Vec<T, W> xv[G];
+    float sum = 0, sq = 0;
+#pragma unroll
+    for (int g = 0; g < G; g++)
+        if (has_row && threadIdx.x + g * S < groups) xv[g] = load_vec<W>(x + (threadIdx.x + g * S) * W);
+#pragma unroll
+    for (int g = 0; g < G; g++)
+        if (has_row && threadIdx.x + g * S < groups)
+            for (int k = 0; k < W; k++) sum += to_float(xv[g].v[k]);
+    float m = team_sum2(sum, 0.0f, scratch).x / C;
+#pragma unroll
+    for (int g = 0; g < G; g++)
+        if (has_row && threadIdx.x + g * S < groups)
+            for (int k = 0; k < W; k++) sq += (to_float(xv[g].v[k]) - m) * (to_float(xv[g].v[k]) - m);
+    float s = 1.0f / sqrtf(team_sum2(sq, 0.0f, scratch).x / C + (float)LAYERNORM_EPS);
+    if (!has_row) return;
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        int j = threadIdx.x + g * S;
+        if (j >= groups) continue;
+        Vec<T, W> wv = load_vec<W>(weight + j * W), bv = load_vec<W>(bias + j * W), ov;
+        for (int k = 0; k < W; k++) ov.v[k] = from_float<T>((to_float(xv[g].v[k]) - m) * s * to_float(wv.v[k]) + to_float(bv.v[k]));
+        store_vec<W>(out + (size_t)r * C + j * W, ov);
+    }
+    if (threadIdx.x == 0 && mean) mean[r] = m;
+    if (threadIdx.x == 0 && rstd) rstd[r] = s;
+}
+
+template <typename T, int W>
+static void layernorm_forward_rows(const Device* d, T* out, float* mean, float* rstd, const T* inp, const T* weight, const T* bias, int N, int C) {
+    int team = layernorm_team(C / W, LN_FWD_GROUPS, 1024);
+    if (!team) die("layernorm_forward: hidden size %d is wider than a block holds in registers (%d channels)", C, 1024 * LN_FWD_GROUPS * W);
+    int rows = team < 256 ? 256 / team : 1;
+    dim3 block(team, rows);
+#define LN_FWD_LAUNCH(G) layernorm_forward_kernel<T, W, G><<<CEIL_DIV(N, rows), block, 0, d->stream>>>(out, mean, rstd, inp, weight, bias, N, C)
+    switch (CEIL_DIV(C / W, team)) {
+        case 1: LN_FWD_LAUNCH(1); break;
+        case 2: LN_FWD_LAUNCH(2); break;
+        case 3: LN_FWD_LAUNCH(3); break;
+        default: LN_FWD_LAUNCH(4); break;
+    }
+#undef LN_FWD_LAUNCH
+    cudaCheck(cudaGetLastError());
+}
+
+static void layernorm_forward_cuda(const Device* d, void* out, float* mean, float* rstd, const void* inp, const void* weight, const void* bias, int N, int C) {
+    DTYPE_SWITCH(d->dtype, T, {
+        int vec = C % (16 / sizeof(T)) == 0 && aligned16(out) && aligned16(inp) && aligned16(weight) && aligned16(bias);
+        VEC_SWITCH(vec, T, W, layernorm_forward_rows<T, W>(d, (T*)out, mean, rstd, (const T*)inp, (const T*)weight, (const T*)bias, N, C));
+    });
+}
+
+// Deterministic column sums over many rows, in two stages: a fixed number of blocks
+// (ROW_CHUNKS, whatever the GPU) each sum a contiguous chunk of rows into a partial row, then
+// column_sum_kernel adds the partial rows in order. Same bits on every run and every GPU.
+#define ROW_CHUNKS 512
+
+static int row_chunks(int N) { return N < ROW_CHUNKS ? N : ROW_CHUNKS; }
+
+// out[c] += sum over i of partials[i * C + c], i = 0 .. rows-1 in a fixed order; blockIdx.y = 1
+// does the same for out1 from the `rows` partial rows that follow. Blocks of 32 x 32 threads: x
+// picks the column, y a strided subset of rows (loads unrolled, so several are in flight); the 32
+// subtotals are then added by y = 0 in order.
+__global__ void column_sum_kernel(float* out, float* out1, const float* partials, int rows, int C) {
+    __shared__ float subtotal[32][33];
+    if (blockIdx.y == 1) {
+        out = out1;
+        partials += (size_t)rows * C;
+    }
+    int c = blockIdx.x * 32 + threadIdx.x;
+    float acc = 0;
+    if (c < C)
+#pragma unroll 8
+        for (int i = threadIdx.y; i < rows; i += 32) acc += partials[(size_t)i * C + c];
+    subtotal[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < C) {
+        float sum = 0;
+        for (int y = 0; y < 32; y++) sum += subtotal[y][threadIdx.x];
+        out[c] += sum;
+    }
+}
+
+// out1 may be NULL (one set of partial rows), else one launch does both.
+static void column_sum(const Device* d, float* out, float* out1, const float* partials, int rows, int C) {
+    column_sum_kernel<<<dim3(CEIL_DIV(C, 32), out1 ? 2 : 1), dim3(32, 32), 0, d->stream>>>(out, out1, partials, rows, C);
+    cudaCheck(cudaGetLastError());
+}
+
 // Team 0 gets, in v, the sum over the block's row teams of each thread's K values: its own
 // first, then team 1's, 2's, ... in order, through `stage` ((blockDim.y - 1) * K * blockDim.x
 // shared floats, k-major so that neighbouring threads hit neighbouring banks). Every thread calls it.
@@ -2362,18 +2433,17 @@ __device__ void add_teams(float (&v)[K], float* stage) {
 }
 
 // LayerNorm backward with each row in registers. Block i takes a contiguous chunk of rows
-// (ROW_CHUNKS); its row teams of blockDim.x threads take turns at the rows, one row per team at
-// a time; a thread holds G channel groups of W (j = threadIdx.x + g * blockDim.x) of x, dout
-// and dinp, all loaded before the row's two sums, and keeps its channels' dweight and dbias sums
-// in registers across the chunk. The teams' sums are added in order and go to partial rows i
-// (dweight) and gridDim.x + i (dbias) for column_sum.
-#define LN_BWD_GROUPS 4     // most channel groups a thread holds
+// (ROW_CHUNKS); its row teams take turns at the rows, one row per team at a time; a thread holds
+// its G channel groups of x, dout and dinp, all loaded before the row's two sums, and keeps its
+// channels' dweight and dbias sums in registers across the chunk. The teams' sums are added in
+// order and go to partial rows i (dweight) and gridDim.x + i (dbias) for column_sum.
+#define LN_BWD_GROUPS 3     // most channel groups a thread holds (two rows of them: 241 registers in bf16)
 #define LN_BWD_THREADS 256  // most threads of a block (and of a team)
 #define LN_BWD_TEAMS_THREADS 128  // threads the teams of a block add up to, when teams are small: with
                                   // ~200 registers a thread, small blocks fill the register file better
 
-template <typename T, int W, int G, int MAX_REGS>
-__global__ void __maxnreg__(MAX_REGS) layernorm_backward_rows_kernel(T* dinp, float* partials, const T* dout, const T* inp, const T* weight,
+template <typename T, int W, int G>
+__global__ void __launch_bounds__(LN_BWD_THREADS) layernorm_backward_rows_kernel(T* dinp, float* partials, const T* dout, const T* inp, const T* weight,
                                                                                 const float* mean, const float* rstd, int N, int C) {
     extern __shared__ float stage[];  // for add_teams
     __shared__ float2 scratch[LN_BWD_THREADS / 32];
@@ -2387,30 +2457,35 @@ __global__ void __maxnreg__(MAX_REGS) layernorm_backward_rows_kernel(T* dinp, fl
         if (j < groups) w[g] = load_vec<W>(weight + j * W);
         for (int k = 0; k < 2 * W; k++) sums[g][k] = 0.0f;
     }
+    // The next row's loads are issued before this row's math, so two rows per team are in flight.
+    struct Row { Vec<T, W> x[G], dy[G], dx[G]; float m, s; } row, next;
+    auto load_row = [&](Row& into, int r) {
+        into.m = mean[r];
+        into.s = rstd[r];
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            int j = threadIdx.x + g * S;
+            if (j >= groups) continue;
+            size_t at = (size_t)r * C + j * W;
+            into.x[g] = load_vec<W>(inp + at);
+            into.dy[g] = load_vec<W>(dout + at);
+            into.dx[g] = load_vec<W>(dinp + at);
+        }
+    };
+    if (r_begin + (int)threadIdx.y < r_end) load_row(row, r_begin + threadIdx.y);
     for (int r0 = r_begin; r0 < r_end; r0 += blockDim.y) {  // the same trip count for every team: team_sum2 has barriers
         int r = r0 + threadIdx.y;
         bool has_row = r < r_end;
-        Vec<T, W> xv[G], dyv[G], dxv[G];
-        float m = 0, s = 0, sum_g = 0, sum_gx = 0;  // g = dout * weight, the gradient of xhat
+        if (r + (int)blockDim.y < r_end) load_row(next, r + blockDim.y);
+        float m = row.m, s = row.s, sum_g = 0, sum_gx = 0;  // g = dout * weight, the gradient of xhat
         if (has_row) {
-            m = mean[r];
-            s = rstd[r];
-#pragma unroll
-            for (int g = 0; g < G; g++) {
-                int j = threadIdx.x + g * S;
-                if (j >= groups) continue;
-                size_t at = (size_t)r * C + j * W;
-                xv[g] = load_vec<W>(inp + at);
-                dyv[g] = load_vec<W>(dout + at);
-                dxv[g] = load_vec<W>(dinp + at);
-            }
 #pragma unroll
             for (int g = 0; g < G; g++) {
                 if (threadIdx.x + g * S >= groups) continue;
                 for (int k = 0; k < W; k++) {
-                    float gk = to_float(dyv[g].v[k]) * to_float(w[g].v[k]);
+                    float gk = to_float(row.dy[g].v[k]) * to_float(w[g].v[k]);
                     sum_g += gk;
-                    sum_gx += gk * (to_float(xv[g].v[k]) - m) * s;
+                    sum_gx += gk * (to_float(row.x[g].v[k]) - m) * s;
                 }
             }
         }
@@ -2421,14 +2496,16 @@ __global__ void __maxnreg__(MAX_REGS) layernorm_backward_rows_kernel(T* dinp, fl
         for (int g = 0; g < G; g++) {
             int j = threadIdx.x + g * S;
             if (j >= groups) continue;
+            Vec<T, W> dxv;
             for (int k = 0; k < W; k++) {
-                float xhat = (to_float(xv[g].v[k]) - m) * s, dyk = to_float(dyv[g].v[k]);
-                dxv[g].v[k] = from_float<T>(to_float(dxv[g].v[k]) + s * (dyk * to_float(w[g].v[k]) - mean_g - xhat * mean_gx));
+                float xhat = (to_float(row.x[g].v[k]) - m) * s, dyk = to_float(row.dy[g].v[k]);
+                dxv.v[k] = from_float<T>(to_float(row.dx[g].v[k]) + s * (dyk * to_float(w[g].v[k]) - mean_g - xhat * mean_gx));
                 sums[g][k] += dyk * xhat;
                 sums[g][W + k] += dyk;
             }
-            store_vec<W>(dinp + (size_t)r * C + j * W, dxv[g]);
+            store_vec<W>(dinp + (size_t)r * C + j * W, dxv);
         }
+        row = next;
     }
 #pragma unroll
     for (int g = 0; g < G; g++) add_teams<2 * W>(sums[g], stage);
@@ -2447,28 +2524,20 @@ __global__ void __maxnreg__(MAX_REGS) layernorm_backward_rows_kernel(T* dinp, fl
     }
 }
 
-// Threads per row team of layernorm_backward_rows_kernel for rows of `groups` channel groups
-// (whole warps, at most LN_BWD_GROUPS groups each); 0 when a row is too wide for its registers.
-static int layernorm_backward_team(int groups) {
-    int team = 32 * CEIL_DIV(groups, 32 * LN_BWD_GROUPS);
-    return team <= LN_BWD_THREADS ? team : 0;
-}
-
-template <typename T, int W, int MAX_REGS>
+template <typename T, int W>
 static void layernorm_backward_rows(const Device* d, float* partials, int chunks, T* dinp, const T* dout, const T* inp, const T* weight,
                                     const float* mean, const float* rstd, int N, int C) {
-    int team = layernorm_backward_team(C / W), G = CEIL_DIV(C / W, team);
+    int team = layernorm_team(C / W, LN_BWD_GROUPS, LN_BWD_THREADS), G = CEIL_DIV(C / W, team);
     int teams = LN_BWD_TEAMS_THREADS / team, rows_per_block = CEIL_DIV(N, chunks);
     if (teams > rows_per_block) teams = rows_per_block;
     if (teams < 1) teams = 1;
     dim3 block(team, teams);
     size_t smem = (size_t)(teams - 1) * 2 * W * team * sizeof(float);
-#define LN_BWD_LAUNCH(GC) layernorm_backward_rows_kernel<T, W, GC, MAX_REGS><<<chunks, block, smem, d->stream>>>(dinp, partials, dout, inp, weight, mean, rstd, N, C)
+#define LN_BWD_LAUNCH(GC) layernorm_backward_rows_kernel<T, W, GC><<<chunks, block, smem, d->stream>>>(dinp, partials, dout, inp, weight, mean, rstd, N, C)
     switch (G) {
         case 1: LN_BWD_LAUNCH(1); break;
         case 2: LN_BWD_LAUNCH(2); break;
-        case 3: LN_BWD_LAUNCH(3); break;
-        default: LN_BWD_LAUNCH(4); break;
+        default: LN_BWD_LAUNCH(3); break;
     }
 #undef LN_BWD_LAUNCH
     cudaCheck(cudaGetLastError());
@@ -2540,21 +2609,13 @@ static void layernorm_backward_cuda(const Device* d, void* dinp, float* dweight,
     DTYPE_SWITCH(d->dtype, T, {
         int vec = C % (16 / sizeof(T)) == 0 && aligned16(dinp) && aligned16(dout) && aligned16(inp) && aligned16(weight);
         VEC_SWITCH(vec, T, W, {
-            // A team of several warps meets at a barrier every row; more resident blocks hide that, so
-            // those kernels are capped at 168 registers (4 blocks of 96 threads per SM at hidden size
-            // 2304: 62 against 77 us on an H200). One-warp teams keep every register (the cap spills:
-            // 52 against 49 us at 768), and so do threads of four channel groups (it spills more).
-            int team = layernorm_backward_team(C / W);
-            if (team > 32 && CEIL_DIV(C / W, team) < 4)
-                layernorm_backward_rows<T, W, 168>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
-            else if (team)
-                layernorm_backward_rows<T, W, 255>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
+            if (layernorm_team(C / W, LN_BWD_GROUPS, LN_BWD_THREADS))
+                layernorm_backward_rows<T, W>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
             else
                 layernorm_backward_smem<T, W>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
         });
     });
-    column_sum(d, dweight, partials, chunks, C);
-    column_sum(d, dbias, partials + (size_t)chunks * C, chunks, C);
+    column_sum(d, dweight, dbias, partials, chunks, C);
     pool_free(d, partials);
 }
 #endif
@@ -3982,7 +4043,7 @@ static void residual_dropout_backward_cuda(const Device* d, void* dresidual, voi
     });
     cudaCheck(cudaGetLastError());
     if (dbias) {
-        column_sum(d, dbias, partials, chunks, C);
+        column_sum(d, dbias, NULL, partials, chunks, C);
         pool_free(d, partials);
     }
 }

@@ -409,6 +409,22 @@ static void* kv_rows(const GPT* m, int l, int pos) {
     return at(m, m->kv_cache, ((size_t)l * m->cfg.maxT + pos) * 3 * m->Cr);
 }
 
+// The row-parallel linear layer that closes a residual branch, then g and the bias-dropout-add:
+// out = residual + dropout(g(inp @ w^T) + bias), inp's rows K wide. On one rank without dropout
+// the matmul adds the bias and the residual itself, with no pass of its own.
+static void branch_forward(GPT* m, void* out, const void* residual, const void* inp, const void* w, const void* bias, int N, int K,
+                           float p, uint64_t seed) {
+    const Device* d = m->dev;
+    int C = m->cfg.C;
+    if (m->tp == 1 && p == 0) {
+        matmul_forward_residual(d, out, residual, inp, w, bias, N, K, C);
+        return;
+    }
+    matmul_forward(d, m->acts.proj, inp, w, NULL, N, K, C, NULL);
+    tp_g_forward(m->par, d, m->acts.proj, (size_t)N * C);
+    residual_dropout_forward(d, out, residual, m->acts.proj, bias, p, seed, N, C);
+}
+
 // One transformer layer (Megatron-1 §3: pre-LN attention and MLP, each f -> column-parallel ->
 // row-parallel -> g under tensor parallelism), from x->residual to x->out. The forward pass runs
 // it for every layer, and the backward again for the layers of a recomputed group.
@@ -419,24 +435,20 @@ static void layer_forward(GPT* m, int l, int B, int T, int cache_pos, float p_hi
     const GPTConfig* c = &m->cfg;
     const Device* d = m->dev;
     const LayerActs* x = &m->acts.layer[l];
-    void* proj = m->acts.proj;
     int N = B * T, C = c->C, F = m->Fr, Ca = m->Cr;
-    size_t NC = (size_t)N * C;
     // attention: f, column-parallel QKV (this rank's heads), row-parallel projection, g
     layernorm_forward(d, x->ln1, x->ln1_mean, x->ln1_rstd, x->residual, param(m, LN1W, l * C), param(m, LN1B, l * C), N, C);
     void* qkv = cache_pos >= 0 ? kv_rows(m, l, cache_pos) : x->qkv;
     matmul_forward(d, qkv, x->ln1, param(m, QKVW, (size_t)l * 3 * Ca * C), param(m, QKVB, l * 3 * Ca), N, C, 3 * Ca, NULL);
     if (cache_pos >= 0) attention_decode(d, x->atty, x->att_lse, kv_rows(m, l, 0), cache_pos, T, 1, m->NHr, c->HS);
     else attention_forward(d, x->atty, x->att_lse, x->qkv, p_attn, attention_dropout_seed(m, l), B, T, m->NHr, c->HS);
-    matmul_forward(d, proj, x->atty, param(m, ATTPROJW, (size_t)l * C * Ca), NULL, N, Ca, C, NULL);
-    tp_g_forward(m->par, d, proj, NC);
-    residual_dropout_forward(d, x->residual2, x->residual, proj, param(m, ATTPROJB, l * C), p_hidden, dropout_seed(m, l, SITE_ATTENTION_OUT), N, C);
+    branch_forward(m, x->residual2, x->residual, x->atty, param(m, ATTPROJW, (size_t)l * C * Ca), param(m, ATTPROJB, l * C), N, Ca, p_hidden,
+                   dropout_seed(m, l, SITE_ATTENTION_OUT));
     // MLP: f, column-parallel first linear + GeLU, row-parallel second linear, g
     layernorm_forward(d, x->ln2, x->ln2_mean, x->ln2_rstd, x->residual2, param(m, LN2W, l * C), param(m, LN2B, l * C), N, C);
     matmul_forward(d, x->fch, x->ln2, param(m, FCW, (size_t)l * F * C), param(m, FCB, l * F), N, C, F, x->fch_gelu);
-    matmul_forward(d, proj, x->fch_gelu, param(m, FCPROJW, (size_t)l * C * F), NULL, N, F, C, NULL);
-    tp_g_forward(m->par, d, proj, NC);
-    residual_dropout_forward(d, x->out, x->residual2, proj, param(m, FCPROJB, l * C), p_hidden, dropout_seed(m, l, SITE_MLP_OUT), N, C);
+    branch_forward(m, x->out, x->residual2, x->fch_gelu, param(m, FCPROJW, (size_t)l * C * F), param(m, FCPROJB, l * C), N, F, p_hidden,
+                   dropout_seed(m, l, SITE_MLP_OUT));
 }
 
 // Forward through the transformer to the logits, for B x T tokens already in acts.tokens;
@@ -479,6 +491,17 @@ static int gpt_reduce_layers(GPT* m, int l, int top) {
     return l - 1;
 }
 
+// branch_forward's backward to the product's output: dropout's backward of acts.dresidual into
+// acts.dproj, with the bias gradient. Without dropout that gradient is dresidual itself: nothing is
+// copied, and *dbias is left for the weight's matmul_backward to add (otherwise it is set to NULL).
+static void* branch_backward(GPT* m, float** dbias, int N, float p, uint64_t seed) {
+    Activations* a = &m->acts;
+    if (p == 0) return a->dresidual;
+    residual_dropout_backward(m->dev, NULL, a->dproj, *dbias, a->dresidual, p, seed, N, m->cfg.C);
+    *dbias = NULL;
+    return a->dproj;
+}
+
 // One layer's backward: from d(x->out) in acts.dresidual to d(x->residual) there, parameter
 // gradients accumulated (+=). g's backward is the identity, f's the all-reduce of dln.
 static void layer_backward(GPT* m, int l, int B, int T, float p_hidden, float p_attn) {
@@ -489,15 +512,17 @@ static void layer_backward(GPT* m, int l, int B, int T, float p_hidden, float p_
     int N = B * T, C = c->C, F = m->Fr, Ca = m->Cr;
     size_t NC = (size_t)N * C;
     // MLP: x->out = x->residual2 + dropout(x->fch_gelu @ fcprojw^T + fcprojb)
-    residual_dropout_backward(d, a->dresidual, a->dproj, grad(m, FCPROJB, l * C), a->dresidual, p_hidden, dropout_seed(m, l, SITE_MLP_OUT), N, C);
-    matmul_backward(d, NULL, grad(m, FCPROJW, (size_t)l * C * F), NULL, a->dproj, x->fch_gelu, param(m, FCPROJW, (size_t)l * C * F), N, F, C);
-    matmul_backward_dgelu(d, a->dfch, grad(m, FCB, l * F), a->dproj, param(m, FCPROJW, (size_t)l * C * F), x->fch, N, F, C);
+    float* dbias = grad(m, FCPROJB, l * C);
+    void* dproj = branch_backward(m, &dbias, N, p_hidden, dropout_seed(m, l, SITE_MLP_OUT));
+    matmul_backward(d, NULL, grad(m, FCPROJW, (size_t)l * C * F), dbias, dproj, x->fch_gelu, param(m, FCPROJW, (size_t)l * C * F), N, F, C);
+    matmul_backward_dgelu(d, a->dfch, grad(m, FCB, l * F), dproj, param(m, FCPROJW, (size_t)l * C * F), x->fch, N, F, C);
     matmul_backward(d, a->dln, grad(m, FCW, (size_t)l * F * C), NULL, a->dfch, x->ln2, param(m, FCW, (size_t)l * F * C), N, C, F);
     tp_f_backward(m->par, d, a->dln, NC);
     layernorm_backward(d, a->dresidual, grad(m, LN2W, l * C), grad(m, LN2B, l * C), a->dln, x->residual2, param(m, LN2W, l * C), x->ln2_mean, x->ln2_rstd, N, C);
     // attention: x->residual2 = x->residual + dropout(x->atty @ attprojw^T + attprojb)
-    residual_dropout_backward(d, a->dresidual, a->dproj, grad(m, ATTPROJB, l * C), a->dresidual, p_hidden, dropout_seed(m, l, SITE_ATTENTION_OUT), N, C);
-    matmul_backward(d, a->datty, grad(m, ATTPROJW, (size_t)l * C * Ca), NULL, a->dproj, x->atty, param(m, ATTPROJW, (size_t)l * C * Ca), N, Ca, C);
+    dbias = grad(m, ATTPROJB, l * C);
+    dproj = branch_backward(m, &dbias, N, p_hidden, dropout_seed(m, l, SITE_ATTENTION_OUT));
+    matmul_backward(d, a->datty, grad(m, ATTPROJW, (size_t)l * C * Ca), dbias, dproj, x->atty, param(m, ATTPROJW, (size_t)l * C * Ca), N, Ca, C);
     attention_backward(d, a->dqkv, a->att_delta, a->datty, x->qkv, x->atty, x->att_lse, p_attn, attention_dropout_seed(m, l), B, T, m->NHr, c->HS);
     matmul_backward(d, a->dln, grad(m, QKVW, (size_t)l * 3 * Ca * C), grad(m, QKVB, l * 3 * Ca), a->dqkv, x->ln1, param(m, QKVW, (size_t)l * 3 * Ca * C), N, C, 3 * Ca);
     tp_f_backward(m->par, d, a->dln, NC);

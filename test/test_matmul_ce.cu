@@ -80,6 +80,29 @@ static void test_gemm_shape(int N, int C, int OC, double tol) {
     free(inp_r); free(w_r); free(b_r); free(dout_r); free(out); free(dinp); free(dw); free(db);
 }
 
+// out = residual + inp @ w^T + bias, into a separate buffer and in place, against plain loops.
+static void test_matmul_residual_cpu(void) {
+    const int N = 37, C = 300, OC = 45;
+    MT19937 mt;
+    mt_seed(&mt, 11);
+    double *inp = (double*)xmalloc(8 * N * C), *w = (double*)xmalloc(8 * OC * C), b[OC], res[N * OC], want[N * OC], out[N * OC];
+    fill_normal(inp, N * C, &mt, 1.0);
+    fill_normal(w, OC * C, &mt, 1.0);
+    fill_normal(b, OC, &mt, 1.0);
+    fill_normal(res, N * OC, &mt, 1.0);
+    for (int with_bias = 0; with_bias < 2; with_bias++) {
+        naive_forward(want, inp, w, with_bias ? b : NULL, N, C, OC);
+        for (int i = 0; i < N * OC; i++) want[i] += res[i];
+        matmul_forward_residual_cpu<double>(out, res, inp, w, with_bias ? b : NULL, N, C, OC);
+        check_close(with_bias ? "cpu matmul + residual + bias" : "cpu matmul + residual", out, want, N * OC, 1e-13);
+        memcpy(out, res, sizeof(out));
+        matmul_forward_residual_cpu<double>(out, out, inp, w, with_bias ? b : NULL, N, C, OC);
+        check_close(with_bias ? "cpu matmul + residual + bias, in place" : "cpu matmul + residual, in place", out, want, N * OC, 1e-13);
+    }
+    free(inp);
+    free(w);
+}
+
 // Backward against central differences of L = sum(R * out) + sum(out^2) / 2, so dout = R + out.
 static void test_matmul_finite_differences(void) {
     const int N = 6, C = 10, OC = 13;
@@ -406,6 +429,37 @@ static void test_matmul_gpu(const Device* d, int N, int C, int OC, int use_bias,
     free(dw_ref); free(db_ref); free(got);
 }
 
+// GPU out = residual + inp @ w^T (+ bias) vs the CPU on dtype-rounded inputs, in place too, and bitwise reruns.
+static void test_matmul_residual_gpu(const Device* d, int N, int C, int OC, int use_bias) {
+    DType dt = d->dtype;
+    size_t n_in = (size_t)N * C, n_w = (size_t)OC * C, n_out = (size_t)N * OC, es = dtype_size(dt);
+    MT19937 mt;
+    mt_seed(&mt, 200 + N + C + OC + use_bias);
+    float *inp = random_in_dtype(n_in, &mt, 1.0, dt), *w = random_in_dtype(n_w, &mt, 0.2, dt);
+    float *b = random_in_dtype(OC, &mt, 1.0, dt), *res = random_in_dtype(n_out, &mt, 1.0, dt);
+    float *ref = (float*)xmalloc(4 * n_out), *got = (float*)xmalloc(4 * n_out);
+    matmul_forward_residual_cpu<float>(ref, res, inp, w, use_bias ? b : NULL, N, C, OC);
+    void *d_inp = upload_as(d, inp, n_in, dt), *d_w = upload_as(d, w, n_w, dt), *d_b = upload_as(d, b, OC, dt), *d_res = upload_as(d, res, n_out, dt);
+    void *d_out = dev_malloc(d, n_out * es), *d_out2 = dev_malloc(d, n_out * es);
+    char shape[96], name[160];
+    snprintf(shape, sizeof(shape), "%s%s N=%d C=%d OC=%d", dtype_name(dt), use_bias ? " bias" : "", N, C, OC);
+    poison(d, d_out, n_out, dt);
+    matmul_forward_residual(d, d_out, d_res, d_inp, d_w, use_bias ? d_b : NULL, N, C, OC);
+    download_as(d, got, d_out, n_out, dt);
+    snprintf(name, sizeof(name), "gpu matmul + residual %s", shape);
+    check_close(name, got, ref, n_out, tolerance(dt));
+    poison(d, d_out2, n_out, dt);
+    matmul_forward_residual(d, d_out2, d_res, d_inp, d_w, use_bias ? d_b : NULL, N, C, OC);
+    snprintf(name, sizeof(name), "gpu matmul + residual bitwise deterministic %s", shape);
+    check(same_bytes(d, d_out, d_out2, n_out * es), name, "two runs differ");
+    matmul_forward_residual(d, d_res, d_res, d_inp, d_w, use_bias ? d_b : NULL, N, C, OC);  // (cuBLASLt may pick another algorithm)
+    download_as(d, got, d_res, n_out, dt);
+    snprintf(name, sizeof(name), "gpu matmul + residual in place %s", shape);
+    check_close(name, got, ref, n_out, tolerance(dt));
+    dev_free(d, d_inp); dev_free(d, d_w); dev_free(d, d_b); dev_free(d, d_res); dev_free(d, d_out); dev_free(d, d_out2);
+    free(inp); free(w); free(b); free(res); free(ref); free(got);
+}
+
 // GPU backward through the GELU (dpre, and dpre_bias accumulated twice) vs the CPU on dtype-rounded inputs, and bitwise reruns.
 static void test_matmul_dgelu_gpu(const Device* d, int N, int C, int OC) {
     DType dt = d->dtype;
@@ -503,8 +557,9 @@ static void test_crossentropy_gpu(const Device* d, int N, int V, int Vp, int wit
 }
 
 // One layer's bf16 products (N rows, hidden C, MLP width F): the first MLP linear with cuBLASLt's
-// GELU epilogue and with the GELU kernel, the QKV backward with its bias gradient, and the second
-// linear's backward to the GELU's input.
+// GELU epilogue and with the GELU kernel, the QKV backward with its bias gradient, the second
+// linear's backward to the GELU's input, and a projection adding bias and residual in its epilogue
+// against the same with the bias-dropout-add kernel.
 static void bench(int N, int C, int F) {
     Device d;
     device_init(&d, "cuda", DT_BF16);
@@ -529,6 +584,16 @@ static void bench(int N, int C, int F) {
     double mlp = median_ms(&d, [&]() { matmul_backward_dgelu(&d, act, db, dx, w1, pre, N, F, C); });
     printf("bench bf16 N=%d C=%d F=%d: qkv backward with bias %.3f ms, fc2 backward to the GELU input (dinp, gelu', bias gradient) %.3f ms\n",
            N, C, F, qkv, mlp);
+    // the attention projection closing its residual branch (no dropout)
+    void *res = upload_as(&d, h, (size_t)N * C, DT_BF16), *out = dev_malloc(&d, (size_t)N * C * 2);
+    double fused = median_ms(&d, [&]() { matmul_forward_residual(&d, out, res, x, w1, b1, N, C, C); });
+    double apart = median_ms(&d, [&]() {
+        matmul_forward(&d, dx, x, w1, NULL, N, C, C, NULL);
+        residual_dropout_forward(&d, out, res, dx, b1, 0.0f, 0, N, C);
+    });
+    printf("bench bf16 N=%d C=%d: projection + bias + residual %.3f ms in the matmul's epilogue, %.3f ms as matmul + bias-dropout-add kernel\n",
+           N, C, fused, apart);
+    dev_free(&d, res); dev_free(&d, out);
     dev_free(&d, x); dev_free(&d, pre); dev_free(&d, act); dev_free(&d, w1); dev_free(&d, b1);
     dev_free(&d, dqkv); dev_free(&d, dx); dev_free(&d, dw); dev_free(&d, db);
     free(h);
@@ -555,6 +620,9 @@ static void test_gpu(void) {
         matmul_gelu_epilogue_enabled = 1;
         for (int s = 0; s < 3; s++) test_matmul_dgelu_gpu(&d, shapes[s][0], shapes[s][2], shapes[s][1]);  // the MLP's second linear: OC -> C
         test_matmul_dgelu_gpu(&d, 5, 13, 7);
+        for (int s = 0; s < 3; s++)
+            for (int use_bias = 0; use_bias < 2; use_bias++) test_matmul_residual_gpu(&d, shapes[s][0], shapes[s][2], shapes[s][1], use_bias);
+        test_matmul_residual_gpu(&d, 5, 13, 7, 1);
         int large = dtypes[t] != DT_F16;  // the large shapes in fp32 and bf16 only: their CPU side takes a while
         if (large) test_matmul_gpu(&d, 1024, 192, 50304, 0, 0);  // the LM head
         // rows staged in shared memory (aligned, short enough), read from global memory (150016: too long;
@@ -576,6 +644,7 @@ int main(int argc, char** argv) {
     test_gemm_shape<float>(70, 33, 4200, 1e-6);
     test_gemm_shape<float>(64, 192, 768, 1e-6);
     test_matmul_finite_differences();
+    test_matmul_residual_cpu();
     test_matmul_dgelu_finite_differences();
     test_matmul_thread_independence();
     test_crossentropy_cpu();

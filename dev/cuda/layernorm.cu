@@ -31,6 +31,40 @@ static void layernorm_forward_v1(const Device* d, void* out, float* mean, float*
     cudaCheck(cudaGetLastError());
 }
 
+// v2: a warp per row, 16-byte loads; three passes over the row in loops of run-time length, the
+// second and third mostly from L1.
+template <typename T, int W>
+__global__ void layernorm_forward_v2_kernel(T* out, float* mean, float* rstd, const T* inp, const T* weight, const T* bias, int N, int C) {
+    int r = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (r >= N) return;
+    const T* x = inp + (size_t)r * C;
+    float sum = 0, sq = 0;
+    for (int c = lane * W; c < C; c += 32 * W) {
+        Vec<T, W> xv = load_vec<W>(x + c);
+        for (int k = 0; k < W; k++) sum += to_float(xv.v[k]);
+    }
+    float m = warp_sum(sum) / C;
+    for (int c = lane * W; c < C; c += 32 * W) {
+        Vec<T, W> xv = load_vec<W>(x + c);
+        for (int k = 0; k < W; k++) sq += (to_float(xv.v[k]) - m) * (to_float(xv.v[k]) - m);
+    }
+    float s = 1.0f / sqrtf(warp_sum(sq) / C + (float)LAYERNORM_EPS);
+    for (int c = lane * W; c < C; c += 32 * W) {
+        Vec<T, W> xv = load_vec<W>(x + c), wv = load_vec<W>(weight + c), bv = load_vec<W>(bias + c), ov;
+        for (int k = 0; k < W; k++) ov.v[k] = from_float<T>((to_float(xv.v[k]) - m) * s * to_float(wv.v[k]) + to_float(bv.v[k]));
+        store_vec<W>(out + (size_t)r * C + c, ov);
+    }
+    mean[r] = m;
+    rstd[r] = s;
+}
+
+static void layernorm_forward_v2(const Device* d, void* out, float* mean, float* rstd, const void* inp, const void* weight,
+                                 const void* bias, int N, int C) {
+    DTYPE_SWITCH(d->dtype, T, layernorm_forward_v2_kernel<T, 16 / sizeof(T)><<<CEIL_DIV(N, 8), 256, 0, d->stream>>>(
+        (T*)out, mean, rstd, (const T*)inp, (const T*)weight, (const T*)bias, N, C));
+    cudaCheck(cudaGetLastError());
+}
+
 // ---------------------------------------------------------------- backward
 
 // v1: one thread per row for dinp (two passes over its row, uncoalesced as the forward's v1).
@@ -117,8 +151,7 @@ static void layernorm_backward_chunks(const Device* d, float* dweight, float* db
     int chunks = row_chunks(N);
     float* partials = (float*)pool_alloc(d, 2 * (size_t)chunks * C * sizeof(float));
     rows(partials, chunks);
-    column_sum(d, dweight, partials, chunks, C);
-    column_sum(d, dbias, partials + (size_t)chunks * C, chunks, C);
+    column_sum(d, dweight, dbias, partials, chunks, C);
     pool_free(d, partials);
 }
 
@@ -133,15 +166,6 @@ static void layernorm_backward_v3(const Device* d, void* dinp, float* dweight, f
     });
 }
 
-// v4: megatron.h's register-row kernel with the compiler's own register count.
-static void layernorm_backward_v4(const Device* d, void* dinp, float* dweight, float* dbias, const void* dout, const void* inp,
-                                  const void* weight, const float* mean, const float* rstd, int N, int C) {
-    layernorm_backward_chunks(d, dweight, dbias, N, C, [&](float* partials, int chunks) {
-        DTYPE_SWITCH(d->dtype, T, layernorm_backward_rows<T, 16 / sizeof(T), 255>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp,
-                                                                                  (const T*)weight, mean, rstd, N, C));
-    });
-}
-
 // ---------------------------------------------------------------- the ladder
 
 typedef void (*ForwardFn)(const Device*, void*, float*, float*, const void*, const void*, const void*, int, int);
@@ -152,7 +176,8 @@ static const struct {
     ForwardFn fn;
 } FORWARD[] = {
     {"v1", "one thread per row, three passes, uncoalesced", layernorm_forward_v1},
-    {"v2", "megatron.h: a warp per row, 16-byte loads, the 2nd and 3rd pass from L1", layernorm_forward},
+    {"v2", "a warp per row, 16-byte loads, the 2nd and 3rd pass from L1", layernorm_forward_v2},
+    {"v3", "megatron.h: the row in registers (one read), a team of warps per row where it is wide", layernorm_forward},
 };
 
 static const struct {
@@ -162,8 +187,7 @@ static const struct {
     {"v1", "a thread per row for dinp + a thread per channel for dweight/dbias (x, dout read twice)", layernorm_backward_v1},
     {"v2", "a warp per row for dinp + the same channel kernel", layernorm_backward_v2},
     {"v3", "previous megatron.h: a block per chunk of rows, one row at a time, sums in shared memory", layernorm_backward_v3},
-    {"v4", "warp teams hold whole rows in registers, sums in registers", layernorm_backward_v4},
-    {"v5", "megatron.h: v4, capped at 168 registers (__maxnreg__) where a row team is several warps", layernorm_backward},
+    {"v4", "megatron.h: teams of warps hold rows in registers (two at a time: the next row's loads go out first), sums in registers", layernorm_backward},
 };
 
 static void run_shape(const Shape* sh) {
