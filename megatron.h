@@ -2433,17 +2433,18 @@ __device__ void add_teams(float (&v)[K], float* stage) {
 }
 
 // LayerNorm backward with each row in registers. Block i takes a contiguous chunk of rows
-// (ROW_CHUNKS); its row teams take turns at the rows, one row per team at a time; a thread holds
-// its G channel groups of x, dout and dinp, all loaded before the row's two sums, and keeps its
-// channels' dweight and dbias sums in registers across the chunk. The teams' sums are added in
-// order and go to partial rows i (dweight) and gridDim.x + i (dbias) for column_sum.
-#define LN_BWD_GROUPS 3     // most channel groups a thread holds (two rows of them: 241 registers in bf16)
+// (ROW_CHUNKS); its row teams of blockDim.x threads take turns at the rows, one row per team at
+// a time; a thread holds G channel groups of W (j = threadIdx.x + g * blockDim.x) of x, dout
+// and dinp, all loaded before the row's two sums, and keeps its channels' dweight and dbias sums
+// in registers across the chunk. The teams' sums are added in order and go to partial rows i
+// (dweight) and gridDim.x + i (dbias) for column_sum.
+#define LN_BWD_GROUPS 4     // most channel groups a thread holds
 #define LN_BWD_THREADS 256  // most threads of a block (and of a team)
 #define LN_BWD_TEAMS_THREADS 128  // threads the teams of a block add up to, when teams are small: with
                                   // ~200 registers a thread, small blocks fill the register file better
 
-template <typename T, int W, int G>
-__global__ void __launch_bounds__(LN_BWD_THREADS) layernorm_backward_rows_kernel(T* dinp, float* partials, const T* dout, const T* inp, const T* weight,
+template <typename T, int W, int G, int MAX_REGS>
+__global__ void __maxnreg__(MAX_REGS) layernorm_backward_rows_kernel(T* dinp, float* partials, const T* dout, const T* inp, const T* weight,
                                                                                 const float* mean, const float* rstd, int N, int C) {
     extern __shared__ float stage[];  // for add_teams
     __shared__ float2 scratch[LN_BWD_THREADS / 32];
@@ -2457,35 +2458,30 @@ __global__ void __launch_bounds__(LN_BWD_THREADS) layernorm_backward_rows_kernel
         if (j < groups) w[g] = load_vec<W>(weight + j * W);
         for (int k = 0; k < 2 * W; k++) sums[g][k] = 0.0f;
     }
-    // The next row's loads are issued before this row's math, so two rows per team are in flight.
-    struct Row { Vec<T, W> x[G], dy[G], dx[G]; float m, s; } row, next;
-    auto load_row = [&](Row& into, int r) {
-        into.m = mean[r];
-        into.s = rstd[r];
-#pragma unroll
-        for (int g = 0; g < G; g++) {
-            int j = threadIdx.x + g * S;
-            if (j >= groups) continue;
-            size_t at = (size_t)r * C + j * W;
-            into.x[g] = load_vec<W>(inp + at);
-            into.dy[g] = load_vec<W>(dout + at);
-            into.dx[g] = load_vec<W>(dinp + at);
-        }
-    };
-    if (r_begin + (int)threadIdx.y < r_end) load_row(row, r_begin + threadIdx.y);
     for (int r0 = r_begin; r0 < r_end; r0 += blockDim.y) {  // the same trip count for every team: team_sum2 has barriers
         int r = r0 + threadIdx.y;
         bool has_row = r < r_end;
-        if (r + (int)blockDim.y < r_end) load_row(next, r + blockDim.y);
-        float m = row.m, s = row.s, sum_g = 0, sum_gx = 0;  // g = dout * weight, the gradient of xhat
+        Vec<T, W> xv[G], dyv[G], dxv[G];
+        float m = 0, s = 0, sum_g = 0, sum_gx = 0;  // g = dout * weight, the gradient of xhat
         if (has_row) {
+            m = mean[r];
+            s = rstd[r];
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+                int j = threadIdx.x + g * S;
+                if (j >= groups) continue;
+                size_t at = (size_t)r * C + j * W;
+                xv[g] = load_vec<W>(inp + at);
+                dyv[g] = load_vec<W>(dout + at);
+                dxv[g] = load_vec<W>(dinp + at);
+            }
 #pragma unroll
             for (int g = 0; g < G; g++) {
                 if (threadIdx.x + g * S >= groups) continue;
                 for (int k = 0; k < W; k++) {
-                    float gk = to_float(row.dy[g].v[k]) * to_float(w[g].v[k]);
+                    float gk = to_float(dyv[g].v[k]) * to_float(w[g].v[k]);
                     sum_g += gk;
-                    sum_gx += gk * (to_float(row.x[g].v[k]) - m) * s;
+                    sum_gx += gk * (to_float(xv[g].v[k]) - m) * s;
                 }
             }
         }
@@ -2496,16 +2492,14 @@ __global__ void __launch_bounds__(LN_BWD_THREADS) layernorm_backward_rows_kernel
         for (int g = 0; g < G; g++) {
             int j = threadIdx.x + g * S;
             if (j >= groups) continue;
-            Vec<T, W> dxv;
             for (int k = 0; k < W; k++) {
-                float xhat = (to_float(row.x[g].v[k]) - m) * s, dyk = to_float(row.dy[g].v[k]);
-                dxv.v[k] = from_float<T>(to_float(row.dx[g].v[k]) + s * (dyk * to_float(w[g].v[k]) - mean_g - xhat * mean_gx));
+                float xhat = (to_float(xv[g].v[k]) - m) * s, dyk = to_float(dyv[g].v[k]);
+                dxv[g].v[k] = from_float<T>(to_float(dxv[g].v[k]) + s * (dyk * to_float(w[g].v[k]) - mean_g - xhat * mean_gx));
                 sums[g][k] += dyk * xhat;
                 sums[g][W + k] += dyk;
             }
-            store_vec<W>(dinp + (size_t)r * C + j * W, dxv);
+            store_vec<W>(dinp + (size_t)r * C + j * W, dxv[g]);
         }
-        row = next;
     }
 #pragma unroll
     for (int g = 0; g < G; g++) add_teams<2 * W>(sums[g], stage);
@@ -2524,7 +2518,7 @@ __global__ void __launch_bounds__(LN_BWD_THREADS) layernorm_backward_rows_kernel
     }
 }
 
-template <typename T, int W>
+template <typename T, int W, int MAX_REGS>
 static void layernorm_backward_rows(const Device* d, float* partials, int chunks, T* dinp, const T* dout, const T* inp, const T* weight,
                                     const float* mean, const float* rstd, int N, int C) {
     int team = layernorm_team(C / W, LN_BWD_GROUPS, LN_BWD_THREADS), G = CEIL_DIV(C / W, team);
@@ -2533,11 +2527,12 @@ static void layernorm_backward_rows(const Device* d, float* partials, int chunks
     if (teams < 1) teams = 1;
     dim3 block(team, teams);
     size_t smem = (size_t)(teams - 1) * 2 * W * team * sizeof(float);
-#define LN_BWD_LAUNCH(GC) layernorm_backward_rows_kernel<T, W, GC><<<chunks, block, smem, d->stream>>>(dinp, partials, dout, inp, weight, mean, rstd, N, C)
+#define LN_BWD_LAUNCH(GC) layernorm_backward_rows_kernel<T, W, GC, MAX_REGS><<<chunks, block, smem, d->stream>>>(dinp, partials, dout, inp, weight, mean, rstd, N, C)
     switch (G) {
         case 1: LN_BWD_LAUNCH(1); break;
         case 2: LN_BWD_LAUNCH(2); break;
-        default: LN_BWD_LAUNCH(3); break;
+        case 3: LN_BWD_LAUNCH(3); break;
+        default: LN_BWD_LAUNCH(4); break;
     }
 #undef LN_BWD_LAUNCH
     cudaCheck(cudaGetLastError());
@@ -2609,8 +2604,15 @@ static void layernorm_backward_cuda(const Device* d, void* dinp, float* dweight,
     DTYPE_SWITCH(d->dtype, T, {
         int vec = C % (16 / sizeof(T)) == 0 && aligned16(dinp) && aligned16(dout) && aligned16(inp) && aligned16(weight);
         VEC_SWITCH(vec, T, W, {
-            if (layernorm_team(C / W, LN_BWD_GROUPS, LN_BWD_THREADS))
-                layernorm_backward_rows<T, W>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
+            // A team of several warps meets at a barrier every row; more resident blocks hide that, so
+            // those kernels are capped at 168 registers (4 blocks of 96 threads per SM at hidden size
+            // 2304: 62 against 77 us on an H200). One-warp teams keep every register (the cap spills:
+            // 52 against 49 us at 768), and so do threads of four channel groups (it spills more).
+            int team = layernorm_team(C / W, LN_BWD_GROUPS, LN_BWD_THREADS);
+            if (team > 32 && CEIL_DIV(C / W, team) < 4)
+                layernorm_backward_rows<T, W, 168>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
+            else if (team)
+                layernorm_backward_rows<T, W, 255>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
             else
                 layernorm_backward_smem<T, W>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
         });

@@ -166,6 +166,15 @@ static void layernorm_backward_v3(const Device* d, void* dinp, float* dweight, f
     });
 }
 
+// v4: megatron.h's register-row kernel with the compiler's own register count.
+static void layernorm_backward_v4(const Device* d, void* dinp, float* dweight, float* dbias, const void* dout, const void* inp,
+                                  const void* weight, const float* mean, const float* rstd, int N, int C) {
+    layernorm_backward_chunks(d, dweight, dbias, N, C, [&](float* partials, int chunks) {
+        DTYPE_SWITCH(d->dtype, T, layernorm_backward_rows<T, 16 / sizeof(T), 255>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp,
+                                                                                  (const T*)weight, mean, rstd, N, C));
+    });
+}
+
 // ---------------------------------------------------------------- the ladder
 
 typedef void (*ForwardFn)(const Device*, void*, float*, float*, const void*, const void*, const void*, int, int);
@@ -187,7 +196,8 @@ static const struct {
     {"v1", "a thread per row for dinp + a thread per channel for dweight/dbias (x, dout read twice)", layernorm_backward_v1},
     {"v2", "a warp per row for dinp + the same channel kernel", layernorm_backward_v2},
     {"v3", "previous megatron.h: a block per chunk of rows, one row at a time, sums in shared memory", layernorm_backward_v3},
-    {"v4", "megatron.h: teams of warps hold rows in registers (two at a time: the next row's loads go out first), sums in registers", layernorm_backward},
+    {"v4", "warp teams hold whole rows in registers, sums in registers", layernorm_backward_v4},
+    {"v5", "megatron.h: v4, capped at 168 registers (__maxnreg__) where a row team is several warps", layernorm_backward},
 };
 
 static void run_shape(const Shape* sh) {
