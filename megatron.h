@@ -1863,7 +1863,7 @@ __global__ void matmul_dbias_partial_kernel(float* partial, T* dout, const T* ge
     int row_end = min(N, row0 + rows_per_block);
     float acc[W] = {};
     if (col < OC)
-#pragma unroll 4  // (read-only dout: four rows' loads in flight)
+#pragma unroll 4  // four rows' loads in flight where dout is only read (no gelu_pre)
         for (int r = row0 + threadIdx.y; r < row_end; r += 8) {
             size_t i = (size_t)r * OC + col;
             Vec<T, W> g = load_vec<W>(dout + i);
