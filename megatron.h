@@ -45,6 +45,7 @@ toolkit: every CUDA part sits behind #ifdef __CUDACC__.
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <type_traits>
 #include <unistd.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -2311,13 +2312,26 @@ __device__ float2 team_sum2(float a, float b, float2* scratch /* shared, one per
 }
 
 // LayerNorm's kernels hold whole rows in registers: a row team of whole warps takes a row, and
-// thread j of the team its 16-byte channel groups j, j + team, ..., at most max_groups of them.
+// thread j of the team its 16-byte channel groups j, j + team, ..., at most LN_GROUPS of them.
+#define LN_GROUPS 4
+
 // The team's threads for rows of `groups` groups (0 when that is more than `most`).
-static int layernorm_team(int groups, int max_groups, int most) {
-    int team = 32 * CEIL_DIV(groups, 32 * max_groups);
+static int layernorm_team(int groups, int most) {
+    int team = 32 * CEIL_DIV(groups, 32 * LN_GROUPS);
     return team <= most ? team : 0;
 }
-#define LN_FWD_GROUPS 4
+
+// launch(std::integral_constant<int, G>()) for the groups a thread of a `team` holds, G <= LN_GROUPS.
+template <typename F>
+static void layernorm_groups_switch(int groups, int team, F launch) {
+    switch (CEIL_DIV(groups, team)) {
+        case 1: launch(std::integral_constant<int, 1>()); break;
+        case 2: launch(std::integral_constant<int, 2>()); break;
+        case 3: launch(std::integral_constant<int, 3>()); break;
+        default: launch(std::integral_constant<int, LN_GROUPS>()); break;
+    }
+    cudaCheck(cudaGetLastError());
+}
 
 // The row is loaded once, all its groups at a time, then reduced twice (mean, then variance
 // about it) and normalised from registers. Row teams of several warps add through team_sum2.
@@ -2326,24 +2340,24 @@ __global__ void __launch_bounds__(1024) layernorm_forward_kernel(T* out, float* 
                                                                  const T* bias, int N, int C) {
     __shared__ float2 scratch[32];
     int r = blockIdx.x * blockDim.y + threadIdx.y, S = blockDim.x, groups = C / W;
-    bool has_row = r < N;  // the threads without one still meet team_sum2's barriers
+    int mine = r < N ? groups : 0;  // threads without a row hold nothing but still meet team_sum2's barriers
     const T* x = inp + (size_t)r * C;
     Vec<T, W> xv[G];
     float sum = 0, sq = 0;
 #pragma unroll
     for (int g = 0; g < G; g++)
-        if (has_row && threadIdx.x + g * S < groups) xv[g] = load_vec<W>(x + (threadIdx.x + g * S) * W);
+        if (threadIdx.x + g * S < mine) xv[g] = load_vec<W>(x + (threadIdx.x + g * S) * W);
 #pragma unroll
     for (int g = 0; g < G; g++)
-        if (has_row && threadIdx.x + g * S < groups)
+        if (threadIdx.x + g * S < mine)
             for (int k = 0; k < W; k++) sum += to_float(xv[g].v[k]);
     float m = team_sum2(sum, 0.0f, scratch).x / C;
 #pragma unroll
     for (int g = 0; g < G; g++)
-        if (has_row && threadIdx.x + g * S < groups)
+        if (threadIdx.x + g * S < mine)
             for (int k = 0; k < W; k++) sq += (to_float(xv[g].v[k]) - m) * (to_float(xv[g].v[k]) - m);
     float s = 1.0f / sqrtf(team_sum2(sq, 0.0f, scratch).x / C + (float)LAYERNORM_EPS);
-    if (!has_row) return;
+    if (r >= N) return;
 #pragma unroll
     for (int g = 0; g < G; g++) {
         int j = threadIdx.x + g * S;
@@ -2358,19 +2372,13 @@ __global__ void __launch_bounds__(1024) layernorm_forward_kernel(T* out, float* 
 
 template <typename T, int W>
 static void layernorm_forward_rows(const Device* d, T* out, float* mean, float* rstd, const T* inp, const T* weight, const T* bias, int N, int C) {
-    int team = layernorm_team(C / W, LN_FWD_GROUPS, 1024);
-    if (!team) die("layernorm_forward: hidden size %d is wider than a block holds in registers (%d channels)", C, 1024 * LN_FWD_GROUPS * W);
+    int team = layernorm_team(C / W, 1024);
+    if (!team) die("layernorm_forward: hidden size %d is wider than a block holds in registers (%d channels)", C, 1024 * LN_GROUPS * W);
     int rows = team < 256 ? 256 / team : 1;
     dim3 block(team, rows);
-#define LN_FWD_LAUNCH(G) layernorm_forward_kernel<T, W, G><<<CEIL_DIV(N, rows), block, 0, d->stream>>>(out, mean, rstd, inp, weight, bias, N, C)
-    switch (CEIL_DIV(C / W, team)) {
-        case 1: LN_FWD_LAUNCH(1); break;
-        case 2: LN_FWD_LAUNCH(2); break;
-        case 3: LN_FWD_LAUNCH(3); break;
-        default: LN_FWD_LAUNCH(4); break;
-    }
-#undef LN_FWD_LAUNCH
-    cudaCheck(cudaGetLastError());
+    layernorm_groups_switch(C / W, team, [&](auto G) {
+        layernorm_forward_kernel<T, W, G.value><<<CEIL_DIV(N, rows), block, 0, d->stream>>>(out, mean, rstd, inp, weight, bias, N, C);
+    });
 }
 
 static void layernorm_forward_cuda(const Device* d, void* out, float* mean, float* rstd, const void* inp, const void* weight, const void* bias, int N, int C) {
@@ -2439,7 +2447,6 @@ __device__ void add_teams(float (&v)[K], float* stage) {
 // and dinp, all loaded before the row's two sums, and keeps its channels' dweight and dbias sums
 // in registers across the chunk. The teams' sums are added in order and go to partial rows i
 // (dweight) and gridDim.x + i (dbias) for column_sum.
-#define LN_BWD_GROUPS 4     // most channel groups a thread holds
 #define LN_BWD_THREADS 256  // most threads of a block (and of a team)
 #define LN_BWD_TEAMS_THREADS 128  // threads the teams of a block add up to, when teams are small: with
                                   // ~200 registers a thread, small blocks fill the register file better
@@ -2522,21 +2529,15 @@ __global__ void __maxnreg__(MAX_REGS) layernorm_backward_rows_kernel(T* dinp, fl
 template <typename T, int W, int MAX_REGS>
 static void layernorm_backward_rows(const Device* d, float* partials, int chunks, T* dinp, const T* dout, const T* inp, const T* weight,
                                     const float* mean, const float* rstd, int N, int C) {
-    int team = layernorm_team(C / W, LN_BWD_GROUPS, LN_BWD_THREADS), G = CEIL_DIV(C / W, team);
+    int team = layernorm_team(C / W, LN_BWD_THREADS);
     int teams = LN_BWD_TEAMS_THREADS / team, rows_per_block = CEIL_DIV(N, chunks);
     if (teams > rows_per_block) teams = rows_per_block;
     if (teams < 1) teams = 1;
     dim3 block(team, teams);
     size_t smem = (size_t)(teams - 1) * 2 * W * team * sizeof(float);
-#define LN_BWD_LAUNCH(GC) layernorm_backward_rows_kernel<T, W, GC, MAX_REGS><<<chunks, block, smem, d->stream>>>(dinp, partials, dout, inp, weight, mean, rstd, N, C)
-    switch (G) {
-        case 1: LN_BWD_LAUNCH(1); break;
-        case 2: LN_BWD_LAUNCH(2); break;
-        case 3: LN_BWD_LAUNCH(3); break;
-        default: LN_BWD_LAUNCH(4); break;
-    }
-#undef LN_BWD_LAUNCH
-    cudaCheck(cudaGetLastError());
+    layernorm_groups_switch(C / W, team, [&](auto G) {
+        layernorm_backward_rows_kernel<T, W, G.value, MAX_REGS><<<chunks, block, smem, d->stream>>>(dinp, partials, dout, inp, weight, mean, rstd, N, C);
+    });
 }
 
 // Rows too wide for registers: block i takes its chunk one row at a time with all its threads,
@@ -2609,8 +2610,8 @@ static void layernorm_backward_cuda(const Device* d, void* dinp, float* dweight,
             // those kernels are capped at 168 registers (4 blocks of 96 threads per SM at hidden size
             // 2304: 62 against 77 us on an H200). One-warp teams keep every register (the cap spills:
             // 52 against 49 us at 768), and so do threads of four channel groups (it spills more).
-            int team = layernorm_team(C / W, LN_BWD_GROUPS, LN_BWD_THREADS);
-            if (team > 32 && CEIL_DIV(C / W, team) < 4)
+            int team = layernorm_team(C / W, LN_BWD_THREADS);
+            if (team > 32 && CEIL_DIV(C / W, team) < LN_GROUPS)
                 layernorm_backward_rows<T, W, 168>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
             else if (team)
                 layernorm_backward_rows<T, W, 255>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
@@ -2769,8 +2770,6 @@ static void attention_backward_cpu(real* dqkv, real* delta, const real* dout, co
 #ifdef __CUDACC__
 // ---- CUDA. Half types (bf16, fp16) run FlashAttention-2 kernels on the tensor cores
 // (mma.sync m16n8k16, fp32 accumulation); fp32 storage runs simple warp-per-row kernels.
-
-#include <type_traits>
 
 #define ATT_WARPS 4
 #define ATT_THREADS (ATT_WARPS * 32)
