@@ -11,6 +11,7 @@
 #   make test                 build and run the tests (CPU; GPU parts run where a GPU is found)
 #   make quickstart           prepare tiny Shakespeare, train a small GPT, print a sample
 #   make dev-cuda GPU_ARCH=sm_90a   the kernel ladders in dev/cuda (dev/cuda/run_all.sh runs them)
+#   make build/libkernel_trace.so   the in-loop kernel timer of dev/profile_gpt.sh (CUPTI)
 
 CXX ?= g++
 NVCC ?= nvcc
@@ -89,6 +90,12 @@ quickstart: all
 
 dev-cuda:
 	$(MAKE) -C dev/cuda GPU_ARCH=$(GPU_ARCH)
+
+# CUPTI kernel timer loaded into a running program (dev/kernel_trace.c, dev/profile_gpt.sh)
+CUDA_HOME ?= $(abspath $(dir $(HAVE_NVCC))..)
+build/libkernel_trace.so: dev/kernel_trace.c
+	@mkdir -p build
+	$(CC) -O2 -Wall -shared -fPIC -o $@ $< -I$(CUDA_HOME)/include -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcupti -lstdc++
 
 clean:
 	rm -rf build train_gpt prepro/preprocess_data

@@ -3129,6 +3129,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(F* out, 
 // sharing each query tile beat one that spills (0.898 vs 1.025 ms for the backward).
 HD constexpr int att_dkdv_groups(int HS) { return HS > 64 ? 2 : 1; }
 HD constexpr bool att_wg_head_size(int HS) { return HS == 64 || HS == 96; }
+
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define ATT_HAVE_WGMMA 1
 
@@ -3265,7 +3266,7 @@ __device__ __forceinline__ void att_wg_ab(float d[HS / 8][4], const uint32_t a[K
 // attention_forward_kernel's algorithm on a warpgroup: the block owns 64 query rows; S = Q K^T and
 // O += P V are wgmma products, the online softmax and dropout are the same per accumulator element.
 template <typename F, int HS>
-__global__ void __launch_bounds__(ATT_WG_THREADS, HS == 64 ? 4 : 2) attention_forward_wgmma_kernel(F* out, float* lse, const F* qkv, int first,
+__global__ void __launch_bounds__(ATT_WG_THREADS, HS == 64 ? 4 : 3) attention_forward_wgmma_kernel(F* out, float* lse, const F* qkv, int first,
                                                                                                   float p, uint32_t keep_min, uint64_t seed,
                                                                                                   int B, int T, int NH) {
 #ifdef ATT_HAVE_WGMMA
@@ -3335,7 +3336,7 @@ __global__ void __launch_bounds__(ATT_WG_THREADS, HS == 64 ? 4 : 2) attention_fo
 // 64 query rows; S = Q K^T and dP = dout V^T are wgmma products of
 // shared-memory tiles, dq += dS K takes dS from registers.
 template <typename F, int HS>
-__global__ void __launch_bounds__(ATT_WG_THREADS, 2) attention_backward_dq_wgmma_kernel(F* dqkv, float* delta, const F* dout,
+__global__ void __launch_bounds__(ATT_WG_THREADS, 3) attention_backward_dq_wgmma_kernel(F* dqkv, float* delta, const F* dout,
                                                                                     const F* qkv, const F* out, const float* lse,
                                                                                     float p, uint32_t keep_min, uint64_t seed,
                                                                                     int B, int T, int NH) {

@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""profile_gpt.py OURS_NCU_CSV ITERS TORCH_JSON: GPU milliseconds per training step by kernel
+"""profile_gpt.py OURS_JSON [TORCH_JSON [TORCH_REPORT]]: GPU milliseconds per training step by kernel
 family, megatron.c beside PyTorch, the ten costliest kernels of each side and every matmul kernel with
-its launches per step (dev/profile_gpt.sh)."""
-import csv
+its launches per step (dev/profile_gpt.sh). The JSONs are {name: [us, launches]} per step
+(dev/kernel_trace.c, dev/bench_gpt_pytorch.py --profile); TORCH_REPORT, the benchmark's line, gives
+PyTorch's wall time per step, so its idle time is that less its kernels'."""
 import json
 import re
 import sys
 
 FAMILIES = [  # (family, pattern over the kernel name), first match wins
+    ("GPU idle (waiting for the host)", r"^\[idle\]$"),
+    ("copies to and from the host, memsets", r"^\[mem"),
     ("attention backward", r"attention_backward|flash_bwd|flash.*bwd|_bwd_|bprop"),
     ("attention forward", r"attention_forward|flash_fwd|flash.*fwd|_fwd_|fprop"),
     ("matmul", r"gemm|xmma|cutlass|nvjet|cublas|matmul_dbias|splitK|sm90_"),
@@ -26,19 +29,7 @@ def family(name):
     return "other"
 
 
-def ours(path, iters):
-    per_kernel, calls = {}, {}
-    with open(path) as f:
-        lines = [l for l in f if l.startswith('"')]  # ncu's CSV rows; the program's own output is not quoted
-    for row in csv.DictReader(lines):
-        if row.get("Metric Name") == "gpu__time_duration.sum":
-            name = row["Kernel Name"]
-            per_kernel[name] = per_kernel.get(name, 0.0) + float(row["Metric Value"].replace(",", "")) / 1e3 / iters  # ns -> us per step
-            calls[name] = calls.get(name, 0.0) + 1.0 / iters
-    return per_kernel, calls
-
-
-def torch_kernels(path):
+def kernels(path):
     """{name: [us, launches]} per step (older files: {name: us})."""
     table = json.load(open(path))
     us = {k: v[0] if isinstance(v, list) else v for k, v in table.items()}
@@ -54,15 +45,19 @@ def by_family(per_kernel):
 
 
 def main():
-    mine, mine_calls = ours(sys.argv[1], int(sys.argv[2]))
-    torch, torch_calls = torch_kernels(sys.argv[3]) if len(sys.argv) > 3 else ({}, {})
+    mine, mine_calls = kernels(sys.argv[1])
+    torch, torch_calls = kernels(sys.argv[2]) if len(sys.argv) > 2 else ({}, {})
+    if len(sys.argv) > 3 and torch:
+        lines = [l for l in open(sys.argv[3]) if l.startswith("{")]
+        wall_us = 1e3 * json.loads(lines[-1])["ms_per_step"] if lines else 0
+        torch["[idle]"], torch_calls["[idle]"] = max(0.0, wall_us - sum(torch.values())), float("nan")
     a, b = by_family(mine), by_family(torch)
     print("%-46s %10s %10s %7s" % ("GPU ms per step", "ours", "torch", "ratio"))
     for fam in [f for f, _ in FAMILIES] + ["other"]:
         x, y = a.get(fam, 0) / 1e3, b.get(fam, 0) / 1e3
         print("%-46s %10.3f %10.3f %7s" % (fam, x, y, "%.2f" % (x / y) if y > 0 else "-"))
     x, y = sum(a.values()) / 1e3, sum(b.values()) / 1e3
-    print("%-46s %10.3f %10.3f %7s" % ("total kernel time", x, y, "%.2f" % (x / y) if y > 0 else "-"))
+    print("%-46s %10.3f %10.3f %7s" % ("step (kernels and idle)", x, y, "%.2f" % (x / y) if y > 0 else "-"))
     for side, table in (("ours", mine), ("torch", torch)):
         print("-- %s: costliest kernels (us per step)" % side)
         for name, us in sorted(table.items(), key=lambda kv: -kv[1])[:10]:

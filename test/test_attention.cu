@@ -401,7 +401,7 @@ int main(int argc, char** argv) {
             att_wgmma_enabled = wgmma;
             bench(16, 1024, 12, 64, 0.0f);
             bench(16, 1024, 12, 64, 0.1f);
-            bench(4, 2048, 24, 96, 0.0f);
+            bench(8, 2048, 24, 96, 0.0f);
         }
     }
 #else
