@@ -367,6 +367,37 @@ static void dev_upload(const Device* d, void* dst, const void* src, size_t bytes
     memcpy(dst, src, bytes);
 }
 
+// Host memory the GPU copies from without staging (page-locked) on a GPU run; malloc on the CPU.
+static void* host_alloc_pinned(const Device* d, size_t bytes) {
+#ifdef __CUDACC__
+    if (d->is_gpu) {
+        void* p = NULL;
+        cudaCheck(cudaMallocHost(&p, bytes ? bytes : 1));
+        return p;
+    }
+#endif
+    (void)d;
+    return xmalloc(bytes);
+}
+
+static void host_free_pinned(const Device* d, void* p) {
+#ifdef __CUDACC__
+    if (d->is_gpu) { cudaCheck(cudaFreeHost(p)); return; }
+#endif
+    (void)d;
+    free(p);
+}
+
+// Upload in stream order, the host not waiting: src (from host_alloc_pinned) must stay unchanged
+// until the stream has passed this copy (a later dev_download or dev_sync).
+static void dev_upload_async(const Device* d, void* dst, const void* src, size_t bytes) {
+#ifdef __CUDACC__
+    if (d->is_gpu) { cudaCheck(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, d->stream)); return; }
+#endif
+    (void)d;
+    memcpy(dst, src, bytes);
+}
+
 static void dev_download(const Device* d, void* dst, const void* src, size_t bytes) {
 #ifdef __CUDACC__
     if (d->is_gpu) { cudaCheck(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, d->stream)); cudaCheck(cudaStreamSynchronize(d->stream)); return; }

@@ -598,8 +598,9 @@ static double load_batch(GPT* m, HostBatch* h, const GPTSampleSet* set, int64_t 
     }
     double count = 0;
     for (int i = 0; i < B * T; i++) count += h->mask[i];
-    gpt_upload_tokens(m, h->tokens, B * T);
-    dev_upload(m->dev, m->acts.targets, h->targets, B * T * sizeof(int));
+    if (m->tp == 1) dev_upload_async(m->dev, m->acts.tokens, h->tokens, B * T * sizeof(int));
+    else gpt_upload_tokens(m, h->tokens, B * T);
+    dev_upload_async(m->dev, m->acts.targets, h->targets, B * T * sizeof(int));
     return count;
 }
 
@@ -617,7 +618,7 @@ static double gpt_micro_step(GPT* m, HostBatch* h, int B, int T, double count, d
     const float* dloss = NULL;
     if (grad_scale > 0) {  // uploaded before the forward: a copy here would wait for the whole forward
         for (int i = 0; i < N; i++) h->dloss[i] = count > 0 ? (float)(h->mask[i] / count * grad_scale) : 0.0f;
-        dev_upload(m->dev, m->acts.dloss, h->dloss, N * sizeof(float));
+        dev_upload_async(m->dev, m->acts.dloss, h->dloss, N * sizeof(float));
         dloss = m->acts.dloss;
     }
     gpt_forward(m, B, T, p_hidden, p_attn);
@@ -1451,27 +1452,31 @@ static void print_eval_results(const char* line) {
     free(rule);
 }
 
-static HostBatch host_batch_alloc(int B, int T) {
+// tokens, targets and dloss are page-locked: load_batch and gpt_micro_step upload them in stream
+// order, so the host prepares a batch while the GPU finishes the step before (each micro-step
+// ends with batch_loss's download, after which they may be rewritten).
+static HostBatch host_batch_alloc(const Device* d, int B, int T) {
     HostBatch h;
     size_t N = (size_t)B * T;
-    h.tokens = (int*)xmalloc(N * sizeof(int));
-    h.targets = (int*)xmalloc(N * sizeof(int));
+    h.tokens = (int*)host_alloc_pinned(d, N * sizeof(int));
+    h.targets = (int*)host_alloc_pinned(d, N * sizeof(int));
     h.mask = (float*)xmalloc(N * sizeof(float));
-    h.dloss = (float*)xmalloc(N * sizeof(float));
+    h.dloss = (float*)host_alloc_pinned(d, N * sizeof(float));
     h.losses = (float*)xmalloc(N * sizeof(float));
     h.sample = (int32_t*)xmalloc((T + 1) * sizeof(int32_t));
     return h;
 }
 
-static void host_batch_free(HostBatch* h) {
-    free(h->tokens); free(h->targets); free(h->mask); free(h->dloss); free(h->losses); free(h->sample);
+static void host_batch_free(const Device* d, HostBatch* h) {
+    host_free_pinned(d, h->tokens); host_free_pinned(d, h->targets); host_free_pinned(d, h->dloss);
+    free(h->mask); free(h->losses); free(h->sample);
 }
 
 // The loss summed over every window's scored targets (micro-batches of B windows).
 static double wikitext_loss_sum(GPT* m, const LMWindows* w, const int32_t* tokens, int eod, int B, int log_interval) {
     Parallel* p = m->par;
     int T = w->seq_len;
-    HostBatch h = host_batch_alloc(B, T);
+    HostBatch h = host_batch_alloc(m->dev, B, T);
     int32_t* samples = (int32_t*)xmalloc((size_t)B * (T + 1) * sizeof(int32_t));
     float* masks = (float*)xmalloc((size_t)B * T * sizeof(float));
     double sum = 0;
@@ -1486,7 +1491,7 @@ static double wikitext_loss_sum(GPT* m, const LMWindows* w, const int32_t* token
     all_reduce_host(p, GROUP_DP, &sum, 1);
     free(samples);
     free(masks);
-    host_batch_free(&h);
+    host_batch_free(m->dev, &h);
     return sum;
 }
 
@@ -1520,7 +1525,7 @@ static void evaluate_wikitext(GPT* m, const Tokenizer* tokenizer, const char* pa
 static int64_t lambada_correct(GPT* m, const LambadaExample* ex, int64_t count, int eod, int B, int log_interval) {
     Parallel* p = m->par;
     int T = m->T;
-    HostBatch h = host_batch_alloc(B, T);
+    HostBatch h = host_batch_alloc(m->dev, B, T);
     int32_t* samples = (int32_t*)xmalloc((size_t)B * (T + 1) * sizeof(int32_t));
     float* masks = (float*)xmalloc((size_t)B * T * sizeof(float));
     int *rows = (int*)xmalloc((size_t)B * T * sizeof(int)), *predicted = (int*)xmalloc((size_t)B * T * sizeof(int));
@@ -1545,7 +1550,7 @@ static int64_t lambada_correct(GPT* m, const LambadaExample* ex, int64_t count, 
     }
     all_reduce_host(p, GROUP_DP, &correct, 1);
     free(samples); free(masks); free(rows); free(predicted); free(all_right);
-    host_batch_free(&h);
+    host_batch_free(m->dev, &h);
     return (int64_t)correct;
 }
 
@@ -2062,7 +2067,7 @@ int main(int argc, char** argv) {
     printf("model: %d layers, hidden %d, %d heads, ffn %d, vocab %d (padded %d), %zu parameters\n", cfg.L, cfg.C, cfg.NH, cfg.F,
            cfg.V, cfg.Vp, model.num_params);
 
-    HostBatch h = host_batch_alloc(B, T);
+    HostBatch h = host_batch_alloc(&dev, B, T);
 
     LRSchedule schedule = lr_schedule_from_args(&args, train_samples);
     LossScaler scaler = state.scaler;
@@ -2160,7 +2165,7 @@ int main(int argc, char** argv) {
     if (args.debug_dump_params) dump_full_params(&model, args.debug_dump_params);
     if (log_file.f) fclose(log_file.f);
     for (int i = 0; i < 3; i++) gpt_sampleset_free(&sets[i]);
-    host_batch_free(&h);
+    host_batch_free(&dev, &h);
     gpt_free(&model);
     if (tokenizer) tokenizer_free(tokenizer);
     device_free(&dev);
