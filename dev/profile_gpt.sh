@@ -16,7 +16,7 @@ CUDA_INJECTION64_PATH=build/libkernel_trace.so KERNEL_TRACE_OUT="$OUTDIR/ours_ke
     ./train_gpt --device cuda --bf16 --data-path "$DATA/tinyshakespeare_text_document" --split 100,0,0 \
     --vocab-size "$V" --num-layers "$L" --hidden-size "$H" --num-attention-heads "$NH" --seq-length "$T" \
     --micro-batch-size "$MB" --global-batch-size "$MB" --train-iters "$ITERS" --lr 1e-4 \
-    --hidden-dropout 0 --attention-dropout 0 --log-interval 1 --eval-iters 0 --sample-length 0 \
+    --hidden-dropout 0 --attention-dropout 0 --log-interval 10 --eval-iters 0 --sample-length 0 \
     > "$OUTDIR/ours.txt" 2> "$OUTDIR/ours.err" || { echo "train_gpt failed:"; tail -n 5 "$OUTDIR/ours.err"; }
 grep "^kernel_trace" -A 12 "$OUTDIR/ours.err"
 python3 dev/bench_gpt_pytorch.py --layers "$L" --hidden "$H" --heads "$NH" --seq "$T" --vocab "$V" --micro-batch "$MB" \
