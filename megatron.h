@@ -1762,8 +1762,9 @@ typedef struct {
 static MatmulAlgo matmul_algos[64];
 static int matmul_algo_count = 0;
 
-// 1: the MLP's first linear applies its GELU in cuBLASLt's GELU_AUX epilogue where cuBLASLt has an
-// algorithm for it; 0: a plain matmul and the GELU kernel (tests and benchmarks compare the two).
+// 1: the MLP's GELU runs in cuBLASLt's epilogues where cuBLASLt has an algorithm for them (forward
+// GELU_AUX after the first linear, backward DGELU after the second's input gradient); 0: plain
+// matmuls and our GELU kernels (tests and benchmarks compare the two).
 static int matmul_gelu_epilogue_enabled = 1;
 
 static uint32_t matmul_alignment(const void* p) {
@@ -1778,7 +1779,7 @@ static cudaDataType_t matmul_cuda_type(DType dt) {
 
 // The epilogues a caller can do without (a plain matmul and the GELU kernel instead).
 static int matmul_optional_epilogue(int64_t epilogue) {
-    return epilogue == CUBLASLT_EPILOGUE_GELU_AUX || epilogue == CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
+    return epilogue == CUBLASLT_EPILOGUE_GELU_AUX || epilogue == CUBLASLT_EPILOGUE_GELU_AUX_BIAS || epilogue == CUBLASLT_EPILOGUE_DGELU;
 }
 
 // The heuristic's algorithm for a problem, asked once; 0 when it has none.
@@ -1964,13 +1965,20 @@ static void matmul_backward_cuda(const Device* d, void* dinp, float* dweight, fl
     if (dbias) matmul_dbias_cuda(d, dbias, (void*)dout, NULL, N, OC);  // (read only)
 }
 
-// cuBLASLt's DGELU_BGRAD epilogue would do the GELU backward and the bias gradient too, but runs as a
-// generic kernel (cublasLt::globalKernel): with the weight-gradient product, 0.57 ms against 0.36 ms
-// for plain matmuls, the GELU kernel and the bias-gradient kernels on GPT-2's shape (H200, bf16).
-// Here the last two are one pass.
+// The GELU's gradient in the DGELU epilogue (reading the pre-activation as its aux input), then a
+// read-only pass for the bias gradient; without the epilogue, one pass does both, rewriting dpre.
+// cuBLASLt's DGELU_BGRAD epilogue would take the bias gradient too, but runs as a generic kernel
+// (cublasLt::globalKernel): with the weight-gradient product, 0.57 ms against 0.36 ms for plain
+// matmuls, the GELU kernel and the bias-gradient kernels on GPT-2's shape (H200, bf16).
 static void matmul_backward_dgelu_cuda(const Device* d, void* dpre, float* dpre_bias, const void* dout, const void* weight, const void* pre,
                                        int N, int C, int OC) {
-    matmul_cublaslt(d, dpre, matmul_cuda_type(d->dtype), C, weight, 0, C, dout, 0, OC, C, N, OC, NULL, CUBLASLT_EPILOGUE_DEFAULT, NULL, NULL);
+    cudaDataType_t type = matmul_cuda_type(d->dtype);
+    if (matmul_gelu_epilogue_enabled && C % 8 == 0 &&  // the aux rows must be 16-byte multiples
+        matmul_cublaslt(d, dpre, type, C, weight, 0, C, dout, 0, OC, C, N, OC, NULL, CUBLASLT_EPILOGUE_DGELU, NULL, pre)) {
+        matmul_dbias_cuda(d, dpre_bias, dpre, NULL, N, C);
+        return;
+    }
+    matmul_cublaslt(d, dpre, type, C, weight, 0, C, dout, 0, OC, C, N, OC, NULL, CUBLASLT_EPILOGUE_DEFAULT, NULL, NULL);
     matmul_dbias_cuda(d, dpre_bias, dpre, pre, N, C);
 }
 #endif

@@ -4,8 +4,8 @@ CPU: the blocked GEMM against plain loops, backward against central finite diffe
 double, padded vocabulary columns taking no part, results independent of the thread count.
 GPU (when one is found): cuBLASLt and the cross-entropy kernel against the CPU reference in
 fp32, bf16 and fp16, gradient accumulation, bitwise determinism, the GELU forward with cuBLASLt's
-epilogue and with the GELU kernel; the backward through the GELU. `--bench` times these on GPT-2
-124M's and the 1.7B model's shapes (bf16).
+epilogue and with the GELU kernel; the backward through the GELU with the DGELU epilogue and with our
+GELU-gradient pass. `--bench` times these on GPT-2 124M's and the 1.7B model's shapes (bf16).
 */
 #include "../megatron.h"
 #include "test.h"
@@ -484,13 +484,13 @@ static void test_matmul_dgelu_gpu(const Device* d, int N, int C, int OC) {
     }
     dev_sync(d);
     char name[256], shape[128];
-    snprintf(shape, sizeof(shape), "%s N=%d C=%d OC=%d", dtype_name(dt), N, C, OC);
+    snprintf(shape, sizeof(shape), "%s N=%d C=%d OC=%d %s", dtype_name(dt), N, C, OC, matmul_gelu_epilogue_enabled ? "DGELU epilogue" : "GELU-gradient kernel");
     download_as(d, got, d_dpre[0], n_pre, dt);
     snprintf(name, sizeof(name), "gpu matmul dgelu dpre %s", shape);
     check_close(name, got, dpre_ref, n_pre, tolerance(dt));
     dev_download(d, got, d_db[0], 4 * C);
     snprintf(name, sizeof(name), "gpu matmul dgelu dbias (+= twice) %s", shape);
-    // fp32 sums of half-rounded dpre (own kernels) or half-rounded sums of the fp32 products (epilogue)
+    // fp32 sums of dpre rounded to half once (epilogue) or twice (the product, then the GELU gradient)
     check_close(name, got, db_ref, C, dt == DT_F32 ? 1e-5 : 4e-3);
     snprintf(name, sizeof(name), "gpu matmul dgelu bitwise deterministic %s", shape);
     check(same_bytes(d, d_dpre[0], d_dpre[1], n_pre * es) && same_bytes(d, d_db[0], d_db[1], 4 * C), name, "two runs differ");
@@ -581,9 +581,14 @@ static void bench(int N, int C, int F) {
     }
     matmul_gelu_epilogue_enabled = 1;
     double qkv = median_ms(&d, [&]() { matmul_backward(&d, dx, dw, db, dqkv, x, w1, N, C, 3 * C); });
-    double mlp = median_ms(&d, [&]() { matmul_backward_dgelu(&d, act, db, dx, w1, pre, N, F, C); });
-    printf("bench bf16 N=%d C=%d F=%d: qkv backward with bias %.3f ms, fc2 backward to the GELU input (dinp, gelu', bias gradient) %.3f ms\n",
-           N, C, F, qkv, mlp);
+    printf("bench bf16 N=%d C=%d F=%d: qkv backward with bias %.3f ms\n", N, C, F, qkv);
+    for (int fused = 1; fused >= 0; fused--) {
+        matmul_gelu_epilogue_enabled = fused;
+        double mlp = median_ms(&d, [&]() { matmul_backward_dgelu(&d, act, db, dx, w1, pre, N, F, C); });
+        printf("bench bf16 N=%d C=%d F=%d: fc2 backward to the GELU input (dinp, gelu', bias gradient) with the %s %.3f ms\n", N, C, F,
+               fused ? "DGELU epilogue" : "GELU-gradient kernel", mlp);
+    }
+    matmul_gelu_epilogue_enabled = 1;
     // the attention projection closing its residual branch (no dropout)
     void *res = upload_as(&d, h, (size_t)N * C, DT_BF16), *out = dev_malloc(&d, (size_t)N * C * 2);
     double fused = median_ms(&d, [&]() { matmul_forward_residual(&d, out, res, x, w1, b1, N, C, C); });
@@ -620,9 +625,12 @@ static void test_gpu(void) {
                     test_matmul_gpu(&d, shapes[s][0], shapes[s][1], shapes[s][2], variant & 1, variant >> 1);
             test_matmul_gpu(&d, 5, 13, 7, 1, 1);  // odd sizes: no 16-byte alignment anywhere
         }
+        for (int fused = 1; fused >= 0; fused--) {  // the DGELU epilogue, then our GELU-gradient pass
+            matmul_gelu_epilogue_enabled = fused;
+            for (int s = 0; s < 3; s++) test_matmul_dgelu_gpu(&d, shapes[s][0], shapes[s][2], shapes[s][1]);  // the MLP's second linear: OC -> C
+            test_matmul_dgelu_gpu(&d, 5, 13, 7);
+        }
         matmul_gelu_epilogue_enabled = 1;
-        for (int s = 0; s < 3; s++) test_matmul_dgelu_gpu(&d, shapes[s][0], shapes[s][2], shapes[s][1]);  // the MLP's second linear: OC -> C
-        test_matmul_dgelu_gpu(&d, 5, 13, 7);
         for (int s = 0; s < 3; s++)
             for (int use_bias = 0; use_bias < 2; use_bias++) test_matmul_residual_gpu(&d, shapes[s][0], shapes[s][2], shapes[s][1], use_bias);
         test_matmul_residual_gpu(&d, 5, 13, 7, 1);
