@@ -25,7 +25,8 @@ typedef struct {
 static Activity* acts;
 static size_t n_acts, cap_acts;
 static char** names;
-static int n_names, cap_names;
+static int n_names;
+static size_t cap_names;
 
 static void* grow(void* p, size_t* cap, size_t need, size_t elem) {
     if (need <= *cap) return p;
@@ -43,9 +44,7 @@ static int intern(const char* mangled) {
     int i = 0;
     while (i < n_names && strcmp(names[i], name)) i++;
     if (i == n_names) {
-        size_t cap = cap_names;
-        names = grow(names, &cap, n_names + 1, sizeof(char*));
-        cap_names = (int)cap;
+        names = grow(names, &cap_names, n_names + 1, sizeof(char*));
         names[n_names++] = strdup(name);
     }
     free(plain);
