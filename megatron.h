@@ -388,7 +388,8 @@ static void host_free_pinned(const Device* d, void* p) {
     free(p);
 }
 
-// Upload in stream order, the host not waiting: src (from host_alloc_pinned) must stay unchanged
+// Upload in stream order, the host not waiting for the GPU. Pageable src is staged by the driver
+// before this returns; page-locked src (host_alloc_pinned) is read later, so it must stay unchanged
 // until the stream has passed this copy (a later dev_download or dev_sync).
 static void dev_upload_async(const Device* d, void* dst, const void* src, size_t bytes) {
 #ifdef __CUDACC__

@@ -557,10 +557,10 @@ static void gpt_backward(GPT* m, int B, int T, float p_hidden, float p_attn) {
         for (int k = 0; k < 4; k++) all_reduce_start(m->par, d, GROUP_DP, grad(m, other_params[k], 0), m->sizes[other_params[k]]);
 }
 
-// Input tokens to the device; with tensor parallelism also their rows in this rank's
-// vocabulary shard (Vr, the sink row, for tokens of other ranks).
+// Input tokens to the device, in stream order (see dev_upload_async); with tensor parallelism also
+// their rows in this rank's vocabulary shard (Vr, the sink row, for tokens of other ranks).
 static void gpt_upload_tokens(GPT* m, const int* tokens, int N) {
-    dev_upload(m->dev, m->acts.tokens, tokens, N * sizeof(int));
+    dev_upload_async(m->dev, m->acts.tokens, tokens, N * sizeof(int));
     if (m->tp == 1) return;
     int* local = (int*)xmalloc(N * sizeof(int));
     int start = m->tp_rank * m->Vr;
@@ -598,8 +598,7 @@ static double load_batch(GPT* m, HostBatch* h, const GPTSampleSet* set, int64_t 
     }
     double count = 0;
     for (int i = 0; i < B * T; i++) count += h->mask[i];
-    if (m->tp == 1) dev_upload_async(m->dev, m->acts.tokens, h->tokens, B * T * sizeof(int));
-    else gpt_upload_tokens(m, h->tokens, B * T);
+    gpt_upload_tokens(m, h->tokens, B * T);
     dev_upload_async(m->dev, m->acts.targets, h->targets, B * T * sizeof(int));
     return count;
 }
