@@ -6,6 +6,7 @@
 #   make NO_CUDA=1            CPU-only even where nvcc exists
 #   make NO_MPI=1             one process only, even where mpicxx exists
 #   make NO_MHD=1             without the REST server, even where libmicrohttpd is installed
+#   make NO_CUDNN=1           without cuDNN's fused attention, even where cudnn.h is found
 # With MPI (OpenMPI's mpicxx found) the programs run as several ranks under mpirun/srun
 # (tensor and data parallelism); with nvcc and nccl.h the GPU ranks talk over NCCL.
 #   make test                 build and run the tests (CPU; GPU parts run where a GPU is found)
@@ -47,6 +48,22 @@ NCCL_FLAGS = -DUSE_NCCL -I$(dir $(NCCL_H))
 NCCL_LIBS = -L$(NCCL_LIB_DIR) -Xlinker -rpath -Xlinker $(NCCL_LIB_DIR) -lnccl
 endif
 
+# cuDNN (optional): its fused attention behind --attention-backend fused. Found next to the CUDA
+# toolkit or in CUDNN_HOME (a directory with include/cudnn.h and lib/ or lib64/, such as the
+# nvidia-cudnn wheel's); NO_CUDNN=1 leaves it out.
+ifneq ($(HAVE_NVCC),)
+ifeq ($(NO_CUDNN),)
+CUDNN_H := $(firstword $(wildcard $(CUDNN_HOME)/include/cudnn.h $(dir $(HAVE_NVCC))../include/cudnn.h /usr/include/cudnn.h /usr/include/x86_64-linux-gnu/cudnn.h))
+endif
+endif
+ifneq ($(CUDNN_H),)
+CUDNN_LIB_DIR := $(firstword $(dir $(wildcard $(dir $(CUDNN_H))../lib64/libcudnn.so.9 $(dir $(CUDNN_H))../lib/libcudnn.so.9 /usr/lib/x86_64-linux-gnu/libcudnn.so.9)))
+endif
+ifneq ($(CUDNN_LIB_DIR),)
+CUDNN_FLAGS = -DUSE_CUDNN -I$(dir $(CUDNN_H))
+CUDNN_LIBS = -L$(CUDNN_LIB_DIR) -Xlinker -rpath -Xlinker $(CUDNN_LIB_DIR) -l:libcudnn.so.9
+endif
+
 # libmicrohttpd (Debian's libmicrohttpd-dev): the REST server (--port); without it --port is an error
 ifeq ($(NO_MHD),)
 MHD_H := $(firstword $(wildcard /usr/include/microhttpd.h /usr/local/include/microhttpd.h))
@@ -57,8 +74,8 @@ MHD_LIBS = -lmicrohttpd
 endif
 
 ifneq ($(HAVE_NVCC),)
-COMPILE = $(NVCC) $(NVCC_FLAGS) $(MPI_FLAGS) $(NCCL_FLAGS) $(MHD_FLAGS)
-LIBS = $(NVCC_LIBS) $(MPI_LIBS) $(NCCL_LIBS) $(MHD_LIBS)
+COMPILE = $(NVCC) $(NVCC_FLAGS) $(MPI_FLAGS) $(NCCL_FLAGS) $(CUDNN_FLAGS) $(MHD_FLAGS)
+LIBS = $(NVCC_LIBS) $(MPI_LIBS) $(NCCL_LIBS) $(CUDNN_LIBS) $(MHD_LIBS)
 else
 COMPILE = $(CXX) $(HOST_FLAGS) $(MPI_FLAGS) $(MHD_FLAGS) -x c++
 LIBS = -lm $(MPI_LIBS) $(MHD_LIBS)

@@ -264,6 +264,7 @@ typedef struct {
     int is_gpu;
     DType dtype;  // storage of parameters and activations (fp32 on the CPU)
     char name[256];
+    int attention_fused;  // --attention-backend fused: attention through cuDNN (a GPU, USE_CUDNN builds)
 #ifdef __CUDACC__
     int device_id;
     int sm_count;
@@ -517,6 +518,7 @@ typedef struct {
     double collective_timeout, ddp_bucket_size;
     const char* debug_dump_params;
     double hidden_dropout, attention_dropout, init_method_std;
+    const char* attention_backend;
     // activation recomputation (Megatron-3 §5)
     const char *recompute_granularity, *recompute_method;
     int recompute_num_layers, recompute_activations, checkpoint_activations;
@@ -555,6 +557,7 @@ static void args_defaults(Args* a) {
     a->debug_hang_rank = -1;
     a->hidden_dropout = 0.1;
     a->attention_dropout = 0.1;
+    a->attention_backend = "auto";
     a->init_method_std = 0.02;
     a->recompute_num_layers = -1;  // not given: 1
     a->min_lr = 0.0;
@@ -599,6 +602,7 @@ static int args_table(Args* a, ArgSpec* t) {
     ARG("--debug-force-nccl", ARG_FLAG, debug_force_nccl, "collectives run through NCCL even in groups of one rank (checks NCCL on one GPU)");
     ARG("--hidden-dropout", ARG_FLOAT, hidden_dropout, "dropout after embedding, attention and MLP (0.1)");
     ARG("--attention-dropout", ARG_FLOAT, attention_dropout, "dropout on attention probabilities (0.1)");
+    ARG("--attention-backend", ARG_STRING, attention_backend, "auto|local|flash: the hand-written flash attention here (auto); fused: cuDNN's fused attention (bf16/fp16, --attention-dropout 0; builds with cuDNN)");
     ARG("--init-method-std", ARG_FLOAT, init_method_std, "std of the normal initialisation (0.02)");
     ARG("--recompute-granularity", ARG_STRING, recompute_granularity, "full|selective (none). full: layers' forward runs again in the backward; selective: what every run does here (no s x s scores kept)");
     ARG("--recompute-method", ARG_STRING, recompute_method, "with full: uniform (groups of N layers) or block (the first N layers)");
@@ -704,6 +708,12 @@ static void args_validate_model(Args* a) {
     if (strcmp(a->device, "auto") && strcmp(a->device, "cpu") && strcmp(a->device, "cuda"))
         arg_error("--device '%s' is not one of auto, cpu, cuda", a->device);
     if (a->log_interval <= 0) arg_error("--log-interval must be positive");
+    const char* backend = a->attention_backend;
+    if (strcmp(backend, "auto") && strcmp(backend, "local") && strcmp(backend, "flash") && strcmp(backend, "fused"))
+        arg_error("--attention-backend '%s' is not one of auto, local, flash, fused", backend);
+#if !(defined(__CUDACC__) && defined(USE_CUDNN))
+    if (!strcmp(backend, "fused")) arg_error("--attention-backend fused needs cuDNN, and this binary was built without it (see the Makefile)");
+#endif
 }
 
 // The model's checks, then training's.
@@ -729,6 +739,8 @@ static void args_validate(Args* a) {
     }
     if (a->hidden_dropout < 0 || a->hidden_dropout >= 1) arg_error("--hidden-dropout must be in [0, 1)");
     if (a->attention_dropout < 0 || a->attention_dropout >= 1) arg_error("--attention-dropout must be in [0, 1)");
+    if (!strcmp(a->attention_backend, "fused") && a->attention_dropout > 0)
+        arg_error("--attention-backend fused runs without attention dropout: give --attention-dropout 0");
     if (a->min_lr < 0 || a->min_lr > a->lr) arg_error("--min-lr must be in [0, --lr]");
     const char* styles[] = {"constant", "linear", "cosine", "inverse-square-root"};
     int style_ok = 0;
@@ -3934,10 +3946,431 @@ static void attention_backward_cuda(const Device* d, void* dqkv, float* delta, c
 }
 #endif
 
+#if defined(__CUDACC__) && defined(USE_CUDNN)
+#include <cudnn.h>
+
+// The same attention through cuDNN's fused flash-attention kernels (--attention-backend fused,
+// as Megatron-LM's TransformerEngine "fused" backend; built where cudnn.h is found). cuDNN's
+// graph API recognises an operation graph and runs it as one kernel: we describe, over the
+// qkv/out layout above by strides, Q K^T, the scale, the causal mask, the softmax with its
+// log-sum-exp saved (our lse exactly), and P V; the backward graph recomputes P from lse as
+// ours does. bf16/fp16 without attention dropout (cuDNN's dropout mask is not ours).
+// Tensor ids of the graphs' inputs and outputs; the virtual (in-kernel) ones count from 100.
+enum { CDN_Q = 1, CDN_KT, CDN_VT, CDN_OUT, CDN_LSE, CDN_SCALE, CDN_NEG_INF, CDN_ONE, CDN_DOUT, CDN_DQ, CDN_DK, CDN_DV,
+       CDN_DQ_ACCUM, CDN_DELTA, CDN_FIRST_VIRTUAL = 100 };
+
+static void cudnn_check(cudnnStatus_t status, const char* file, int line) {
+    if (status == CUDNN_STATUS_SUCCESS) return;
+    char detail[1024] = "";
+    cudnnGetLastErrorString(detail, sizeof(detail));
+    die("cuDNN error at %s:%d: %s%s%s", file, line, cudnnGetErrorString(status), *detail ? ": " : "", detail);
+}
+#define cudnnCheck(status) cudnn_check((status), __FILE__, __LINE__)
+
+#define CDN_MAX_DESCRIPTORS 128
+// A graph being described, then its execution plan: every descriptor made for it (the plan
+// may refer to them, so they live as long as it does).
+typedef struct {
+    int backward, B, T, NH, HS;
+    DType dtype;
+    cudnnBackendDescriptor_t descriptors[CDN_MAX_DESCRIPTORS];
+    int n_descriptors;
+    int64_t next_virtual;
+    cudnnBackendDescriptor_t plan;
+    int64_t workspace;  // bytes the plan needs
+} CdnGraph;
+
+typedef struct { int64_t dim[4], stride[4]; } CdnShape;
+
+static cudnnBackendDescriptor_t cdn_new(CdnGraph* g, cudnnBackendDescriptorType_t type) {
+    if (g->n_descriptors == CDN_MAX_DESCRIPTORS) die("cuDNN attention: more than %d descriptors in a graph", CDN_MAX_DESCRIPTORS);
+    cudnnBackendDescriptor_t desc;
+    cudnnCheck(cudnnBackendCreateDescriptor(type, &desc));
+    return g->descriptors[g->n_descriptors++] = desc;
+}
+
+static void cdn_set(cudnnBackendDescriptor_t desc, cudnnBackendAttributeName_t name, cudnnBackendAttributeType_t type,
+                    int64_t count, const void* value) {
+    cudnnCheck(cudnnBackendSetAttribute(desc, name, type, count, value));
+}
+
+static void cdn_set_desc(cudnnBackendDescriptor_t desc, cudnnBackendAttributeName_t name, cudnnBackendDescriptor_t value) {
+    cdn_set(desc, name, CUDNN_TYPE_BACKEND_DESCRIPTOR, 1, &value);
+}
+
+enum { CDN_IO, CDN_VIRTUAL, CDN_BY_VALUE };  // a tensor in memory, one only inside the kernel, a host scalar
+
+// uid is ignored for CDN_VIRTUAL tensors, which are numbered from CDN_FIRST_VIRTUAL.
+static cudnnBackendDescriptor_t cdn_tensor(CdnGraph* g, int64_t uid, cudnnDataType_t type, CdnShape s, int kind) {
+    cudnnBackendDescriptor_t t = cdn_new(g, CUDNN_BACKEND_TENSOR_DESCRIPTOR);
+    int64_t alignment = 16;
+    bool is_virtual = kind == CDN_VIRTUAL, by_value = kind == CDN_BY_VALUE;
+    if (is_virtual) uid = g->next_virtual++;
+    cdn_set(t, CUDNN_ATTR_TENSOR_DATA_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &type);
+    cdn_set(t, CUDNN_ATTR_TENSOR_DIMENSIONS, CUDNN_TYPE_INT64, 4, s.dim);
+    cdn_set(t, CUDNN_ATTR_TENSOR_STRIDES, CUDNN_TYPE_INT64, 4, s.stride);
+    cdn_set(t, CUDNN_ATTR_TENSOR_UNIQUE_ID, CUDNN_TYPE_INT64, 1, &uid);
+    cdn_set(t, CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, CUDNN_TYPE_INT64, 1, &alignment);
+    if (is_virtual) cdn_set(t, CUDNN_ATTR_TENSOR_IS_VIRTUAL, CUDNN_TYPE_BOOLEAN, 1, &is_virtual);
+    if (by_value) cdn_set(t, CUDNN_ATTR_TENSOR_IS_BY_VALUE, CUDNN_TYPE_BOOLEAN, 1, &by_value);
+    cudnnCheck(cudnnBackendFinalize(t));
+    return t;
+}
+
+// y = mode(x[, b][, t]); axis: the dimension CUDNN_POINTWISE_GEN_INDEX numbers.
+static cudnnBackendDescriptor_t cdn_pointwise(CdnGraph* g, cudnnPointwiseMode_t mode, cudnnBackendDescriptor_t x,
+                                              cudnnBackendDescriptor_t b, cudnnBackendDescriptor_t t,
+                                              cudnnBackendDescriptor_t y, int64_t axis) {
+    cudnnBackendDescriptor_t pw = cdn_new(g, CUDNN_BACKEND_POINTWISE_DESCRIPTOR);
+    cudnnDataType_t precision = mode == CUDNN_POINTWISE_CMP_GE ? CUDNN_DATA_BOOLEAN : CUDNN_DATA_FLOAT;
+    cdn_set(pw, CUDNN_ATTR_POINTWISE_MODE, CUDNN_TYPE_POINTWISE_MODE, 1, &mode);
+    cdn_set(pw, CUDNN_ATTR_POINTWISE_MATH_PREC, CUDNN_TYPE_DATA_TYPE, 1, &precision);
+    if (mode == CUDNN_POINTWISE_GEN_INDEX) cdn_set(pw, CUDNN_ATTR_POINTWISE_AXIS, CUDNN_TYPE_INT64, 1, &axis);
+    cudnnCheck(cudnnBackendFinalize(pw));
+    cudnnBackendDescriptor_t op = cdn_new(g, CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR);
+    cdn_set_desc(op, CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, pw);
+    cdn_set_desc(op, CUDNN_ATTR_OPERATION_POINTWISE_XDESC, x);
+    if (b) cdn_set_desc(op, CUDNN_ATTR_OPERATION_POINTWISE_BDESC, b);
+    if (t) cdn_set_desc(op, CUDNN_ATTR_OPERATION_POINTWISE_TDESC, t);
+    cdn_set_desc(op, CUDNN_ATTR_OPERATION_POINTWISE_YDESC, y);
+    cudnnCheck(cudnnBackendFinalize(op));
+    return op;
+}
+
+// y = x reduced over the dimensions where y has size 1.
+static cudnnBackendDescriptor_t cdn_reduction(CdnGraph* g, cudnnReduceTensorOp_t reduce, cudnnBackendDescriptor_t x,
+                                              cudnnBackendDescriptor_t y) {
+    cudnnBackendDescriptor_t r = cdn_new(g, CUDNN_BACKEND_REDUCTION_DESCRIPTOR);
+    cudnnDataType_t precision = CUDNN_DATA_FLOAT;
+    bool deterministic = false;
+    cdn_set(r, CUDNN_ATTR_REDUCTION_OPERATOR, CUDNN_TYPE_REDUCTION_OPERATOR_TYPE, 1, &reduce);
+    cdn_set(r, CUDNN_ATTR_REDUCTION_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &precision);
+    cdn_set(r, CUDNN_ATTR_REDUCTION_IS_DETERMINISTIC, CUDNN_TYPE_BOOLEAN, 1, &deterministic);
+    cudnnCheck(cudnnBackendFinalize(r));
+    cudnnBackendDescriptor_t op = cdn_new(g, CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR);
+    cdn_set_desc(op, CUDNN_ATTR_OPERATION_REDUCTION_DESC, r);
+    cdn_set_desc(op, CUDNN_ATTR_OPERATION_REDUCTION_XDESC, x);
+    cdn_set_desc(op, CUDNN_ATTR_OPERATION_REDUCTION_YDESC, y);
+    cudnnCheck(cudnnBackendFinalize(op));
+    return op;
+}
+
+// c = a b over the last two dimensions, fp32 accumulation.
+static cudnnBackendDescriptor_t cdn_matmul(CdnGraph* g, cudnnBackendDescriptor_t a, cudnnBackendDescriptor_t b,
+                                           cudnnBackendDescriptor_t c) {
+    cudnnBackendDescriptor_t mm = cdn_new(g, CUDNN_BACKEND_MATMUL_DESCRIPTOR);
+    cudnnDataType_t precision = CUDNN_DATA_FLOAT;
+    cdn_set(mm, CUDNN_ATTR_MATMUL_COMP_TYPE, CUDNN_TYPE_DATA_TYPE, 1, &precision);
+    cudnnCheck(cudnnBackendFinalize(mm));
+    cudnnBackendDescriptor_t op = cdn_new(g, CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR);
+    cdn_set_desc(op, CUDNN_ATTR_OPERATION_MATMUL_DESC, mm);
+    cdn_set_desc(op, CUDNN_ATTR_OPERATION_MATMUL_ADESC, a);
+    cdn_set_desc(op, CUDNN_ATTR_OPERATION_MATMUL_BDESC, b);
+    cdn_set_desc(op, CUDNN_ATTR_OPERATION_MATMUL_CDESC, c);
+    cudnnCheck(cudnnBackendFinalize(op));
+    return op;
+}
+
+// y: x seen with y's dimensions and strides (here: a transpose).
+static cudnnBackendDescriptor_t cdn_reshape(CdnGraph* g, cudnnBackendDescriptor_t x, cudnnBackendDescriptor_t y) {
+    cudnnBackendDescriptor_t op = cdn_new(g, CUDNN_BACKEND_OPERATION_RESHAPE_DESCRIPTOR);
+    cdn_set_desc(op, CUDNN_ATTR_OPERATION_RESHAPE_XDESC, x);
+    cdn_set_desc(op, CUDNN_ATTR_OPERATION_RESHAPE_YDESC, y);
+    cudnnCheck(cudnnBackendFinalize(op));
+    return op;
+}
+
+// The operation graph of ops, and the first engine cuDNN's heuristics rank for it that builds.
+static void cdn_build_plan(CdnGraph* g, cudnnHandle_t handle, cudnnBackendDescriptor_t* ops, int n_ops) {
+    cudnnBackendDescriptor_t graph = cdn_new(g, CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR);
+    cdn_set(graph, CUDNN_ATTR_OPERATIONGRAPH_OPS, CUDNN_TYPE_BACKEND_DESCRIPTOR, n_ops, ops);
+    cdn_set(graph, CUDNN_ATTR_OPERATIONGRAPH_HANDLE, CUDNN_TYPE_HANDLE, 1, &handle);
+    cudnnCheck(cudnnBackendFinalize(graph));
+    cudnnBackendDescriptor_t heuristics = cdn_new(g, CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR);
+    cudnnBackendHeurMode_t mode = CUDNN_HEUR_MODE_A;
+    cdn_set_desc(heuristics, CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, graph);
+    cdn_set(heuristics, CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, 1, &mode);
+    cudnnCheck(cudnnBackendFinalize(heuristics));
+    enum { MAX_CONFIGS = 8 };
+    cudnnBackendDescriptor_t configs[MAX_CONFIGS];
+    for (int i = 0; i < MAX_CONFIGS; i++) configs[i] = cdn_new(g, CUDNN_BACKEND_ENGINECFG_DESCRIPTOR);
+    int64_t n_configs = 0;
+    cudnnCheck(cudnnBackendGetAttribute(heuristics, CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR, MAX_CONFIGS,
+                                        &n_configs, configs));
+    for (int64_t i = 0; i < n_configs; i++) {
+        cudnnBackendDescriptor_t plan = cdn_new(g, CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR);
+        cdn_set_desc(plan, CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, configs[i]);
+        if (cudnnBackendFinalize(plan) != CUDNN_STATUS_SUCCESS) continue;  // this engine cannot run it: the next
+        cudnnCheck(cudnnBackendGetAttribute(plan, CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE, CUDNN_TYPE_INT64, 1, NULL, &g->workspace));
+        g->plan = plan;
+        return;
+    }
+    char detail[1024] = "";
+    cudnnGetLastErrorString(detail, sizeof(detail));
+    die("cuDNN attention: no engine runs the %s graph for B=%d T=%d heads=%d head size=%d (%lld candidates)%s%s",
+        g->backward ? "backward" : "forward", g->B, g->T, g->NH, g->HS, (long long)n_configs, *detail ? ": " : "", detail);
+}
+
+// Dimensions [B, NH, rows, cols] with the strides of each tensor the graphs read or write.
+static CdnShape cdn_shape(int64_t B, int64_t NH, int64_t rows, int64_t cols, int64_t sb, int64_t sh, int64_t sr, int64_t sc) {
+    CdnShape s = {{B, NH, rows, cols}, {sb, sh, sr, sc}};
+    return s;
+}
+static CdnShape cdn_qkv_shape(const CdnGraph* g) {  // q, k or v of qkv [T, B, 3C]: [B, NH, T, HS]
+    int64_t C3 = 3 * (int64_t)g->NH * g->HS;
+    return cdn_shape(g->B, g->NH, g->T, g->HS, C3, 3 * g->HS, g->B * C3, 1);
+}
+static CdnShape cdn_qkv_transposed(const CdnGraph* g) {  // k or v as [B, NH, HS, T]
+    int64_t C3 = 3 * (int64_t)g->NH * g->HS;
+    return cdn_shape(g->B, g->NH, g->HS, g->T, C3, 3 * g->HS, 1, g->B * C3);
+}
+static CdnShape cdn_out_shape(const CdnGraph* g) {  // out [T, B, C] as [B, NH, T, HS]
+    int64_t C = (int64_t)g->NH * g->HS;
+    return cdn_shape(g->B, g->NH, g->T, g->HS, C, g->HS, g->B * C, 1);
+}
+static CdnShape cdn_packed(const CdnGraph* g, int64_t cols) {  // [B, NH, T, cols], contiguous
+    return cdn_shape(g->B, g->NH, g->T, cols, g->NH * g->T * cols, g->T * cols, cols, 1);
+}
+static CdnShape cdn_scores(const CdnGraph* g, int transposed) {  // [B, NH, T, T]
+    int64_t T = g->T;
+    return cdn_shape(g->B, g->NH, T, T, g->NH * T * T, T * T, transposed ? 1 : T, transposed ? T : 1);
+}
+static CdnShape cdn_scalar(void) { return cdn_shape(1, 1, 1, 1, 1, 1, 1, 1); }
+
+// The masked, scaled scores of q and kT, causal: entries above the diagonal become -inf.
+// lse given (the backward): scores minus lse, whose exp is P.
+static cudnnBackendDescriptor_t cdn_masked_scores(CdnGraph* g, cudnnBackendDescriptor_t* ops, int* n, cudnnBackendDescriptor_t q,
+                                                  cudnnBackendDescriptor_t kT, cudnnBackendDescriptor_t scale,
+                                                  cudnnBackendDescriptor_t lse) {
+    CdnShape S = cdn_scores(g, 0);
+    cudnnBackendDescriptor_t s = cdn_tensor(g, 0, CUDNN_DATA_FLOAT, S, CDN_VIRTUAL);
+    ops[(*n)++] = cdn_matmul(g, q, kT, s);
+    cudnnBackendDescriptor_t scaled = cdn_tensor(g, 0, CUDNN_DATA_FLOAT, S, CDN_VIRTUAL);
+    ops[(*n)++] = cdn_pointwise(g, CUDNN_POINTWISE_MUL, s, scale, NULL, scaled, 0);
+    if (lse) {
+        cudnnBackendDescriptor_t shifted = cdn_tensor(g, 0, CUDNN_DATA_FLOAT, S, CDN_VIRTUAL);
+        ops[(*n)++] = cdn_pointwise(g, CUDNN_POINTWISE_SUB, scaled, lse, NULL, shifted, 0);
+        scaled = shifted;
+    }
+    cudnnBackendDescriptor_t col = cdn_tensor(g, 0, CUDNN_DATA_INT32, S, CDN_VIRTUAL);
+    cudnnBackendDescriptor_t row = cdn_tensor(g, 0, CUDNN_DATA_INT32, S, CDN_VIRTUAL);
+    cudnnBackendDescriptor_t keep = cdn_tensor(g, 0, CUDNN_DATA_BOOLEAN, S, CDN_VIRTUAL);
+    cudnnBackendDescriptor_t neg_inf = cdn_tensor(g, CDN_NEG_INF, CUDNN_DATA_FLOAT, cdn_scalar(), CDN_BY_VALUE);
+    cudnnBackendDescriptor_t masked = cdn_tensor(g, 0, CUDNN_DATA_FLOAT, S, CDN_VIRTUAL);
+    ops[(*n)++] = cdn_pointwise(g, CUDNN_POINTWISE_GEN_INDEX, scaled, NULL, NULL, col, 3);
+    ops[(*n)++] = cdn_pointwise(g, CUDNN_POINTWISE_GEN_INDEX, scaled, NULL, NULL, row, 2);
+    ops[(*n)++] = cdn_pointwise(g, CUDNN_POINTWISE_CMP_GE, row, col, NULL, keep, 0);
+    ops[(*n)++] = cdn_pointwise(g, CUDNN_POINTWISE_BINARY_SELECT, scaled, neg_inf, keep, masked, 0);
+    return masked;
+}
+
+// out = softmax(masked scores) v, lse = max + log(sum of exp(scores - max)).
+static void cdn_forward_graph(CdnGraph* g, cudnnHandle_t handle, cudnnDataType_t io) {
+    cudnnBackendDescriptor_t ops[32];
+    int n = 0;
+    CdnShape row_stat = cdn_packed(g, 1), S = cdn_scores(g, 0);
+    cudnnBackendDescriptor_t q = cdn_tensor(g, CDN_Q, io, cdn_qkv_shape(g), CDN_IO);
+    cudnnBackendDescriptor_t kT = cdn_tensor(g, CDN_KT, io, cdn_qkv_transposed(g), CDN_IO);
+    cudnnBackendDescriptor_t v = cdn_tensor(g, CDN_VT, io, cdn_qkv_shape(g), CDN_IO);
+    cudnnBackendDescriptor_t out = cdn_tensor(g, CDN_OUT, io, cdn_out_shape(g), CDN_IO);
+    cudnnBackendDescriptor_t lse = cdn_tensor(g, CDN_LSE, CUDNN_DATA_FLOAT, row_stat, CDN_IO);
+    cudnnBackendDescriptor_t scale = cdn_tensor(g, CDN_SCALE, CUDNN_DATA_FLOAT, cdn_scalar(), CDN_BY_VALUE);
+    cudnnBackendDescriptor_t masked = cdn_masked_scores(g, ops, &n, q, kT, scale, NULL);
+    cudnnBackendDescriptor_t max = cdn_tensor(g, 0, CUDNN_DATA_FLOAT, row_stat, CDN_VIRTUAL);
+    cudnnBackendDescriptor_t shifted = cdn_tensor(g, 0, CUDNN_DATA_FLOAT, S, CDN_VIRTUAL);
+    cudnnBackendDescriptor_t e = cdn_tensor(g, 0, CUDNN_DATA_FLOAT, S, CDN_VIRTUAL);
+    cudnnBackendDescriptor_t sum = cdn_tensor(g, 0, CUDNN_DATA_FLOAT, row_stat, CDN_VIRTUAL);
+    cudnnBackendDescriptor_t log_sum = cdn_tensor(g, 0, CUDNN_DATA_FLOAT, row_stat, CDN_VIRTUAL);
+    cudnnBackendDescriptor_t P = cdn_tensor(g, 0, io, S, CDN_VIRTUAL);
+    ops[n++] = cdn_reduction(g, CUDNN_REDUCE_TENSOR_MAX, masked, max);
+    ops[n++] = cdn_pointwise(g, CUDNN_POINTWISE_SUB, masked, max, NULL, shifted, 0);
+    ops[n++] = cdn_pointwise(g, CUDNN_POINTWISE_EXP, shifted, NULL, NULL, e, 0);
+    ops[n++] = cdn_reduction(g, CUDNN_REDUCE_TENSOR_ADD, e, sum);
+    ops[n++] = cdn_pointwise(g, CUDNN_POINTWISE_LOG, sum, NULL, NULL, log_sum, 0);
+    ops[n++] = cdn_pointwise(g, CUDNN_POINTWISE_ADD, max, log_sum, NULL, lse, 0);
+    ops[n++] = cdn_pointwise(g, CUDNN_POINTWISE_DIV, e, sum, NULL, P, 0);
+    ops[n++] = cdn_matmul(g, P, v, out);
+    cdn_build_plan(g, handle, ops, n);
+}
+
+// With P rebuilt from lse and delta_i = dout_i . out_i (the FlashAttention-2 backward above):
+// dv = P^T dout, dS = P (dout v^T - delta) scale, dq = dS k, dk = dS^T q. dq accumulates in
+// fp32 (CDN_DQ_ACCUM, zeroed before each run) and is then rounded to the io type.
+static void cdn_backward_graph(CdnGraph* g, cudnnHandle_t handle, cudnnDataType_t io) {
+    cudnnBackendDescriptor_t ops[32];
+    int n = 0;
+    CdnShape qkv = cdn_qkv_shape(g), qkvT = cdn_qkv_transposed(g), O = cdn_out_shape(g), row_stat = cdn_packed(g, 1);
+    CdnShape S = cdn_scores(g, 0), ST = cdn_scores(g, 1);
+    cudnnBackendDescriptor_t q = cdn_tensor(g, CDN_Q, io, qkv, CDN_IO);
+    cudnnBackendDescriptor_t kT = cdn_tensor(g, CDN_KT, io, qkvT, CDN_IO);
+    cudnnBackendDescriptor_t vT = cdn_tensor(g, CDN_VT, io, qkvT, CDN_IO);
+    cudnnBackendDescriptor_t out = cdn_tensor(g, CDN_OUT, io, O, CDN_IO);
+    cudnnBackendDescriptor_t dout = cdn_tensor(g, CDN_DOUT, io, O, CDN_IO);
+    cudnnBackendDescriptor_t lse = cdn_tensor(g, CDN_LSE, CUDNN_DATA_FLOAT, row_stat, CDN_IO);
+    cudnnBackendDescriptor_t delta = cdn_tensor(g, CDN_DELTA, CUDNN_DATA_FLOAT, row_stat, CDN_IO);
+    cudnnBackendDescriptor_t dq_accum = cdn_tensor(g, CDN_DQ_ACCUM, CUDNN_DATA_FLOAT, cdn_packed(g, g->HS), CDN_IO);
+    cudnnBackendDescriptor_t dq = cdn_tensor(g, CDN_DQ, io, qkv, CDN_IO);
+    cudnnBackendDescriptor_t dk = cdn_tensor(g, CDN_DK, io, qkv, CDN_IO);
+    cudnnBackendDescriptor_t dv = cdn_tensor(g, CDN_DV, io, qkv, CDN_IO);
+    cudnnBackendDescriptor_t scale = cdn_tensor(g, CDN_SCALE, CUDNN_DATA_FLOAT, cdn_scalar(), CDN_BY_VALUE);
+    cudnnBackendDescriptor_t one = cdn_tensor(g, CDN_ONE, CUDNN_DATA_FLOAT, cdn_scalar(), CDN_BY_VALUE);
+
+    cudnnBackendDescriptor_t dP = cdn_tensor(g, 0, CUDNN_DATA_FLOAT, S, CDN_VIRTUAL);
+    ops[n++] = cdn_matmul(g, dout, vT, dP);
+    cudnnBackendDescriptor_t masked = cdn_masked_scores(g, ops, &n, q, kT, scale, lse);
+    cudnnBackendDescriptor_t P = cdn_tensor(g, 0, CUDNN_DATA_FLOAT, S, CDN_VIRTUAL);
+    cudnnBackendDescriptor_t PT = cdn_tensor(g, 0, io, ST, CDN_VIRTUAL);
+    ops[n++] = cdn_pointwise(g, CUDNN_POINTWISE_EXP, masked, NULL, NULL, P, 0);
+    ops[n++] = cdn_reshape(g, P, PT);
+    ops[n++] = cdn_matmul(g, PT, dout, dv);
+
+    cudnnBackendDescriptor_t dout_out = cdn_tensor(g, 0, CUDNN_DATA_FLOAT, cdn_packed(g, g->HS), CDN_VIRTUAL);
+    cudnnBackendDescriptor_t row_sum = cdn_tensor(g, 0, CUDNN_DATA_FLOAT, row_stat, CDN_VIRTUAL);
+    ops[n++] = cdn_pointwise(g, CUDNN_POINTWISE_MUL, dout, out, NULL, dout_out, 0);
+    ops[n++] = cdn_reduction(g, CUDNN_REDUCE_TENSOR_ADD, dout_out, row_sum);
+    ops[n++] = cdn_pointwise(g, CUDNN_POINTWISE_MUL, row_sum, one, NULL, delta, 0);
+
+    cudnnBackendDescriptor_t dP_centred = cdn_tensor(g, 0, CUDNN_DATA_FLOAT, S, CDN_VIRTUAL);
+    cudnnBackendDescriptor_t dS_unscaled = cdn_tensor(g, 0, CUDNN_DATA_FLOAT, S, CDN_VIRTUAL);
+    cudnnBackendDescriptor_t dS = cdn_tensor(g, 0, CUDNN_DATA_FLOAT, S, CDN_VIRTUAL);
+    ops[n++] = cdn_pointwise(g, CUDNN_POINTWISE_SUB, dP, delta, NULL, dP_centred, 0);
+    ops[n++] = cdn_pointwise(g, CUDNN_POINTWISE_MUL, dP_centred, P, NULL, dS_unscaled, 0);
+    ops[n++] = cdn_pointwise(g, CUDNN_POINTWISE_MUL, dS_unscaled, scale, NULL, dS, 0);
+
+    cudnnBackendDescriptor_t k = cdn_tensor(g, 0, CUDNN_DATA_FLOAT, qkv, CDN_VIRTUAL);
+    ops[n++] = cdn_reshape(g, kT, k);
+    ops[n++] = cdn_matmul(g, dS, k, dq_accum);
+    ops[n++] = cdn_pointwise(g, CUDNN_POINTWISE_IDENTITY, dq_accum, NULL, NULL, dq, 0);
+    cudnnBackendDescriptor_t dST = cdn_tensor(g, 0, io, ST, CDN_VIRTUAL);
+    ops[n++] = cdn_reshape(g, dS, dST);
+    ops[n++] = cdn_matmul(g, dST, q, dk);
+    cdn_build_plan(g, handle, ops, n);
+}
+
+// Per GPU: the handle, the plans built so far (one per shape and direction), and the scratch
+// memory the plans share (the plan's workspace, then the backward's fp32 dq).
+#define CDN_MAX_PLANS 16
+typedef struct {
+    cudnnHandle_t handle;
+    CdnGraph* plans[CDN_MAX_PLANS];
+    int n_built;
+    void* scratch;
+    size_t scratch_size;
+} CdnState;
+
+static CdnState* cdn_state(const Device* d) {
+    static CdnState states[64];
+    if (d->device_id >= 64) die("cuDNN attention: device %d beyond the 64 this build tracks", d->device_id);
+    CdnState* s = &states[d->device_id];
+    if (!s->handle) cudnnCheck(cudnnCreate(&s->handle));
+    cudnnCheck(cudnnSetStream(s->handle, d->stream));
+    return s;
+}
+
+// The plan for this shape and direction, built the first time it is asked for.
+static CdnGraph* cdn_plan(const Device* d, CdnState* s, int backward, int B, int T, int NH, int HS) {
+    for (int i = 0; i < CDN_MAX_PLANS && s->plans[i]; i++) {
+        CdnGraph* g = s->plans[i];
+        if (g->backward == backward && g->B == B && g->T == T && g->NH == NH && g->HS == HS && g->dtype == d->dtype) return g;
+    }
+    int slot = s->n_built++ % CDN_MAX_PLANS;  // past the table's size the oldest plan goes
+    if (s->plans[slot]) {
+        for (int i = 0; i < s->plans[slot]->n_descriptors; i++) cudnnCheck(cudnnBackendDestroyDescriptor(s->plans[slot]->descriptors[i]));
+        free(s->plans[slot]);
+    }
+    CdnGraph* g = (CdnGraph*)calloc(1, sizeof(CdnGraph));
+    if (!g) die("out of host memory");
+    g->backward = backward, g->B = B, g->T = T, g->NH = NH, g->HS = HS, g->dtype = d->dtype;
+    g->next_virtual = CDN_FIRST_VIRTUAL;
+    cudnnDataType_t io = d->dtype == DT_BF16 ? CUDNN_DATA_BFLOAT16 : CUDNN_DATA_HALF;
+    if (backward) cdn_backward_graph(g, s->handle, io);
+    else cdn_forward_graph(g, s->handle, io);
+    return s->plans[slot] = g;
+}
+
+static void* cdn_scratch(CdnState* s, size_t bytes) {
+    if (bytes > s->scratch_size) {
+        cudaCheck(cudaFree(s->scratch));  // (synchronises: only while the first plans are built)
+        cudaError_t err = cudaMalloc(&s->scratch, bytes);
+        if (err == cudaErrorMemoryAllocation) die_gpu_out_of_memory(bytes);
+        cudaCheck(err);
+        s->scratch_size = bytes;
+    }
+    return s->scratch;
+}
+
+static void cdn_execute(CdnState* s, const CdnGraph* g, const int64_t* uids, void** pointers, int n, void* workspace) {
+    cudnnBackendDescriptor_t pack;
+    cudnnCheck(cudnnBackendCreateDescriptor(CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR, &pack));
+    cdn_set(pack, CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, CUDNN_TYPE_INT64, n, uids);
+    cdn_set(pack, CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, CUDNN_TYPE_VOID_PTR, n, pointers);
+    cdn_set(pack, CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR, 1, &workspace);
+    cudnnCheck(cudnnBackendFinalize(pack));
+    cudnnCheck(cudnnBackendExecute(s->handle, g->plan, pack));
+    cudnnCheck(cudnnBackendDestroyDescriptor(pack));
+}
+
+// ", attention through cuDNN 9.19.0" (the library loaded) where d runs it, else "".
+static const char* cdn_note(const Device* d) {
+    static char note[64];
+    size_t v = cudnnGetVersion();
+    snprintf(note, sizeof(note), ", attention through cuDNN %zu.%zu.%zu", v / 10000, v / 100 % 100, v % 100);
+    return d->is_gpu && d->attention_fused ? note : "";
+}
+
+static void cdn_check_supported(const Device* d, float p) {
+    if (d->dtype == DT_F32) die("--attention-backend fused: cuDNN's fused attention takes bf16 or fp16, not fp32");
+    if (p != 0.0f) die("--attention-backend fused: attention dropout %g; cuDNN's path here runs without (--attention-dropout 0)", p);
+}
+
+static void attention_forward_cudnn(const Device* d, void* out, float* lse, const void* qkv, float p, int B, int T, int NH, int HS) {
+    cdn_check_supported(d, p);
+    CdnState* s = cdn_state(d);
+    const CdnGraph* g = cdn_plan(d, s, 0, B, T, NH, HS);
+    float scale = 1.0f / sqrtf((float)HS), neg_inf = -INFINITY;
+    const char* base = (const char*)qkv;
+    size_t head = (size_t)HS * dtype_size(d->dtype);
+    int64_t uids[] = {CDN_Q, CDN_KT, CDN_VT, CDN_OUT, CDN_LSE, CDN_SCALE, CDN_NEG_INF};
+    void* pointers[] = {(void*)base, (void*)(base + head), (void*)(base + 2 * head), out, lse, &scale, &neg_inf};
+    cdn_execute(s, g, uids, pointers, 7, cdn_scratch(s, g->workspace));
+}
+
+static void attention_backward_cudnn(const Device* d, void* dqkv, float* delta, const void* dout, const void* qkv,
+                                     const void* out, const float* lse, float p, int B, int T, int NH, int HS) {
+    cdn_check_supported(d, p);
+    CdnState* s = cdn_state(d);
+    const CdnGraph* g = cdn_plan(d, s, 1, B, T, NH, HS);
+    size_t workspace = (size_t)(g->workspace + 255) / 256 * 256, dq_bytes = (size_t)B * NH * T * HS * sizeof(float);
+    char* scratch = (char*)cdn_scratch(s, workspace + dq_bytes);
+    cudaCheck(cudaMemsetAsync(scratch + workspace, 0, dq_bytes, d->stream));
+    float scale = 1.0f / sqrtf((float)HS), neg_inf = -INFINITY, one = 1.0f;
+    const char *in = (const char*)qkv, *din = (const char*)dqkv;
+    size_t head = (size_t)HS * dtype_size(d->dtype);
+    int64_t uids[] = {CDN_Q, CDN_KT, CDN_VT, CDN_OUT, CDN_DOUT, CDN_LSE, CDN_DELTA, CDN_DQ_ACCUM,
+                      CDN_DQ, CDN_DK, CDN_DV, CDN_SCALE, CDN_ONE, CDN_NEG_INF};
+    void* pointers[] = {(void*)in, (void*)(in + head), (void*)(in + 2 * head), (void*)out, (void*)dout, (void*)lse, delta,
+                        scratch + workspace, (void*)din, (void*)(din + head), (void*)(din + 2 * head), &scale, &one, &neg_inf};
+    cdn_execute(s, g, uids, pointers, 14, scratch);
+}
+#endif
+
+// What runs attention on d, for the log: "" (the kernels above) or the cuDNN library's version.
+static const char* attention_backend_note(const Device* d) {
+#if defined(__CUDACC__) && defined(USE_CUDNN)
+    return cdn_note(d);
+#else
+    (void)d;
+    return "";
+#endif
+}
+
 // out [N, C] and lse [B, NH, T] from qkv [N, 3C].
 static void attention_forward(const Device* d, void* out, float* lse, const void* qkv, float p, uint64_t seed,
                               int B, int T, int NH, int HS) {
     attention_check(p, B, T, NH, HS);
+#if defined(__CUDACC__) && defined(USE_CUDNN)
+    if (d->is_gpu && d->attention_fused) { attention_forward_cudnn(d, out, lse, qkv, p, B, T, NH, HS); return; }
+#endif
 #ifdef __CUDACC__
     if (d->is_gpu) { attention_forward_cuda(d, out, lse, qkv, 0, p, seed, B, T, NH, HS); return; }
 #endif
@@ -3966,6 +4399,12 @@ static void attention_decode(const Device* d, void* out, float* lse, const void*
 static void attention_backward(const Device* d, void* dqkv, float* delta, const void* dout, const void* qkv,
                                const void* out, const float* lse, float p, uint64_t seed, int B, int T, int NH, int HS) {
     attention_check(p, B, T, NH, HS);
+#if defined(__CUDACC__) && defined(USE_CUDNN)
+    if (d->is_gpu && d->attention_fused) {
+        attention_backward_cudnn(d, dqkv, delta, dout, qkv, out, lse, p, B, T, NH, HS);
+        return;
+    }
+#endif
 #ifdef __CUDACC__
     if (d->is_gpu) { attention_backward_cuda(d, dqkv, delta, dout, qkv, out, lse, p, seed, B, T, NH, HS); return; }
 #endif

@@ -1325,6 +1325,9 @@ static void start_ranks(Args* args, Parallel* par) {
 static void start_device(const Args* args, Parallel* par, Device* dev, int argc, char** argv) {
     parallel_select_gpu(par);
     device_init(dev, args->device, args->fp16 ? DT_F16 : args->fp32 ? DT_F32 : DT_BF16);
+    dev->attention_fused = !strcmp(args->attention_backend, "fused");
+    if (dev->attention_fused && (!dev->is_gpu || dev->dtype == DT_F32))
+        arg_error("--attention-backend fused needs a GPU and bf16 or fp16 (this run: %s, %s)", dev->name, dtype_name(dev->dtype));
     parallel_init_nccl(par, dev, args->debug_force_nccl);
     parallel_check_same_flags(par, argc, argv);
 #ifdef _OPENMP
@@ -1332,7 +1335,8 @@ static void start_device(const Args* args, Parallel* par, Device* dev, int argc,
 #else
     int threads = 1;
 #endif
-    printf("device: %s (%s%s, %d CPU threads)\n", dev->name, dtype_name(dev->dtype), dev->is_gpu ? "" : ", the CPU path", threads);
+    printf("device: %s (%s%s, %d CPU threads)%s\n", dev->name, dtype_name(dev->dtype), dev->is_gpu ? "" : ", the CPU path", threads,
+           attention_backend_note(dev));
     if (!dev->is_gpu && (args->bf16 || args->fp16)) printf("note: the CPU path computes in fp32; --bf16/--fp16 apply on GPUs\n");
     printf("parallel: world size %d = tensor-parallel %d x data-parallel %d%s\n", par->size[GROUP_WORLD], par->size[GROUP_TP], par->size[GROUP_DP],
            args->use_distributed_optimizer ? ", distributed optimizer" : "");

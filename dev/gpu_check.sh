@@ -19,6 +19,11 @@ STEPS=${*:-tests kernels bench recompute}
 mkdir -p "${LOGS:=out/gpu_check}"
 LOGS=$(cd "$LOGS" && pwd)
 export MEGATRON_DATA=${MEGATRON_DATA:-$(cd .. && pwd)/shared/data}
+# cuDNN (--attention-backend fused): the nvidia-cudnn wheel beside PyTorch where the toolkit has none
+[ -n "${CUDNN_HOME:-}" ] || CUDNN_HOME=$(python3 -c "import nvidia.cudnn; print(list(nvidia.cudnn.__path__)[0])" 2>/dev/null) || true
+export CUDNN_HOME
+# (and at run time that cuDNN, not an older one on the library path)
+[ -n "$CUDNN_HOME" ] && export LD_LIBRARY_PATH="$CUDNN_HOME/lib:$CUDNN_HOME/lib64:${LD_LIBRARY_PATH:-}"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 nvcc --version | tail -n 1
 start=$(date +%s)

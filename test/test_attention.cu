@@ -8,7 +8,9 @@ in double on the same (dtype-rounded) inputs, fp32 / bf16 / fp16, forward (out, 
 backward (dq, dk, dv checked apart), p = 0 and 0.1, plus bitwise determinism.
 Decode steps (the KV cache): attention_decode's rows equal the full forward's rows, bitwise on
 the CPU, on every device and dtype.
-`--bench` also times the bf16 kernels on GPT-2 124M's shape (and a 1.7B-like one).
+With cuDNN in the build, the GPU cases without dropout run again through cuDNN's fused
+attention (--attention-backend fused), in bf16 and fp16.
+`--bench` also times the bf16 kernels on GPT-2 124M's shape (and a 1.7B-like one), and cuDNN's.
 */
 #include "../megatron.h"
 #include "test.h"
@@ -124,9 +126,10 @@ static void test_cpu_dispatch(int B, int T, int NH, int HS, float p) {
     device_free(&d);
 }
 
-// Which kernels run attention on d: "cpu", "gpu", or "gpu wgmma" (the Hopper kernels).
+// Which kernels run attention on d: "cpu", "gpu", "gpu wgmma" (the Hopper kernels) or "cudnn".
 static const char* kernels_used(const Device* d, int HS) {
 #ifdef __CUDACC__
+    if (d->is_gpu && d->attention_fused) return "cudnn";
     if (d->is_gpu && d->dtype != DT_F32 && att_wgmma_usable(d, HS)) return "gpu wgmma";
 #endif
     (void)HS;
@@ -285,7 +288,7 @@ static void test_gpu_case(Device* d, int B, int T, int NH, int HS, float p) {
         compare(name, got, dqkv_ref, nqkv, tol, locate_qkv, B, T, NH, HS, part);
     }
 
-    // the same inputs again: bitwise the same outputs
+    // the same inputs again: bitwise the same outputs (ours; cuDNN's dq adds up in any order)
     void *out_again = xmalloc(nout * es), *dqkv_again = xmalloc(nqkv * es), *out_first = xmalloc(nout * es);
     dev_download(d, out_first, out_g, nout * es);
     cudaCheck(cudaMemset(out_g, 0xff, nout * es));
@@ -295,8 +298,8 @@ static void test_gpu_case(Device* d, int B, int T, int NH, int HS, float p) {
     dev_download(d, out_again, out_g, nout * es);
     dev_download(d, dqkv_again, dqkv_g, nqkv * es);
     snprintf(name, sizeof(name), "deterministic %s", tag);
-    check(!memcmp(out_again, out_first, nout * es) && !memcmp(dqkv_again, buf, nqkv * es), name,
-          "a second run gave different bits");
+    if (d->attention_fused) check(!memcmp(out_again, out_first, nout * es), name, "a second forward gave different bits");
+    else check(!memcmp(out_again, out_first, nout * es) && !memcmp(dqkv_again, buf, nqkv * es), name, "a second run gave different bits");
 
     dev_free(d, qkv_g); dev_free(d, dout_g); dev_free(d, out_g); dev_free(d, dqkv_g);
     dev_free(d, lse_g); dev_free(d, delta_g);
@@ -321,9 +324,10 @@ static void test_keep_threshold(void) {
 }
 
 // Median time of 20 runs (after warm-up) of fwd and bwd, in TFLOP/s of causal attention.
-static void bench(int B, int T, int NH, int HS, float p) {
+static void bench(int B, int T, int NH, int HS, float p, int fused) {
     Device d;
     device_init(&d, "cuda", DT_BF16);
+    d.attention_fused = fused;
     size_t N = (size_t)B * T, C = (size_t)NH * HS, nqkv = N * 3 * C, nout = N * C, nlse = (size_t)B * NH * T;
     float* h = (float*)xmalloc(nqkv * sizeof(float));
     MT19937 mt;
@@ -342,7 +346,7 @@ static void bench(int B, int T, int NH, int HS, float p) {
     for (int pass = 0; pass < 2; pass++) {
         double flops = flops_fwd * (pass ? 2.5 : 1.0);
         printf("bench bf16 B=%d T=%d NH=%d HS=%d p=%g %s %s: %.3f ms, %.1f TFLOP/s\n", B, T, NH, HS, p,
-               att_wgmma_usable(&d, HS) ? "wgmma" : "mma.sync", pass ? "bwd" : "fwd", med[pass], flops / (med[pass] * 1e-3) / 1e12);
+               fused ? "cudnn" : att_wgmma_usable(&d, HS) ? "wgmma" : "mma.sync", pass ? "bwd" : "fwd", med[pass], flops / (med[pass] * 1e-3) / 1e12);
     }
     dev_free(&d, qkv); dev_free(&d, out); dev_free(&d, dout); dev_free(&d, dqkv); dev_free(&d, lse); dev_free(&d, delta);
     free(h); free(hb);
@@ -396,13 +400,28 @@ int main(int argc, char** argv) {
             device_free(&d);
         }
     }
+    att_wgmma_enabled = 1;
+#ifdef USE_CUDNN
+    // --attention-backend fused: cuDNN's kernels against the same reference (no dropout)
+    for (int t = 1; t < 3; t++) {
+        Device d;
+        device_init(&d, "cuda", dtypes[t]);
+        d.attention_fused = 1;
+        for (int s = 0; s < 6; s++) test_gpu_case(&d, shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3], 0.0f);
+        device_free(&d);
+    }
+#endif
     if (want_bench) {
         for (int wgmma = 0; wgmma <= have_wgmma; wgmma++) {
             att_wgmma_enabled = wgmma;
-            bench(16, 1024, 12, 64, 0.0f);
-            bench(16, 1024, 12, 64, 0.1f);
-            bench(8, 2048, 24, 96, 0.0f);
+            bench(16, 1024, 12, 64, 0.0f, 0);
+            bench(16, 1024, 12, 64, 0.1f, 0);
+            bench(8, 2048, 24, 96, 0.0f, 0);
         }
+#ifdef USE_CUDNN
+        bench(16, 1024, 12, 64, 0.0f, 1);
+        bench(8, 2048, 24, 96, 0.0f, 1);
+#endif
     }
 #else
     if (want_bench) printf("skip bench: built without CUDA\n");

@@ -36,6 +36,9 @@ expect "recompute layers above the model's" 2 "--recompute-num-layers 3 is not i
 expect "recompute layers with selective" 2 "--recompute-num-layers needs --recompute-granularity full" "${RUN[@]}" \
     --recompute-granularity selective --recompute-num-layers 1
 expect "old and new recompute flags" 2 "--checkpoint-activations is an old name" "${RUN[@]}" --checkpoint-activations --recompute-granularity full
+expect "bad attention backend" 2 "--attention-backend 'unfused' is not one of" "${RUN[@]}" --attention-backend unfused
+expect "cuDNN attention with attention dropout" 2 "--attention-backend fused" "${RUN[@]}" --attention-backend fused
+expect "cuDNN attention on the CPU" 2 "--attention-backend fused needs" "${RUN[@]}" --attention-backend fused --attention-dropout 0
 expect "NCCL forced on the CPU" 2 "--debug-force-nccl needs a GPU" "${RUN[@]}" --debug-force-nccl
 expect "missing dataset" 1 "$WORK/nothing" "${RUN[@]}" --data-path "$WORK/nothing"
 head -c 50 "$PREFIX.idx" > "$WORK/cut.idx" && cp "$PREFIX.bin" "$WORK/cut.bin"
