@@ -1326,6 +1326,9 @@ static void start_device(const Args* args, Parallel* par, Device* dev, int argc,
     parallel_select_gpu(par);
     device_init(dev, args->device, args->fp16 ? DT_F16 : args->fp32 ? DT_F32 : DT_BF16);
     dev->attention_fused = !strcmp(args->attention_backend, "fused");
+#ifdef __CUDACC__
+    matmul_autotune_enabled = args->matmul_autotune;
+#endif
     if (dev->attention_fused && (!dev->is_gpu || dev->dtype == DT_F32))
         arg_error("--attention-backend fused needs a GPU and bf16 or fp16 (this run: %s, %s)", dev->name, dtype_name(dev->dtype));
     parallel_init_nccl(par, dev, args->debug_force_nccl);

@@ -8,6 +8,7 @@
 # Prints one table: tokens/s, MFU (Megatron's model FLOPs, 989 TFLOP/s peak), memory, ratio.
 # Ours runs with the hand-written attention (side "ours") and, where the binary has cuDNN,
 # again with --attention-backend fused (side "cudnn"); BACKENDS="local" skips the second.
+# OURS_FLAGS (default --matmul-autotune) go to every run of ours.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-data}
@@ -17,12 +18,13 @@ mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 
 BACKENDS=${BACKENDS:-local fused}
+OURS_FLAGS=${OURS_FLAGS---matmul-autotune}
 ldd ./train_gpt | grep -q libcudnn || BACKENDS=${BACKENDS//fused/}
 
 # ours MODEL L H NH T V MB BACKEND -> "tokens_per_s mfu mem_gib"
 ours() {
     local name=$1 L=$2 H=$3 NH=$4 T=$5 V=$6 MB=$7 backend=$8 log="$OUTDIR/ours_$1_mb$7_$8"
-    ./train_gpt --device cuda --bf16 --attention-backend "$backend" --data-path "$DATA/tinyshakespeare_text_document" --split 100,0,0 \
+    ./train_gpt --device cuda --bf16 --attention-backend "$backend" $OURS_FLAGS --data-path "$DATA/tinyshakespeare_text_document" --split 100,0,0 \
         --vocab-size "$V" --num-layers "$L" --hidden-size "$H" --num-attention-heads "$NH" --seq-length "$T" \
         --micro-batch-size "$MB" --global-batch-size "$MB" --train-iters "$ITERS" --lr 1e-4 \
         --hidden-dropout 0 --attention-dropout 0 --log-interval 10 --eval-iters 0 \

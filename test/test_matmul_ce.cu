@@ -598,6 +598,17 @@ static void bench(int N, int C, int F) {
     });
     printf("bench bf16 N=%d C=%d: projection + bias + residual %.3f ms in the matmul's epilogue, %.3f ms as matmul + bias-dropout-add kernel\n",
            N, C, fused, apart);
+    for (int tuned = 0; tuned < 2; tuned++) {  // the heuristic's algorithms, then the fastest of its first eight
+        matmul_autotune_enabled = tuned;
+        matmul_algo_count = 0;
+        double fc1 = median_ms(&d, [&]() { matmul_forward(&d, pre, x, w1, b1, N, C, F, act); });
+        double qkv_bwd = median_ms(&d, [&]() { matmul_backward(&d, dx, dw, db, dqkv, x, w1, N, C, 3 * C); });
+        double fc2_bwd = median_ms(&d, [&]() { matmul_backward_dgelu(&d, act, db, dx, w1, pre, N, F, C); });
+        printf("bench bf16 N=%d C=%d F=%d: %s: fc1 + GELU forward %.3f ms, qkv backward %.3f ms, fc2 backward to the GELU input %.3f ms\n",
+               N, C, F, tuned ? "--matmul-autotune" : "heuristic's algorithms", fc1, qkv_bwd, fc2_bwd);
+    }
+    matmul_autotune_enabled = 0;
+    matmul_algo_count = 0;
     double dbias = median_ms(&d, [&]() { matmul_dbias_cuda(&d, db, dx, NULL, N, C); });
     printf("bench bf16 N=%d C=%d: the projection's bias gradient (column sums of [N, C]) %.4f ms, %.0f GB/s\n", N, C, dbias,
            (double)N * C * 2 / dbias * 1e-6);
@@ -643,6 +654,21 @@ static void test_gpu(void) {
         test_crossentropy_gpu(&d, 64, 50257, 50304, 0);
         device_free(&d);
     }
+    // --matmul-autotune: each problem's algorithm chosen by timing (the accumulating weight
+    // gradients tuned on scratch memory, not the real sums), against the same CPU references
+    matmul_autotune_enabled = 1;
+    matmul_algo_count = 0;  // forget the heuristic's choices: every problem is tuned again
+    Device d;
+    device_init(&d, "cuda", DT_BF16);
+    const int shapes[][3] = {{256, 768, 3072}, {512, 256, 768}};
+    for (int s = 0; s < 2; s++) {
+        for (int variant = 0; variant < 4; variant++) test_matmul_gpu(&d, shapes[s][0], shapes[s][1], shapes[s][2], variant & 1, variant >> 1);
+        test_matmul_dgelu_gpu(&d, shapes[s][0], shapes[s][2], shapes[s][1]);
+        test_matmul_residual_gpu(&d, shapes[s][0], shapes[s][2], shapes[s][1], 1);
+    }
+    device_free(&d);
+    matmul_autotune_enabled = 0;
+    matmul_algo_count = 0;
 }
 #endif
 
