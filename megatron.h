@@ -1835,7 +1835,7 @@ static int matmul_tune(const Device* d, cublasLtMatmulDesc_t desc, cublasLtMatri
     void* scratch = NULL;
     if (C == D) {
         scratch = dev_malloc(d, d_bytes);
-        cudaCheck(cudaMemsetAsync(scratch, 0, d_bytes, d->stream));
+        dev_zero(d, scratch, d_bytes);
         C = D = scratch;
     }
     float first = 0, best = INFINITY;
@@ -4347,12 +4347,10 @@ static CdnGraph* cdn_plan(const Device* d, CdnState* s, int backward, int B, int
     return s->plans[slot] = g;
 }
 
-static void* cdn_scratch(CdnState* s, size_t bytes) {
+static void* cdn_scratch(const Device* d, CdnState* s, size_t bytes) {
     if (bytes > s->scratch_size) {
-        cudaCheck(cudaFree(s->scratch));  // (synchronises: only while the first plans are built)
-        cudaError_t err = cudaMalloc(&s->scratch, bytes);
-        if (err == cudaErrorMemoryAllocation) die_gpu_out_of_memory(bytes);
-        cudaCheck(err);
+        if (s->scratch) dev_free(d, s->scratch);  // (synchronises: only while the first plans are built)
+        s->scratch = dev_malloc(d, bytes);
         s->scratch_size = bytes;
     }
     return s->scratch;
@@ -4369,14 +4367,6 @@ static void cdn_execute(CdnState* s, const CdnGraph* g, const int64_t* uids, voi
     cudnnCheck(cudnnBackendDestroyDescriptor(pack));
 }
 
-// ", attention through cuDNN 9.19.0" (the library loaded) where d runs it, else "".
-static const char* cdn_note(const Device* d) {
-    static char note[64];
-    size_t v = cudnnGetVersion();
-    snprintf(note, sizeof(note), ", attention through cuDNN %zu.%zu.%zu", v / 10000, v / 100 % 100, v % 100);
-    return d->is_gpu && d->attention_fused ? note : "";
-}
-
 static void cdn_check_supported(const Device* d, float p) {
     if (d->dtype == DT_F32) die("--attention-backend fused: cuDNN's fused attention takes bf16 or fp16, not fp32");
     if (p != 0.0f) die("--attention-backend fused: attention dropout %g; cuDNN's path here runs without (--attention-dropout 0)", p);
@@ -4391,7 +4381,7 @@ static void attention_forward_cudnn(const Device* d, void* out, float* lse, cons
     size_t head = (size_t)HS * dtype_size(d->dtype);
     int64_t uids[] = {CDN_Q, CDN_KT, CDN_VT, CDN_OUT, CDN_LSE, CDN_SCALE, CDN_NEG_INF};
     void* pointers[] = {(void*)base, (void*)(base + head), (void*)(base + 2 * head), out, lse, &scale, &neg_inf};
-    cdn_execute(s, g, uids, pointers, 7, cdn_scratch(s, g->workspace));
+    cdn_execute(s, g, uids, pointers, 7, cdn_scratch(d, s, g->workspace));
 }
 
 static void attention_backward_cudnn(const Device* d, void* dqkv, float* delta, const void* dout, const void* qkv,
@@ -4400,8 +4390,8 @@ static void attention_backward_cudnn(const Device* d, void* dqkv, float* delta, 
     CdnState* s = cdn_state(d);
     const CdnGraph* g = cdn_plan(d, s, 1, B, T, NH, HS);
     size_t workspace = (size_t)(g->workspace + 255) / 256 * 256, dq_bytes = (size_t)B * NH * T * HS * sizeof(float);
-    char* scratch = (char*)cdn_scratch(s, workspace + dq_bytes);
-    cudaCheck(cudaMemsetAsync(scratch + workspace, 0, dq_bytes, d->stream));
+    char* scratch = (char*)cdn_scratch(d, s, workspace + dq_bytes);
+    dev_zero(d, scratch + workspace, dq_bytes);
     float scale = 1.0f / sqrtf((float)HS), neg_inf = -INFINITY, one = 1.0f;
     const char *in = (const char*)qkv, *din = (const char*)dqkv;
     size_t head = (size_t)HS * dtype_size(d->dtype);
@@ -4413,10 +4403,14 @@ static void attention_backward_cudnn(const Device* d, void* dqkv, float* delta, 
 }
 #endif
 
-// What runs attention on d, for the log: "" (the kernels above) or the cuDNN library's version.
+// What runs attention on d, for the log: "" (the kernels above) or ", attention through cuDNN
+// 9.19.0" (the library loaded).
 static const char* attention_backend_note(const Device* d) {
 #if defined(__CUDACC__) && defined(USE_CUDNN)
-    return cdn_note(d);
+    static char note[64];
+    size_t v = cudnnGetVersion();
+    snprintf(note, sizeof(note), ", attention through cuDNN %zu.%zu.%zu", v / 10000, v / 100 % 100, v % 100);
+    return d->is_gpu && d->attention_fused ? note : "";
 #else
     (void)d;
     return "";

@@ -400,7 +400,6 @@ int main(int argc, char** argv) {
             device_free(&d);
         }
     }
-    att_wgmma_enabled = 1;
 #ifdef USE_CUDNN
     // --attention-backend fused: cuDNN's kernels against the same reference (no dropout)
     for (int t = 1; t < 3; t++) {
