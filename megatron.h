@@ -4254,7 +4254,8 @@ static void cdn_forward_graph(CdnGraph* g, cudnnHandle_t handle, cudnnDataType_t
 
 // With P rebuilt from lse and delta_i = dout_i . out_i (the FlashAttention-2 backward above):
 // dv = P^T dout, dS = P (dout v^T - delta) scale, dq = dS k, dk = dS^T q. dq accumulates in
-// fp32 (CDN_DQ_ACCUM, zeroed before each run) and is then rounded to the io type.
+// fp32 (CDN_DQ_ACCUM) and is then rounded to the io type. From cuDNN 9.6 the kernel that computes
+// delta also zeroes that accumulator (cudnn-frontend stopped clearing it there); before, we do.
 static void cdn_backward_graph(CdnGraph* g, cudnnHandle_t handle, cudnnDataType_t io) {
     cudnnBackendDescriptor_t ops[32];
     int n = 0;
@@ -4391,7 +4392,7 @@ static void attention_backward_cudnn(const Device* d, void* dqkv, float* delta, 
     const CdnGraph* g = cdn_plan(d, s, 1, B, T, NH, HS);
     size_t workspace = (size_t)(g->workspace + 255) / 256 * 256, dq_bytes = (size_t)B * NH * T * HS * sizeof(float);
     char* scratch = (char*)cdn_scratch(d, s, workspace + dq_bytes);
-    dev_zero(d, scratch + workspace, dq_bytes);
+    if (cudnnGetVersion() < 90600) dev_zero(d, scratch + workspace, dq_bytes);
     float scale = 1.0f / sqrtf((float)HS), neg_inf = -INFINITY, one = 1.0f;
     const char *in = (const char*)qkv, *din = (const char*)dqkv;
     size_t head = (size_t)HS * dtype_size(d->dtype);
