@@ -272,8 +272,10 @@ typedef struct {
     cublasLtHandle_t cublaslt;
     void* cublaslt_workspace;
     size_t cublaslt_workspace_size;
+    unsigned* reduce_counters;  // DEVICE_REDUCE_COUNTERS zeros, for kernels whose last block finishes the job
 #endif
 } Device;
+#define DEVICE_REDUCE_COUNTERS 1024
 
 // want: "auto" (a GPU when one is found), "cpu" or "cuda".
 static void device_init(Device* d, const char* want, DType dtype) {
@@ -294,6 +296,8 @@ static void device_init(Device* d, const char* want, DType dtype) {
         cublasCheck(cublasLtCreate(&d->cublaslt));
         d->cublaslt_workspace_size = 32 << 20;
         cudaCheck(cudaMalloc(&d->cublaslt_workspace, d->cublaslt_workspace_size));
+        cudaCheck(cudaMalloc(&d->reduce_counters, DEVICE_REDUCE_COUNTERS * sizeof(unsigned)));
+        cudaCheck(cudaMemset(d->reduce_counters, 0, DEVICE_REDUCE_COUNTERS * sizeof(unsigned)));
         return;
     }
     cudaGetLastError();  // clear the "no device" error
@@ -312,6 +316,7 @@ static void device_free(Device* d) {
 #ifdef __CUDACC__
     if (d->is_gpu) {
         cudaCheck(cudaFree(d->cublaslt_workspace));
+        cudaCheck(cudaFree(d->reduce_counters));
         cublasCheck(cublasLtDestroy(d->cublaslt));
         cudaCheck(cudaStreamDestroy(d->stream));
     }
@@ -1955,75 +1960,105 @@ static void matmul_forward_residual_cuda(const Device* d, void* out, const void*
                     bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT, bias, NULL);
 }
 
-// dbias += column sums of dout in a fixed order (no atomics): blocks of 32 x W columns x MATMUL_DBIAS_ROWS
-// rows write partial sums into scratch, then one thread per column adds its partials in order.
-// With gelu_pre, dout is first replaced by dout * gelu'(gelu_pre) (the MLP's backward through its
-// GELU, in the same pass) and the sums are of the new values. Each thread walks W adjacent columns
-// down every 8th row of its block.
-#define MATMUL_DBIAS_ROWS 256
+// Which columns of a row-major matrix (leading dimension ld) a column sum covers: logical column c
+// is physical column c + (c / group) * (stride - group), i.e. the first `group` of every `stride`
+// columns (each head's q in the QKV product's [q k v] per head: group HS, stride 3 HS); group =
+// stride = cols: all of them.
+typedef struct {
+    int cols, ld, group, stride;
+} ColumnMap;
+
+static ColumnMap all_columns(int cols) {
+    ColumnMap m = {cols, cols, cols, cols};
+    return m;
+}
+
+HD static inline size_t column_at(ColumnMap m, int c) { return c + (size_t)(c / m.group) * (m.stride - m.group); }
+
+// out[column_at(out_map, c)] (+)= the sum over rows r of x[r, column_at(in, c)], times row_weight[r]
+// where given, in a fixed order with no float atomics: blocks of 32 x W columns x rows_per_block
+// rows write partial sums; the last block of a strip of columns to finish (the strip's counter in
+// done[] tells it) adds the strip's partials in row-block order and resets the counter. With
+// gelu_pre, x is first replaced by x * gelu'(gelu_pre) (the MLP's backward through its GELU, in the
+// same pass) and the sums are of the new values. Each thread walks W adjacent columns down every
+// 8th row of its block.
 template <typename T, int W>
-__global__ void matmul_dbias_partial_kernel(float* partial, T* dout, const T* gelu_pre, int N, int OC, int rows_per_block) {
+__global__ void column_sums_kernel(float* out, ColumnMap out_map, int accumulate, float* partial, unsigned* done, T* x,
+                                   const T* gelu_pre, const float* row_weight, ColumnMap in, int N, int rows_per_block) {
     __shared__ float sums[8][W][33];
+    __shared__ int last;
     int col = (blockIdx.x * 32 + threadIdx.x) * W, row0 = blockIdx.y * rows_per_block;
     int row_end = min(N, row0 + rows_per_block);
     float acc[W] = {};
-    if (col < OC)
-#pragma unroll 4  // four rows' loads in flight where dout is only read (no gelu_pre)
+    if (col < in.cols) {
+        size_t c = column_at(in, col);
+#pragma unroll 4  // four rows' loads in flight where x is only read (no gelu_pre)
         for (int r = row0 + threadIdx.y; r < row_end; r += 8) {
-            size_t i = (size_t)r * OC + col;
-            Vec<T, W> g = load_vec<W>(dout + i);
+            size_t i = (size_t)r * in.ld + c;
+            Vec<T, W> g = load_vec<W>(x + i);
             if (gelu_pre) {
-                Vec<T, W> x = load_vec<W>(gelu_pre + i);
+                Vec<T, W> pre = load_vec<W>(gelu_pre + i);
 #pragma unroll
-                for (int k = 0; k < W; k++) g.v[k] = from_float<T>(to_float(g.v[k]) * gelu_derivative(to_float(x.v[k])));
-                store_vec<W>(dout + i, g);
+                for (int k = 0; k < W; k++) g.v[k] = from_float<T>(to_float(g.v[k]) * gelu_derivative(to_float(pre.v[k])));
+                store_vec<W>(x + i, g);
             }
+            float w = row_weight ? row_weight[r] : 1.0f;
 #pragma unroll
-            for (int k = 0; k < W; k++) acc[k] += to_float(g.v[k]);
+            for (int k = 0; k < W; k++) acc[k] += w * to_float(g.v[k]);
         }
+    }
 #pragma unroll
     for (int k = 0; k < W; k++) sums[threadIdx.y][k][threadIdx.x] = acc[k];
     __syncthreads();
-    if (threadIdx.y == 0 && col < OC)
+    if (threadIdx.y == 0 && col < in.cols)
 #pragma unroll
         for (int k = 0; k < W; k++) {
             for (int y = 1; y < 8; y++) acc[k] += sums[y][k][threadIdx.x];
-            partial[(size_t)blockIdx.y * OC + col + k] = acc[k];
+            partial[(size_t)blockIdx.y * in.cols + col + k] = acc[k];
         }
+    __threadfence();  // this block's partials are visible before its count
+    __syncthreads();
+    if (threadIdx.x == 0 && threadIdx.y == 0) last = atomicAdd(&done[blockIdx.x], 1u) == gridDim.y - 1;
+    __syncthreads();
+    if (!last) return;
+    for (int j = threadIdx.y * 32 + threadIdx.x; j < 32 * W; j += 256) {
+        int c = blockIdx.x * 32 * W + j;
+        if (c >= in.cols) break;
+        float sum = 0.0f;
+        for (int p = 0; p < (int)gridDim.y; p++) sum += __ldcg(partial + (size_t)p * in.cols + c);
+        size_t o = column_at(out_map, c);
+        out[o] = accumulate ? out[o] + sum : sum;
+    }
+    if (threadIdx.x == 0 && threadIdx.y == 0) done[blockIdx.x] = 0;
 }
 
-__global__ void matmul_dbias_sum_kernel(float* dbias, const float* partial, int parts, int OC) {
-    int col = blockIdx.x * blockDim.x + threadIdx.x;
-    if (col >= OC) return;
-    float sum = 0.0f;
-    for (int p = 0; p < parts; p++) sum += partial[(size_t)p * OC + col];
-    dbias[col] += sum;
-}
-
-static void matmul_dbias_sum(const Device* d, float* dbias, const float* partial, int parts, int OC) {
-    matmul_dbias_sum_kernel<<<CEIL_DIV(OC, 256), 256, 0, d->stream>>>(dbias, partial, parts, OC);
-    cudaCheck(cudaGetLastError());
-}
-
-// dout is written only with gelu_pre.
-static void matmul_dbias_cuda(const Device* d, float* dbias, void* dout, const void* gelu_pre, int N, int OC) {
-    // the cuBLASLt workspace holds the partial sums: same stream, so cuBLASLt is not using it meanwhile
-    int rows_per_block = MATMUL_DBIAS_ROWS, parts = CEIL_DIV(N, rows_per_block);
-    while ((size_t)parts * OC * sizeof(float) > d->cublaslt_workspace_size && parts > 1) {
+// The launch: partial sums in the cuBLASLt workspace (same stream, so cuBLASLt is not using it
+// meanwhile), rows_per_block doubled until they fit.
+static void column_sums_cuda(const Device* d, float* out, ColumnMap out_map, int accumulate, void* x, const void* gelu_pre,
+                             const float* row_weight, ColumnMap in, int N, int rows_per_block) {
+    int parts = CEIL_DIV(N, rows_per_block);
+    while ((size_t)parts * in.cols * sizeof(float) > d->cublaslt_workspace_size && parts > 1) {
         rows_per_block *= 2;
         parts = CEIL_DIV(N, rows_per_block);
     }
-    if ((size_t)parts * OC * sizeof(float) > d->cublaslt_workspace_size) die("matmul_backward: OC %d too large for the bias gradient scratch", OC);
-    float* partial = (float*)d->cublaslt_workspace;
+    if ((size_t)parts * in.cols * sizeof(float) > d->cublaslt_workspace_size) die("column sums: %d columns too many for the scratch", in.cols);
     DTYPE_SWITCH(d->dtype, T, {
-        int vec = OC % (16 / sizeof(T)) == 0 && aligned16(dout) && (!gelu_pre || aligned16(gelu_pre));
+        int vec = (in.group | in.stride | in.ld) % (16 / sizeof(T)) == 0 && aligned16(x) && (!gelu_pre || aligned16(gelu_pre));
         VEC_SWITCH(vec, T, W, {
-            matmul_dbias_partial_kernel<T, W><<<dim3(CEIL_DIV(OC, 32 * W), parts), dim3(32, 8), 0, d->stream>>>(
-                partial, (T*)dout, (const T*)gelu_pre, N, OC, rows_per_block);
+            int strips = CEIL_DIV(in.cols, 32 * W);
+            if (strips > DEVICE_REDUCE_COUNTERS) die("column sums: %d columns too many for the counters", in.cols);
+            column_sums_kernel<T, W><<<dim3(strips, parts), dim3(32, 8), 0, d->stream>>>(
+                out, out_map, accumulate, (float*)d->cublaslt_workspace, d->reduce_counters, (T*)x, (const T*)gelu_pre,
+                row_weight, in, N, rows_per_block);
         });
     });
     cudaCheck(cudaGetLastError());
-    matmul_dbias_sum(d, dbias, partial, parts, OC);
+}
+
+// dbias += column sums of dout [N, OC]; dout is written only with gelu_pre (see column_sums_kernel).
+#define MATMUL_DBIAS_ROWS 256
+static void matmul_dbias_cuda(const Device* d, float* dbias, void* dout, const void* gelu_pre, int N, int OC) {
+    column_sums_cuda(d, dbias, all_columns(OC), 1, dout, gelu_pre, NULL, all_columns(OC), N, MATMUL_DBIAS_ROWS);
 }
 
 // cuBLASLt's BGRADB epilogue would fold dbias into the dweight product, but runs it as a kernel of its
@@ -2052,6 +2087,16 @@ static void matmul_backward_dgelu_cuda(const Device* d, void* dpre, float* dpre_
     }
     matmul_cublaslt(d, dpre, type, C, weight, 0, C, dout, 0, OC, C, N, OC, NULL, CUBLASLT_EPILOGUE_DEFAULT, NULL, NULL);
     matmul_dbias_cuda(d, dpre_bias, dpre, pre, N, C);
+}
+
+// The q part as column sums of dq's columns of dqkv; the v part = dproj_bias @ proj_weight [OC, Ca]
+// (see qkv_bias_backward).
+static void qkv_bias_backward_cuda(const Device* d, float* dqkv_bias, void* dqkv, const float* dproj_bias, const void* proj_weight,
+                                   int N, int NH, int HS, int OC) {
+    int Ca = NH * HS;
+    ColumnMap q = {Ca, 3 * Ca, HS, 3 * HS}, v = {Ca, 0, HS, 3 * HS};
+    column_sums_cuda(d, dqkv_bias, q, 1, dqkv, NULL, NULL, q, N, MATMUL_DBIAS_ROWS);
+    column_sums_cuda(d, dqkv_bias + 2 * HS, v, 0, (void*)proj_weight, NULL, dproj_bias, all_columns(Ca), OC, 64);
 }
 #endif
 
@@ -2090,6 +2135,23 @@ static void matmul_backward_dgelu(const Device* d, void* dpre, float* dpre_bias,
 #endif
     (void)d;
     matmul_backward_dgelu_cpu<float>((float*)dpre, dpre_bias, (const float*)dout, (const float*)weight, (const float*)pre, N, C, OC);
+}
+
+// The QKV bias gradient dqkv_bias [NH, 3, HS] += column sums of dqkv [N, NH * 3 * HS] (per head [q k
+// v]), after the attention projection's backward (dproj_bias [OC], proj_weight [OC, NH * HS]). On
+// a GPU without attention dropout only the q part is summed; k and v come from two identities:
+// softmax(s + c) = softmax(s) for c constant along a row, so the k bias has no gradient (its part
+// keeps the zero the step started from); the rows of P sum to one, so the column sums of dv are those
+// of the attention output's gradient, dy @ proj_weight, i.e. dproj_bias @ proj_weight. That is linear
+// in the micro-batches, so the v part is set from dproj_bias's running total, not added.
+static void qkv_bias_backward(const Device* d, float* dqkv_bias, void* dqkv, const float* dproj_bias, const void* proj_weight, float p_attn,
+                              int N, int NH, int HS, int OC) {
+#ifdef __CUDACC__
+    if (d->is_gpu && p_attn == 0.0f) { qkv_bias_backward_cuda(d, dqkv_bias, dqkv, dproj_bias, proj_weight, N, NH, HS, OC); return; }
+    if (d->is_gpu) { matmul_dbias_cuda(d, dqkv_bias, dqkv, NULL, N, 3 * NH * HS); return; }
+#endif
+    (void)d, (void)dproj_bias, (void)proj_weight, (void)p_attn, (void)OC;
+    matmul_dbias_cpu<float>(dqkv_bias, (const float*)dqkv, N, 3 * NH * HS);
 }
 // <<< layers-matmul
 

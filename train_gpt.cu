@@ -524,7 +524,8 @@ static void layer_backward(GPT* m, int l, int B, int T, float p_hidden, float p_
     dproj = branch_backward(m, &dbias, N, p_hidden, dropout_seed(m, l, SITE_ATTENTION_OUT));
     matmul_backward(d, a->datty, grad(m, ATTPROJW, (size_t)l * C * Ca), dbias, dproj, x->atty, param(m, ATTPROJW, (size_t)l * C * Ca), N, Ca, C);
     attention_backward(d, a->dqkv, a->att_delta, a->datty, x->qkv, x->atty, x->att_lse, p_attn, attention_dropout_seed(m, l), B, T, m->NHr, c->HS);
-    matmul_backward(d, a->dln, grad(m, QKVW, (size_t)l * 3 * Ca * C), grad(m, QKVB, l * 3 * Ca), a->dqkv, x->ln1, param(m, QKVW, (size_t)l * 3 * Ca * C), N, C, 3 * Ca);
+    matmul_backward(d, a->dln, grad(m, QKVW, (size_t)l * 3 * Ca * C), NULL, a->dqkv, x->ln1, param(m, QKVW, (size_t)l * 3 * Ca * C), N, C, 3 * Ca);
+    qkv_bias_backward(d, grad(m, QKVB, l * 3 * Ca), a->dqkv, grad(m, ATTPROJB, l * C), param(m, ATTPROJW, (size_t)l * C * Ca), p_attn, N, m->NHr, c->HS, C);
     tp_f_backward(m->par, d, a->dln, NC);
     layernorm_backward(d, a->dresidual, grad(m, LN1W, l * C), grad(m, LN1B, l * C), a->dln, x->residual, param(m, LN1W, l * C), x->ln1_mean, x->ln1_rstd, N, C);
 }

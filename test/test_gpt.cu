@@ -35,11 +35,11 @@ static void upload_fixture_batch(GPT* m, const SafeTensors* st, int B, int T) {
     free(tokens); free(x); free(y);
 }
 
-// Mean cross-entropy over all B*T tokens, with its gradient when `backward`.
-static double fixture_step(GPT* m, HostBatch* h, int B, int T, int backward) {
+// Mean cross-entropy over all B*T tokens, with its gradient times grad_scale added (none at 0).
+static double fixture_step(GPT* m, HostBatch* h, int B, int T, double grad_scale) {
     int N = B * T;
     for (int i = 0; i < N; i++) h->mask[i] = 1.0f;
-    return gpt_micro_step(m, h, B, T, N, backward ? 1.0 : 0.0, 0.0f, 0.0f);
+    return gpt_micro_step(m, h, B, T, N, grad_scale, 0.0f, 0.0f);
 }
 
 static void download_floats(const GPT* m, float* dst, const void* src, size_t n) {
@@ -94,6 +94,19 @@ static void test_against_hf(const Device* dev, const char* tag, double tol_logit
         snprintf(name, sizeof(name), "%s gradient of %s equals HF's", tag, param_names[i]);
         check_close(name, grads + m.offsets[i], hf + m.offsets[i], m.sizes[i], tol_grads);
     }
+
+    // two micro-batches of half weight add up to the same gradients (on the GPU the QKV bias's
+    // v part is set from the projection's running bias gradient, its q part added)
+    dev_zero(dev, m.grads, m.num_params * sizeof(float));
+    fixture_step(&m, &h, B, T, 0.5);
+    fixture_step(&m, &h, B, T, 0.5);
+    float* halves = (float*)xmalloc(m.num_params * sizeof(float));
+    dev_download(dev, halves, m.grads, m.num_params * sizeof(float));
+    for (int i = 0; i < NUM_PARAMS; i++) {
+        snprintf(name, sizeof(name), "%s gradient of %s from two half micro-batches equals one batch's", tag, param_names[i]);
+        check_close(name, halves + m.offsets[i], grads + m.offsets[i], m.sizes[i], 1e-5);
+    }
+    free(halves);
 
     // 10 AdamW steps from the same start: lr 1e-3, betas (0.9, 0.95), eps 1e-8, wd 0.1, clip 1.0
     Args args;

@@ -346,6 +346,40 @@ static int same_bytes(const Device* d, const void* p, const void* q, size_t byte
 
 static double tolerance(DType dt) { return dt == DT_F32 ? 1e-5 : 2e-2; }
 
+// qkv_bias_backward's GPU sums (column_sums_kernel over a strided column map and with row weights)
+// against double sums, called twice: the q part added each time, the v part set, the k part untouched.
+static void test_qkv_bias_gpu(const Device* d, int N, int NH, int HS, int OC) {
+    DType dt = d->dtype;
+    MT19937 mt;
+    mt_seed(&mt, 77 + N + NH * HS + dt);
+    int Ca = NH * HS;
+    float* dqkv = random_in_dtype((size_t)N * 3 * Ca, &mt, 1.0, dt);
+    float* weight = random_in_dtype((size_t)OC * Ca, &mt, 1.0, dt);
+    float *dproj_bias = (float*)xmalloc(OC * 4), *bias = (float*)xmalloc(3 * Ca * 4), *got = (float*)xmalloc(3 * Ca * 4);
+    fill_normal(dproj_bias, OC, &mt, 1.0);
+    fill_normal(bias, 3 * Ca, &mt, 1.0);
+    double* want = (double*)xmalloc(3 * Ca * sizeof(double));
+    for (int j = 0; j < 3 * Ca; j++) {
+        int part = j % (3 * HS) / HS, c = j / (3 * HS) * HS + j % HS;
+        double sum = 0;
+        if (part == 0) for (int r = 0; r < N; r++) sum += 2.0 * dqkv[(size_t)r * 3 * Ca + j];
+        if (part == 2) for (int o = 0; o < OC; o++) sum += (double)dproj_bias[o] * weight[(size_t)o * Ca + c];
+        want[j] = part == 0 ? bias[j] + sum : part == 1 ? bias[j] : sum;
+    }
+    void *dqkv_g = upload_as(d, dqkv, (size_t)N * 3 * Ca, dt), *weight_g = upload_as(d, weight, (size_t)OC * Ca, dt);
+    float *dproj_bias_g = (float*)dev_malloc(d, OC * 4), *bias_g = (float*)dev_malloc(d, 3 * Ca * 4);
+    dev_upload(d, dproj_bias_g, dproj_bias, OC * 4);
+    dev_upload(d, bias_g, bias, 3 * Ca * 4);
+    for (int call = 0; call < 2; call++) qkv_bias_backward(d, bias_g, dqkv_g, dproj_bias_g, weight_g, 0.0f, N, NH, HS, OC);
+    dev_download(d, got, bias_g, 3 * Ca * 4);
+    char name[160];
+    snprintf(name, sizeof(name), "qkv_bias_backward %s N=%d NH=%d HS=%d OC=%d: q summed twice, k kept, v = dproj_bias @ weight",
+             dtype_name(dt), N, NH, HS, OC);
+    check_close(name, got, want, 3 * Ca, 1e-5);
+    dev_free(d, dqkv_g); dev_free(d, weight_g); dev_free(d, dproj_bias_g); dev_free(d, bias_g);
+    free(dqkv); free(weight); free(dproj_bias); free(bias); free(got); free(want);
+}
+
 // GPU forward (with/without bias and gelu_out) and backward (twice: accumulation) vs the CPU on dtype-rounded inputs.
 static void test_matmul_gpu(const Device* d, int N, int C, int OC, int use_bias, int use_gelu) {
     DType dt = d->dtype;
@@ -645,6 +679,8 @@ static void test_gpu(void) {
         for (int s = 0; s < 3; s++)
             for (int use_bias = 0; use_bias < 2; use_bias++) test_matmul_residual_gpu(&d, shapes[s][0], shapes[s][2], shapes[s][1], use_bias);
         test_matmul_residual_gpu(&d, 5, 13, 7, 1);
+        const int qkv[][4] = {{256, 4, 64, 256}, {1000, 12, 64, 768}, {700, 3, 96, 300}, {37, 2, 12, 24}};  // the last: no 16-byte columns in bf16
+        for (int s = 0; s < 4; s++) test_qkv_bias_gpu(&d, qkv[s][0], qkv[s][1], qkv[s][2], qkv[s][3]);
         int large = dtypes[t] != DT_F16;  // the large shapes in fp32 and bf16 only: their CPU side takes a while
         if (large) test_matmul_gpu(&d, 1024, 192, 50304, 0, 0);  // the LM head
         // rows staged in shared memory (aligned, short enough), read from global memory (150016: too long;
