@@ -2437,10 +2437,11 @@ static void layernorm_forward_cpu(real* out, real* mean, real* rstd, const real*
 
 // With xhat = (x - mean) * rstd and g = dout * weight (the gradient of xhat):
 // dinp += rstd * (g - mean_c(g) - xhat * mean_c(g * xhat)); dweight += sum_r dout * xhat;
-// dbias += sum_r dout. All three accumulate.
+// dbias += sum_r dout. All three accumulate; so does dinp_sum (may be NULL) += sum_r dinp, the
+// column sums of dinp once updated.
 template <typename real>
-static void layernorm_backward_cpu(real* dinp, real* dweight, real* dbias, const real* dout, const real* inp, const real* weight,
-                                   const real* mean, const real* rstd, int N, int C) {
+static void layernorm_backward_cpu(real* dinp, real* dweight, real* dbias, real* dinp_sum, const real* dout, const real* inp,
+                                   const real* weight, const real* mean, const real* rstd, int N, int C) {
     #pragma omp parallel for
     for (int r = 0; r < N; r++) {
         const real *x = inp + (size_t)r * C, *dy = dout + (size_t)r * C;
@@ -2461,6 +2462,7 @@ static void layernorm_backward_cpu(real* dinp, real* dweight, real* dbias, const
                 real dy = dout[(size_t)r * C + c];
                 dweight[c] += dy * (inp[(size_t)r * C + c] - mean[r]) * rstd[r];
                 dbias[c] += dy;
+                if (dinp_sum) dinp_sum[c] += dinp[(size_t)r * C + c];
             }
 }
 
@@ -2568,16 +2570,18 @@ static void layernorm_forward_cuda(const Device* d, void* out, float* mean, floa
 
 static int row_chunks(int N) { return N < ROW_CHUNKS ? N : ROW_CHUNKS; }
 
-// out[c] += sum over i of partials[i * C + c], i = 0 .. rows-1 in a fixed order; blockIdx.y = 1
-// does the same for out1 from the `rows` partial rows that follow. Blocks of 32 x 32 threads: x
-// picks the column, y a strided subset of rows (loads unrolled, so several are in flight); the 32
-// subtotals are then added by y = 0 in order.
-__global__ void column_sum_kernel(float* out, float* out1, const float* partials, int rows, int C) {
+// Up to three column sums of partial rows in one launch: out_k[c] += sum over i of
+// partials[(k * rows + i) * C + c], i = 0 .. rows-1 in a fixed order, k = blockIdx.y. Blocks of 32 x
+// 32 threads: x picks the column, y a strided subset of rows (loads unrolled, so several are in
+// flight); the 32 subtotals are then added by y = 0 in order.
+typedef struct {
+    float* out[3];
+} ColumnSumOutputs;
+
+__global__ void column_sum_kernel(ColumnSumOutputs outs, const float* partials, int rows, int C) {
     __shared__ float subtotal[32][33];
-    if (blockIdx.y == 1) {
-        out = out1;
-        partials += (size_t)rows * C;
-    }
+    float* out = outs.out[blockIdx.y];
+    partials += (size_t)blockIdx.y * rows * C;
     int c = blockIdx.x * 32 + threadIdx.x;
     float acc = 0;
     if (c < C)
@@ -2592,9 +2596,10 @@ __global__ void column_sum_kernel(float* out, float* out1, const float* partials
     }
 }
 
-// out1 may be NULL (one set of partial rows), else one launch does both.
-static void column_sum(const Device* d, float* out, float* out1, const float* partials, int rows, int C) {
-    column_sum_kernel<<<dim3(CEIL_DIV(C, 32), out1 ? 2 : 1), dim3(32, 32), 0, d->stream>>>(out, out1, partials, rows, C);
+// The first `count` of out0, out1, out2 from as many sets of `rows` partial rows.
+static void column_sum(const Device* d, float* out0, float* out1, float* out2, int count, const float* partials, int rows, int C) {
+    ColumnSumOutputs outs = {{out0, out1, out2}};
+    column_sum_kernel<<<dim3(CEIL_DIV(C, 32), count), dim3(32, 32), 0, d->stream>>>(outs, partials, rows, C);
     cudaCheck(cudaGetLastError());
 }
 
@@ -2618,13 +2623,14 @@ __device__ void add_teams(float (&v)[K], float* stage) {
 // (ROW_CHUNKS); its row teams of blockDim.x threads take turns at the rows, one row per team at
 // a time; a thread holds G channel groups of W (j = threadIdx.x + g * blockDim.x) of x, dout
 // and dinp, all loaded before the row's two sums, and keeps its channels' dweight and dbias sums
-// in registers across the chunk. The teams' sums are added in order and go to partial rows i
-// (dweight) and gridDim.x + i (dbias) for column_sum.
+// (and with SUMS = 3 those of the updated dinp) in registers across the chunk. The teams' sums are
+// added in order and go to partial rows i (dweight), gridDim.x + i (dbias) and 2 gridDim.x + i
+// (dinp) for column_sum.
 #define LN_BWD_THREADS 256  // most threads of a block (and of a team)
 #define LN_BWD_TEAMS_THREADS 128  // threads the teams of a block add up to, when teams are small: with
                                   // ~200 registers a thread, small blocks fill the register file better
 
-template <typename T, int W, int G, int MAX_REGS>
+template <typename T, int W, int G, int MAX_REGS, int SUMS>
 __global__ void __maxnreg__(MAX_REGS) layernorm_backward_rows_kernel(T* dinp, float* partials, const T* dout, const T* inp, const T* weight,
                                                                                 const float* mean, const float* rstd, int N, int C) {
     extern __shared__ float stage[];  // for add_teams
@@ -2632,12 +2638,12 @@ __global__ void __maxnreg__(MAX_REGS) layernorm_backward_rows_kernel(T* dinp, fl
     int S = blockDim.x, groups = C / W;
     int r_begin = (int)((long)blockIdx.x * N / gridDim.x), r_end = (int)((long)(blockIdx.x + 1) * N / gridDim.x);
     Vec<T, W> w[G];
-    float sums[G][2 * W];  // dweight (k < W) and dbias (k >= W) of this thread's channels
+    float sums[G][SUMS * W];  // dweight (k < W), dbias (W <= k < 2W) and dinp of this thread's channels
 #pragma unroll
     for (int g = 0; g < G; g++) {
         int j = threadIdx.x + g * S;
         if (j < groups) w[g] = load_vec<W>(weight + j * W);
-        for (int k = 0; k < 2 * W; k++) sums[g][k] = 0.0f;
+        for (int k = 0; k < SUMS * W; k++) sums[g][k] = 0.0f;
     }
     for (int r0 = r_begin; r0 < r_end; r0 += blockDim.y) {  // the same trip count for every team: team_sum2 has barriers
         int r = r0 + threadIdx.y;
@@ -2678,38 +2684,40 @@ __global__ void __maxnreg__(MAX_REGS) layernorm_backward_rows_kernel(T* dinp, fl
                 dxv[g].v[k] = from_float<T>(to_float(dxv[g].v[k]) + s * (dyk * to_float(w[g].v[k]) - mean_g - xhat * mean_gx));
                 sums[g][k] += dyk * xhat;
                 sums[g][W + k] += dyk;
+                if (SUMS == 3) sums[g][2 * W + k] += to_float(dxv[g].v[k]);
             }
             store_vec<W>(dinp + (size_t)r * C + j * W, dxv[g]);
         }
     }
 #pragma unroll
-    for (int g = 0; g < G; g++) add_teams<2 * W>(sums[g], stage);
+    for (int g = 0; g < G; g++) add_teams<SUMS * W>(sums[g], stage);
     if (threadIdx.y > 0) return;
 #pragma unroll
     for (int g = 0; g < G; g++) {
         int j = threadIdx.x + g * S;
         if (j >= groups) continue;
-        Vec<float, W> dweight_part, dbias_part;
-        for (int k = 0; k < W; k++) {
-            dweight_part.v[k] = sums[g][k];
-            dbias_part.v[k] = sums[g][W + k];
+        for (int set = 0; set < SUMS; set++) {
+            Vec<float, W> part;
+            for (int k = 0; k < W; k++) part.v[k] = sums[g][set * W + k];
+            store_vec<W>(partials + ((size_t)set * gridDim.x + blockIdx.x) * C + j * W, part);
         }
-        store_vec<W>(partials + (size_t)blockIdx.x * C + j * W, dweight_part);
-        store_vec<W>(partials + ((size_t)gridDim.x + blockIdx.x) * C + j * W, dbias_part);
     }
 }
 
 template <typename T, int W, int MAX_REGS>
-static void layernorm_backward_rows(const Device* d, float* partials, int chunks, T* dinp, const T* dout, const T* inp, const T* weight,
-                                    const float* mean, const float* rstd, int N, int C) {
+static void layernorm_backward_rows(const Device* d, float* partials, int chunks, int sum_dinp, T* dinp, const T* dout, const T* inp,
+                                    const T* weight, const float* mean, const float* rstd, int N, int C) {
     int team = layernorm_team(C / W, LN_BWD_THREADS);
     int teams = LN_BWD_TEAMS_THREADS / team, rows_per_block = CEIL_DIV(N, chunks);
     if (teams > rows_per_block) teams = rows_per_block;
     if (teams < 1) teams = 1;
     dim3 block(team, teams);
-    size_t smem = (size_t)(teams - 1) * 2 * W * team * sizeof(float);
+    size_t smem = (size_t)(teams - 1) * (sum_dinp ? 3 : 2) * W * team * sizeof(float);
     layernorm_groups_switch(C / W, team, [&](auto G) {
-        layernorm_backward_rows_kernel<T, W, G.value, MAX_REGS><<<chunks, block, smem, d->stream>>>(dinp, partials, dout, inp, weight, mean, rstd, N, C);
+        if (sum_dinp)
+            layernorm_backward_rows_kernel<T, W, G.value, MAX_REGS, 3><<<chunks, block, smem, d->stream>>>(dinp, partials, dout, inp, weight, mean, rstd, N, C);
+        else
+            layernorm_backward_rows_kernel<T, W, G.value, MAX_REGS, 2><<<chunks, block, smem, d->stream>>>(dinp, partials, dout, inp, weight, mean, rstd, N, C);
     });
 }
 
@@ -2772,10 +2780,10 @@ static void layernorm_backward_smem(const Device* d, float* partials, int chunks
     cudaCheck(cudaGetLastError());
 }
 
-static void layernorm_backward_cuda(const Device* d, void* dinp, float* dweight, float* dbias, const void* dout, const void* inp, const void* weight,
-                                    const float* mean, const float* rstd, int N, int C) {
-    int chunks = row_chunks(N);
-    float* partials = (float*)pool_alloc(d, 2 * (size_t)chunks * C * sizeof(float));
+static void layernorm_backward_cuda(const Device* d, void* dinp, float* dweight, float* dbias, float* dinp_sum, const void* dout, const void* inp,
+                                    const void* weight, const float* mean, const float* rstd, int N, int C) {
+    int chunks = row_chunks(N), sums = 2;  // 3 where the rows kernel also sums dinp
+    float* partials = (float*)pool_alloc(d, 3 * (size_t)chunks * C * sizeof(float));
     DTYPE_SWITCH(d->dtype, T, {
         int vec = C % (16 / sizeof(T)) == 0 && aligned16(dinp) && aligned16(dout) && aligned16(inp) && aligned16(weight);
         VEC_SWITCH(vec, T, W, {
@@ -2784,16 +2792,18 @@ static void layernorm_backward_cuda(const Device* d, void* dinp, float* dweight,
             // 2304: 62 against 77 us on an H200). One-warp teams keep every register (the cap spills:
             // 52 against 49 us at 768), and so do threads of four channel groups (it spills more).
             int team = layernorm_team(C / W, LN_BWD_THREADS);
+            if (team && dinp_sum) sums = 3;
             if (team > 32 && CEIL_DIV(C / W, team) < LN_GROUPS)
-                layernorm_backward_rows<T, W, 168>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
+                layernorm_backward_rows<T, W, 168>(d, partials, chunks, sums == 3, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
             else if (team)
-                layernorm_backward_rows<T, W, 255>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
+                layernorm_backward_rows<T, W, 255>(d, partials, chunks, sums == 3, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
             else
                 layernorm_backward_smem<T, W>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
         });
     });
-    column_sum(d, dweight, dbias, partials, chunks, C);
+    column_sum(d, dweight, dbias, dinp_sum, sums, partials, chunks, C);
     pool_free(d, partials);
+    if (dinp_sum && sums == 2) matmul_dbias_cuda(d, dinp_sum, dinp, NULL, N, C);  // (read only)
 }
 #endif
 
@@ -2807,16 +2817,19 @@ static void layernorm_forward(const Device* d, void* out, float* mean, float* rs
     layernorm_forward_cpu<float>((float*)out, mean, rstd, (const float*)inp, (const float*)weight, (const float*)bias, N, C);
 }
 
-// dinp (dtype) +=, dweight and dbias (fp32) +=; deterministic on the GPU.
-static void layernorm_backward(const Device* d, void* dinp, float* dweight, float* dbias, const void* dout, const void* inp, const void* weight,
-                               const float* mean, const float* rstd, int N, int C) {
+// dinp (dtype) +=, dweight and dbias (fp32) +=; deterministic on the GPU. dinp_sum (fp32, may be
+// NULL) += the column sums of dinp once updated: where dinp is the residual stream's gradient, the
+// bias gradient of the projection whose output joined the stream there (no hidden dropout between),
+// without a pass of its own over dinp.
+static void layernorm_backward(const Device* d, void* dinp, float* dweight, float* dbias, float* dinp_sum, const void* dout, const void* inp,
+                               const void* weight, const float* mean, const float* rstd, int N, int C) {
     if (N < 0 || C <= 0) die("layernorm_backward: bad shape N=%d C=%d", N, C);
     if (N == 0) return;
 #ifdef __CUDACC__
-    if (d->is_gpu) { layernorm_backward_cuda(d, dinp, dweight, dbias, dout, inp, weight, mean, rstd, N, C); return; }
+    if (d->is_gpu) { layernorm_backward_cuda(d, dinp, dweight, dbias, dinp_sum, dout, inp, weight, mean, rstd, N, C); return; }
 #endif
     (void)d;
-    layernorm_backward_cpu<float>((float*)dinp, dweight, dbias, (const float*)dout, (const float*)inp, (const float*)weight, mean, rstd, N, C);
+    layernorm_backward_cpu<float>((float*)dinp, dweight, dbias, dinp_sum, (const float*)dout, (const float*)inp, (const float*)weight, mean, rstd, N, C);
 }
 // <<< layers-layernorm
 
@@ -4642,7 +4655,7 @@ static void residual_dropout_backward_cuda(const Device* d, void* dresidual, voi
     });
     cudaCheck(cudaGetLastError());
     if (dbias) {
-        column_sum(d, dbias, NULL, partials, chunks, C);
+        column_sum(d, dbias, NULL, NULL, 1, partials, chunks, C);
         pool_free(d, partials);
     }
 }

@@ -493,13 +493,21 @@ static int gpt_reduce_layers(GPT* m, int l, int top) {
 
 // branch_forward's backward to the product's output: dropout's backward of acts.dresidual into
 // acts.dproj, with the bias gradient. Without dropout that gradient is dresidual itself: nothing is
-// copied, and *dbias is left for the weight's matmul_backward to add (otherwise it is set to NULL).
-static void* branch_backward(GPT* m, float** dbias, int N, float p, uint64_t seed) {
+// copied, and the bias gradient was added by the LayerNorm backward that left dresidual (see
+// residual_bias_grad).
+static void* branch_backward(GPT* m, float* dbias, int N, float p, uint64_t seed) {
     Activations* a = &m->acts;
     if (p == 0) return a->dresidual;
-    residual_dropout_backward(m->dev, NULL, a->dproj, *dbias, a->dresidual, p, seed, N, m->cfg.C);
-    *dbias = NULL;
+    residual_dropout_backward(m->dev, NULL, a->dproj, dbias, a->dresidual, p, seed, N, m->cfg.C);
     return a->dproj;
+}
+
+// Without hidden dropout, a residual branch's bias gradient is the column sums of the residual
+// stream's gradient where the branch joins it, which the LayerNorm backward that finishes that
+// gradient adds up as it writes it: the bias gradient of the branch whose output joined the stream
+// just before that LayerNorm (bias: FCPROJB or ATTPROJB, of layer l), or NULL (dropout's backward adds it).
+static float* residual_bias_grad(GPT* m, int bias, int l, float p_hidden) {
+    return p_hidden == 0 && l >= 0 ? grad(m, bias, (size_t)l * m->cfg.C) : NULL;
 }
 
 // One layer's backward: from d(x->out) in acts.dresidual to d(x->residual) there, parameter
@@ -512,22 +520,22 @@ static void layer_backward(GPT* m, int l, int B, int T, float p_hidden, float p_
     int N = B * T, C = c->C, F = m->Fr, Ca = m->Cr;
     size_t NC = (size_t)N * C;
     // MLP: x->out = x->residual2 + dropout(x->fch_gelu @ fcprojw^T + fcprojb)
-    float* dbias = grad(m, FCPROJB, l * C);
-    void* dproj = branch_backward(m, &dbias, N, p_hidden, dropout_seed(m, l, SITE_MLP_OUT));
-    matmul_backward(d, NULL, grad(m, FCPROJW, (size_t)l * C * F), dbias, dproj, x->fch_gelu, param(m, FCPROJW, (size_t)l * C * F), N, F, C);
+    void* dproj = branch_backward(m, grad(m, FCPROJB, l * C), N, p_hidden, dropout_seed(m, l, SITE_MLP_OUT));
+    matmul_backward(d, NULL, grad(m, FCPROJW, (size_t)l * C * F), NULL, dproj, x->fch_gelu, param(m, FCPROJW, (size_t)l * C * F), N, F, C);
     matmul_backward_dgelu(d, a->dfch, grad(m, FCB, l * F), dproj, param(m, FCPROJW, (size_t)l * C * F), x->fch, N, F, C);
     matmul_backward(d, a->dln, grad(m, FCW, (size_t)l * F * C), NULL, a->dfch, x->ln2, param(m, FCW, (size_t)l * F * C), N, C, F);
     tp_f_backward(m->par, d, a->dln, NC);
-    layernorm_backward(d, a->dresidual, grad(m, LN2W, l * C), grad(m, LN2B, l * C), a->dln, x->residual2, param(m, LN2W, l * C), x->ln2_mean, x->ln2_rstd, N, C);
+    layernorm_backward(d, a->dresidual, grad(m, LN2W, l * C), grad(m, LN2B, l * C), residual_bias_grad(m, ATTPROJB, l, p_hidden), a->dln,
+                       x->residual2, param(m, LN2W, l * C), x->ln2_mean, x->ln2_rstd, N, C);
     // attention: x->residual2 = x->residual + dropout(x->atty @ attprojw^T + attprojb)
-    dbias = grad(m, ATTPROJB, l * C);
-    dproj = branch_backward(m, &dbias, N, p_hidden, dropout_seed(m, l, SITE_ATTENTION_OUT));
-    matmul_backward(d, a->datty, grad(m, ATTPROJW, (size_t)l * C * Ca), dbias, dproj, x->atty, param(m, ATTPROJW, (size_t)l * C * Ca), N, Ca, C);
+    dproj = branch_backward(m, grad(m, ATTPROJB, l * C), N, p_hidden, dropout_seed(m, l, SITE_ATTENTION_OUT));
+    matmul_backward(d, a->datty, grad(m, ATTPROJW, (size_t)l * C * Ca), NULL, dproj, x->atty, param(m, ATTPROJW, (size_t)l * C * Ca), N, Ca, C);
     attention_backward(d, a->dqkv, a->att_delta, a->datty, x->qkv, x->atty, x->att_lse, p_attn, attention_dropout_seed(m, l), B, T, m->NHr, c->HS);
     matmul_backward(d, a->dln, grad(m, QKVW, (size_t)l * 3 * Ca * C), NULL, a->dqkv, x->ln1, param(m, QKVW, (size_t)l * 3 * Ca * C), N, C, 3 * Ca);
     qkv_bias_backward(d, grad(m, QKVB, l * 3 * Ca), a->dqkv, grad(m, ATTPROJB, l * C), param(m, ATTPROJW, (size_t)l * C * Ca), p_attn, N, m->NHr, c->HS, C);
     tp_f_backward(m->par, d, a->dln, NC);
-    layernorm_backward(d, a->dresidual, grad(m, LN1W, l * C), grad(m, LN1B, l * C), a->dln, x->residual, param(m, LN1W, l * C), x->ln1_mean, x->ln1_rstd, N, C);
+    layernorm_backward(d, a->dresidual, grad(m, LN1W, l * C), grad(m, LN1B, l * C), residual_bias_grad(m, FCPROJB, l - 1, p_hidden), a->dln,
+                       x->residual, param(m, LN1W, l * C), x->ln1_mean, x->ln1_rstd, N, C);
 }
 
 // Backward from d(logits) (left in acts.logits by the fused cross-entropy) to every parameter
@@ -543,7 +551,8 @@ static void gpt_backward(GPT* m, int B, int T, float p_hidden, float p_attn) {
     matmul_backward(d, a->dln, grad(m, WTE, 0), NULL, a->logits, a->lnf, param(m, WTE, 0), N, C, m->Vr);
     tp_f_backward(m->par, d, a->dln, NC);
     dev_zero(d, a->dresidual, NC * dtype_size(d->dtype));
-    layernorm_backward(d, a->dresidual, grad(m, LNFW, 0), grad(m, LNFB, 0), a->dln, a->top, param(m, LNFW, 0), a->lnf_mean, a->lnf_rstd, N, C);
+    layernorm_backward(d, a->dresidual, grad(m, LNFW, 0), grad(m, LNFB, 0), residual_bias_grad(m, FCPROJB, c->L - 1, p_hidden), a->dln, a->top,
+                       param(m, LNFW, 0), a->lnf_mean, a->lnf_rstd, N, C);
     for (int l = c->L - 1; l >= 0; l--) {
         int group_top = l + 1 == c->L || recompute_group_start(m, l + 1) == l + 1;
         if (is_recomputed(m, l) && group_top)

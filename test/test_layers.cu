@@ -91,7 +91,13 @@ static void test_layernorm_fd(void) {
     loss();  // mean and rstd at the unperturbed point
     double *dinp0 = host_normal<double>(N * C, 1), *dweight0 = host_normal<double>(C, 1), *dbias0 = host_normal<double>(C, 1);
     double *dinp = host_copy(dinp0, N * C), *dweight = host_copy(dweight0, C), *dbias = host_copy(dbias0, C);
-    layernorm_backward_cpu(dinp, dweight, dbias, G, inp, weight, mean, rstd, N, C);
+    double *dinp_sum0 = host_normal<double>(C, 1), *dinp_sum = host_copy(dinp_sum0, C), *want_sum = host<double>(C);
+    layernorm_backward_cpu(dinp, dweight, dbias, dinp_sum, G, inp, weight, mean, rstd, N, C);
+    for (int c = 0; c < C; c++) {
+        want_sum[c] = dinp_sum0[c];
+        for (int r = 0; r < N; r++) want_sum[c] += dinp[r * C + c];
+    }
+    check_close("layernorm cpu dinp_sum (+=): the column sums of the updated dinp", dinp_sum, want_sum, C, 1e-12);
     check_close("layernorm cpu fd dinp (+=)", added(dinp, dinp0, N * C), central_differences(inp, N * C, 1e-6, loss), N * C, FD_TOL);
     check_close("layernorm cpu fd dweight (+=)", added(dweight, dweight0, C), central_differences(weight, C, 1e-6, loss), C, FD_TOL);
     check_close("layernorm cpu fd dbias (+=)", added(dbias, dbias0, C), central_differences(bias, C, 1e-6, loss), C, FD_TOL);
@@ -320,20 +326,31 @@ static void test_layernorm_gpu(DType dt, int N, int C) {
     check_close(name("layernorm gpu forward rstd", dt, N, C), download(d_rstd, N, DT_F32), rstd, N, F32_TOL);
 
     float *dout = rand_dt(N * C, dt), *dinp = rand_dt(N * C, dt), *dweight = host_normal<float>(C, 1), *dbias = host_normal<float>(C, 1);
+    float* dinp_sum = host_normal<float>(C, 1);
     void* d_dout = upload(dout, N * C, dt);
-    void *d_dinp[2], *d_dweight[2], *d_dbias[2];
+    void *d_dinp[2], *d_dweight[2], *d_dbias[2], *d_dinp_sum[2];
     for (int run = 0; run < 2; run++) {
         d_dinp[run] = upload(dinp, N * C, dt);
         d_dweight[run] = upload(dweight, C, DT_F32);
         d_dbias[run] = upload(dbias, C, DT_F32);
-        layernorm_backward(&gpu, d_dinp[run], (float*)d_dweight[run], (float*)d_dbias[run], d_dout, d_inp, d_weight, d_mean, d_rstd, N, C);
+        d_dinp_sum[run] = upload(dinp_sum, C, DT_F32);
+        layernorm_backward(&gpu, d_dinp[run], (float*)d_dweight[run], (float*)d_dbias[run], (float*)d_dinp_sum[run], d_dout, d_inp, d_weight,
+                           d_mean, d_rstd, N, C);
     }
-    layernorm_backward_cpu(dinp, dweight, dbias, dout, inp, weight, mean, rstd, N, C);
+    layernorm_backward_cpu(dinp, dweight, dbias, (float*)NULL, dout, inp, weight, mean, rstd, N, C);
+    // dinp_sum: the column sums of the GPU's own dinp (the values it rounded and stored)
+    float* gpu_dinp = download(d_dinp[0], N * C, dt);
+    double* want_sum = host<double>(C);
+    for (int c = 0; c < C; c++) {
+        want_sum[c] = dinp_sum[c];
+        for (int r = 0; r < N; r++) want_sum[c] += gpu_dinp[(size_t)r * C + c];
+    }
+    check_close(name("layernorm gpu backward dinp_sum", dt, N, C), download(d_dinp_sum[0], C, DT_F32), want_sum, C, F32_TOL);
     check_close(name("layernorm gpu backward dinp", dt, N, C), download(d_dinp[0], N * C, dt), dinp, N * C, tol(dt));
     check_close(name("layernorm gpu backward dweight", dt, N, C), download(d_dweight[0], C, DT_F32), dweight, C, F32_TOL);
     check_close(name("layernorm gpu backward dbias", dt, N, C), download(d_dbias[0], C, DT_F32), dbias, C, F32_TOL);
     check(same_bits(d_dinp[0], d_dinp[1], N * C * dtype_size(dt)) && same_bits(d_dweight[0], d_dweight[1], C * 4) &&
-              same_bits(d_dbias[0], d_dbias[1], C * 4),
+              same_bits(d_dbias[0], d_dbias[1], C * 4) && same_bits(d_dinp_sum[0], d_dinp_sum[1], C * 4),
           name("layernorm gpu backward deterministic", dt, N, C), "two runs differ");
     free_gpu();
     free_host();

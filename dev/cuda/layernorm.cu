@@ -151,7 +151,7 @@ static void layernorm_backward_chunks(const Device* d, float* dweight, float* db
     int chunks = row_chunks(N);
     float* partials = (float*)pool_alloc(d, 2 * (size_t)chunks * C * sizeof(float));
     rows(partials, chunks);
-    column_sum(d, dweight, dbias, partials, chunks, C);
+    column_sum(d, dweight, dbias, NULL, 2, partials, chunks, C);
     pool_free(d, partials);
 }
 
@@ -170,9 +170,15 @@ static void layernorm_backward_v3(const Device* d, void* dinp, float* dweight, f
 static void layernorm_backward_v4(const Device* d, void* dinp, float* dweight, float* dbias, const void* dout, const void* inp,
                                   const void* weight, const float* mean, const float* rstd, int N, int C) {
     layernorm_backward_chunks(d, dweight, dbias, N, C, [&](float* partials, int chunks) {
-        DTYPE_SWITCH(d->dtype, T, layernorm_backward_rows<T, 16 / sizeof(T), 255>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp,
+        DTYPE_SWITCH(d->dtype, T, layernorm_backward_rows<T, 16 / sizeof(T), 255>(d, partials, chunks, 0, (T*)dinp, (const T*)dout, (const T*)inp,
                                                                                   (const T*)weight, mean, rstd, N, C));
     });
+}
+
+// v5: megatron.h's (without its dinp_sum)
+static void layernorm_backward_megatron(const Device* d, void* dinp, float* dweight, float* dbias, const void* dout, const void* inp,
+                                        const void* weight, const float* mean, const float* rstd, int N, int C) {
+    layernorm_backward(d, dinp, dweight, dbias, NULL, dout, inp, weight, mean, rstd, N, C);
 }
 
 // ---------------------------------------------------------------- the ladder
@@ -197,7 +203,7 @@ static const struct {
     {"v2", "a warp per row for dinp + the same channel kernel", layernorm_backward_v2},
     {"v3", "previous megatron.h: a block per chunk of rows, one row at a time, sums in shared memory", layernorm_backward_v3},
     {"v4", "warp teams hold whole rows in registers, sums in registers", layernorm_backward_v4},
-    {"v5", "megatron.h: v4, capped at 168 registers (__maxnreg__) where a row team is several warps", layernorm_backward},
+    {"v5", "megatron.h: v4, capped at 168 registers (__maxnreg__) where a row team is several warps", layernorm_backward_megatron},
 };
 
 static void run_shape(const Shape* sh) {
@@ -231,7 +237,7 @@ static void run_shape(const Shape* sh) {
     for (int r = 0; r < N; r++) mean[r] = (float)mean_ref[r], rstd[r] = (float)rstd_ref[r];
     float *dout = host_random(NC, dt, 4), *dinp0 = host_random(NC, dt, 5), *dweight0 = host_random(C, DT_F32, 6), *dbias0 = host_random(C, DT_F32, 7);
     double *dinp_ref = to_double(dinp0, NC), *dweight_ref = to_double(dweight0, C), *dbias_ref = to_double(dbias0, C);
-    layernorm_backward_cpu(dinp_ref, dweight_ref, dbias_ref, to_double(dout, NC), x_d, weight_d, to_double(mean, N), to_double(rstd, N), N, C);
+    layernorm_backward_cpu(dinp_ref, dweight_ref, dbias_ref, (double*)NULL, to_double(dout, NC), x_d, weight_d, to_double(mean, N), to_double(rstd, N), N, C);
     void *d_dout = upload(dout, NC, dt), *d_dinp = dalloc(NC * es);
     float *d_dweight = (float*)dalloc(C * sizeof(float)), *d_dbias = (float*)dalloc(C * sizeof(float));
     float *d_mean_f = (float*)upload(mean, N, DT_F32), *d_rstd_f = (float*)upload(rstd, N, DT_F32);
