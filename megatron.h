@@ -1627,7 +1627,12 @@ static void gelu_backward(const Device* d, void* dinp, const void* inp, const vo
 // ----------------------------------------------------------------------------
 // 3a. matmul: the linear layer of PyTorch and Megatron, out[N, OC] = inp[N, C] @ weight[OC, C]^T + bias
 // (the building block of Megatron-1 §3's column- and row-parallel MLP and attention projections).
-// Backward: dinp (=) = dout @ weight; dweight (+=) dout^T @ inp; dbias (+=) column sums of dout.
+// Backward: dinp (=) = dout @ weight; dweight (+=, or = with GRAD_SET) dout^T @ inp; dbias (+=)
+// column sums of dout.
+
+// How a backward writes a weight gradient: added to the buffer (GRAD_ADD), or over it (GRAD_SET: a
+// step's first micro-batch, so the buffer needs no zeroing and the product no read of it).
+typedef enum { GRAD_ADD, GRAD_SET } GradWrite;
 
 // CPU: one cache-blocked GEMM computes all three products,
 //   c[i, j] (= or +=) sum_k A(i, k) B(k, j) (+ bias[j]),  A(i, k) = a[i*a_rs + k*a_ks],  B(k, j) = b[k*b_ks + j*b_cs],
@@ -1754,9 +1759,9 @@ static void matmul_dbias_cpu(real* dbias, const real* dout, int N, int OC) {
 // dinp (=, skipped when NULL) = dout @ weight; dweight += dout^T @ inp; dbias (may be NULL) += column sums of dout.
 template <typename real>
 static void matmul_backward_cpu(real* dinp, real* dweight, real* dbias, const real* dout, const real* inp, const real* weight,
-                                int N, int C, int OC) {
+                                int N, int C, int OC, GradWrite dweight_write) {
     if (dinp) gemm_cpu(dinp, dout, OC, 1, weight, C, 1, (const real*)NULL, 0, N, C, OC);
-    gemm_cpu(dweight, dout, 1, OC, inp, C, 1, (const real*)NULL, 1, OC, C, N);
+    gemm_cpu(dweight, dout, 1, OC, inp, C, 1, (const real*)NULL, dweight_write == GRAD_ADD, OC, C, N);
     if (dbias) matmul_dbias_cpu(dbias, dout, N, OC);
 }
 
@@ -2065,10 +2070,11 @@ static void matmul_dbias_cuda(const Device* d, float* dbias, void* dout, const v
 // own (globalKernelBgradAB) that was slower than ours: QKV backward 0.212 against 0.199 ms on GPT-2's
 // shape, 1.447 against 1.426 ms on the 1.7B model's (H200, bf16, test_matmul_ce --bench at 783c004).
 static void matmul_backward_cuda(const Device* d, void* dinp, float* dweight, float* dbias, const void* dout, const void* inp,
-                                 const void* weight, int N, int C, int OC) {
+                                 const void* weight, int N, int C, int OC, GradWrite dweight_write) {
     cudaDataType_t type = matmul_cuda_type(d->dtype);
     if (dinp) matmul_cublaslt(d, dinp, type, C, weight, 0, C, dout, 0, OC, C, N, OC, NULL, CUBLASLT_EPILOGUE_DEFAULT, NULL, NULL);
-    matmul_cublaslt(d, dweight, CUDA_R_32F, C, inp, 0, C, dout, 1, OC, C, OC, N, dweight, CUBLASLT_EPILOGUE_DEFAULT, NULL, NULL);
+    const void* add = dweight_write == GRAD_ADD ? dweight : NULL;
+    matmul_cublaslt(d, dweight, CUDA_R_32F, C, inp, 0, C, dout, 1, OC, C, OC, N, add, CUBLASLT_EPILOGUE_DEFAULT, NULL, NULL);
     if (dbias) matmul_dbias_cuda(d, dbias, (void*)dout, NULL, N, OC);  // (read only)
 }
 
@@ -2120,12 +2126,12 @@ static void matmul_forward_residual(const Device* d, void* out, const void* resi
 }
 
 static void matmul_backward(const Device* d, void* dinp, float* dweight, float* dbias, const void* dout, const void* inp,
-                            const void* weight, int N, int C, int OC) {
+                            const void* weight, int N, int C, int OC, GradWrite dweight_write) {
 #ifdef __CUDACC__
-    if (d->is_gpu) { matmul_backward_cuda(d, dinp, dweight, dbias, dout, inp, weight, N, C, OC); return; }
+    if (d->is_gpu) { matmul_backward_cuda(d, dinp, dweight, dbias, dout, inp, weight, N, C, OC, dweight_write); return; }
 #endif
     (void)d;
-    matmul_backward_cpu<float>((float*)dinp, dweight, dbias, (const float*)dout, (const float*)inp, (const float*)weight, N, C, OC);
+    matmul_backward_cpu<float>((float*)dinp, dweight, dbias, (const float*)dout, (const float*)inp, (const float*)weight, N, C, OC, dweight_write);
 }
 
 static void matmul_backward_dgelu(const Device* d, void* dpre, float* dpre_bias, const void* dout, const void* weight, const void* pre,

@@ -176,6 +176,7 @@ typedef struct {
     size_t opt_begin, opt_end;  // the parameters this rank's optimizer updates
     size_t grad_bucket;         // data parallelism: gradients per all-reduce (--ddp-bucket-size)
     int reduce_in_backward;     // set for the last micro-batch: start the all-reduces as the backward goes
+    GradWrite weight_grads;     // GRAD_SET for a step's first micro-batch (see gpt_start_gradients), else GRAD_ADD
     void* params;        // the run's dtype
     float* grads;        // fp32, same layout
     float* master;       // fp32 master weights (GPU with bf16/fp16 only; NULL otherwise), [opt_begin, opt_end)
@@ -198,6 +199,16 @@ static void* at(const GPT* m, void* base, size_t index) {
 
 static void* param(const GPT* m, int which, size_t index) { return at(m, m->params, m->offsets[which] + index); }
 static float* grad(const GPT* m, int which, size_t index) { return m->grads + m->offsets[which] + index; }
+
+// Before a step's first micro-batch: the weight matrices' gradients (the LM head's and each layer's
+// four products) are then written by their products (GRAD_SET), not added onto zeros, which spares
+// clearing most of the buffer and the products' reads of it; the rest is zeroed here. The padding
+// after the last tensor stays at the zero it was allocated with.
+static void gpt_start_gradients(GPT* m) {
+    for (int i = 0; i < NUM_PARAMS; i++)
+        if (i != WTE && i != QKVW && i != ATTPROJW && i != FCW && i != FCPROJW) dev_zero(m->dev, grad(m, i, 0), m->sizes[i] * sizeof(float));
+    m->weight_grads = GRAD_SET;
+}
 
 // This rank's part of the model: its tensor-parallel shards; the optimizer state of all of
 // them, or of its data-parallel slice with the distributed optimizer.
@@ -521,17 +532,17 @@ static void layer_backward(GPT* m, int l, int B, int T, float p_hidden, float p_
     size_t NC = (size_t)N * C;
     // MLP: x->out = x->residual2 + dropout(x->fch_gelu @ fcprojw^T + fcprojb)
     void* dproj = branch_backward(m, grad(m, FCPROJB, l * C), N, p_hidden, dropout_seed(m, l, SITE_MLP_OUT));
-    matmul_backward(d, NULL, grad(m, FCPROJW, (size_t)l * C * F), NULL, dproj, x->fch_gelu, param(m, FCPROJW, (size_t)l * C * F), N, F, C);
+    matmul_backward(d, NULL, grad(m, FCPROJW, (size_t)l * C * F), NULL, dproj, x->fch_gelu, param(m, FCPROJW, (size_t)l * C * F), N, F, C, m->weight_grads);
     matmul_backward_dgelu(d, a->dfch, grad(m, FCB, l * F), dproj, param(m, FCPROJW, (size_t)l * C * F), x->fch, N, F, C);
-    matmul_backward(d, a->dln, grad(m, FCW, (size_t)l * F * C), NULL, a->dfch, x->ln2, param(m, FCW, (size_t)l * F * C), N, C, F);
+    matmul_backward(d, a->dln, grad(m, FCW, (size_t)l * F * C), NULL, a->dfch, x->ln2, param(m, FCW, (size_t)l * F * C), N, C, F, m->weight_grads);
     tp_f_backward(m->par, d, a->dln, NC);
     layernorm_backward(d, a->dresidual, grad(m, LN2W, l * C), grad(m, LN2B, l * C), residual_bias_grad(m, ATTPROJB, l, p_hidden), a->dln,
                        x->residual2, param(m, LN2W, l * C), x->ln2_mean, x->ln2_rstd, N, C);
     // attention: x->residual2 = x->residual + dropout(x->atty @ attprojw^T + attprojb)
     dproj = branch_backward(m, grad(m, ATTPROJB, l * C), N, p_hidden, dropout_seed(m, l, SITE_ATTENTION_OUT));
-    matmul_backward(d, a->datty, grad(m, ATTPROJW, (size_t)l * C * Ca), NULL, dproj, x->atty, param(m, ATTPROJW, (size_t)l * C * Ca), N, Ca, C);
+    matmul_backward(d, a->datty, grad(m, ATTPROJW, (size_t)l * C * Ca), NULL, dproj, x->atty, param(m, ATTPROJW, (size_t)l * C * Ca), N, Ca, C, m->weight_grads);
     attention_backward(d, a->dqkv, a->att_delta, a->datty, x->qkv, x->atty, x->att_lse, p_attn, attention_dropout_seed(m, l), B, T, m->NHr, c->HS);
-    matmul_backward(d, a->dln, grad(m, QKVW, (size_t)l * 3 * Ca * C), NULL, a->dqkv, x->ln1, param(m, QKVW, (size_t)l * 3 * Ca * C), N, C, 3 * Ca);
+    matmul_backward(d, a->dln, grad(m, QKVW, (size_t)l * 3 * Ca * C), NULL, a->dqkv, x->ln1, param(m, QKVW, (size_t)l * 3 * Ca * C), N, C, 3 * Ca, m->weight_grads);
     qkv_bias_backward(d, grad(m, QKVB, l * 3 * Ca), a->dqkv, grad(m, ATTPROJB, l * C), param(m, ATTPROJW, (size_t)l * C * Ca), p_attn, N, m->NHr, c->HS, C);
     tp_f_backward(m->par, d, a->dln, NC);
     layernorm_backward(d, a->dresidual, grad(m, LN1W, l * C), grad(m, LN1B, l * C), residual_bias_grad(m, FCPROJB, l - 1, p_hidden), a->dln,
@@ -539,7 +550,8 @@ static void layer_backward(GPT* m, int l, int B, int T, float p_hidden, float p_
 }
 
 // Backward from d(logits) (left in acts.logits by the fused cross-entropy) to every parameter
-// gradient, accumulating (+=) into m->grads. Reaching the top layer of a recomputed group, the
+// gradient, accumulating (+=) into m->grads (the weight matrices' written over it where
+// m->weight_grads says so: a step's first micro-batch). Reaching the top layer of a recomputed group, the
 // group's forward runs again (tensor parallelism: with its g all-reduces) to refill its buffers.
 static void gpt_backward(GPT* m, int B, int T, float p_hidden, float p_attn) {
     const GPTConfig* c = &m->cfg;
@@ -548,7 +560,7 @@ static void gpt_backward(GPT* m, int B, int T, float p_hidden, float p_attn) {
     int N = B * T, C = c->C;
     size_t NC = (size_t)N * C;
     int top = c->L - 1;  // the highest layer whose gradients are not being reduced yet
-    matmul_backward(d, a->dln, grad(m, WTE, 0), NULL, a->logits, a->lnf, param(m, WTE, 0), N, C, m->Vr);
+    matmul_backward(d, a->dln, grad(m, WTE, 0), NULL, a->logits, a->lnf, param(m, WTE, 0), N, C, m->Vr, m->weight_grads);
     tp_f_backward(m->par, d, a->dln, NC);
     dev_zero(d, a->dresidual, NC * dtype_size(d->dtype));
     layernorm_backward(d, a->dresidual, grad(m, LNFW, 0), grad(m, LNFB, 0), residual_bias_grad(m, FCPROJB, c->L - 1, p_hidden), a->dln, a->top,
@@ -565,6 +577,7 @@ static void gpt_backward(GPT* m, int B, int T, float p_hidden, float p_attn) {
     else vocab_embedding_backward(d, grad(m, WTE, 0), grad(m, WPE, 0), a->dwte_scratch, a->dresidual, a->vocab_tokens, m->Vr, B, T, C);
     if (m->reduce_in_backward)
         for (int k = 0; k < 4; k++) all_reduce_start(m->par, d, GROUP_DP, grad(m, other_params[k], 0), m->sizes[other_params[k]]);
+    m->weight_grads = GRAD_ADD;  // the step's next micro-batches add theirs
 }
 
 // Input tokens to the device, in stream order (see dev_upload_async); with tensor parallelism also
@@ -2103,7 +2116,7 @@ int main(int argc, char** argv) {
         if (micro % dp) die("iteration %lld: global batch %d is not a multiple of micro-batch %d x data-parallel %d", (long long)iteration, gbs, B, dp);
         if (iteration == 1 && args.debug_hang_rank == par.rank[GROUP_WORLD])
             for (;;) sleep(60);  // the others' first collective must time out
-        dev_zero(&dev, model.grads, model.padded_params * sizeof(float));
+        gpt_start_gradients(&model);
         double loss = 0;
         for (int k = par.rank[GROUP_DP]; k < micro; k += dp) {  // the sampler's split (see evaluate)
             double count = load_batch(&model, &h, &sets[0], consumed + (int64_t)k * B, B, T, eod, args.eod_mask_loss);

@@ -95,9 +95,15 @@ static void test_against_hf(const Device* dev, const char* tag, double tol_logit
         check_close(name, grads + m.offsets[i], hf + m.offsets[i], m.sizes[i], tol_grads);
     }
 
-    // two micro-batches of half weight add up to the same gradients (on the GPU the QKV bias's
-    // v part is set from the projection's running bias gradient, its q part added)
-    dev_zero(dev, m.grads, m.num_params * sizeof(float));
+    // two micro-batches of half weight add up to the same gradients, started as a training step
+    // starts them (over a NaN buffer: the weight matrices' first products write theirs, the rest is
+    // zeroed), the second added (on the GPU the QKV bias's v part set from the projection's running
+    // bias gradient, its q part added)
+    float* nans = (float*)xmalloc(m.num_params * sizeof(float));
+    for (size_t i = 0; i < m.num_params; i++) nans[i] = NAN;
+    dev_upload(dev, m.grads, nans, m.num_params * sizeof(float));
+    free(nans);
+    gpt_start_gradients(&m);
     fixture_step(&m, &h, B, T, 0.5);
     fixture_step(&m, &h, B, T, 0.5);
     float* halves = (float*)xmalloc(m.num_params * sizeof(float));

@@ -65,7 +65,7 @@ static void test_gemm_shape(int N, int C, int OC, double tol) {
     for (size_t i = 0; i < n_out; i++) out[i] = NAN;
     for (size_t i = 0; i < n_in; i++) dinp[i] = NAN;
     matmul_forward_cpu<real>(out, inp_r, w_r, b_r, N, C, OC, (real*)NULL);
-    matmul_backward_cpu<real>(dinp, dw, db, dout_r, inp_r, w_r, N, C, OC);
+    matmul_backward_cpu<real>(dinp, dw, db, dout_r, inp_r, w_r, N, C, OC, GRAD_ADD);
     char name[128];
     const char* type = sizeof(real) == 8 ? "double" : "float";
     snprintf(name, sizeof(name), "cpu gemm %s N=%d C=%d OC=%d forward", type, N, C, OC);
@@ -122,7 +122,7 @@ static void test_matmul_finite_differences(void) {
     };
     loss();
     for (int i = 0; i < N * OC; i++) dout[i] = R[i] + out[i];
-    matmul_backward_cpu<double>(dinp, dw, db, dout, inp, w, N, C, OC);
+    matmul_backward_cpu<double>(dinp, dw, db, dout, inp, w, N, C, OC, GRAD_ADD);
     double* fd_inp = central_differences(inp, N * C, 1e-5, loss);
     double* fd_w = central_differences(w, OC * C, 1e-5, loss);
     double* fd_b = central_differences(b, OC, 1e-5, loss);
@@ -144,7 +144,7 @@ static void test_matmul_finite_differences(void) {
     double dw2[OC * C], db2[OC];
     memcpy(dw2, dw, sizeof(dw));
     memcpy(db2, db, sizeof(db));
-    matmul_backward_cpu<double>((double*)NULL, dw2, db2, dout, inp, w, N, C, OC);
+    matmul_backward_cpu<double>((double*)NULL, dw2, db2, dout, inp, w, N, C, OC, GRAD_ADD);
     for (int i = 0; i < OC * C; i++) dw[i] *= 2;
     for (int i = 0; i < OC; i++) db[i] *= 2;
     check_close("cpu matmul backward accumulates dweight", dw2, dw, OC * C, 1e-15);
@@ -200,14 +200,31 @@ static void test_matmul_thread_independence(void) {
     int threads = omp_get_max_threads();
     omp_set_num_threads(1);
     matmul_forward_cpu<float>(out1, inp, w, (const float*)NULL, N, C, OC, (float*)NULL);
-    matmul_backward_cpu<float>((float*)NULL, dw1, (float*)NULL, dout, inp, w, N, C, OC);
+    matmul_backward_cpu<float>((float*)NULL, dw1, (float*)NULL, dout, inp, w, N, C, OC, GRAD_ADD);
     omp_set_num_threads(threads > 1 ? threads : 2);
     matmul_forward_cpu<float>(out2, inp, w, (const float*)NULL, N, C, OC, (float*)NULL);
-    matmul_backward_cpu<float>((float*)NULL, dw2, (float*)NULL, dout, inp, w, N, C, OC);
+    matmul_backward_cpu<float>((float*)NULL, dw2, (float*)NULL, dout, inp, w, N, C, OC, GRAD_ADD);
     omp_set_num_threads(threads);
     check(!memcmp(out1, out2, 4L * N * OC) && !memcmp(dw1, dw2, 4L * OC * C), "cpu matmul same bits with 1 and 2 threads", "results differ");
     free(inp); free(w); free(dout); free(out1); free(out2); free(dw1); free(dw2);
 #endif
+}
+
+// GRAD_SET writes dweight over whatever the buffer held (NaN here): the same as GRAD_ADD onto zeros.
+static void test_grad_set_cpu(void) {
+    int N = 9, C = 6, OC = 5;
+    MT19937 mt;
+    mt_seed(&mt, 5);
+    float *inp = (float*)xmalloc(4 * N * C), *w = (float*)xmalloc(4 * OC * C), *dout = (float*)xmalloc(4 * N * OC);
+    float *set = (float*)xmalloc(4 * OC * C), *add = (float*)calloc(OC * C, 4);
+    fill_normal(inp, N * C, &mt, 1.0);
+    fill_normal(w, OC * C, &mt, 1.0);
+    fill_normal(dout, N * OC, &mt, 1.0);
+    for (int i = 0; i < OC * C; i++) set[i] = NAN;
+    matmul_backward_cpu<float>((float*)NULL, set, (float*)NULL, dout, inp, w, N, C, OC, GRAD_SET);
+    matmul_backward_cpu<float>((float*)NULL, add, (float*)NULL, dout, inp, w, N, C, OC, GRAD_ADD);
+    check(!memcmp(set, add, 4 * OC * C), "matmul cpu backward GRAD_SET over NaN equals GRAD_ADD onto zeros", "they differ");
+    free(inp); free(w); free(dout); free(set); free(add);
 }
 
 // The dispatchers on a CPU Device run the fp32 references.
@@ -232,11 +249,11 @@ static void test_cpu_dispatch(void) {
     }
     float dpre[2][N * C], dpre_bias[2][C] = {};
     matmul_forward(&d, out[0], inp, w, b, N, C, OC, gelu[0]);
-    matmul_backward(&d, dinp[0], dw[0], db[0], dout, inp, w, N, C, OC);
+    matmul_backward(&d, dinp[0], dw[0], db[0], dout, inp, w, N, C, OC, GRAD_ADD);
     matmul_backward_dgelu(&d, dpre[0], dpre_bias[0], dout, w, inp, N, C, OC);
     crossentropy_forward_backward(&d, losses[0], logits[0], targets, dloss, N, V, Vp);
     matmul_forward_cpu<float>(out[1], inp, w, b, N, C, OC, gelu[1]);
-    matmul_backward_cpu<float>(dinp[1], dw[1], db[1], dout, inp, w, N, C, OC);
+    matmul_backward_cpu<float>(dinp[1], dw[1], db[1], dout, inp, w, N, C, OC, GRAD_ADD);
     matmul_backward_dgelu_cpu<float>(dpre[1], dpre_bias[1], dout, w, inp, N, C, OC);
     crossentropy_forward_backward_cpu<float>(losses[1], logits[1], targets, dloss, N, V, Vp);
     int same = !memcmp(out[0], out[1], sizeof(out[0])) && !memcmp(gelu[0], gelu[1], sizeof(gelu[0])) && !memcmp(dinp[0], dinp[1], sizeof(dinp[0])) &&
@@ -396,8 +413,9 @@ static void test_matmul_gpu(const Device* d, int N, int C, int OC, int use_bias,
     memcpy(dw_ref, dw0, 4 * n_w);
     memcpy(db_ref, db0, 4 * OC);
     matmul_forward_cpu<float>(out_ref, inp, w, use_bias ? b : NULL, N, C, OC, use_gelu ? gelu_ref : NULL);
-    matmul_backward_cpu<float>(dinp_ref, dw_ref, use_bias ? db_ref : NULL, dout, inp, w, N, C, OC);
-    matmul_backward_cpu<float>((float*)NULL, dw_ref, use_bias ? db_ref : NULL, dout, inp, w, N, C, OC);
+    GradWrite first = use_bias ? GRAD_ADD : GRAD_SET;  // without bias the first backward writes dweight over NaN
+    matmul_backward_cpu<float>(dinp_ref, dw_ref, use_bias ? db_ref : NULL, dout, inp, w, N, C, OC, first);
+    matmul_backward_cpu<float>((float*)NULL, dw_ref, use_bias ? db_ref : NULL, dout, inp, w, N, C, OC, GRAD_ADD);
 
     // GPU
     void *d_inp = upload_as(d, inp, n_in, dt), *d_w = upload_as(d, w, n_w, dt), *d_b = upload_as(d, b, OC, dt), *d_dout = upload_as(d, dout, n_out, dt);
@@ -408,11 +426,12 @@ static void test_matmul_gpu(const Device* d, int N, int C, int OC, int use_bias,
     poison(d, d_out, n_out, dt);
     poison(d, d_gelu, n_out, dt);
     poison(d, d_dinp, n_in, dt);
-    dev_upload(d, d_dw, dw0, 4 * n_w);
+    if (first == GRAD_SET) poison(d, d_dw, n_w, DT_F32);
+    else dev_upload(d, d_dw, dw0, 4 * n_w);
     dev_upload(d, d_db, db0, 4 * OC);
     matmul_forward(d, d_out, d_inp, d_w, use_bias ? d_b : NULL, N, C, OC, use_gelu ? d_gelu : NULL);
-    matmul_backward(d, d_dinp, d_dw, use_bias ? d_db : NULL, d_dout, d_inp, d_w, N, C, OC);
-    matmul_backward(d, NULL, d_dw, use_bias ? d_db : NULL, d_dout, d_inp, d_w, N, C, OC);
+    matmul_backward(d, d_dinp, d_dw, use_bias ? d_db : NULL, d_dout, d_inp, d_w, N, C, OC, first);
+    matmul_backward(d, NULL, d_dw, use_bias ? d_db : NULL, d_dout, d_inp, d_w, N, C, OC, GRAD_ADD);
     dev_sync(d);
 
     float *got = (float*)xmalloc(4 * (n_out > n_w ? n_out : n_w));
@@ -432,7 +451,7 @@ static void test_matmul_gpu(const Device* d, int N, int C, int OC, int use_bias,
     snprintf(name, sizeof(name), "gpu matmul dinp %s", shape);
     check_close(name, got, dinp_ref, n_in, tol);
     dev_download(d, got, d_dw, 4 * n_w);
-    snprintf(name, sizeof(name), "gpu matmul dweight (+= twice) %s", shape);
+    snprintf(name, sizeof(name), "gpu matmul dweight (%s, then +=) %s", first == GRAD_SET ? "= over NaN" : "+=", shape);
     check_close(name, got, dw_ref, n_w, dt == DT_F32 ? 1e-5 : 1e-3);
     if (use_bias) {
         dev_download(d, got, d_db, 4 * OC);
@@ -444,11 +463,12 @@ static void test_matmul_gpu(const Device* d, int N, int C, int OC, int use_bias,
     poison(d, d_out2, n_out, dt);
     poison(d, d_gelu2, n_out, dt);
     poison(d, d_dinp2, n_in, dt);
-    dev_upload(d, d_dw2, dw0, 4 * n_w);
+    if (first == GRAD_SET) poison(d, d_dw2, n_w, DT_F32);
+    else dev_upload(d, d_dw2, dw0, 4 * n_w);
     dev_upload(d, d_db2, db0, 4 * OC);
     matmul_forward(d, d_out2, d_inp, d_w, use_bias ? d_b : NULL, N, C, OC, use_gelu ? d_gelu2 : NULL);
-    matmul_backward(d, d_dinp2, d_dw2, use_bias ? d_db2 : NULL, d_dout, d_inp, d_w, N, C, OC);
-    matmul_backward(d, NULL, d_dw2, use_bias ? d_db2 : NULL, d_dout, d_inp, d_w, N, C, OC);
+    matmul_backward(d, d_dinp2, d_dw2, use_bias ? d_db2 : NULL, d_dout, d_inp, d_w, N, C, OC, first);
+    matmul_backward(d, NULL, d_dw2, use_bias ? d_db2 : NULL, d_dout, d_inp, d_w, N, C, OC, GRAD_ADD);
     dev_sync(d);
     int same = same_bytes(d, d_out, d_out2, n_out * es) && same_bytes(d, d_dinp, d_dinp2, n_in * es) && same_bytes(d, d_dw, d_dw2, 4 * n_w);
     if (use_gelu) same = same && same_bytes(d, d_gelu, d_gelu2, n_out * es);
@@ -614,7 +634,7 @@ static void bench(int N, int C, int F) {
         printf("bench bf16 N=%d C=%d F=%d: fc1 + GELU forward with the %s %.3f ms\n", N, C, F, fused ? "GELU_AUX epilogue" : "GELU kernel", fwd);
     }
     matmul_gelu_epilogue_enabled = 1;
-    double qkv = median_ms(&d, [&]() { matmul_backward(&d, dx, dw, db, dqkv, x, w1, N, C, 3 * C); });
+    double qkv = median_ms(&d, [&]() { matmul_backward(&d, dx, dw, db, dqkv, x, w1, N, C, 3 * C, GRAD_ADD); });
     printf("bench bf16 N=%d C=%d F=%d: qkv backward with bias %.3f ms\n", N, C, F, qkv);
     for (int fused = 1; fused >= 0; fused--) {
         matmul_gelu_epilogue_enabled = fused;
@@ -636,7 +656,7 @@ static void bench(int N, int C, int F) {
         matmul_autotune_enabled = tuned;
         matmul_algo_count = 0;
         double fc1 = median_ms(&d, [&]() { matmul_forward(&d, pre, x, w1, b1, N, C, F, act); });
-        double qkv_bwd = median_ms(&d, [&]() { matmul_backward(&d, dx, dw, db, dqkv, x, w1, N, C, 3 * C); });
+        double qkv_bwd = median_ms(&d, [&]() { matmul_backward(&d, dx, dw, db, dqkv, x, w1, N, C, 3 * C, GRAD_ADD); });
         double fc2_bwd = median_ms(&d, [&]() { matmul_backward_dgelu(&d, act, db, dx, w1, pre, N, F, C); });
         printf("bench bf16 N=%d C=%d F=%d: %s: fc1 + GELU forward %.3f ms, qkv backward %.3f ms, fc2 backward to the GELU input %.3f ms\n",
                N, C, F, tuned ? "--matmul-autotune" : "heuristic's algorithms", fc1, qkv_bwd, fc2_bwd);
@@ -722,6 +742,7 @@ int main(int argc, char** argv) {
     test_matmul_thread_independence();
     test_crossentropy_cpu();
     test_cpu_dispatch();
+    test_grad_set_cpu();
 #ifdef __CUDACC__
     test_gpu();
     if (want_bench && gpu_available()) {
