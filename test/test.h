@@ -26,11 +26,6 @@ static int gpu_available(void) {
     return found;
 }
 
-static int compare_floats(const void* a, const void* b) {
-    float x = *(const float*)a, y = *(const float*)b;
-    return (x > y) - (x < y);
-}
-
 // Median ms of 20 runs (after 3 warm-up runs) of f on d's stream: the --bench timings.
 template <typename F>
 static double median_ms(const Device* d, F f) {

@@ -634,6 +634,12 @@ static void bench(int N, int C, int F) {
         printf("bench bf16 N=%d C=%d F=%d: fc1 + GELU forward with the %s %.3f ms\n", N, C, F, fused ? "GELU_AUX epilogue" : "GELU kernel", fwd);
     }
     matmul_gelu_epilogue_enabled = 1;
+    // what the GELU costs the product: fc1 with its bias alone, and with GELU_BIAS (no pre-activation kept)
+    double bias_only = median_ms(&d, [&]() { matmul_forward(&d, pre, x, w1, b1, N, C, F, NULL); });
+    double gelu_no_aux = median_ms(&d, [&]() {
+        matmul_cublaslt(&d, act, CUDA_R_16BF, F, w1, 1, C, x, 0, C, F, N, C, NULL, CUBLASLT_EPILOGUE_GELU_BIAS, b1, NULL);
+    });
+    printf("bench bf16 N=%d C=%d F=%d: fc1 with its bias only %.3f ms, with GELU_BIAS (no aux output) %.3f ms\n", N, C, F, bias_only, gelu_no_aux);
     double qkv = median_ms(&d, [&]() { matmul_backward(&d, dx, dw, db, dqkv, x, w1, N, C, 3 * C, GRAD_ADD); });
     printf("bench bf16 N=%d C=%d F=%d: qkv backward with bias %.3f ms\n", N, C, F, qkv);
     for (int fused = 1; fused >= 0; fused--) {
