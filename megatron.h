@@ -2750,20 +2750,17 @@ __global__ void __maxnreg__(MAX_REGS) layernorm_backward_rows_kernel(T* dinp, fl
     }
 }
 
-template <typename T, int W, int MAX_REGS>
-static void layernorm_backward_rows(const Device* d, float* partials, int chunks, int sum_dinp, T* dinp, const T* dout, const T* inp,
+template <typename T, int W, int MAX_REGS, int SUMS>
+static void layernorm_backward_rows(const Device* d, float* partials, int chunks, T* dinp, const T* dout, const T* inp,
                                     const T* weight, const float* mean, const float* rstd, int N, int C) {
     int team = layernorm_team(C / W, LN_BWD_THREADS);
     int teams = LN_BWD_TEAMS_THREADS / team, rows_per_block = CEIL_DIV(N, chunks);
     if (teams > rows_per_block) teams = rows_per_block;
     if (teams < 1) teams = 1;
     dim3 block(team, teams);
-    size_t smem = (size_t)(teams - 1) * (sum_dinp ? 3 : 2) * W * team * sizeof(float);
+    size_t smem = (size_t)(teams - 1) * SUMS * W * team * sizeof(float);
     layernorm_groups_switch(C / W, team, [&](auto G) {
-        if (sum_dinp)
-            layernorm_backward_rows_kernel<T, W, G.value, MAX_REGS, 3><<<chunks, block, smem, d->stream>>>(dinp, partials, dout, inp, weight, mean, rstd, N, C);
-        else
-            layernorm_backward_rows_kernel<T, W, G.value, MAX_REGS, 2><<<chunks, block, smem, d->stream>>>(dinp, partials, dout, inp, weight, mean, rstd, N, C);
+        layernorm_backward_rows_kernel<T, W, G.value, MAX_REGS, SUMS><<<chunks, block, smem, d->stream>>>(dinp, partials, dout, inp, weight, mean, rstd, N, C);
     });
 }
 
@@ -2828,7 +2825,7 @@ static void layernorm_backward_smem(const Device* d, float* partials, int chunks
 
 static void layernorm_backward_cuda(const Device* d, void* dinp, float* dweight, float* dbias, float* dinp_sum, const void* dout, const void* inp,
                                     const void* weight, const float* mean, const float* rstd, int N, int C) {
-    int chunks = row_chunks(N), sums = 2;  // 3 where the rows kernel also sums dinp
+    int chunks = row_chunks(N), sums = 2;  // 3 where the rows kernel also sums dinp (the uncapped one)
     float* partials = (float*)pool_alloc(d, 3 * (size_t)chunks * C * sizeof(float));
     DTYPE_SWITCH(d->dtype, T, {
         int vec = C % (16 / sizeof(T)) == 0 && aligned16(dinp) && aligned16(dout) && aligned16(inp) && aligned16(weight);
@@ -2838,11 +2835,16 @@ static void layernorm_backward_cuda(const Device* d, void* dinp, float* dweight,
             // 2304: 62 against 77 us on an H200). One-warp teams keep every register (the cap spills:
             // 52 against 49 us at 768), and so do threads of four channel groups (it spills more).
             int team = layernorm_team(C / W, LN_BWD_THREADS);
-            if (team && dinp_sum) sums = 3;
+            // dinp's sums ride in the rows kernel where it keeps every register; under the 168 cap the
+            // third set spilled (LayerNorm backward ~50 us slower at hidden size 2304 on an H200, more
+            // than the separate pass), so there a read-only pass sums dinp after.
             if (team > 32 && CEIL_DIV(C / W, team) < LN_GROUPS)
-                layernorm_backward_rows<T, W, 168>(d, partials, chunks, sums == 3, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
-            else if (team)
-                layernorm_backward_rows<T, W, 255>(d, partials, chunks, sums == 3, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
+                layernorm_backward_rows<T, W, 168, 2>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
+            else if (team && dinp_sum) {
+                sums = 3;
+                layernorm_backward_rows<T, W, 255, 3>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
+            } else if (team)
+                layernorm_backward_rows<T, W, 255, 2>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
             else
                 layernorm_backward_smem<T, W>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp, (const T*)weight, mean, rstd, N, C);
         });

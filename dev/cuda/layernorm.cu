@@ -170,7 +170,7 @@ static void layernorm_backward_v3(const Device* d, void* dinp, float* dweight, f
 static void layernorm_backward_v4(const Device* d, void* dinp, float* dweight, float* dbias, const void* dout, const void* inp,
                                   const void* weight, const float* mean, const float* rstd, int N, int C) {
     layernorm_backward_chunks(d, dweight, dbias, N, C, [&](float* partials, int chunks) {
-        DTYPE_SWITCH(d->dtype, T, layernorm_backward_rows<T, 16 / sizeof(T), 255>(d, partials, chunks, 0, (T*)dinp, (const T*)dout, (const T*)inp,
+        DTYPE_SWITCH(d->dtype, T, layernorm_backward_rows<T, 16 / sizeof(T), 255, 2>(d, partials, chunks, (T*)dinp, (const T*)dout, (const T*)inp,
                                                                                   (const T*)weight, mean, rstd, N, C));
     });
 }
