@@ -49,7 +49,7 @@ r = json.loads(sys.stdin.read() or "{}")
 print("oom - -" if r.get("oom") or "tokens_per_s" not in r else "%.0f %.4f %.1f" % (r["tokens_per_s"], r["mfu"], r["peak_mem_gib"]))'
 }
 
-MODELS=${MODELS:-"gpt2-124M:12:768:12:1024:50304:16,32 row1-1.7B:24:2304:24:2048:51200:4,8"}
+MODELS=${MODELS:-"gpt2-124M:12:768:12:1024:50304:32,64 row1-1.7B:24:2304:24:2048:51200:4,8"}
 printf "%-12s %-6s %-3s %12s %7s %9s\n" model side mb tokens/s MFU mem_GiB > "$OUTDIR/table.txt"
 for spec in $MODELS; do
     IFS=: read -r name L H NH T V MBS <<< "$spec"

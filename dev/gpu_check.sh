@@ -9,7 +9,7 @@
 #   recompute  dev/bench_recompute.sh (the largest model that fits, with and without recompute)
 #   perf     one device call's worth of performance work (~8 min): the attention and matmul
 #            micro-benchmarks (test_attention / test_matmul_ce --bench), dev/bench_gpt.sh at each
-#            side's best micro-batch (GPT-2 B32, 1.7B B8), and dev/profile_gpt.sh for both models
+#            side's best micro-batch (GPT-2 B64, 1.7B B8), and dev/profile_gpt.sh for both models
 # Usage (repo root, data from $MEGATRON_DATA):  dev/gpu_check.sh [tests] [kernels] [bench] [recompute] [perf]
 # (none: the first four; more than 10 minutes together, so the device tool needs two or three calls)
 # Logs go to $LOGS (out/gpu_check); the summary lines to stdout.
@@ -59,14 +59,16 @@ if step kernels; then
     OUT="$LOGS/dev_cuda" ./dev/cuda/run_all.sh 2>&1 | tee "$LOGS/dev_cuda.txt" | tail -n 60
     OUTDIR="$LOGS/profile" ./dev/profile_gpt.sh 2>&1 | tee "$LOGS/profile.txt"
 fi
-if step bench; then OUTDIR="$LOGS/bench" ITERS=${ITERS:-30} ./dev/bench_gpt.sh 2>&1 | tail -n 12; fi
+if step bench; then OUTDIR="$LOGS/bench" ITERS=${ITERS:-30} ./dev/bench_gpt.sh 2>&1 | tail -n 15; fi
 if step perf; then
     ./build/test_attention --bench > "$LOGS/attention_bench.log" 2>&1; grep -E "^FAIL|^bench|passed" "$LOGS/attention_bench.log"
     ./build/test_matmul_ce --bench > "$LOGS/matmul_bench.log" 2>&1; grep -E "^FAIL|^bench|passed" "$LOGS/matmul_bench.log"
-    MODELS="gpt2-124M:12:768:12:1024:50304:32 row1-1.7B:24:2304:24:2048:51200:8" OUTDIR="$LOGS/bench" ITERS=${ITERS:-20} \
-        ./dev/bench_gpt.sh 2>&1 | tail -n 7
-    OUTDIR="$LOGS/profile" ./dev/profile_gpt.sh > "$LOGS/profile_gpt2.txt" 2>&1; head -n 12 "$LOGS/profile_gpt2.txt"
-    MODEL=24:2304:24:2048:51200:8 OUTDIR="$LOGS/profile_1.7b" ./dev/profile_gpt.sh > "$LOGS/profile_1.7b.txt" 2>&1
+    MODELS="gpt2-124M:12:768:12:1024:50304:64 row1-1.7B:24:2304:24:2048:51200:8" OUTDIR="$LOGS/bench" ITERS=${ITERS:-20} \
+        ./dev/bench_gpt.sh 2>&1 | tail -n 9
+    flags="--attention-backend fused --matmul-autotune"  # as the README's profiles
+    OURS_FLAGS="$flags" MODEL=12:768:12:1024:50304:64 OUTDIR="$LOGS/profile" ./dev/profile_gpt.sh > "$LOGS/profile_gpt2.txt" 2>&1
+    head -n 12 "$LOGS/profile_gpt2.txt"
+    OURS_FLAGS="$flags" MODEL=24:2304:24:2048:51200:8 OUTDIR="$LOGS/profile_1.7b" ./dev/profile_gpt.sh > "$LOGS/profile_1.7b.txt" 2>&1
     head -n 12 "$LOGS/profile_1.7b.txt"
 fi
 if step recompute; then OUTDIR="$LOGS/bench_recompute" DATA=data ./dev/bench_recompute.sh 2>&1 | tail -n 12; fi
