@@ -522,7 +522,8 @@ static float* residual_bias_grad(GPT* m, int bias, int l, float p_hidden) {
 }
 
 // One layer's backward: from d(x->out) in acts.dresidual to d(x->residual) there, parameter
-// gradients accumulated (+=). g's backward is the identity, f's the all-reduce of dln.
+// gradients accumulated (+=; the weight matrices' as m->weight_grads says). g's backward is the
+// identity, f's the all-reduce of dln.
 static void layer_backward(GPT* m, int l, int B, int T, float p_hidden, float p_attn) {
     const GPTConfig* c = &m->cfg;
     const Device* d = m->dev;
