@@ -281,7 +281,7 @@ typedef struct {
     unsigned* reduce_counters;  // DEVICE_REDUCE_COUNTERS zeros, for kernels whose last block finishes the job
 #endif
 } Device;
-#define DEVICE_REDUCE_COUNTERS 1024
+#define DEVICE_REDUCE_COUNTERS 8192
 
 // want: "auto" (a GPU when one is found), "cpu" or "cuda".
 static void device_init(Device* d, const char* want, DType dtype) {
@@ -1864,11 +1864,12 @@ static int matmul_tune(const Device* d, cublasLtMatmulDesc_t desc, cublasLtMatri
     }
     float times[MATMUL_TUNE_ALGOS][3 * MATMUL_TUNE_ROUNDS], score[MATMUL_TUNE_ALGOS];
     int alive[MATMUL_TUNE_ALGOS];
+    float first = INFINITY;  // candidate 0's warm-up run
     for (int i = 0; i < n; i++) {
-        float once;
+        float once = INFINITY;
         alive[i] = matmul_time_algo(d, desc, layout_a, layout_b, layout_d, &candidates[i].algo, A, B, C, D, beta, 1, &once);
-        if (i == 0) score[0] = once;
-        else alive[i] = alive[i] && once < 2 * score[0];
+        if (i == 0) first = alive[0] ? once : INFINITY;
+        else alive[i] = alive[i] && once < 2 * first;
         score[i] = INFINITY;
     }
     for (int round = 0; round < MATMUL_TUNE_ROUNDS; round++)
@@ -2066,6 +2067,7 @@ __global__ void column_sums_kernel(float* out, ColumnMap out_map, int accumulate
     if (threadIdx.x == 0 && threadIdx.y == 0) last = atomicAdd(&done[blockIdx.x], 1u) == gridDim.y - 1;
     __syncthreads();
     if (!last) return;
+    __threadfence();  // (acquire: the other blocks' partials, made visible before their counts)
     for (int j = threadIdx.y * 32 + threadIdx.x; j < 32 * W; j += 256) {
         int c = blockIdx.x * 32 * W + j;
         if (c >= in.cols) break;
@@ -2835,7 +2837,7 @@ static void layernorm_backward_cuda(const Device* d, void* dinp, float* dweight,
             // 2304: 62 against 77 us on an H200). One-warp teams keep every register (the cap spills:
             // 52 against 49 us at 768), and so do threads of four channel groups (it spills more).
             int team = layernorm_team(C / W, LN_BWD_THREADS);
-            // dinp's sums ride in the rows kernel where it keeps every register; under the 168 cap the
+            // dinp's sums ride in the rows kernel where it is not capped; under the 168-register cap the
             // third set spilled (LayerNorm backward ~50 us slower at hidden size 2304 on an H200, more
             // than the separate pass), so there a read-only pass sums dinp after.
             if (team > 32 && CEIL_DIV(C / W, team) < LN_GROUPS)
