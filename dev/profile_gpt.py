@@ -11,10 +11,10 @@ import sys
 FAMILIES = [  # (family, pattern over the kernel name), first match wins
     ("GPU idle (waiting for the host)", r"^\[idle\]$"),
     ("copies to and from the host, memsets", r"^\[mem"),
-    ("attention backward", r"attention_backward|flash_bwd|flash.*bwd|_bwd_|bprop"),
+    ("attention backward", r"attention_backward|flash_bwd|flash.*bwd|_bwd_|bprop|dot_do_o|convert_dq"),
     ("attention forward", r"attention_forward|flash_fwd|flash.*fwd|_fwd_|fprop"),
-    ("matmul", r"gemm|xmma|cutlass|nvjet|cublas|matmul_dbias|splitK|sm90_"),
-    ("layernorm", r"layernorm|layer_norm|native_layer_norm"),
+    ("matmul", r"gemm|xmma|cutlass|nvjet|cublas|column_sums_kernel|matmul_dbias|splitK|sm90_"),  # (with our bias-gradient sums)
+    ("layernorm", r"layernorm|layer_norm|native_layer_norm|column_sum_kernel"),
     ("cross-entropy", r"crossentropy|cross_entropy|log_softmax|nll_loss|vocab_ce"),
     ("embedding", r"embedding|bitonic|sort|index_put|indexing_backward|gather"),
     ("optimizer", r"adam|multi_tensor|grad_norm|norm_kernel|foreach"),
