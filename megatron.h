@@ -2828,7 +2828,7 @@ static void layernorm_backward_smem(const Device* d, float* partials, int chunks
 static void layernorm_backward_cuda(const Device* d, void* dinp, float* dweight, float* dbias, float* dinp_sum, const void* dout, const void* inp,
                                     const void* weight, const float* mean, const float* rstd, int N, int C) {
     int chunks = row_chunks(N), sums = 2;  // 3 where the rows kernel also sums dinp (the uncapped one)
-    float* partials = (float*)pool_alloc(d, 3 * (size_t)chunks * C * sizeof(float));
+    float* partials = (float*)pool_alloc(d, (dinp_sum ? 3 : 2) * (size_t)chunks * C * sizeof(float));
     DTYPE_SWITCH(d->dtype, T, {
         int vec = C % (16 / sizeof(T)) == 0 && aligned16(dinp) && aligned16(dout) && aligned16(inp) && aligned16(weight);
         VEC_SWITCH(vec, T, W, {
