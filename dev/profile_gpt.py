@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """profile_gpt.py OURS_JSON [TORCH_JSON [TORCH_REPORT]]: GPU milliseconds per training step by kernel
-family, megatron.c beside PyTorch, the ten costliest kernels of each side and every matmul kernel with
-its launches per step (dev/profile_gpt.sh). The JSONs are {name: [us, launches]} per step
+family, megatron.c beside PyTorch, the ten costliest kernels of each side, and every matmul kernel and
+every kernel counted as "other" with its launches per step (dev/profile_gpt.sh). The JSONs are {name: [us, launches]} per step
 (dev/kernel_trace.c, dev/bench_gpt_pytorch.py --profile); TORCH_REPORT, the benchmark's line, gives
 PyTorch's wall time per step, so its idle time is that less its kernels'."""
 import json
@@ -62,11 +62,12 @@ def main():
         print("-- %s: costliest kernels (us per step)" % side)
         for name, us in sorted(table.items(), key=lambda kv: -kv[1])[:10]:
             print("%10.1f  %s" % (us, name[:110]))
-    for side, table, calls in (("ours", mine, mine_calls), ("torch", torch, torch_calls)):
-        print("-- %s: matmul kernels (us per step, launches per step, us per launch)" % side)
-        for name, us in sorted(table.items(), key=lambda kv: -kv[1]):
-            if family(name) == "matmul":
-                print("%10.1f %6.1f %8.1f  %s" % (us, calls[name], us / calls[name], name[:100]))
+    for fam in ("matmul", "other"):
+        for side, table, calls in (("ours", mine, mine_calls), ("torch", torch, torch_calls)):
+            print("-- %s: %s kernels (us per step, launches per step, us per launch)" % (side, fam))
+            for name, us in sorted(table.items(), key=lambda kv: -kv[1]):
+                if family(name) == fam:
+                    print("%10.1f %6.1f %8.1f  %s" % (us, calls[name], us / calls[name], name[:100]))
 
 
 if __name__ == "__main__":
