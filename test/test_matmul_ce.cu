@@ -5,7 +5,8 @@ double, padded vocabulary columns taking no part, results independent of the thr
 GPU (when one is found): cuBLASLt and the cross-entropy kernel against the CPU reference in
 fp32, bf16 and fp16, gradient accumulation, bitwise determinism, the GELU forward with cuBLASLt's
 epilogue and with the GELU kernel; the backward through the GELU with the DGELU epilogue and with our
-GELU-gradient pass. `--bench` times these on GPT-2 124M's and the 1.7B model's shapes (bf16).
+GELU-gradient pass. `--bench` times these on GPT-2 124M's and the 1.7B model's shapes (bf16) after the
+checks, `--bench-only` without them.
 */
 #include "../megatron.h"
 #include "test.h"
@@ -670,13 +671,19 @@ static void bench(int N, int C, int F) {
     matmul_autotune_enabled = 0;
     matmul_algo_count = 0;
     double dbias = median_ms(&d, [&]() { matmul_dbias_cuda(&d, db, dx, NULL, N, C); });
-    printf("bench bf16 N=%d C=%d: the projection's bias gradient (column sums of [N, C]) %.4f ms, %.0f GB/s\n", N, C, dbias,
-           (double)N * C * 2 / dbias * 1e-6);
+    double dbias_f = median_ms(&d, [&]() { matmul_dbias_cuda(&d, db, pre, NULL, N, F); });
+    printf("bench bf16 N=%d C=%d F=%d: bias gradients (column sums) of [N, C] %.4f ms, %.0f GB/s; of [N, F] %.4f ms, %.0f GB/s\n", N, C, F,
+           dbias, (double)N * C * 2 / dbias * 1e-6, dbias_f, (double)N * F * 2 / dbias_f * 1e-6);
     dev_free(&d, res); dev_free(&d, out);
     dev_free(&d, x); dev_free(&d, pre); dev_free(&d, act); dev_free(&d, w1); dev_free(&d, b1);
     dev_free(&d, dqkv); dev_free(&d, dx); dev_free(&d, dw); dev_free(&d, db);
     free(h);
     device_free(&d);
+}
+
+static void benches(void) {
+    bench(16 * 1024, 768, 3072);   // GPT-2 124M, B16 x T1024
+    bench(8 * 2048, 2304, 9216);   // the 1.7B model, B8 x T2048
 }
 
 static void test_gpu(void) {
@@ -735,7 +742,14 @@ static void test_gpu(void) {
 #endif
 
 int main(int argc, char** argv) {
-    int want_bench = argc > 1 && !strcmp(argv[1], "--bench");
+    int want_bench = argc > 1 && !strcmp(argv[1], "--bench"), bench_only = argc > 1 && !strcmp(argv[1], "--bench-only");
+#ifdef __CUDACC__
+    if (bench_only && gpu_available()) {  // (comparing builds: the timings without the checks' minute)
+        benches();
+        return 0;
+    }
+#endif
+    if (bench_only) die("--bench-only needs a GPU");
     test_gemm_shape<double>(1, 1, 1, 1e-14);
     test_gemm_shape<double>(5, 7, 9, 1e-14);
     test_gemm_shape<double>(37, 300, 45, 1e-14);
@@ -751,10 +765,7 @@ int main(int argc, char** argv) {
     test_grad_set_cpu();
 #ifdef __CUDACC__
     test_gpu();
-    if (want_bench && gpu_available()) {
-        bench(16 * 1024, 768, 3072);   // GPT-2 124M, B16 x T1024
-        bench(8 * 2048, 2304, 9216);   // the 1.7B model, B8 x T2048
-    }
+    if (want_bench && gpu_available()) benches();
 #else
     if (want_bench) printf("skip bench: built without CUDA\n");
 #endif
