@@ -32,6 +32,7 @@ toolkit: every CUDA part sits behind #ifdef __CUDACC__.
 // 0. basics: errors, memory, devices, dtypes, random numbers, timers
 
 #include <assert.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <float.h>
@@ -446,7 +447,18 @@ typedef struct {
     const char* help;
 } ArgSpec;
 
+// Under mpirun every rank parses the same flags: only the first prints the error.
+static int launcher_rank_nonzero(void) {
+    const char* vars[] = {"OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "RANK"};
+    for (int i = 0; i < 4; i++) {
+        const char* v = getenv(vars[i]);
+        if (v && *v) return atoi(v) != 0;
+    }
+    return 0;
+}
+
 static void arg_error(const char* fmt, ...) {
+    if (launcher_rank_nonzero()) exit(2);
     char msg[2048];
     va_list ap;
     va_start(ap, fmt);
@@ -475,6 +487,17 @@ static int parse_int64(const char* s, int64_t* out) {
     return 1;
 }
 
+// The flags args_parse met, so a value that would otherwise mean "not given" (0, -1) can be
+// refused when it was given.
+static const char* args_given[256];
+static int args_given_n = 0;
+
+static int arg_given(const char* name) {
+    for (int i = 0; i < args_given_n; i++)
+        if (!strcmp(args_given[i], name)) return 1;
+    return 0;
+}
+
 static void args_parse(int argc, char** argv, const ArgSpec* specs, int n) {
     for (int i = 1; i < argc; i++) {
         const char* flag = argv[i];
@@ -486,6 +509,7 @@ static void args_parse(int argc, char** argv, const ArgSpec* specs, int n) {
         for (int k = 0; k < n && !s; k++)
             if (!strcmp(flag, specs[k].name)) s = &specs[k];
         if (!s) arg_error("unknown flag '%s'", flag);
+        if (args_given_n < 256) args_given[args_given_n++] = s->name;
         if (s->kind == ARG_FLAG) { *(int*)s->dest = 1; continue; }
         if (s->kind == ARG_LIST) {
             ArgList* list = (ArgList*)s->dest;
@@ -706,8 +730,9 @@ static void args_validate_model(Args* a) {
     require_flag(a->micro_batch_size > 0, "--micro-batch-size (a positive integer)");
     if (a->hidden_size % a->num_attention_heads)
         arg_error("--num-attention-heads %d does not divide --hidden-size %d", a->num_attention_heads, a->hidden_size);
+    if (arg_given("--ffn-hidden-size") && a->ffn_hidden_size <= 0) arg_error("--ffn-hidden-size must be positive");
     if (a->ffn_hidden_size == 0) a->ffn_hidden_size = 4 * a->hidden_size;
-    if (a->ffn_hidden_size < 0) arg_error("--ffn-hidden-size must be positive");
+    if (arg_given("--max-position-embeddings") && a->max_position_embeddings <= 0) arg_error("--max-position-embeddings must be positive");
     if (a->max_position_embeddings == 0) a->max_position_embeddings = a->seq_length;
     if (a->seq_length > a->max_position_embeddings)
         arg_error("--seq-length %d is above --max-position-embeddings %d", a->seq_length, a->max_position_embeddings);
@@ -721,6 +746,9 @@ static void args_validate_model(Args* a) {
     if (strcmp(a->device, "auto") && strcmp(a->device, "cpu") && strcmp(a->device, "cuda"))
         arg_error("--device '%s' is not one of auto, cpu, cuda", a->device);
     if (a->log_interval <= 0) arg_error("--log-interval must be positive");
+    if (a->init_method_std <= 0) arg_error("--init-method-std must be positive");
+    if (a->seed < 0) arg_error("--seed must be >= 0");
+    if (a->peak_tflops < 0) arg_error("--peak-tflops must be positive");
     const char* backend = a->attention_backend;
     if (strcmp(backend, "auto") && strcmp(backend, "local") && strcmp(backend, "flash") && strcmp(backend, "fused"))
         arg_error("--attention-backend '%s' is not one of auto, local, flash, fused", backend);
@@ -741,14 +769,27 @@ static void args_validate(Args* a) {
                   a->global_batch_size, a->micro_batch_size, dp);
     if ((a->train_iters > 0) == (a->train_samples > 0)) arg_error("give exactly one of --train-iters and --train-samples");
     if (a->train_iters < 0 || a->train_samples < 0) arg_error("--train-iters/--train-samples must be positive");
+    if (a->train_iters > INT32_MAX) arg_error("--train-iters %lld: more than 2^31 iterations", (long long)a->train_iters);
+    if (a->lr_warmup_iters < 0 || a->lr_warmup_samples < 0 || a->lr_decay_iters < 0 || a->lr_decay_samples < 0)
+        arg_error("--lr-warmup-iters/-samples and --lr-decay-iters/-samples must be >= 0");
+    if (a->lr_decay_iters > INT64_MAX / a->global_batch_size || a->lr_warmup_iters > INT64_MAX / a->global_batch_size)
+        arg_error("--lr-decay-iters/--lr-warmup-iters x --global-batch-size overflow");
     if (a->rampup_batch_size.n) {
         if (a->rampup_batch_size.n != 3) arg_error("--rampup-batch-size takes 3 values: START INCR SAMPLES");
         if (!a->train_samples) arg_error("--rampup-batch-size needs --train-samples (Megatron: sample-based training only)");
-        for (int i = 0; i < 3; i++) {
-            int64_t v;
-            if (!parse_int64(a->rampup_batch_size.values[i], &v) || v <= 0)
+        int64_t v[3];
+        for (int i = 0; i < 3; i++)
+            if (!parse_int64(a->rampup_batch_size.values[i], &v[i]) || v[i] <= 0 || (i < 2 && v[i] > INT32_MAX))
                 arg_error("--rampup-batch-size: '%s' is not a positive integer", a->rampup_batch_size.values[i]);
-        }
+        // Megatron's RampupBatchsizeNumMicroBatches: START <= global, whole increments, and every
+        // batch on the way a multiple of micro-batch x data-parallel size
+        int64_t start = v[0], incr = v[1], unit = (int64_t)a->micro_batch_size * dp;
+        if (start > a->global_batch_size) arg_error("--rampup-batch-size: START %lld is above --global-batch-size %d", (long long)start, a->global_batch_size);
+        if ((a->global_batch_size - start) % incr)
+            arg_error("--rampup-batch-size: INCR %lld does not divide --global-batch-size %d - START %lld", (long long)incr, a->global_batch_size, (long long)start);
+        if (start % unit || (start < a->global_batch_size && incr % unit))
+            arg_error("--rampup-batch-size: START %lld and INCR %lld must be multiples of --micro-batch-size %d x data-parallel size %d",
+                      (long long)start, (long long)incr, a->micro_batch_size, dp);
     }
     if (a->hidden_dropout < 0 || a->hidden_dropout >= 1) arg_error("--hidden-dropout must be in [0, 1)");
     if (a->attention_dropout < 0 || a->attention_dropout >= 1) arg_error("--attention-dropout must be in [0, 1)");
@@ -769,10 +810,16 @@ static void args_validate(Args* a) {
     if (a->eval_interval <= 0) arg_error("--eval-interval must be positive");
     if (a->eval_iters < 0) arg_error("--eval-iters must be >= 0");
     if (a->loss_scale < 0 || a->initial_loss_scale <= 0 || a->min_loss_scale <= 0) arg_error("loss scales must be positive");
+    if (a->min_loss_scale > a->initial_loss_scale) arg_error("--min-loss-scale %g is above --initial-loss-scale %g", a->min_loss_scale, a->initial_loss_scale);
     if (a->loss_scale_window <= 0 || a->hysteresis <= 0) arg_error("--loss-scale-window and --hysteresis must be positive");
     if (a->data_path.n == 0) arg_error("--data-path is required");
     if (a->data_path.n > 1 && a->data_path.n % 2) arg_error("--data-path takes one PREFIX or pairs W1 PREFIX1 W2 PREFIX2 ...");
     if (a->sample_length < 0) arg_error("--sample-length must be >= 0");
+    if (a->log_file) {
+        size_t n = strlen(a->log_file);
+        if (!(n > 6 && !strcmp(a->log_file + n - 6, ".jsonl")) && !(n > 4 && !strcmp(a->log_file + n - 4, ".csv")))
+            arg_error("--log-file %s: the name must end in .jsonl or .csv (the format)", a->log_file);
+    }
     recompute_args_validate(a);
 }
 
@@ -1129,12 +1176,12 @@ static void split_boundaries(const char* split, size_t size, size_t idx[4]) {
         double value = strtod(p, &end);
         while (*end == ' ' || *end == '\t') end++;
         if (end == p || (*end != sep && *end != '\0') || !isfinite(value) || value < 0)
-            die("--split '%s': expected up to 3 non-negative numbers separated by ',' or '/'", split);
+            arg_error("--split '%s': expected non-negative numbers separated by ',' or '/' (the first three count)", split);
         if (k < 3) { frac[k] = value; sum += value; }
         if (*end == '\0') break;
         p = end + 1;
     }
-    if (!(sum > 0)) die("--split '%s': the parts add up to 0", split);
+    if (!(sum > 0)) arg_error("--split '%s': the parts add up to 0", split);
     int64_t bound[4] = {0, 0, 0, 0};
     for (int k = 0; k < 3; k++) bound[k + 1] = bound[k] + (int64_t)nearbyint(frac[k] / sum * (double)size);  // round half to even, as Python
     int64_t diff = bound[3] - (int64_t)size;
@@ -1228,13 +1275,19 @@ static void gpt_dataset_build(GPTDataset* g, IndexedDataset* data, size_t doc_be
     memset(g, 0, sizeof(*g));
     g->data = data;
     data->refs++;
-    if (seq_length < 2) die("--seq-length %d: GPT samples need at least 2 tokens", seq_length);
+    if (seq_length < 2) arg_error("--seq-length %d: GPT samples need at least 2 tokens", seq_length);
     int64_t tokens_per_epoch = 0;
     for (size_t d = doc_begin; d < doc_end; d++) tokens_per_epoch += data->sizes[d];
     if (tokens_per_epoch < 2)
         die("%s: documents [%zu, %zu) of this split hold %lld tokens, too few for any GPT sample", data->bin_path, doc_begin,
             doc_end, (long long)tokens_per_epoch);
-    int64_t s = seq_length, num_epochs = 1;
+    int64_t s = seq_length;
+    if ((int64_t)num_request > (INT64_MAX - 2 * tokens_per_epoch) / s)
+        die("%s: %zu samples of %d tokens overflow the sample index", data->bin_path, num_request, seq_length);
+    // the fewest epochs holding num_request samples: an estimate, then exact
+    int64_t num_epochs = (int64_t)num_request * s / tokens_per_epoch;
+    if (num_epochs < 1) num_epochs = 1;
+    while (num_epochs > 1 && ((num_epochs - 1) * tokens_per_epoch - 1) / s >= (int64_t)num_request) num_epochs--;
     while ((num_epochs * tokens_per_epoch - 1) / s < (int64_t)num_request) num_epochs++;
     int64_t samples_before_last = ((num_epochs - 1) * tokens_per_epoch - 1) / s;  // only used when num_epochs > 1
     int64_t samples_per_epoch = (tokens_per_epoch - 1) / s;
@@ -1243,7 +1296,7 @@ static void gpt_dataset_build(GPTDataset* g, IndexedDataset* data, size_t doc_be
     g->num_samples = (size_t)((num_epochs * tokens_per_epoch - 1) / s);
     size_t n_docs = doc_end - doc_begin;
     g->doc_idx_len = (size_t)num_epochs * n_docs;
-    if (g->doc_idx_len > INT32_MAX || g->num_samples >= UINT32_MAX - 1)
+    if (num_epochs > INT32_MAX || g->doc_idx_len > INT32_MAX || g->num_samples >= UINT32_MAX - 1)
         die("%s: %lld epochs of %zu documents (%zu samples) overflow Megatron's int32/uint32 index arrays", data->bin_path,
             (long long)num_epochs, n_docs, g->num_samples);
     MT19937 rng;
@@ -1362,19 +1415,19 @@ static int gpt_parse_data_path(int n_paths, char** paths, double* weights, const
         return 1;
     }
     if (n_paths < 1 || n_paths % 2 != 0)
-        die("--data-path: expected one prefix or pairs 'weight prefix ...', got %d values", n_paths);
+        arg_error("--data-path: expected one prefix or pairs 'weight prefix ...', got %d values", n_paths);
     int n = n_paths / 2;
-    if (n >= 255) die("--data-path: %d datasets; Megatron blends at most 254", n);
+    if (n >= 255) arg_error("--data-path: %d datasets; Megatron blends at most 254", n);
     double sum = 0.0;
     for (int i = 0; i < n; i++) {
         char* end;
         weights[i] = strtod(paths[2 * i], &end);
         if (end == paths[2 * i] || *end != '\0' || !isfinite(weights[i]) || weights[i] < 0)
-            die("--data-path: '%s' is not a weight (expected one prefix or pairs 'weight prefix ...')", paths[2 * i]);
+            arg_error("--data-path: '%s' is not a weight (expected one prefix or pairs 'weight prefix ...')", paths[2 * i]);
         prefixes[i] = paths[2 * i + 1];
         sum += weights[i];
     }
-    if (!(sum > 0)) die("--data-path: the weights add up to 0");
+    if (!(sum > 0)) arg_error("--data-path: the weights add up to 0");
     for (int i = 0; i < n; i++) weights[i] /= sum;
     return n;
 }
@@ -6130,6 +6183,21 @@ typedef struct {
     char tmp[1100];
 } AtomicFile;
 
+// Makes a rename of `path` durable: fsyncs the directory holding it (best effort; some
+// filesystems refuse).
+static void sync_parent_dir(const char* path) {
+    char dir[1100];
+    snprintf(dir, sizeof(dir), "%s", path);
+    char* slash = strrchr(dir, '/');
+    if (slash) *(slash == dir ? slash + 1 : slash) = 0;
+    else snprintf(dir, sizeof(dir), ".");
+    int dfd = open(dir, O_RDONLY);
+    if (dfd >= 0) {
+        fsync(dfd);
+        close(dfd);
+    }
+}
+
 static void atomic_file_fail(AtomicFile* f, const char* what) {
     int err = errno;
     if (f->fd >= 0) close(f->fd);
@@ -6174,14 +6242,7 @@ static void atomic_file_commit(AtomicFile* f) {
     f->fd = -1;
     if (rc != 0) atomic_file_fail(f, "close");
     if (rename(f->tmp, f->path) != 0) atomic_file_fail(f, "rename into place");
-    // make the rename itself durable: fsync the directory (best effort; some filesystems refuse)
-    char dir[1024];
-    snprintf(dir, sizeof(dir), "%s", f->path);
-    char* slash = strrchr(dir, '/');
-    if (slash) *(slash == dir ? slash + 1 : slash) = 0;
-    else snprintf(dir, sizeof(dir), ".");
-    int dfd = open(dir, O_RDONLY);
-    if (dfd >= 0) { fsync(dfd); close(dfd); }
+    sync_parent_dir(f->path);
 }
 
 static void write_file_atomic(const char* path, const void* data, size_t n) {
@@ -6189,6 +6250,55 @@ static void write_file_atomic(const char* path, const void* data, size_t n) {
     atomic_file_open(&f, path);
     atomic_file_write(&f, data, n);
     atomic_file_commit(&f);
+}
+
+// Removes a directory of files (one level: a checkpoint's iteration directory).
+static void remove_dir_files(const char* path) {
+    DIR* dir = opendir(path);
+    if (!dir) die("cannot open directory %s: %s", path, strerror(errno));
+    char file[1400];
+    for (struct dirent* e; (e = readdir(dir)) != NULL;) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        snprintf(file, sizeof(file), "%s/%s", path, e->d_name);
+        if (unlink(file) != 0) die("cannot remove %s: %s", file, strerror(errno));
+    }
+    closedir(dir);
+    if (rmdir(path) != 0) die("cannot remove %s: %s", path, strerror(errno));
+}
+
+// Puts the finished directory `staged` at `path` in one step: a rename, or, where `path` exists
+// (an iteration saved again), an atomic exchange after which the old files go. A crash at any
+// point leaves at `path` the old directory or the new one, each whole.
+static void publish_dir(const char* staged, const char* path) {
+    atomic_file_test_crash();
+    if (rename(staged, path) != 0) {
+        if (errno != EEXIST && errno != ENOTEMPTY) die("cannot rename %s to %s: %s", staged, path, strerror(errno));
+        if (renameat2(AT_FDCWD, staged, AT_FDCWD, path, RENAME_EXCHANGE) != 0)
+            die("cannot replace %s (left as it was; the new files are in %s): %s", path, staged, strerror(errno));
+        remove_dir_files(staged);  // (now the old directory)
+    }
+    sync_parent_dir(path);
+}
+
+// Removes what killed writers left in `dir`: files and directories named *.tmp-<pid> whose
+// process no longer exists.
+static void remove_stale_temporaries(const char* dir) {
+    DIR* d = opendir(dir);
+    if (!d) return;
+    char path[1400];
+    for (struct dirent* e; (e = readdir(d)) != NULL;) {
+        const char* tag = strstr(e->d_name, ".tmp-");
+        if (!tag) continue;
+        char* end;
+        long pid = strtol(tag + 5, &end, 10);
+        if (*end || pid <= 0 || pid == (long)getpid() || kill((pid_t)pid, 0) == 0 || errno != ESRCH) continue;
+        snprintf(path, sizeof(path), "%s/%s", dir, e->d_name);
+        struct stat sb;
+        if (lstat(path, &sb) != 0) continue;
+        if (S_ISDIR(sb.st_mode)) remove_dir_files(path);
+        else if (unlink(path) != 0) die("cannot remove %s: %s", path, strerror(errno));
+    }
+    closedir(d);
 }
 
 // mkdir -p: creates path and its missing parents.
@@ -6620,6 +6730,11 @@ static LRSchedule lr_schedule_from_args(const Args* a, int64_t train_samples) {
     s.decay_samples = a->lr_decay_samples ? a->lr_decay_samples : a->lr_decay_iters ? a->lr_decay_iters * gbs : train_samples;
     if (a->lr_warmup_fraction > 0) s.warmup_samples = (int64_t)(a->lr_warmup_fraction * s.decay_samples);
     else s.warmup_samples = a->lr_warmup_samples ? a->lr_warmup_samples : a->lr_warmup_iters * gbs;
+    // (Megatron's OptimizerParamScheduler asserts both)
+    if (s.decay_samples <= 0) arg_error("the learning-rate decay covers no samples (--lr-decay-iters/--lr-decay-samples)");
+    if (s.warmup_samples >= s.decay_samples)
+        arg_error("the warmup (%lld samples) must end before the decay does (%lld samples): see --lr-warmup-* and --lr-decay-*, "
+                  "whose default is the whole run", (long long)s.warmup_samples, (long long)s.decay_samples);
     return s;
 }
 
@@ -6835,6 +6950,8 @@ static void sampling_filter(double* z, int V, const SamplingParams* sp) {
 // with the same rng state, so all draw the same token.
 static int sample_token(const float* logits, int V, const SamplingParams* sp, MT19937* rng) {
     sampling_check(sp, V);
+    for (int i = 0; i < V; i++)
+        if (!isfinite(logits[i])) die("the model's logit for token %d is %f: are the weights finite?", i, logits[i]);
     if (sp->top_k == 1 || sp->temperature == 0) return argmax_token(logits, V);
     double* z = (double*)xmalloc((size_t)V * sizeof(double));
     for (int i = 0; i < V; i++) z[i] = logits[i] / sp->temperature;
@@ -6897,6 +7014,12 @@ static void eval_args_validate(const EvalArgs* e) {
     if (strcmp(e->task, "WIKITEXT103") && strcmp(e->task, "LAMBADA")) arg_error("--task '%s' is not one of WIKITEXT103, LAMBADA", e->task);
     if (e->valid_data.n != 1) arg_error("--task %s needs one --valid-data file", e->task);
     if (e->overlapping_eval < 1) arg_error("--overlapping-eval must be positive");
+}
+
+// Once the sequence length is known: a stride longer than a window would leave tokens unscored.
+static void eval_args_check_length(const EvalArgs* e, int seq_length) {
+    if (!strcmp(e->task, "WIKITEXT103") && e->overlapping_eval > seq_length)
+        arg_error("--overlapping-eval %d is above --seq-length %d: tokens between windows would go unscored", e->overlapping_eval, seq_length);
 }
 
 // --- Python's whitespace (str.isspace, str.split(), str.strip() and the regex \s agree)
@@ -7499,7 +7622,7 @@ static int server_address(const ServerArgs* a, struct sockaddr_storage* out) {
 }
 
 static void server_args_validate(const ServerArgs* s) {
-    if (s->port < -1 || s->port > 65535) arg_error("--port %d: expected 0 to 65535", s->port);
+    if ((arg_given("--port") || s->port != -1) && (s->port < 0 || s->port > 65535)) arg_error("--port %d: expected 0 to 65535", s->port);
 #ifndef USE_MHD
     if (s->port >= 0) server_unavailable();
 #endif

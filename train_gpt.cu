@@ -1052,7 +1052,9 @@ static CkptTensor* ckpt_tensors(const GPT* m, int* count) {
     return t;
 }
 
-// Every rank calls it (the gathers are collectives); world rank 0 writes.
+// Every rank calls it (the gathers are collectives); world rank 0 writes, into iter_N.tmp-<pid>/,
+// which then takes iter_N's place (publish_dir) before the tracker names it: no file of a
+// checkpoint the tracker may name is ever written to.
 static void checkpoint_save(GPT* m, const TrainState* s, const char* dir, const ArgSpec* specs, int n_specs) {
     const Device* d = m->dev;
     GPT full = gpt_full_layout(m);
@@ -1065,9 +1067,12 @@ static void checkpoint_save(GPT* m, const TrainState* s, const char* dir, const 
         for (int p = 0; p < 3; p++) free(states[p]);
         return;
     }
-    char iter_dir[1100], path[1200];
+    char iter_dir[1100], staged[1140], path[1200];
     checkpoint_iter_dir(iter_dir, sizeof(iter_dir), dir, s->iteration);
-    make_dirs(iter_dir);
+    make_dirs(dir);
+    remove_stale_temporaries(dir);
+    snprintf(staged, sizeof(staged), "%s.tmp-%d", iter_dir, (int)getpid());
+    make_dirs(staged);
     int count;
     CkptTensor* t = ckpt_tensors(&full, &count);
     SafeTensorsWriter w;
@@ -1075,7 +1080,7 @@ static void checkpoint_save(GPT* m, const TrainState* s, const char* dir, const 
     char* params = (char*)xmalloc(n * es);
     floats_to_dtype(params, values, n, d->dtype);  // exact: the values came from this dtype
     free(values);
-    snprintf(path, sizeof(path), "%s/model.safetensors", iter_dir);
+    snprintf(path, sizeof(path), "%s/model.safetensors", staged);
     st_writer_begin(&w, path);
     for (int k = 0; k < count; k++) st_writer_add(&w, t[k].name, st_dtype_of(d->dtype), t[k].ndim, t[k].shape, params + t[k].offset * es);
     free(params);
@@ -1090,7 +1095,7 @@ static void checkpoint_save(GPT* m, const TrainState* s, const char* dir, const 
     st_writer_finish(&w);
 
     const char* prefixes[3] = {"fp32_param.", "exp_avg.", "exp_avg_sq."};
-    snprintf(path, sizeof(path), "%s/optim.safetensors", iter_dir);
+    snprintf(path, sizeof(path), "%s/optim.safetensors", staged);
     st_writer_begin(&w, path);
     for (int p = 0; p < 3; p++) {
         if (!states[p]) continue;
@@ -1110,6 +1115,7 @@ static void checkpoint_save(GPT* m, const TrainState* s, const char* dir, const 
     st_writer_finish(&w);
     free(t);
 
+    publish_dir(staged, iter_dir);
     checkpoint_set_latest(dir, s->iteration);
     printf("saved checkpoint at iteration %lld to %s\n", (long long)s->iteration, iter_dir);
     fflush(stdout);
@@ -1159,6 +1165,19 @@ static void hf_config_read(CkptSource* src, const char* dir) {
     json_object_free(&o);
 }
 
+// Whether two spellings name one directory: the same file where both exist, else the same
+// path once "./" prefixes and trailing slashes are dropped.
+static int same_dir(const char* a, const char* b) {
+    struct stat sa, sb;
+    if (stat(a, &sa) == 0 && stat(b, &sb) == 0) return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+    while (!strncmp(a, "./", 2)) a += 2;
+    while (!strncmp(b, "./", 2)) b += 2;
+    size_t na = strlen(a), nb = strlen(b);
+    while (na > 1 && a[na - 1] == '/') na--;
+    while (nb > 1 && b[nb - 1] == '/') nb--;
+    return na == nb && !strncmp(a, b, na);
+}
+
 // Finds the checkpoint --load names. Returns 0 when there is none yet and --load is also
 // --save (the usual restart loop starts from scratch then, as Megatron does).
 static int checkpoint_find(const char* load, const char* save, CkptSource* src) {
@@ -1173,7 +1192,7 @@ static int checkpoint_find(const char* load, const char* save, CkptSource* src) 
     }
     src->iteration = checkpoint_latest(load);
     if (src->iteration < 0) {
-        if (save && strcmp(save, load) == 0) {
+        if (save && same_dir(save, load)) {
             printf("no checkpoint in %s yet: starting from scratch\n", load);
             return 0;
         }
@@ -1216,18 +1235,31 @@ static void checkpoint_apply_config(const CkptSource* src, Args* a, int* vocab_s
     }
 }
 
-// Reads a checkpoint tensor of exactly this dtype and shape as floats.
-static void ckpt_read(const SafeTensors* st, const CkptTensor* t, const char* prefix, const char* dtype, float* dst) {
+// Reads a checkpoint tensor of exactly this dtype and shape as floats. vocab > 0 marks the word
+// embedding: its rows may be padded differently (another tensor-parallel size or
+// --make-vocab-size-divisible-by); the first `vocab` rows are read, the padding rows set to 0
+// (they take no part in the loss: no token selects them and the loss skips their logits).
+static void ckpt_read(const SafeTensors* st, const CkptTensor* t, const char* prefix, const char* dtype, float* dst, int vocab) {
     char name[160], got[128], want[128];
     snprintf(name, sizeof(name), "%s%s", prefix, t->name);
     const STTensor* f = st_need(st, name);
     STTensor expected;
     expected.ndim = t->ndim;
     memcpy(expected.shape, t->shape, sizeof(t->shape));
-    if (f->ndim != t->ndim || f->shape[0] != t->shape[0] || (t->ndim == 2 && f->shape[1] != t->shape[1]))
+    int repad = vocab > 0 && f->ndim == 2 && t->ndim == 2 && f->shape[1] == t->shape[1] && f->shape[0] >= vocab && t->shape[0] >= vocab;
+    if (!repad && (f->ndim != t->ndim || f->shape[0] != t->shape[0] || (t->ndim == 2 && f->shape[1] != t->shape[1])))
         die("%s: tensor '%s' has shape %s, the model needs %s", st->path, name, st_shape_str(f, got, sizeof(got)), st_shape_str(&expected, want, sizeof(want)));
     if (strcmp(f->dtype, dtype)) die("%s: tensor '%s' has dtype %s, the checkpoint's dtype is %s", st->path, name, f->dtype, dtype);
-    safetensors_read_floats(st, name, dst, st_numel(f));
+    if (!repad || f->shape[0] == t->shape[0]) {
+        safetensors_read_floats(st, name, dst, st_numel(f));
+        return;
+    }
+    float* rows = (float*)xmalloc(st_numel(f) * sizeof(float));
+    safetensors_read_floats(st, name, rows, st_numel(f));
+    size_t kept = (size_t)vocab * t->shape[1];
+    memcpy(dst, rows, kept * sizeof(float));
+    memset(dst + kept, 0, ((size_t)t->shape[0] * t->shape[1] - kept) * sizeof(float));
+    free(rows);
 }
 
 // Loads what --load holds into the model and, unless --finetune / --no-load-optim say
@@ -1239,9 +1271,11 @@ static void checkpoint_load(GPT* m, const CkptSource* src, const CheckpointArgs*
     GPT full = gpt_full_layout(m);
     float* host = (float*)xmalloc(full.num_params * sizeof(float));
     snprintf(path, sizeof(path), "%s/model.safetensors", src->dir);
-    if (c->V != src->cfg.V || (!src->is_hf && c->Vp != src->cfg.Vp))
-        die("--load %s holds a vocabulary of %d (padded to %d), this run has %d (padded to %d): the tokenizer, --vocab-size or "
-            "--make-vocab-size-divisible-by differs", src->dir, src->cfg.V, src->cfg.Vp, c->V, c->Vp);
+    if (c->V != src->cfg.V)
+        die("--load %s holds a vocabulary of %d, this run has %d: the tokenizer or --vocab-size differs", src->dir, src->cfg.V, c->V);
+    if (!src->is_hf && c->Vp != src->cfg.Vp)
+        printf("note: %s pads the vocabulary to %d rows, this run to %d (--tensor-model-parallel-size or --make-vocab-size-divisible-by): "
+               "the padding rows start at 0\n", src->dir, src->cfg.Vp, c->Vp);
     safetensors_open(&st, path);
     if (src->is_hf) {
         hf_add_prefix(&st);
@@ -1258,7 +1292,7 @@ static void checkpoint_load(GPT* m, const CkptSource* src, const CheckpointArgs*
     int same_dtype = strcmp(dtype, st_dtype_of(m->dev->dtype)) == 0;
     int count;
     CkptTensor* t = ckpt_tensors(&full, &count);
-    for (int k = 0; k < count; k++) ckpt_read(&st, &t[k], "", dtype, host + t[k].offset);
+    for (int k = 0; k < count; k++) ckpt_read(&st, &t[k], "", dtype, host + t[k].offset, k == 0 ? c->V : 0);  // (t[0]: the word embedding)
     gpt_set_full_params(m, host);
     if (!ca->finetune) {
         s->iteration = src->iteration;
@@ -1274,13 +1308,13 @@ static void checkpoint_load(GPT* m, const CkptSource* src, const CheckpointArgs*
         char first[160];
         snprintf(first, sizeof(first), "fp32_param.%s", t[0].name);
         if (safetensors_find(&st, first)) {  // bf16/fp16 runs: the fp32 master weights
-            for (int k = 0; k < count; k++) ckpt_read(&st, &t[k], "fp32_param.", "F32", host + t[k].offset);
+            for (int k = 0; k < count; k++) ckpt_read(&st, &t[k], "fp32_param.", "F32", host + t[k].offset, k == 0 ? c->V : 0);
             if (m->master) gpt_scatter_full_state(m, host, m->master);
             else gpt_set_full_params(m, host);  // an fp32 run continues from the master weights
         }
-        for (int k = 0; k < count; k++) ckpt_read(&st, &t[k], "exp_avg.", "F32", host + t[k].offset);
+        for (int k = 0; k < count; k++) ckpt_read(&st, &t[k], "exp_avg.", "F32", host + t[k].offset, k == 0 ? c->V : 0);
         gpt_scatter_full_state(m, host, m->adam_m);
-        for (int k = 0; k < count; k++) ckpt_read(&st, &t[k], "exp_avg_sq.", "F32", host + t[k].offset);
+        for (int k = 0; k < count; k++) ckpt_read(&st, &t[k], "exp_avg_sq.", "F32", host + t[k].offset, k == 0 ? c->V : 0);
         gpt_scatter_full_state(m, host, m->adam_v);
         s->adam_step = meta_int(&st, "step");
         s->scheduler_samples = safetensors_meta_int(&st, "scheduler_samples");
@@ -1611,7 +1645,8 @@ static void run_eval_task(const EvalArgs* e, Args* args, const CheckpointArgs* c
     if (!source) arg_error("--task needs --load: a checkpoint directory or a Hugging Face GPT-2 directory");
     checkpoint_apply_config(source, args, NULL);
     if (!args->seq_length) args->seq_length = args->max_position_embeddings;
-    if (!args->micro_batch_size) args->micro_batch_size = 1;
+    if (!args->micro_batch_size && !arg_given("--micro-batch-size")) args->micro_batch_size = 1;
+    eval_args_check_length(e, args->seq_length);
     Tokenizer* tokenizer = load_tokenizer(args);
     if (!tokenizer) arg_error("--task %s needs the tokenizer: --vocab-file and --merge-file", e->task);
     Parallel par;
@@ -1724,16 +1759,16 @@ static void write_tokens(FILE* f, const Tokenizer* tok, const int* ids, int n) {
 
 // --sample-length after training: text from a document boundary on, with the sampling flags,
 // running on past the ends of documents (to the position table at most).
-static void print_sample(GPT* m, const Tokenizer* tok, int eod, int n, const GenerationArgs* g, uint32_t seed) {
+static void print_sample(GPT* m, const Tokenizer* tok, int eod, int n, const GenerationArgs* g, uint32_t seed, FILE* out) {
     int* text = (int*)xmalloc((1 + (size_t)n) * sizeof(int));
     text[0] = eod;
     MT19937 rng;
     mt_seed(&rng, seed);
     SamplingParams sp = sampling_from_args(g);
     int len = gpt_generate(m, text, 1, n, &sp, &rng, -1, NULL);
-    printf("---- sample (%d tokens) ----\n", len - 1);
-    write_tokens(stdout, tok, text + 1, len - 1);
-    printf("\n----\n");
+    fprintf(out, "---- sample (%d tokens) ----\n", len - 1);
+    write_tokens(out, tok, text + 1, len - 1);
+    fprintf(out, "\n----\n");
     free(text);
 }
 
@@ -1744,6 +1779,8 @@ static int read_prompts(const GenerationArgs* g, char*** prompts) {
         (*prompts)[0] = strdup(g->prompt);
         return 1;
     }
+    struct stat st;
+    if (stat(g->sample_input_file, &st) == 0 && S_ISDIR(st.st_mode)) arg_error("--sample-input-file %s is a directory", g->sample_input_file);
     FILE* f = fopen(g->sample_input_file, "rb");
     if (!f) arg_error("--sample-input-file %s: %s", g->sample_input_file, strerror(errno));
     int n = 0, cap = 0;
@@ -1787,7 +1824,7 @@ static void start_generation_ranks(const char* mode_flag, Args* args, const Ckpt
     if (!src) arg_error("%s needs --load (a checkpoint directory or a Hugging Face GPT-2 directory)", mode_flag);
     checkpoint_apply_config(src, args, args->vocab_file || args->merge_file ? NULL : vocab_size);
     if (!args->seq_length) args->seq_length = args->max_position_embeddings;  // prompt tokens per forward pass
-    if (!args->micro_batch_size) args->micro_batch_size = 1;
+    if (!args->micro_batch_size && !arg_given("--micro-batch-size")) args->micro_batch_size = 1;
     start_ranks(args, par);
     args_validate_model(args);
     if (par->size[GROUP_DP] > 1)
@@ -2063,8 +2100,15 @@ int main(int argc, char** argv) {
     start_device(&args, &par, &dev, argc, argv);
 
     Tokenizer* tokenizer = load_tokenizer(&args);
+    if (tokenizer && arg_given("--vocab-size") && vocab_size != tokenizer_vocab_size(tokenizer))
+        arg_error("--vocab-size %d disagrees with the tokenizer's %d tokens (--vocab-file)", vocab_size, tokenizer_vocab_size(tokenizer));
     if (tokenizer) vocab_size = tokenizer_vocab_size(tokenizer);
     if (vocab_size <= 0) arg_error("give --vocab-file/--merge-file or --vocab-size");
+    // the text after training: stdout, or --sample-output-file (opened now, not after the run)
+    FILE* sample_out = stdout;
+    if (gen.sample_output_file && !args.sample_length) arg_error("--sample-output-file without --prompt or --sample-input-file needs --sample-length");
+    if (gen.sample_output_file && par.rank[GROUP_WORLD] == 0 && !(sample_out = fopen(gen.sample_output_file, "wb")))
+        arg_error("--sample-output-file %s: %s", gen.sample_output_file, strerror(errno));
     int eod = tokenizer ? tokenizer_eod(tokenizer) : vocab_size - 1;
     generation_args_check_vocab(&gen, vocab_size);
     GPTConfig cfg = gpt_config_from_args(&args, vocab_size);
@@ -2073,8 +2117,11 @@ int main(int argc, char** argv) {
     // Megatron's sample counts: train, then enough validation for every evaluation, then test.
     int64_t train_samples = args.train_samples ? args.train_samples : args.train_iters * args.global_batch_size;
     int64_t train_iters = args.train_iters;
-    if (!train_iters) {  // sample-based: iterate until the samples are consumed
-        for (int64_t s = 0; s < train_samples; train_iters++) s += global_batch_at(&args, s);
+    if (!train_iters) {  // sample-based: iterate until the samples are consumed (the ramp, then whole batches)
+        int64_t s = 0;
+        for (int g; s < train_samples && (g = global_batch_at(&args, s)) < args.global_batch_size && train_iters <= INT32_MAX; train_iters++) s += g;
+        if (s < train_samples) train_iters += (train_samples - s - 1) / args.global_batch_size + 1;
+        if (train_iters > INT32_MAX) arg_error("--train-samples %lld: more than 2^31 iterations", (long long)train_samples);
     }
     size_t requested[3] = {(size_t)train_samples,
                            (size_t)((train_iters / args.eval_interval + 1) * args.eval_iters * args.global_batch_size),
@@ -2190,7 +2237,8 @@ int main(int argc, char** argv) {
         }
     }
 
-    if (args.sample_length > 0) print_sample(&model, tokenizer, eod, args.sample_length, &gen, (uint32_t)args.seed);
+    if (args.sample_length > 0) print_sample(&model, tokenizer, eod, args.sample_length, &gen, (uint32_t)args.seed, sample_out);
+    if (sample_out != stdout && fclose(sample_out)) die("cannot write %s: %s", gen.sample_output_file, strerror(errno));
 
     if (args.debug_dump_params) dump_full_params(&model, args.debug_dump_params);
     if (log_file.f) fclose(log_file.f);

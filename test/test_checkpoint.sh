@@ -140,11 +140,12 @@ assert sorted(set(k.split('.')[0] for k in o)) == ['exp_avg', 'exp_avg_sq']
     || fail "layout" "$(tail -n 1 "$W/err")"
 [ -z "$(find "$W/cpu/full" "$W/cpu/res" -name '*.tmp-*')" ] && ok "no temporary files left behind" || fail "temporaries" "$(find "$W/cpu/res" -name '*.tmp-*')"
 
-# ---- a crash in the middle of a save leaves the previous checkpoint in force. A save writes
-# model.safetensors, optim.safetensors, then the tracker: files 4, 5 and 6 are the second save's.
-SHORT=(--train-iters 4 --save-interval 2 --eval-iters 0)
+# ---- a crash in the middle of a save leaves the previous checkpoint in force. A save commits
+# model.safetensors and optim.safetensors in iter_N.tmp-<pid>/, that directory as iter_N, then the
+# tracker: commits 5 to 8 are the second save's.
+SHORT=(--train-iters 4 --lr-warmup-iters 1 --save-interval 2 --eval-iters 0)
 "${RUN[@]}" "${SHORT[@]}" --save "$W/short" > "$W/short.txt" 2>&1
-for k in 4 5 6; do
+for k in 5 6 7 8; do
     D="$W/crash$k"
     (MEGATRON_TEST_CRASH_AT_FILE=$k "${RUN[@]}" "${SHORT[@]}" --save "$D") > "$W/crash.txt" 2>&1
     status=$?
@@ -153,10 +154,42 @@ for k in 4 5 6; do
     fi
     "${RUN[@]}" "${SHORT[@]}" --save "$D" --load "$D" > "$W/resume.txt" 2>&1
     if grep -q "at iteration 2$" "$W/resume.txt" && diff <(losses "$W/short.txt" | sed -n 3,4p) <(losses "$W/resume.txt") > /dev/null \
-        && same_state "$W/short/iter_0000004" "$D/iter_0000004" 2> /dev/null; then
-        ok "killed in a save before file $k ($(echo model optim tracker | cut -d' ' -f$((k - 3)))) was renamed: resumes from iteration 2, ends bit-identical"
+        && same_state "$W/short/iter_0000004" "$D/iter_0000004" 2> /dev/null && [ -z "$(find "$D" -name '*.tmp-*')" ]; then
+        ok "killed in a save before commit $k ($(echo model optim directory tracker | cut -d' ' -f$((k - 4)))): resumes from iteration 2, ends bit-identical, the dead run's temporaries removed"
     else fail "resume after a crash in file $k" "$(tail -n 2 "$W/resume.txt")"; fi
 done
+
+# ---- saving again an iteration the tracker names (a rerun into the same --save): a crash at any
+# commit leaves the old checkpoint whole; a finished save replaces it
+for k in 1 2 3 0; do
+    D="$W/resave$k"
+    rm -rf "$D" && cp -r "$W/short" "$D"
+    (MEGATRON_TEST_CRASH_AT_FILE=$k "${RUN[@]}" --train-iters 4 --lr-warmup-iters 1 --save-interval 4 --eval-iters 0 --seed 99 --save "$D") > "$W/resave.txt" 2>&1
+    status=$?
+    if [ $k -gt 0 ]; then
+        [ "$status" -eq 137 ] && [ "$(cat "$D/latest_checkpointed_iteration.txt")" = 4 ] && same_state "$W/short/iter_0000004" "$D/iter_0000004" 2> "$W/err" \
+            && ok "killed while saving iteration 4 again (commit $k of 4): the tracked iteration 4 is the old one, whole" \
+            || fail "killed while saving iteration 4 again (commit $k)" "status $status $(tail -n 1 "$W/err")"
+    else
+        [ "$status" -eq 0 ] && ! same_state "$W/short/iter_0000004" "$D/iter_0000004" 2> /dev/null && [ -z "$(find "$D" -name '*.tmp-*')" ] \
+            && ok "saving iteration 4 again replaces it, leaving no temporaries" || fail "saving iteration 4 again" "status $status"
+    fi
+done
+
+# ---- another vocabulary padding (another tensor-parallel size pads to 128 x t rows): the real rows
+# load, the padding rows start at 0, and the run continues with the same losses
+"${RUN[@]}" --train-iters 6 --eval-iters 0 > "$W/pad.txt" 2>&1
+"${RUN[@]}" --train-iters 6 --eval-iters 0 --save "$W/pad" --save-interval 4 --exit-interval 4 > /dev/null 2>&1
+"${RUN[@]}" --train-iters 6 --eval-iters 0 --load "$W/pad" --make-vocab-size-divisible-by 8 > "$W/pad8.txt" 2>&1
+if grep -q "pads the vocabulary to 256 rows, this run to 200" "$W/pad8.txt" && [ -n "$(losses "$W/pad8.txt")" ] \
+    && diff <(losses "$W/pad.txt" | sed -n 5,6p) <(losses "$W/pad8.txt") > /dev/null; then
+    ok "a checkpoint padded to 256 vocabulary rows resumes padded to 200 with the same losses"
+else fail "resume with another vocabulary padding" "$(grep -m1 -E 'error|note' "$W/pad8.txt")"; fi
+
+# ---- --load and --save spelled differently for one fresh directory: a restart loop's first start
+"${RUN[@]}" --train-iters 2 --lr-warmup-iters 1 --eval-iters 0 --save "$W/fresh" --save-interval 1 --load "./$W/fresh/" > "$W/fresh.txt" 2>&1 \
+    && grep -q "starting from scratch" "$W/fresh.txt" && ok "--load ./DIR/ with --save DIR on a fresh directory starts from scratch" \
+    || fail "--load and --save spelled differently" "$(tail -n 1 "$W/fresh.txt")"
 
 # kill -9 from outside while a bigger model (13M parameters, 150 MB per checkpoint) saves
 BIG=(./train_gpt "${DATA[@]}" --num-layers 4 --hidden-size 512 --num-attention-heads 8 --seq-length 8 --micro-batch-size 1 --lr 1e-4 --eval-iters 0 --train-iters 2 --save "$W/big" --save-interval 1)
@@ -207,7 +240,7 @@ t[k] = (t[k][0], [64, 256], t[k][2]); write_st(sys.argv[1], meta, t)" "$W/bad/it
 expect "shape disagreeing with the config" 1 "has shape \[64, 256\], the model needs \[256, 64\]" "${ONE[@]}" --load "$W/bad"
 
 # ---- --finetune, --no-load-optim, --no-load-rng
-"${RUN[@]}" --train-iters 2 --eval-iters 0 --load "$W/cpu/res" --finetune --no-load-rng > "$W/ft.txt" 2>&1
+"${RUN[@]}" --train-iters 2 --lr-warmup-iters 1 --eval-iters 0 --load "$W/cpu/res" --finetune --no-load-rng > "$W/ft.txt" 2>&1
 first_loss=$(grep -o 'iteration        1/.*lm loss: [0-9.E+-]*' "$W/ft.txt" | grep -o '[0-9.E+-]*$')
 grep -q "(weights only: iteration 0)" "$W/ft.txt" && grep -q "iteration        1/       2 | consumed samples:            8 " "$W/ft.txt" \
     && python3 -c "import sys; sys.exit(0 if float('$first_loss') < 4.5 else 1)" 2> /dev/null \
@@ -247,7 +280,7 @@ write_st(sys.argv[2], {'format': 'pt'}, {k[len('transformer.'):]: v for k, v in 
 ./train_gpt --load "$W/hub" --export-hf "$W/hub_out" > "$W/out" 2>&1 && same_as_fixture "$W/hub_out" 2> "$W/err" \
     && ok "hub-style names (no 'transformer.' prefix) import too" || fail "hub names" "$(tail -n 1 "$W/err") $(tail -n 1 "$W/out")"
 # train from the HF weights with the model flags taken from config.json, save, export, re-import
-./train_gpt "${DATA[@]}" --seq-length 32 "${TRAIN[@]}" --train-iters 3 --eval-iters 0 --load "$W/hf" --save "$W/hf_ft" --save-interval 3 > "$W/hf_ft.txt" 2>&1
+./train_gpt "${DATA[@]}" --seq-length 32 "${TRAIN[@]}" --train-iters 3 --lr-warmup-iters 1 --eval-iters 0 --load "$W/hf" --save "$W/hf_ft" --save-interval 3 > "$W/hf_ft.txt" 2>&1
 grep -q "loaded Hugging Face GPT-2 weights" "$W/hf_ft.txt" && grep -q "model: 2 layers, hidden 64, 2 heads, ffn 256, vocab 200 (padded 256)" "$W/hf_ft.txt" \
     && grep -q "iteration        3/" "$W/hf_ft.txt" && ok "train from HF weights: shape flags filled from config.json" || fail "train from HF" "$(tail -n 2 "$W/hf_ft.txt")"
 ./train_gpt --load "$W/hf_ft" --export-hf "$W/ft_out" > /dev/null 2>&1 && ./train_gpt --load "$W/ft_out" --export-hf "$W/ft_out2" > /dev/null 2>&1 && py "

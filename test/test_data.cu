@@ -25,9 +25,9 @@ static char* tmp_path(const char* name) { return idx_path_join(tmp_dir, name); }
 
 // ---- expected deaths --------------------------------------------------------------------
 
-// Run fn(arg) in a child process; it must exit with status 1 (die) and the first line of its
-// stderr must contain `want`. Never a signal, never a silent success.
-static void expect_die(const char* name, void (*fn)(void*), void* arg, const char* want) {
+// Run fn(arg) in a child process; it must exit with want_status (1: die, 2: a flag's error) and
+// the first line of its stderr must contain `want`. Never a signal, never a silent success.
+static void expect_die(const char* name, void (*fn)(void*), void* arg, const char* want, int want_status = 1) {
     int fds[2];
     if (pipe(fds) != 0) die("pipe: %s", strerror(errno));
     fflush(stdout);
@@ -53,9 +53,9 @@ static void expect_die(const char* name, void (*fn)(void*), void* arg, const cha
     if (newline) *newline = '\0';
     int status;
     waitpid(pid, &status, 0);
-    int died = WIFEXITED(status) && WEXITSTATUS(status) == 1;
-    check(died && strstr(buf, want) != NULL, name, "%s, stderr \"%s\", expected \"%s\"",
-          WIFSIGNALED(status) ? "killed by a signal" : died ? "exit 1" : "did not die", buf, want);
+    int died = WIFEXITED(status) && WEXITSTATUS(status) == want_status;
+    check(died && strstr(buf, want) != NULL, name, "%s, stderr \"%s\", expected \"%s\" and exit %d",
+          WIFSIGNALED(status) ? "killed by a signal" : WIFEXITED(status) ? "exited" : "did not die", buf, want, want_status);
 }
 
 // ---- fixtures: "name count v1 v2 ..." per line ------------------------------------------
@@ -376,10 +376,10 @@ static void test_split(void) {
     size_t idx[4];
     split_boundaries(" 969, 30, 1", 1000, idx);
     check(idx[1] == 969 && idx[2] == 999 && idx[3] == 1000, "split: spaces around numbers", "");
-    expect_die("split: not a number", split_dies, (void*)"abc", "--split 'abc'");
-    expect_die("split: empty field", split_dies, (void*)"1,,2", "--split '1,,2'");
-    expect_die("split: negative part", split_dies, (void*)"-1,2,3", "--split '-1,2,3'");
-    expect_die("split: all zero", split_dies, (void*)"0,0,0", "add up to 0");
+    expect_die("split: not a number", split_dies, (void*)"abc", "--split 'abc'", 2);
+    expect_die("split: empty field", split_dies, (void*)"1,,2", "--split '1,,2'", 2);
+    expect_die("split: negative part", split_dies, (void*)"-1,2,3", "--split '-1,2,3'", 2);
+    expect_die("split: all zero", split_dies, (void*)"0,0,0", "add up to 0", 2);
     expect_die("split: Megatron's rounding gives train a negative range", split_dies, (void*)"0,1,1", "negative range");
 }
 
@@ -550,10 +550,10 @@ static void test_gpt_edges(void) {
     expect_die("a sample past the end dies", build_dies, &args, "GPT sample 1000 requested from a set of");
     char* odd[3] = {(char*)"0.5", a, b};
     args = (BuildArgs){3, odd, "1,0,0", {10, 0, 0}, 0, 0};
-    expect_die("--data-path with an odd count dies", build_dies, &args, "--data-path: expected one prefix or pairs");
+    expect_die("--data-path with an odd count dies", build_dies, &args, "--data-path: expected one prefix or pairs", 2);
     char* no_weights[2] = {a, b};
     args = (BuildArgs){2, no_weights, "1,0,0", {10, 0, 0}, 0, 0};
-    expect_die("--data-path of two prefixes without weights dies", build_dies, &args, "is not a weight");
+    expect_die("--data-path of two prefixes without weights dies", build_dies, &args, "is not a weight", 2);
     // blend3's valid split: B gets about a third of 65 samples but has only 5
     char* blend[6] = {(char*)"0", a, (char*)"1", b, (char*)"2", a};
     size_t blend_request[3] = {100, 10, 10};

@@ -115,6 +115,7 @@ expect "task without data" 2 "needs one --valid-data file" "${EVAL[@]}" --task L
 expect "task without a model" 2 "--task needs --load" ./train_gpt --device "$DEVICE" "${TOK[@]}" "${LAMBADA[@]}"
 expect "task without a tokenizer" 2 "needs the tokenizer" ./train_gpt --device "$DEVICE" --load "$WORK/model" "${LAMBADA[@]}"
 expect "stride 0" 2 "--overlapping-eval must be positive" "${EVAL[@]}" "${WIKI[@]}" --overlapping-eval 0
+expect "stride above the window" 2 "--overlapping-eval 100 is above --seq-length 64" "${EVAL[@]}" "${WIKI[@]}" --overlapping-eval 100
 expect "missing data file" 1 "cannot open --valid-data file '$WORK/nothere.tokens'" "${EVAL[@]}" --task WIKITEXT103 --valid-data "$WORK/nothere.tokens"
 expect "empty WikiText file" 1 "WIKITEXT103 needs at least 2" "${EVAL[@]}" --task WIKITEXT103 --valid-data "$WORK/empty.tokens"
 expect "WikiText file not in UTF-8" 1 "latin1.tokens: invalid UTF-8 at byte 6" "${EVAL[@]}" --task WIKITEXT103 --valid-data "$WORK/latin1.tokens"

@@ -119,6 +119,18 @@ expect "a token id outside the vocabulary" 2 "'250' is not a token id below 200"
 printf '1 2\n3 x\n' > "$W/bad_prompts.txt"
 expect "a bad line in --sample-input-file" 2 "bad_prompts.txt line 2: 'x' is not a token id" "${GEN[@]}" --sample-input-file "$W/bad_prompts.txt"
 expect "unwritable --sample-output-file" 2 "--sample-output-file $W/no/dir.txt" "${GEN[@]}" --prompt "1" --sample-output-file "$W/no/dir.txt"
+expect "--sample-input-file a directory" 2 "--sample-input-file $W is a directory" "${GEN[@]}" --sample-input-file "$W"
+expect "zero --micro-batch-size given" 2 "--micro-batch-size (a positive integer)" "${GEN[@]}" --prompt "1" --micro-batch-size 0
+# non-finite weights: the fixture with its word embeddings overwritten by NaN
+mkdir -p "$W/nan" && cp "$W/hf/config.json" "$W/nan/" && python3 - "$W/hf/model.safetensors" "$W/nan/model.safetensors" << 'EOF'
+import json, struct, sys
+raw = bytearray(open(sys.argv[1], "rb").read())
+n = struct.unpack("<Q", raw[:8])[0]
+begin, end = json.loads(raw[8:8 + n])["transformer.wte.weight"]["data_offsets"]
+raw[8 + n + begin:8 + n + end] = b"\xff" * (end - begin)  # all-ones bits: NaN in fp32
+open(sys.argv[2], "wb").write(raw)
+EOF
+expect "NaN weights stop generation" 1 "the model's logit for token 0 is .*nan: are the weights finite" ./train_gpt "${DEV[@]}" --load "$W/nan" --prompt "1 2" --greedy --out-seq-length 4
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -99,7 +99,7 @@ expect_ranks() {
     elif ! grep -q -- "$words" "$WORK/err"; then fail "$name" "no '$words' in: $(grep -m2 error "$WORK/err")"
     else ok "$name: $(grep -m1 -- "$words" "$WORK/err")"; fi
 }
-SHORT=("${RUN[@]}" --train-iters 2)
+SHORT=("${RUN[@]}" --train-iters 3)  # (past the 2 warmup iterations, as Megatron requires)
 expect_ranks "t does not divide the heads" "--tensor-model-parallel-size 4 does not divide --num-attention-heads 2" 4 \
     "${SHORT[@]}" --tensor-model-parallel-size 4 --num-attention-heads 2
 expect_ranks "t does not divide the ffn size" "--tensor-model-parallel-size 4 does not divide --ffn-hidden-size 130" 4 \

@@ -235,6 +235,7 @@ continuation() { python3 -c "import json, sys; r = json.load(open(sys.argv[1]));
 expect "--port without --load" 2 "--port needs --load" ./train_gpt "${TOK[@]}" --port 0
 expect "--port without a tokenizer" 2 "--port needs --vocab-file and --merge-file" ./train_gpt --device cpu --load "$W/hf" --port 0
 expect "--port out of range" 2 "--port 70000: expected 0 to 65535" ./train_gpt --load "$W/hf" "${TOK[@]}" --port 70000
+expect "--port -1 given" 2 "--port -1: expected 0 to 65535" ./train_gpt --load "$W/hf" "${TOK[@]}" --port -1
 expect "--port with --prompt" 2 "--port does not go with --prompt" ./train_gpt --load "$W/hf" "${TOK[@]}" --port 0 --prompt "Hi"
 expect "--bind-address not an address" 2 "--bind-address localhost: not a numeric IPv4 or IPv6 address" \
     ./train_gpt --load "$W/hf" "${TOK[@]}" --port 0 --bind-address localhost

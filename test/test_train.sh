@@ -40,6 +40,32 @@ expect "bad attention backend" 2 "--attention-backend 'unfused' is not one of" "
 expect "cuDNN attention with attention dropout" 2 "--attention-backend fused" "${RUN[@]}" --attention-backend fused
 expect "cuDNN attention on the CPU" 2 "--attention-backend fused needs" "${RUN[@]}" --attention-backend fused --attention-dropout 0
 expect "NCCL forced on the CPU" 2 "--debug-force-nccl needs a GPU" "${RUN[@]}" --debug-force-nccl
+expect "negative decay iterations" 2 "--lr-decay-iters/-samples must be >= 0" "${RUN[@]}" --lr-decay-iters -5
+expect "warmup past the decay" 2 "the warmup (800 samples) must end before the decay does (16 samples)" "${RUN[@]}" --lr-warmup-iters 100
+expect "train iterations overflowing" 2 "--train-iters 9223372036854775807: more than 2^31" "${RUN[@]}" --train-iters 9223372036854775807
+SAMPLES=(./train_gpt --device cpu --data-path "$PREFIX" "${TOK[@]}" "${MODEL[@]}" --lr 1e-3 --eval-iters 0 --train-samples)
+expect "train samples overflowing" 2 "--train-samples 9223372036854775807: more than 2^31" "${SAMPLES[@]}" 9223372036854775807
+expect "rampup start above the batch" 2 "START 32 is above --global-batch-size 16" "${SAMPLES[@]}" 64 --global-batch-size 16 --rampup-batch-size 32 8 64
+expect "rampup steps not dividing" 2 "INCR 16 does not divide --global-batch-size 32 - START 8" "${SAMPLES[@]}" 64 --global-batch-size 32 --rampup-batch-size 8 16 64
+expect "rampup batches not whole micro-batches" 2 "must be multiples of --micro-batch-size 8" "${SAMPLES[@]}" 64 --global-batch-size 32 --rampup-batch-size 4 4 64
+expect "zero ffn size given" 2 "--ffn-hidden-size must be positive" "${RUN[@]}" --ffn-hidden-size 0
+expect "zero position table given" 2 "--max-position-embeddings must be positive" "${RUN[@]}" --max-position-embeddings 0
+expect "negative init std" 2 "--init-method-std must be positive" "${RUN[@]}" --init-method-std -0.02
+expect "negative seed" 2 "--seed must be >= 0" "${RUN[@]}" --seed -1
+expect "min loss scale above the initial" 2 "--min-loss-scale 1e+10 is above --initial-loss-scale 2" "${RUN[@]}" --min-loss-scale 1e10 --initial-loss-scale 2
+expect "log file of unknown format" 2 "--log-file $WORK/log.txt: the name must end in .jsonl or .csv" "${RUN[@]}" --log-file "$WORK/log.txt"
+expect "split not numbers" 2 "--split 'a,b,c'" "${RUN[@]}" --split a,b,c
+expect "blend weight not a number" 2 "--data-path: 'abc' is not a weight" "${RUN[@]}" --data-path abc "$PREFIX" 0.5 "$PREFIX"
+expect "one-token samples" 2 "--seq-length 1: GPT samples need at least 2 tokens" "${RUN[@]}" --seq-length 1
+expect "--vocab-size against the tokenizer" 2 "--vocab-size 100 disagrees with the tokenizer's 50257" "${RUN[@]}" --vocab-size 100
+expect "sample file without a sample" 2 "--sample-output-file without --prompt or --sample-input-file needs --sample-length" "${RUN[@]}" --sample-output-file "$WORK/s.txt"
+expect "unwritable sample file" 2 "--sample-output-file /nonexistent/s.txt" "${RUN[@]}" --sample-length 4 --sample-output-file /nonexistent/s.txt
+if "${RUN[@]}" --train-iters 1 --sample-length 5 --sample-output-file "$WORK/sample.txt" > "$WORK/out" 2>&1 && grep -q -- "---- sample (5 tokens)" "$WORK/sample.txt" \
+    && ! grep -q -- "---- sample" "$WORK/out"; then ok "the sample after training goes to --sample-output-file"
+else fail "the sample after training goes to --sample-output-file" "$(tail -n 2 "$WORK/out")"; fi
+OMPI_COMM_WORLD_RANK=1 "${RUN[@]}" --seed -1 > "$WORK/out" 2> "$WORK/err"
+if [ $? -eq 2 ] && [ ! -s "$WORK/err" ]; then ok "a flag error is printed by the first rank only (others exit 2 quietly)"
+else fail "a flag error is printed by the first rank only" "$(head -c 200 "$WORK/err")"; fi
 expect "missing dataset" 1 "$WORK/nothing" "${RUN[@]}" --data-path "$WORK/nothing"
 head -c 50 "$PREFIX.idx" > "$WORK/cut.idx" && cp "$PREFIX.bin" "$WORK/cut.bin"
 expect "truncated .idx" 1 "cut.idx" "${RUN[@]}" --data-path "$WORK/cut"
