@@ -447,9 +447,10 @@ typedef struct {
     const char* help;
 } ArgSpec;
 
-// Under mpirun every rank parses the same flags: only the first prints the error.
+// Under mpirun (or MEGATRON_RENDEZVOUS's RANK) every rank parses the same flags: only the first
+// prints the error.
 static int launcher_rank_nonzero(void) {
-    const char* vars[] = {"OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "RANK"};
+    const char* vars[] = {"OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", getenv("MEGATRON_RENDEZVOUS") ? "RANK" : "PMI_RANK"};
     for (int i = 0; i < 4; i++) {
         const char* v = getenv(vars[i]);
         if (v && *v) return atoi(v) != 0;
