@@ -6653,6 +6653,7 @@ static void args_write_meta(SafeTensorsWriter* w, const ArgSpec* specs, int n) {
 typedef struct {
     const char *save, *load, *export_hf;
     int save_interval, exit_interval, finetune, no_load_optim, no_load_rng;
+    int override_scheduler, use_checkpoint_scheduler;  // a resumed run's learning-rate schedule: this run's or the checkpoint's
 } CheckpointArgs;
 
 // Registers the checkpoint flags (Megatron's names) and sets their defaults; returns the count.
@@ -6667,6 +6668,12 @@ static int checkpoint_args_table(CheckpointArgs* c, ArgSpec* t) {
     t[n++] = ArgSpec{"--no-load-rng", ARG_FLAG, &c->no_load_rng, "accepted for Megatron's scripts: the only random state is --seed"};
     t[n++] = ArgSpec{"--exit-interval", ARG_INT, &c->exit_interval, "save and exit at the first iteration that is a multiple of this"};
     t[n++] = ArgSpec{"--export-hf", ARG_STRING, &c->export_hf, "write the --load checkpoint to DIR as Hugging Face GPT-2, then exit"};
+    t[n++] = ArgSpec{"--override-opt-param-scheduler", ARG_FLAG, &c->override_scheduler,
+                     "resuming: take this run's learning-rate schedule where it differs from the checkpoint's"};
+    t[n++] = ArgSpec{"--override-opt_param-scheduler", ARG_FLAG, &c->override_scheduler, "Megatron's spelling of the above"};
+    t[n++] = ArgSpec{"--use-checkpoint-opt-param-scheduler", ARG_FLAG, &c->use_checkpoint_scheduler,
+                     "resuming: keep the checkpoint's learning-rate schedule whatever this run's flags say"};
+    t[n++] = ArgSpec{"--use-checkpoint-opt_param-scheduler", ARG_FLAG, &c->use_checkpoint_scheduler, "Megatron's spelling of the above"};
     return n;
 }
 
@@ -6676,6 +6683,8 @@ static void checkpoint_args_validate(const CheckpointArgs* c) {
     if (c->exit_interval < 0) arg_error("--exit-interval must be positive");
     if (c->export_hf && !c->load) arg_error("--export-hf needs --load (the checkpoint to export)");
     if ((c->finetune || c->no_load_optim) && !c->load) arg_error("--finetune and --no-load-optim need --load");
+    if (c->override_scheduler && c->use_checkpoint_scheduler)
+        arg_error("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler are exclusive");
 }
 
 static void checkpoint_iter_dir(char* out, size_t cap, const char* dir, int64_t iteration) {
@@ -6737,6 +6746,22 @@ static LRSchedule lr_schedule_from_args(const Args* a, int64_t train_samples) {
         arg_error("the warmup (%lld samples) must end before the decay does (%lld samples): see --lr-warmup-* and --lr-decay-*, "
                   "whose default is the whole run", (long long)s.warmup_samples, (long long)s.decay_samples);
     return s;
+}
+
+// A resumed run's schedule against the one its checkpoint was trained with, as Megatron's
+// OptimizerParamScheduler.load_state_dict: they must agree unless a flag says which one wins.
+// Returns the schedule to train with.
+static LRSchedule lr_schedule_resume(const LRSchedule* mine, const LRSchedule* saved, const CheckpointArgs* ca) {
+    const char* differs = mine->max_lr != saved->max_lr ? "peak learning rate (--lr)"
+                          : mine->min_lr != saved->min_lr ? "--min-lr"
+                          : mine->warmup_samples != saved->warmup_samples ? "warmup samples (--lr-warmup-*)"
+                          : mine->decay_samples != saved->decay_samples ? "decay samples (--lr-decay-*, by default the whole run: --train-iters/--train-samples)"
+                          : strcmp(mine->style, saved->style) ? "--lr-decay-style" : NULL;
+    if (!differs || ca->override_scheduler) return *mine;
+    if (ca->use_checkpoint_scheduler) return *saved;
+    arg_error("--load %s: this run's learning-rate schedule differs from the checkpoint's in its %s; give --override-opt-param-scheduler "
+              "to take this run's or --use-checkpoint-opt-param-scheduler to keep the checkpoint's", ca->load, differs);
+    return *mine;
 }
 
 static double lr_at(const LRSchedule* s, int64_t samples) {

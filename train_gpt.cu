@@ -968,6 +968,9 @@ typedef struct {
     int64_t scheduler_samples;  // the learning-rate schedule's position (lr_samples in main)
     int adam_step;
     LossScaler scaler;
+    LRSchedule schedule;   // the learning-rate schedule trained with (has_schedule: a checkpoint holds one)
+    int has_schedule;
+    char schedule_style[32];
 } TrainState;
 
 // Checkpoints hold the full model in the single-device layout, whatever parallel layout saves
@@ -1112,6 +1115,11 @@ static void checkpoint_save(GPT* m, const TrainState* s, const char* dir, const 
     st_writer_meta_double(&w, "loss_scale", s->scaler.scale);
     st_writer_meta_int(&w, "loss_scale_growth_tracker", s->scaler.growth_tracker);
     st_writer_meta_int(&w, "loss_scale_hysteresis_tracker", s->scaler.hysteresis_tracker);
+    st_writer_meta_double(&w, "lr_max", s->schedule.max_lr);
+    st_writer_meta_double(&w, "lr_min", s->schedule.min_lr);
+    st_writer_meta_int(&w, "lr_warmup_samples", s->schedule.warmup_samples);
+    st_writer_meta_int(&w, "lr_decay_samples", s->schedule.decay_samples);
+    st_writer_meta(&w, "lr_decay_style", s->schedule.style);
     st_writer_finish(&w);
     free(t);
 
@@ -1318,6 +1326,15 @@ static void checkpoint_load(GPT* m, const CkptSource* src, const CheckpointArgs*
         gpt_scatter_full_state(m, host, m->adam_v);
         s->adam_step = meta_int(&st, "step");
         s->scheduler_samples = safetensors_meta_int(&st, "scheduler_samples");
+        if (safetensors_meta(&st, "lr_decay_samples")) {  // (checkpoints before the schedule was saved have none)
+            s->has_schedule = 1;
+            s->schedule.max_lr = safetensors_meta_double(&st, "lr_max");
+            s->schedule.min_lr = safetensors_meta_double(&st, "lr_min");
+            s->schedule.warmup_samples = safetensors_meta_int(&st, "lr_warmup_samples");
+            s->schedule.decay_samples = safetensors_meta_int(&st, "lr_decay_samples");
+            snprintf(s->schedule_style, sizeof(s->schedule_style), "%s", safetensors_meta_need(&st, "lr_decay_style"));
+            s->schedule.style = s->schedule_style;
+        }
         if (same_dtype) {  // the loss scale belongs to the dtype it was found for
             s->scaler.scale = safetensors_meta_double(&st, "loss_scale");
             s->scaler.growth_tracker = meta_int(&st, "loss_scale_growth_tracker");
@@ -2147,6 +2164,7 @@ int main(int argc, char** argv) {
     HostBatch h = host_batch_alloc(&dev, B, T);
 
     LRSchedule schedule = lr_schedule_from_args(&args, train_samples);
+    if (state.has_schedule) schedule = lr_schedule_resume(&schedule, &state.schedule, &ckpt);
     LossScaler scaler = state.scaler;
     LogFile log_file;
     log_file_open(&log_file, par.rank[GROUP_WORLD] == 0 ? args.log_file : NULL);
@@ -2227,7 +2245,7 @@ int main(int argc, char** argv) {
         }
         int exiting = ckpt.exit_interval && iteration % ckpt.exit_interval == 0;
         if (ckpt.save && (iteration % ckpt.save_interval == 0 || last || exiting)) {
-            TrainState now = {iteration, consumed, consumed_valid, lr_samples, updates, scaler};
+            TrainState now = {iteration, consumed, consumed_valid, lr_samples, updates, scaler, schedule, 1, {0}};
             checkpoint_save(&model, &now, ckpt.save, specs, n_specs);
             interval_start = now_seconds();
         }

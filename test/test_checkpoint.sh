@@ -89,6 +89,19 @@ resume_check() {
 }
 LAUNCH=()
 resume_check cpu
+# ---- a resumed run's learning-rate schedule must be the checkpoint's (Megatron's scheduler check)
+# unless a flag says which wins: the 60-iteration run's checkpoint at 50, resumed as a 52-iteration run
+lr_of() { grep -o "iteration       $2/.*learning rate: [0-9.E+-]*" "$1" | grep -o '[0-9.E+-]*$'; }
+mkdir -p "$W/sched" && cp -r "$W/cpu/res/iter_0000050" "$W/sched/" && echo 50 > "$W/sched/latest_checkpointed_iteration.txt"
+expect "resumed with another schedule" 2 "differs from the checkpoint's in its decay samples" "${RUN[@]}" --train-iters 52 --load "$W/sched"
+expect "both schedule flags" 2 "are exclusive" "${RUN[@]}" --train-iters 52 --load "$W/sched" --override-opt_param-scheduler --use-checkpoint-opt-param-scheduler
+"${RUN[@]}" --train-iters 52 --eval-iters 0 --load "$W/sched" --use-checkpoint-opt_param-scheduler > "$W/sched_keep.txt" 2>&1
+"${RUN[@]}" --train-iters 52 --eval-iters 0 --load "$W/sched" --override-opt-param-scheduler > "$W/sched_new.txt" 2>&1
+keep=$(lr_of "$W/sched_keep.txt" 51) new=$(lr_of "$W/sched_new.txt" 51) full=$(lr_of "$W/cpu/full.txt" 51)
+[ -n "$keep" ] && [ "$keep" = "$full" ] && [ -n "$new" ] && [ "$new" != "$full" ] \
+    && ok "--use-checkpoint-opt-param-scheduler keeps the checkpoint's schedule (lr $keep at 51, as uninterrupted), --override-opt-param-scheduler takes this run's ($new)" \
+    || fail "schedule flags on resume" "lr at 51: kept '$keep', overridden '$new', uninterrupted '$full'"
+
 # fp16's hysteresis tracker counts below 0 through a run of overflows (from 2^32 there are many):
 # such a checkpoint must load (seen failing on an H200 before the fix)
 mkdir -p "$W/hyst" && cp -r "$W/cpu/res/iter_0000050" "$W/hyst/" && echo 50 > "$W/hyst/latest_checkpointed_iteration.txt"
@@ -97,7 +110,7 @@ meta, t = st(sys.argv[1])
 meta['loss_scale_hysteresis_tracker'] = '-13'
 write_st(sys.argv[1], meta, t)
 " "$W/hyst/iter_0000050/optim.safetensors"
-"${RUN[@]}" --train-iters 52 --load "$W/hyst" > "$W/hyst.txt" 2>&1 && grep -q "at iteration 50$" "$W/hyst.txt" \
+"${RUN[@]}" --train-iters 52 --override-opt-param-scheduler --load "$W/hyst" > "$W/hyst.txt" 2>&1 && grep -q "at iteration 50$" "$W/hyst.txt" \
     && ok "a negative loss-scale hysteresis tracker (fp16 after many overflows) loads" || fail "negative hysteresis tracker" "$(grep error "$W/hyst.txt")"
 # the same on a GPU in each dtype (fp16: dynamic loss scaling from 2^32, so skipped steps too)
 if nvidia-smi -L > /dev/null 2>&1; then
