@@ -33,6 +33,7 @@ toolkit: every CUDA part sits behind #ifdef __CUDACC__.
 
 #include <assert.h>
 #include <dirent.h>
+#include <ftw.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <float.h>
@@ -45,6 +46,7 @@ toolkit: every CUDA part sits behind #ifdef __CUDACC__.
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <type_traits>
 #include <unistd.h>
@@ -749,7 +751,7 @@ static void args_validate_model(Args* a) {
     if (a->log_interval <= 0) arg_error("--log-interval must be positive");
     if (a->init_method_std <= 0) arg_error("--init-method-std must be positive");
     if (a->seed < 0) arg_error("--seed must be >= 0");
-    if (a->peak_tflops < 0) arg_error("--peak-tflops must be positive");
+    if (a->peak_tflops < 0) arg_error("--peak-tflops must be >= 0 (0: from a table)");
     const char* backend = a->attention_backend;
     if (strcmp(backend, "auto") && strcmp(backend, "local") && strcmp(backend, "flash") && strcmp(backend, "fused"))
         arg_error("--attention-backend '%s' is not one of auto, local, flash, fused", backend);
@@ -757,6 +759,8 @@ static void args_validate_model(Args* a) {
     if (!strcmp(backend, "fused")) arg_error("--attention-backend fused needs cuDNN, and this binary was built without it (see the Makefile)");
 #endif
 }
+
+static int global_batch_at(const Args* a, int64_t consumed);  // (training section: the batch ramp)
 
 // The model's checks, then training's.
 static void args_validate(Args* a) {
@@ -788,9 +792,16 @@ static void args_validate(Args* a) {
         if (start > a->global_batch_size) arg_error("--rampup-batch-size: START %lld is above --global-batch-size %d", (long long)start, a->global_batch_size);
         if ((a->global_batch_size - start) % incr)
             arg_error("--rampup-batch-size: INCR %lld does not divide --global-batch-size %d - START %lld", (long long)incr, a->global_batch_size, (long long)start);
-        if (start % unit || (start < a->global_batch_size && incr % unit))
-            arg_error("--rampup-batch-size: START %lld and INCR %lld must be multiples of --micro-batch-size %d x data-parallel size %d",
-                      (long long)start, (long long)incr, a->micro_batch_size, dp);
+        // (the batches the ramp reaches: one step may skip past a size, as in Megatron)
+        int64_t consumed = 0;
+        for (int steps = 0; steps < 10000000; steps++) {
+            int g = global_batch_at(a, consumed);
+            if (g % unit)
+                arg_error("--rampup-batch-size: the ramp reaches a global batch of %d, not a multiple of --micro-batch-size %d x data-parallel size %d",
+                          g, a->micro_batch_size, dp);
+            if (g >= a->global_batch_size) break;
+            consumed += g;
+        }
     }
     if (a->hidden_dropout < 0 || a->hidden_dropout >= 1) arg_error("--hidden-dropout must be in [0, 1)");
     if (a->attention_dropout < 0 || a->attention_dropout >= 1) arg_error("--attention-dropout must be in [0, 1)");
@@ -6253,51 +6264,110 @@ static void write_file_atomic(const char* path, const void* data, size_t n) {
     atomic_file_commit(&f);
 }
 
-// Removes a directory of files (one level: a checkpoint's iteration directory).
-static void remove_dir_files(const char* path) {
-    DIR* dir = opendir(path);
-    if (!dir) die("cannot open directory %s: %s", path, strerror(errno));
-    char file[1400];
-    for (struct dirent* e; (e = readdir(dir)) != NULL;) {
-        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-        snprintf(file, sizeof(file), "%s/%s", path, e->d_name);
-        if (unlink(file) != 0) die("cannot remove %s: %s", file, strerror(errno));
-    }
-    closedir(dir);
-    if (rmdir(path) != 0) die("cannot remove %s: %s", path, strerror(errno));
+// Removes a file or a directory tree (a replaced or abandoned checkpoint directory). Failures are
+// warnings: the checkpoint in force is complete elsewhere.
+static int remove_tree_entry(const char* path, const struct stat* sb, int flag, struct FTW* ftw) {
+    (void)sb;
+    (void)ftw;
+    if ((flag == FTW_DP ? rmdir(path) : unlink(path)) != 0) fprintf(stderr, "warning: cannot remove %s: %s\n", path, strerror(errno));
+    return 0;
 }
 
-// Puts the finished directory `staged` at `path` in one step: a rename, or, where `path` exists
-// (an iteration saved again), an atomic exchange after which the old files go. A crash at any
-// point leaves at `path` the old directory or the new one, each whole.
-static void publish_dir(const char* staged, const char* path) {
+static void remove_tree(const char* path) { nftw(path, remove_tree_entry, 16, FTW_DEPTH | FTW_PHYS); }
+
+// ".tmp-<host>-<pid>": this process's name for what it stages beside a checkpoint.
+static void staging_suffix(char* out, size_t cap) {
+    char host[128] = "host";
+    gethostname(host, sizeof(host) - 1);
+    host[sizeof(host) - 1] = 0;
+    for (char* c = host; *c; c++)
+        if (*c == '/' || *c == '-') *c = '_';
+    snprintf(out, cap, ".tmp-%s-%d", host, (int)getpid());
+}
+
+#ifndef RENAME_EXCHANGE
+#define RENAME_EXCHANGE (1 << 1)
+#endif
+
+// Swaps two directories in one step (Linux renameat2); -1 with errno where the filesystem cannot
+// (tests ask for that case with MEGATRON_TEST_NO_EXCHANGE=1).
+static int exchange_dirs(const char* a, const char* b) {
+    if (getenv("MEGATRON_TEST_NO_EXCHANGE")) {
+        errno = EINVAL;
+        return -1;
+    }
+#ifdef SYS_renameat2
+    return (int)syscall(SYS_renameat2, AT_FDCWD, a, AT_FDCWD, b, RENAME_EXCHANGE);
+#else
+    (void)a;
+    (void)b;
+    errno = ENOSYS;
+    return -1;
+#endif
+}
+
+// Puts the finished directory `staged` at `path`: a rename, or where `path` exists (an iteration
+// saved again) an atomic exchange, after which the old files go. A crash at any point leaves at
+// `path` the old directory or the new one, each whole. Where the filesystem has no exchange (NFS,
+// FUSE), the old directory is first renamed aside, which is safe only while the tracker names
+// another iteration (`tracked` = 0); otherwise the run stops, its new checkpoint kept aside.
+static void publish_dir(const char* staged, const char* path, int tracked) {
     atomic_file_test_crash();
     if (rename(staged, path) != 0) {
         if (errno != EEXIST && errno != ENOTEMPTY) die("cannot rename %s to %s: %s", staged, path, strerror(errno));
-        if (renameat2(AT_FDCWD, staged, AT_FDCWD, path, RENAME_EXCHANGE) != 0)
-            die("cannot replace %s (left as it was; the new files are in %s): %s", path, staged, strerror(errno));
-        remove_dir_files(staged);  // (now the old directory)
+        char aside[1400];
+        snprintf(aside, sizeof(aside), "%s.old", staged);
+        if (exchange_dirs(staged, path) == 0) {
+            remove_tree(staged);  // (now the old directory)
+        } else if (errno != EINVAL && errno != ENOSYS && errno != EOPNOTSUPP) {
+            die("cannot replace %s: %s (the new checkpoint is complete in %s)", path, strerror(errno), staged);
+        } else if (tracked) {
+            snprintf(aside, sizeof(aside), "%s.unsaved", path);
+            if (rename(staged, aside) != 0) die("cannot rename %s: %s", staged, strerror(errno));
+            die("%s is the checkpoint in force and this filesystem cannot replace a directory in one step: the new one is in %s", path, aside);
+        } else {
+            if (rename(path, aside) != 0 || rename(staged, path) != 0) die("cannot replace %s: %s (the new checkpoint is in %s)", path, strerror(errno), staged);
+            remove_tree(aside);
+        }
     }
     sync_parent_dir(path);
 }
 
-// Removes what killed writers left in `dir`: files and directories named *.tmp-<pid> whose
-// process no longer exists.
+// (Megatron's tracker file, see the checkpoint directory below)
+#define CHECKPOINT_TRACKER "latest_checkpointed_iteration.txt"
+
+// The pid in `name` when it is one of the temporaries a save leaves if killed: a staged iteration
+// directory of this host (iter_<n>.tmp-<host>-<pid>, with ".old" while it is set aside) or the
+// tracker's temporary (see write_file_atomic); 0 otherwise.
+static long stale_temporary_pid(const char* name) {
+    char suffix[200];
+    staging_suffix(suffix, sizeof(suffix));
+    *strrchr(suffix, '-') = 0;  // ".tmp-<host>"
+    const char* p;
+    if (!strncmp(name, "iter_", 5)) {
+        for (p = name + 5; *p >= '0' && *p <= '9'; p++) {}
+        if (p == name + 5 || strncmp(p, suffix, strlen(suffix)) || p[strlen(suffix)] != '-') return 0;
+        p += strlen(suffix) + 1;
+    } else if (!strncmp(name, CHECKPOINT_TRACKER ".tmp-", strlen(CHECKPOINT_TRACKER ".tmp-"))) {
+        p = name + strlen(CHECKPOINT_TRACKER ".tmp-");
+    } else {
+        return 0;
+    }
+    char* end;
+    long pid = strtol(p, &end, 10);
+    return end != p && (*end == 0 || !strcmp(end, ".old")) && pid > 0 ? pid : 0;
+}
+
+// Removes what savers killed on this host left in `dir` (their process gone).
 static void remove_stale_temporaries(const char* dir) {
     DIR* d = opendir(dir);
     if (!d) return;
     char path[1400];
     for (struct dirent* e; (e = readdir(d)) != NULL;) {
-        const char* tag = strstr(e->d_name, ".tmp-");
-        if (!tag) continue;
-        char* end;
-        long pid = strtol(tag + 5, &end, 10);
-        if (*end || pid <= 0 || pid == (long)getpid() || kill((pid_t)pid, 0) == 0 || errno != ESRCH) continue;
+        long pid = stale_temporary_pid(e->d_name);
+        if (!pid || pid == (long)getpid() || kill((pid_t)pid, 0) == 0 || errno != ESRCH) continue;
         snprintf(path, sizeof(path), "%s/%s", dir, e->d_name);
-        struct stat sb;
-        if (lstat(path, &sb) != 0) continue;
-        if (S_ISDIR(sb.st_mode)) remove_dir_files(path);
-        else if (unlink(path) != 0) die("cannot remove %s: %s", path, strerror(errno));
+        remove_tree(path);
     }
     closedir(d);
 }
@@ -6648,7 +6718,6 @@ static void args_write_meta(SafeTensorsWriter* w, const ArgSpec* specs, int n) {
 // complete one. The tracker is written last, so a save that dies midway leaves the
 // previous checkpoint in force.
 
-#define CHECKPOINT_TRACKER "latest_checkpointed_iteration.txt"
 
 typedef struct {
     const char *save, *load, *export_hf;

@@ -1055,7 +1055,7 @@ static CkptTensor* ckpt_tensors(const GPT* m, int* count) {
     return t;
 }
 
-// Every rank calls it (the gathers are collectives); world rank 0 writes, into iter_N.tmp-<pid>/,
+// Every rank calls it (the gathers are collectives); world rank 0 writes, into iter_N.tmp-<host>-<pid>/,
 // which then takes iter_N's place (publish_dir) before the tracker names it: no file of a
 // checkpoint the tracker may name is ever written to.
 static void checkpoint_save(GPT* m, const TrainState* s, const char* dir, const ArgSpec* specs, int n_specs) {
@@ -1070,11 +1070,13 @@ static void checkpoint_save(GPT* m, const TrainState* s, const char* dir, const 
         for (int p = 0; p < 3; p++) free(states[p]);
         return;
     }
-    char iter_dir[1100], staged[1140], path[1200];
+    char iter_dir[1100], staged[1300], path[1400];
     checkpoint_iter_dir(iter_dir, sizeof(iter_dir), dir, s->iteration);
     make_dirs(dir);
     remove_stale_temporaries(dir);
-    snprintf(staged, sizeof(staged), "%s.tmp-%d", iter_dir, (int)getpid());
+    char suffix[200];
+    staging_suffix(suffix, sizeof(suffix));
+    snprintf(staged, sizeof(staged), "%s%s", iter_dir, suffix);
     make_dirs(staged);
     int count;
     CkptTensor* t = ckpt_tensors(&full, &count);
@@ -1123,7 +1125,7 @@ static void checkpoint_save(GPT* m, const TrainState* s, const char* dir, const 
     st_writer_finish(&w);
     free(t);
 
-    publish_dir(staged, iter_dir);
+    publish_dir(staged, iter_dir, checkpoint_latest(dir) == s->iteration);
     checkpoint_set_latest(dir, s->iteration);
     printf("saved checkpoint at iteration %lld to %s\n", (long long)s->iteration, iter_dir);
     fflush(stdout);
@@ -2117,8 +2119,8 @@ int main(int argc, char** argv) {
     start_device(&args, &par, &dev, argc, argv);
 
     Tokenizer* tokenizer = load_tokenizer(&args);
-    if (tokenizer && arg_given("--vocab-size") && vocab_size != tokenizer_vocab_size(tokenizer))
-        arg_error("--vocab-size %d disagrees with the tokenizer's %d tokens (--vocab-file)", vocab_size, tokenizer_vocab_size(tokenizer));
+    if (tokenizer && arg_given("--vocab-size") && vocab_size != tokenizer_vocab_size(tokenizer))  // (Megatron ignores it too)
+        printf("note: --vocab-size %d is ignored: the tokenizer (--vocab-file) has %d tokens\n", vocab_size, tokenizer_vocab_size(tokenizer));
     if (tokenizer) vocab_size = tokenizer_vocab_size(tokenizer);
     if (vocab_size <= 0) arg_error("give --vocab-file/--merge-file or --vocab-size");
     // the text after training: stdout, or --sample-output-file (opened now, not after the run)

@@ -189,6 +189,29 @@ for k in 1 2 3 0; do
     fi
 done
 
+# ---- the same where the filesystem cannot exchange two directories (NFS, FUSE): an untracked
+# iteration (a crash before the tracker moved) is replaced by renaming it aside; the tracked one is
+# not touched, and the run stops keeping its new checkpoint as iter_N.unsaved
+D="$W/noexchange"
+rm -rf "$D" && cp -r "$W/short" "$D" && echo 2 > "$D/latest_checkpointed_iteration.txt"
+MEGATRON_TEST_NO_EXCHANGE=1 "${RUN[@]}" "${SHORT[@]}" --save "$D" --load "$D" > "$W/nx.txt" 2>&1 \
+    && [ "$(cat "$D/latest_checkpointed_iteration.txt")" = 4 ] && same_state "$W/short/iter_0000004" "$D/iter_0000004" 2> /dev/null \
+    && [ -z "$(find "$D" -name '*.tmp-*')" ] && ok "no directory exchange: an untracked iteration 4 is replaced (renamed aside), bit-identical" \
+    || fail "no directory exchange, untracked" "$(tail -n 1 "$W/nx.txt")"
+D="$W/noexchange2"
+rm -rf "$D" && cp -r "$W/short" "$D"
+expect "no directory exchange, tracked iteration" 1 "is the checkpoint in force and this filesystem cannot replace a directory in one step" \
+    env MEGATRON_TEST_NO_EXCHANGE=1 "${RUN[@]}" --train-iters 4 --lr-warmup-iters 1 --save-interval 4 --eval-iters 0 --seed 99 --save "$D"
+[ -d "$D/iter_0000004.unsaved" ] && same_state "$W/short/iter_0000004" "$D/iter_0000004" 2> /dev/null \
+    && ok "... the tracked iteration 4 stays the old one, the new checkpoint kept in iter_0000004.unsaved" || fail "no exchange, tracked: state" "$(ls "$D")"
+
+# ---- the cleanup of dead savers' temporaries leaves everything else in --save alone
+D="$W/userfiles"
+rm -rf "$D" && mkdir -p "$D/backup.tmp-1999999/sub" && echo keep > "$D/notes.tmp-12345" && echo keep > "$D/iter_0000009.tmp-elsewhere-1999999"
+"${RUN[@]}" "${SHORT[@]}" --save "$D" > "$W/uf.txt" 2>&1 && [ -f "$D/notes.tmp-12345" ] && [ -d "$D/backup.tmp-1999999/sub" ] \
+    && [ -f "$D/iter_0000009.tmp-elsewhere-1999999" ] && ok "saving leaves other files named *.tmp-* (and other hosts' temporaries) alone" \
+    || fail "user files in --save" "$(tail -n 1 "$W/uf.txt"; ls "$D")"
+
 # ---- another vocabulary padding (another tensor-parallel size pads to 128 x t rows): the real rows
 # load, the padding rows start at 0, and the run continues with the same losses
 "${RUN[@]}" --train-iters 6 --eval-iters 0 > "$W/pad.txt" 2>&1
