@@ -138,19 +138,6 @@ static int count_temporaries(const char* dir) {
     return count;
 }
 
-static void remove_tree(const char* path) {
-    DIR* d = opendir(path);
-    if (!d) { unlink(path); return; }
-    for (struct dirent* e; (e = readdir(d)) != NULL;) {
-        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
-        char child[2048];
-        snprintf(child, sizeof(child), "%s/%s", path, e->d_name);
-        remove_tree(child);
-    }
-    closedir(d);
-    rmdir(path);
-}
-
 // A file with the given 8-byte header length, header text and `data_bytes` zero bytes of data.
 static void write_raw(const char* path, uint64_t header_len, const char* header, size_t data_bytes) {
     FILE* f = fopen(path, "wb");
