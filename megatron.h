@@ -452,8 +452,9 @@ typedef struct {
 // Under mpirun (or MEGATRON_RENDEZVOUS's RANK) every rank parses the same flags: only the first
 // prints the error.
 static int launcher_rank_nonzero(void) {
-    const char* vars[] = {"OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", getenv("MEGATRON_RENDEZVOUS") ? "RANK" : "PMI_RANK"};
-    for (int i = 0; i < 4; i++) {
+    const char* vars[] = {"OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "RANK"};
+    int n = getenv("MEGATRON_RENDEZVOUS") ? 4 : 3;
+    for (int i = 0; i < n; i++) {
         const char* v = getenv(vars[i]);
         if (v && *v) return atoi(v) != 0;
     }
@@ -760,7 +761,7 @@ static void args_validate_model(Args* a) {
 #endif
 }
 
-static int global_batch_at(const Args* a, int64_t consumed);  // (training section: the batch ramp)
+static int64_t train_iterations_for_samples(const Args* a, int64_t samples);  // (training section: the batch ramp)
 
 // The model's checks, then training's.
 static void args_validate(Args* a) {
@@ -788,21 +789,12 @@ static void args_validate(Args* a) {
                 arg_error("--rampup-batch-size: '%s' is not a positive integer", a->rampup_batch_size.values[i]);
         // Megatron's RampupBatchsizeNumMicroBatches: START <= global, whole increments, and every
         // batch on the way a multiple of micro-batch x data-parallel size
-        int64_t start = v[0], incr = v[1], unit = (int64_t)a->micro_batch_size * dp;
+        int64_t start = v[0], incr = v[1];
         if (start > a->global_batch_size) arg_error("--rampup-batch-size: START %lld is above --global-batch-size %d", (long long)start, a->global_batch_size);
         if ((a->global_batch_size - start) % incr)
             arg_error("--rampup-batch-size: INCR %lld does not divide --global-batch-size %d - START %lld", (long long)incr, a->global_batch_size, (long long)start);
-        // (the batches the ramp reaches: one step may skip past a size, as in Megatron)
-        int64_t consumed = 0;
-        for (int steps = 0; steps < 10000000; steps++) {
-            int g = global_batch_at(a, consumed);
-            if (g % unit)
-                arg_error("--rampup-batch-size: the ramp reaches a global batch of %d, not a multiple of --micro-batch-size %d x data-parallel size %d",
-                          g, a->micro_batch_size, dp);
-            if (g >= a->global_batch_size) break;
-            consumed += g;
-        }
     }
+    if (a->train_samples) train_iterations_for_samples(a, a->train_samples);  // (its checks)
     if (a->hidden_dropout < 0 || a->hidden_dropout >= 1) arg_error("--hidden-dropout must be in [0, 1)");
     if (a->attention_dropout < 0 || a->attention_dropout >= 1) arg_error("--attention-dropout must be in [0, 1)");
     if (!strcmp(a->attention_backend, "fused") && a->attention_dropout > 0)
@@ -6718,7 +6710,6 @@ static void args_write_meta(SafeTensorsWriter* w, const ArgSpec* specs, int n) {
 // complete one. The tracker is written last, so a save that dies midway leaves the
 // previous checkpoint in force.
 
-
 typedef struct {
     const char *save, *load, *export_hf;
     int save_interval, exit_interval, finetune, no_load_optim, no_load_rng;
@@ -6859,6 +6850,22 @@ static int global_batch_at(const Args* a, int64_t consumed) {
     double samples_per_step = (double)ramp_samples / steps;
     int gbs = start + (int)((double)consumed / samples_per_step) * incr;
     return gbs < a->global_batch_size ? gbs : a->global_batch_size;
+}
+
+// The iterations that consume `samples`: the ramp's growing batches, then whole global batches.
+// Each batch the ramp reaches must be whole micro-batches x data-parallel ranks (Megatron's
+// consistency check; one ramp step may skip past a size); more than 2^31 iterations is an error.
+static int64_t train_iterations_for_samples(const Args* a, int64_t samples) {
+    int64_t unit = (int64_t)a->micro_batch_size * a->data_parallel_size, consumed = 0, iterations = 0;
+    for (int g; consumed < samples && (g = global_batch_at(a, consumed)) < a->global_batch_size && iterations <= INT32_MAX; iterations++) {
+        if (g % unit)
+            arg_error("--rampup-batch-size: the ramp reaches a global batch of %d, not a multiple of --micro-batch-size %d x data-parallel size %d",
+                      g, a->micro_batch_size, a->data_parallel_size);
+        consumed += g;
+    }
+    if (consumed < samples) iterations += (samples - consumed - 1) / a->global_batch_size + 1;
+    if (iterations > INT32_MAX) arg_error("--train-samples %lld: more than 2^31 iterations", (long long)samples);
+    return iterations;
 }
 
 // Megatron's DynamicGradScaler (optimizer/grad_scaler.py). A constant scale never moves.

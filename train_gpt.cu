@@ -1022,6 +1022,7 @@ typedef struct {
     size_t offset;
     int ndim;
     int64_t shape[2];
+    int vocab_rows;  // the word embedding: the real vocabulary's rows (the rest is padding); else 0
 } CkptTensor;
 
 // Megatron's GPTModel state-dict names; the per-layer ones follow "language_model.encoder.layers.N.".
@@ -1049,6 +1050,7 @@ static CkptTensor* ckpt_tensors(const GPT* m, int* count) {
             t[n].ndim = is_matrix ? 2 : 1;
             t[n].shape[0] = is_matrix ? (int64_t)size / cols : (int64_t)size;
             t[n].shape[1] = cols;
+            t[n].vocab_rows = i == WTE ? c->V : 0;
         }
     }
     *count = n;
@@ -1245,17 +1247,18 @@ static void checkpoint_apply_config(const CkptSource* src, Args* a, int* vocab_s
     }
 }
 
-// Reads a checkpoint tensor of exactly this dtype and shape as floats. vocab > 0 marks the word
-// embedding: its rows may be padded differently (another tensor-parallel size or
-// --make-vocab-size-divisible-by); the first `vocab` rows are read, the padding rows set to 0
-// (they take no part in the loss: no token selects them and the loss skips their logits).
-static void ckpt_read(const SafeTensors* st, const CkptTensor* t, const char* prefix, const char* dtype, float* dst, int vocab) {
+// Reads a checkpoint tensor of exactly this dtype and shape as floats. The word embedding's rows
+// may be padded differently (another tensor-parallel size or --make-vocab-size-divisible-by): its
+// real rows are read, the padding rows set to 0 (they take no part in the loss: no token selects
+// them and the loss skips their logits).
+static void ckpt_read(const SafeTensors* st, const CkptTensor* t, const char* prefix, const char* dtype, float* dst) {
     char name[160], got[128], want[128];
     snprintf(name, sizeof(name), "%s%s", prefix, t->name);
     const STTensor* f = st_need(st, name);
     STTensor expected;
     expected.ndim = t->ndim;
     memcpy(expected.shape, t->shape, sizeof(t->shape));
+    int vocab = t->vocab_rows;
     int repad = vocab > 0 && f->ndim == 2 && t->ndim == 2 && f->shape[1] == t->shape[1] && f->shape[0] >= vocab && t->shape[0] >= vocab;
     if (!repad && (f->ndim != t->ndim || f->shape[0] != t->shape[0] || (t->ndim == 2 && f->shape[1] != t->shape[1])))
         die("%s: tensor '%s' has shape %s, the model needs %s", st->path, name, st_shape_str(f, got, sizeof(got)), st_shape_str(&expected, want, sizeof(want)));
@@ -1302,7 +1305,7 @@ static void checkpoint_load(GPT* m, const CkptSource* src, const CheckpointArgs*
     int same_dtype = strcmp(dtype, st_dtype_of(m->dev->dtype)) == 0;
     int count;
     CkptTensor* t = ckpt_tensors(&full, &count);
-    for (int k = 0; k < count; k++) ckpt_read(&st, &t[k], "", dtype, host + t[k].offset, k == 0 ? c->V : 0);  // (t[0]: the word embedding)
+    for (int k = 0; k < count; k++) ckpt_read(&st, &t[k], "", dtype, host + t[k].offset);
     gpt_set_full_params(m, host);
     if (!ca->finetune) {
         s->iteration = src->iteration;
@@ -1318,13 +1321,13 @@ static void checkpoint_load(GPT* m, const CkptSource* src, const CheckpointArgs*
         char first[160];
         snprintf(first, sizeof(first), "fp32_param.%s", t[0].name);
         if (safetensors_find(&st, first)) {  // bf16/fp16 runs: the fp32 master weights
-            for (int k = 0; k < count; k++) ckpt_read(&st, &t[k], "fp32_param.", "F32", host + t[k].offset, k == 0 ? c->V : 0);
+            for (int k = 0; k < count; k++) ckpt_read(&st, &t[k], "fp32_param.", "F32", host + t[k].offset);
             if (m->master) gpt_scatter_full_state(m, host, m->master);
             else gpt_set_full_params(m, host);  // an fp32 run continues from the master weights
         }
-        for (int k = 0; k < count; k++) ckpt_read(&st, &t[k], "exp_avg.", "F32", host + t[k].offset, k == 0 ? c->V : 0);
+        for (int k = 0; k < count; k++) ckpt_read(&st, &t[k], "exp_avg.", "F32", host + t[k].offset);
         gpt_scatter_full_state(m, host, m->adam_m);
-        for (int k = 0; k < count; k++) ckpt_read(&st, &t[k], "exp_avg_sq.", "F32", host + t[k].offset, k == 0 ? c->V : 0);
+        for (int k = 0; k < count; k++) ckpt_read(&st, &t[k], "exp_avg_sq.", "F32", host + t[k].offset);
         gpt_scatter_full_state(m, host, m->adam_v);
         s->adam_step = meta_int(&st, "step");
         s->scheduler_samples = safetensors_meta_int(&st, "scheduler_samples");
@@ -2136,12 +2139,7 @@ int main(int argc, char** argv) {
     // Megatron's sample counts: train, then enough validation for every evaluation, then test.
     int64_t train_samples = args.train_samples ? args.train_samples : args.train_iters * args.global_batch_size;
     int64_t train_iters = args.train_iters;
-    if (!train_iters) {  // sample-based: iterate until the samples are consumed (the ramp, then whole batches)
-        int64_t s = 0;
-        for (int g; s < train_samples && (g = global_batch_at(&args, s)) < args.global_batch_size && train_iters <= INT32_MAX; train_iters++) s += g;
-        if (s < train_samples) train_iters += (train_samples - s - 1) / args.global_batch_size + 1;
-        if (train_iters > INT32_MAX) arg_error("--train-samples %lld: more than 2^31 iterations", (long long)train_samples);
-    }
+    if (!train_iters) train_iters = train_iterations_for_samples(&args, train_samples);
     size_t requested[3] = {(size_t)train_samples,
                            (size_t)((train_iters / args.eval_interval + 1) * args.eval_iters * args.global_batch_size),
                            (size_t)(args.eval_iters * args.global_batch_size)};
